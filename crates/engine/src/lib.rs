@@ -1,0 +1,11 @@
+//! Turning a model into text: sampling controls and the generation loop.
+
+mod generate;
+mod rng;
+mod sampling;
+mod score;
+
+pub use generate::{find_stop, generate, held_back, FinishReason, Generation, GenerationConfig};
+pub use rng::{random_seed, Rng};
+pub use sampling::{apply_repetition_penalty, argmax, softmax, Sampler, SamplingParams};
+pub use score::{log_softmax_at, score, Score};

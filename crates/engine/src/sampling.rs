@@ -1,0 +1,308 @@
+//! Choosing the next token from logits, with the controls and order of transformers' `generate`:
+//! logits processors (repetition penalty, min-new-tokens) first, then the warpers (temperature,
+//! top-k, top-p, typical-p), then a draw from the softmax — or argmax when greedy.
+
+use crate::rng::Rng;
+
+/// The knobs of one request's sampling. Defaults follow transformers and the model card.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// false = greedy (argmax after the processors).
+    pub do_sample: bool,
+    pub temperature: f32,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    pub top_p: f32,
+    pub typical_p: f32,
+    /// 1.0 disables it.
+    pub repetition_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            do_sample: true,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            typical_p: 1.0,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Reject values transformers rejects, with a message a user can act on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature must be > 0 when sampling (got {})", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1] (got {})", self.top_p));
+        }
+        if !(self.typical_p > 0.0 && self.typical_p <= 1.0) {
+            return Err(format!("typical_p must be in (0, 1] (got {})", self.typical_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!("repetition_penalty must be > 0 (got {})", self.repetition_penalty));
+        }
+        Ok(())
+    }
+}
+
+/// One request's sampler: its parameters and its own random stream, so that a seeded request
+/// gives the same tokens whatever else runs beside it.
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, seed: u64) -> Self {
+        Sampler { params, rng: Rng::new(seed) }
+    }
+
+    /// Pick the next token. `context` is every token so far (prompt and generated: transformers'
+    /// repetition penalty covers both); `ban` lists tokens that must not be chosen now (EOS before
+    /// `min_new_tokens`). `logits` is scratch space and is modified.
+    pub fn sample(&mut self, logits: &mut [f32], context: &[u32], ban: &[u32]) -> u32 {
+        apply_repetition_penalty(logits, context, self.params.repetition_penalty);
+        for &id in ban {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if !self.params.do_sample {
+            return argmax(logits);
+        }
+        let p = &self.params;
+        if p.temperature != 1.0 {
+            logits.iter_mut().for_each(|l| *l /= p.temperature);
+        }
+        if p.top_k > 0 {
+            top_k_filter(logits, p.top_k);
+        }
+        if p.top_p < 1.0 {
+            top_p_filter(logits, p.top_p);
+        }
+        if p.typical_p < 1.0 {
+            typical_filter(logits, p.typical_p);
+        }
+        let probs = softmax(logits);
+        self.draw(&probs)
+    }
+
+    /// Inverse-CDF draw from a probability vector.
+    fn draw(&mut self, probs: &[f32]) -> u32 {
+        let u = self.rng.next_f64();
+        let mut acc = 0.0f64;
+        let mut last_nonzero = 0;
+        for (i, &p) in probs.iter().enumerate() {
+            if p > 0.0 {
+                acc += p as f64;
+                last_nonzero = i;
+                if u < acc {
+                    return i as u32;
+                }
+            }
+        }
+        // Rounding left `acc` a hair under 1: the draw belongs to the last possible token.
+        last_nonzero as u32
+    }
+}
+
+/// transformers' `RepetitionPenaltyLogitsProcessor`: each token already present has its logit
+/// divided by the penalty if positive, multiplied if negative (once, however often it appears).
+pub fn apply_repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = vec![false; logits.len()];
+    for &id in context {
+        let i = id as usize;
+        if i < logits.len() && !seen[i] {
+            seen[i] = true;
+            let l = &mut logits[i];
+            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+        }
+    }
+}
+
+/// Index of the largest logit (the first one on ties, like `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// Token indices sorted by logit, largest first (stable: ties keep index order).
+fn sorted_desc(logits: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    order
+}
+
+/// Keep the `k` largest logits (and any tied with the k-th, as transformers' threshold does).
+fn top_k_filter(logits: &mut [f32], k: usize) {
+    if k >= logits.len() {
+        return;
+    }
+    let mut values = logits.to_vec();
+    values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let threshold = values[k - 1];
+    logits.iter_mut().filter(|l| **l < threshold).for_each(|l| *l = f32::NEG_INFINITY);
+}
+
+/// Nucleus filter as transformers' `TopPLogitsWarper`: walking from the least likely token up,
+/// drop tokens while the probability mass dropped stays ≤ 1 - top_p; the most likely token always
+/// stays. What is left is the smallest set of most likely tokens whose mass is ≥ top_p.
+fn top_p_filter(logits: &mut [f32], top_p: f32) {
+    let probs = softmax(logits);
+    let order = sorted_desc(logits);
+    let mut removed_mass = 0.0f32;
+    for &i in order.iter().skip(1).rev() {
+        removed_mass += probs[i];
+        if removed_mass > 1.0 - top_p {
+            break;
+        }
+        logits[i] = f32::NEG_INFINITY;
+    }
+}
+
+/// Locally typical sampling as transformers' `TypicalLogitsWarper`: rank tokens by how far their
+/// surprise is from the distribution's entropy and keep the closest ones until `mass` is covered.
+fn typical_filter(logits: &mut [f32], mass: f32) {
+    let probs = softmax(logits);
+    let entropy: f32 = probs.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum();
+    let shift: Vec<f32> = probs
+        .iter()
+        .map(|&p| if p > 0.0 { (-p.ln() - entropy).abs() } else { f32::INFINITY })
+        .collect();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| shift[a].total_cmp(&shift[b]));
+    // Number of leading tokens whose cumulative mass stays below `mass`; that many plus one stay.
+    let mut cumulative = 0.0f32;
+    let mut last = 0;
+    for (rank, &i) in order.iter().enumerate() {
+        cumulative += probs[i];
+        if cumulative < mass {
+            last = rank + 1;
+        }
+    }
+    let last = last.min(order.len() - 1);
+    let cutoff = shift[order[last]];
+    for (rank, &i) in order.iter().enumerate() {
+        if rank > 0 && shift[i] > cutoff {
+            logits[i] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let logits = vec![0.1, 2.0, -1.0, 1.9, 0.5];
+        for seed in 0..50 {
+            let params = SamplingParams { top_k: 1, ..Default::default() };
+            let mut s = Sampler::new(params, seed);
+            assert_eq!(s.sample(&mut logits.clone(), &[], &[]), argmax(&logits));
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_nucleus() {
+        // probs ∝ [0.5, 0.3, 0.15, 0.05]; top_p 0.75 keeps {0, 1}: 0.5 alone is < 0.75.
+        let probs = [0.5f32, 0.3, 0.15, 0.05];
+        let mut logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        top_p_filter(&mut logits, 0.75);
+        let kept: Vec<bool> = logits.iter().map(|l| l.is_finite()).collect();
+        assert_eq!(kept, [true, true, false, false]);
+        // top_p 0.81: dropping 0.15 too would drop 0.2 > 0.19 of mass, so token 2 stays.
+        let mut logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        top_p_filter(&mut logits, 0.81);
+        assert!(logits[2].is_finite() && !logits[3].is_finite());
+        // A tiny top_p still keeps the best token.
+        let mut logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        top_p_filter(&mut logits, 0.01);
+        assert_eq!(logits.iter().filter(|l| l.is_finite()).count(), 1);
+    }
+
+    #[test]
+    fn top_p_sampling_never_leaves_the_nucleus_and_follows_its_distribution() {
+        // 10 tokens with geometric probabilities; top_p 0.9 keeps the first few.
+        let probs: Vec<f32> = (0..10).map(|i| 0.5f32.powi(i + 1)).collect();
+        let logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        let params = SamplingParams { top_k: 0, top_p: 0.9, ..Default::default() };
+        let mut s = Sampler::new(params, 1234);
+        let mut counts = [0usize; 10];
+        let n = 20_000;
+        for _ in 0..n {
+            counts[s.sample(&mut logits.clone(), &[], &[]) as usize] += 1;
+        }
+        // Mass so far: .5, .75, .875, .9375 → the nucleus is tokens 0..4 (0.875 < 0.9).
+        assert!(counts[4..].iter().all(|&c| c == 0), "{counts:?}");
+        let nucleus: f32 = probs[..4].iter().sum();
+        for i in 0..4 {
+            let expected = probs[i] / nucleus;
+            let observed = counts[i] as f32 / n as f32;
+            // 5 standard deviations of a binomial proportion.
+            let sd = (expected * (1.0 - expected) / n as f32).sqrt();
+            assert!((observed - expected).abs() < 5.0 * sd, "token {i}: {observed} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_once() {
+        let mut logits = vec![2.0, -2.0, 1.0];
+        apply_repetition_penalty(&mut logits, &[0, 1, 0, 1], 2.0);
+        assert_eq!(logits, vec![1.0, -4.0, 1.0]);
+    }
+
+    #[test]
+    fn banned_tokens_are_never_chosen() {
+        let logits = vec![5.0, 0.0, 0.0];
+        let mut s = Sampler::new(SamplingParams { do_sample: false, ..Default::default() }, 0);
+        assert_eq!(s.sample(&mut logits.clone(), &[], &[0]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_draws() {
+        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams::default(), seed);
+            (0..50).map(|_| s.sample(&mut logits.clone(), &[], &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn typical_p_keeps_tokens_closest_to_the_entropy() {
+        // One dominant token and a flat tail: the entropy is low, so the dominant token is
+        // the most "typical" and a small mass keeps only it.
+        let mut probs = vec![0.9f32];
+        probs.extend(std::iter::repeat_n(0.01, 10));
+        let mut logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        typical_filter(&mut logits, 0.5);
+        assert!(logits[0].is_finite());
+        assert_eq!(logits.iter().filter(|l| l.is_finite()).count(), 1);
+        // mass 1.0 is handled by the caller (off); 0.95 needs the dominant token plus tail tokens.
+        let mut logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        typical_filter(&mut logits, 0.95);
+        assert!(logits.iter().filter(|l| l.is_finite()).count() > 1);
+    }
+}

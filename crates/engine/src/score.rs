@@ -1,0 +1,35 @@
+//! Teacher-forced scoring: how likely the model finds each token given the ones before it.
+
+use vicuna_model::candle_core::Tensor;
+use vicuna_model::{KvCache, Llama, Result};
+
+pub struct Score {
+    /// `log p(ids[i] | ids[..i])`; None for the first token, which has no prefix.
+    pub logprobs: Vec<Option<f64>>,
+    /// `exp(-mean logprob)` over the scored tokens; None when only one token was given.
+    pub perplexity: Option<f64>,
+    /// The whole logits vector at the last position (what comes next).
+    pub last_logits: Vec<f32>,
+}
+
+pub fn score(model: &Llama, ids: &[u32]) -> Result<Score> {
+    model.check_ids(ids)?;
+    let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+    let logits = model.forward(&input, &mut KvCache::new(&model.config))?.squeeze(0)?;
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    let mut logprobs = vec![None];
+    for (row, &next) in rows.iter().zip(&ids[1..]) {
+        logprobs.push(Some(log_softmax_at(row, next as usize)));
+    }
+    let scored: Vec<f64> = logprobs.iter().flatten().copied().collect();
+    let perplexity = (!scored.is_empty()).then(|| (-scored.iter().sum::<f64>() / scored.len() as f64).exp());
+    let last_logits = rows.last().cloned().unwrap_or_default();
+    Ok(Score { logprobs, perplexity, last_logits })
+}
+
+/// `log softmax(row)[index]`, accumulated in f64.
+pub fn log_softmax_at(row: &[f32], index: usize) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_sum = row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+    row[index] as f64 - max - log_sum
+}

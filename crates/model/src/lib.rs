@@ -1,0 +1,71 @@
+//! The LLaMA model: its forward pass and KV cache on candle tensors.
+
+mod llama;
+
+use std::fmt;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use vicuna_weights::{Checkpoint, LlamaConfig};
+
+pub use candle_core;
+pub use llama::{linear, rms_norm, softmax, KvCache, Layer, Llama};
+
+/// A model error: bad weights, bad input, or a tensor failure. One line, meant for the user.
+#[derive(Debug)]
+pub enum Error {
+    Weights(vicuna_weights::Error),
+    Tensor(candle_core::Error),
+    Input(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn msg(message: impl Into<String>) -> Self {
+        Error::Input(message.into())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Weights(e) => write!(f, "{e}"),
+            Error::Tensor(e) => write!(f, "tensor error: {e}"),
+            Error::Input(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<vicuna_weights::Error> for Error {
+    fn from(e: vicuna_weights::Error) -> Self {
+        Error::Weights(e)
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Tensor(e)
+    }
+}
+
+impl Llama {
+    /// Load a Hugging Face model folder: `config.json` plus weights in any format the checkpoint
+    /// reader knows. Weights are upcast to f32 (the compute type on CPU).
+    pub fn load(dir: &Path, device: &Device) -> Result<Llama> {
+        let config = LlamaConfig::from_dir(dir)?;
+        let checkpoint = Checkpoint::open(dir)?;
+        Self::from_checkpoint(&config, &checkpoint, device)
+    }
+
+    pub fn from_checkpoint(config: &LlamaConfig, checkpoint: &Checkpoint, device: &Device) -> Result<Llama> {
+        // All shape problems at once, before anything is converted.
+        checkpoint.check_against(config)?;
+        Llama::new(config, device, |name, shape| {
+            let data = checkpoint.to_f32(name)?;
+            Ok(Tensor::from_vec(data, shape, device)?)
+        })
+    }
+}

@@ -1,0 +1,322 @@
+//! The LLaMA forward pass, written top to bottom like the math (Hugging Face `LlamaForCausalLM`).
+//!
+//! Every op here is one that carries gradients in candle (plain matmul, exp, sum, narrow, cat…), so
+//! the training code builds the very same graph on top of `Var`s. candle's fused `rms_norm`,
+//! `softmax_last_dim` and `rope` kernels are faster but silently stop gradients: not used here.
+
+use candle_core::{DType, Device, Tensor, D};
+use vicuna_weights::LlamaConfig;
+
+use crate::{Error, Result};
+
+/// One decoder layer's weights. Linear weights keep PyTorch's `[out, in]` layout.
+pub struct Layer {
+    pub input_layernorm: Tensor,
+    pub q_proj: Tensor,
+    pub k_proj: Tensor,
+    pub v_proj: Tensor,
+    pub o_proj: Tensor,
+    pub post_attention_layernorm: Tensor,
+    pub gate_proj: Tensor,
+    pub up_proj: Tensor,
+    pub down_proj: Tensor,
+}
+
+/// `LlamaForCausalLM`: token embeddings, a stack of decoder layers, a final norm and the lm_head.
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    /// Equal to `embed_tokens` when the config ties them.
+    pub lm_head: Tensor,
+    rope: Rope,
+}
+
+/// Keys and values of every position seen so far, per layer: `[batch, kv_heads, positions, head_dim]`.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(config: &LlamaConfig) -> Self {
+        KvCache { layers: vec![None; config.num_hidden_layers] }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        match &self.layers[0] {
+            Some((k, _)) => k.dims()[2],
+            None => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+
+    /// Append this step's keys/values to layer `i` and return all of them.
+    fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let kv = match self.layers[i].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[i] = Some(kv.clone());
+        Ok(kv)
+    }
+}
+
+/// Rotary position embedding tables in Hugging Face's rotate_half layout: dimension `i` is paired
+/// with `i + head_dim/2`, and both halves share frequency `theta^(-2i/head_dim)`.
+struct Rope {
+    /// `[max_positions, head_dim]`
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(config: &LlamaConfig, device: &Device) -> Result<Self> {
+        let head_dim = config.head_dim;
+        let max_pos = config.max_position_embeddings;
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_pos * head_dim);
+        let mut sin = Vec::with_capacity(max_pos * head_dim);
+        for pos in 0..max_pos {
+            // transformers computes inv_freq and the angle in f32; f64 here then rounding once
+            // agrees with it to ~1e-7 and removes any drift at long positions.
+            let row: Vec<f64> = (0..half)
+                .map(|i| {
+                    let inv_freq = 1.0 / config.rope_theta.powf((2 * i) as f64 / head_dim as f64);
+                    pos as f64 * inv_freq
+                })
+                .collect();
+            for _ in 0..2 {
+                cos.extend(row.iter().map(|a| a.cos() as f32));
+                sin.extend(row.iter().map(|a| a.sin() as f32));
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (max_pos, head_dim), device)?,
+            sin: Tensor::from_vec(sin, (max_pos, head_dim), device)?,
+        })
+    }
+
+    /// Rotate `x: [batch, heads, seq, head_dim]` whose first position is `offset`.
+    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, _, seq, head_dim) = x.dims4()?;
+        let cos = self.cos.narrow(0, offset, seq)?;
+        let sin = self.sin.narrow(0, offset, seq)?;
+        let half = head_dim / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    }
+}
+
+/// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`, accumulated in f32.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// `x @ w.T` for `x: [batch, seq, in]` and a PyTorch-layout weight `w: [out, in]`.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_matmul(&w.t()?)?)
+}
+
+/// Softmax over the last dimension, built from differentiable ops (max-subtracted for stability).
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// `silu(x) = x * sigmoid(x)`, written so that it has a gradient.
+fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok((x / (x.neg()?.exp()? + 1.0)?)?)
+}
+
+impl Llama {
+    /// Build the model, asking `weight(name, shape)` for each tensor (a checkpoint, or training
+    /// variables). The config's shapes are enforced here so a wrong tensor fails loudly.
+    pub fn new(
+        config: &LlamaConfig,
+        device: &Device,
+        mut weight: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let h = config.hidden_size;
+        let kv = config.num_key_value_heads * config.head_dim;
+        let q = config.num_attention_heads * config.head_dim;
+        let i = config.intermediate_size;
+        let mut get = |name: String, shape: &[usize]| -> Result<Tensor> {
+            let t = weight(&name, shape)?;
+            if t.dims() != shape {
+                return Err(Error::msg(format!(
+                    "tensor {name} has shape {:?} but config.json implies {shape:?}",
+                    t.dims()
+                )));
+            }
+            Ok(t)
+        };
+        let embed_tokens = get("model.embed_tokens.weight".into(), &[config.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(Layer {
+                input_layernorm: get(format!("{p}.input_layernorm.weight"), &[h])?,
+                q_proj: get(format!("{p}.self_attn.q_proj.weight"), &[q, h])?,
+                k_proj: get(format!("{p}.self_attn.k_proj.weight"), &[kv, h])?,
+                v_proj: get(format!("{p}.self_attn.v_proj.weight"), &[kv, h])?,
+                o_proj: get(format!("{p}.self_attn.o_proj.weight"), &[h, q])?,
+                post_attention_layernorm: get(format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_proj: get(format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
+                up_proj: get(format!("{p}.mlp.up_proj.weight"), &[i, h])?,
+                down_proj: get(format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+            });
+        }
+        let norm = get("model.norm.weight".into(), &[h])?;
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            get("lm_head.weight".into(), &[config.vocab_size, h])?
+        };
+        Ok(Llama {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(config, device)?,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Final normalized hidden states `[batch, seq, hidden]` for `ids: [batch, seq]` (u32),
+    /// continuing after the positions already in `cache` (pass a fresh cache for a full pass).
+    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        let offset = cache.len();
+        if offset + seq > self.config.max_position_embeddings {
+            return Err(Error::msg(format!(
+                "sequence of {} tokens exceeds the model's context of {} (max_position_embeddings)",
+                offset + seq,
+                self.config.max_position_embeddings
+            )));
+        }
+        let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?.reshape((batch, seq, ()))?;
+        let mask = causal_mask(seq, offset, x.device())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let normed = rms_norm(&x, &layer.input_layernorm, self.config.rms_norm_eps)?;
+            x = (x + self.attention(i, layer, &normed, offset, mask.as_ref(), cache)?)?;
+            let normed = rms_norm(&x, &layer.post_attention_layernorm, self.config.rms_norm_eps)?;
+            x = (x + mlp(layer, &normed)?)?;
+        }
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Logits `[batch, seq, vocab]` from final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        linear(hidden, &self.lm_head)
+    }
+
+    /// Logits for every new position: `forward_hidden` then `logits`.
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.logits(&self.forward_hidden(ids, cache)?)
+    }
+
+    /// Logits of the last position only, as a `Vec<f32>` (batch 1): the decoding step.
+    pub fn next_token_logits(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        let input = Tensor::new(ids, self.device())?.unsqueeze(0)?;
+        let hidden = self.forward_hidden(&input, cache)?;
+        let last = hidden.narrow(1, ids.len() - 1, 1)?;
+        Ok(self.logits(&last)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+    }
+
+    /// Every id must index the embedding table; a bad id is the caller's input error.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::msg("no input tokens: give at least one token id"));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(Error::msg(format!(
+                "token id {bad} is outside the vocabulary (0..{})",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        index: usize,
+        layer: &Layer,
+        x: &Tensor,
+        offset: usize,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, seq, _) = x.dims3()?;
+        let head_dim = c.head_dim;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((batch, seq, n, head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(linear(x, &layer.q_proj)?, c.num_attention_heads)?;
+        let k = heads(linear(x, &layer.k_proj)?, c.num_key_value_heads)?;
+        let v = heads(linear(x, &layer.v_proj)?, c.num_key_value_heads)?;
+        let q = self.rope.apply(&q, offset)?;
+        let k = self.rope.apply(&k, offset)?;
+        let (k, v) = cache.append(index, k, v)?;
+        // Grouped-query attention: each key/value head serves `n_rep` query heads.
+        let n_rep = c.num_attention_heads / c.num_key_value_heads;
+        let k = repeat_kv(&k, n_rep)?;
+        let v = repeat_kv(&v, n_rep)?;
+        let scores = q.matmul(&k.t()?)?.affine(1.0 / (head_dim as f64).sqrt(), 0.0)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let out = softmax(&scores)?.matmul(&v)?;
+        let out = out.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * head_dim))?;
+        linear(&out, &layer.o_proj)
+    }
+}
+
+/// SwiGLU: `down(silu(gate(x)) * up(x))`.
+fn mlp(layer: &Layer, x: &Tensor) -> Result<Tensor> {
+    let gate = silu(&linear(x, &layer.gate_proj)?)?;
+    linear(&(gate * linear(x, &layer.up_proj)?)?, &layer.down_proj)
+}
+
+/// `[batch, kv_heads, t, d]` → `[batch, kv_heads * n_rep, t, d]`, each head repeated `n_rep` times
+/// in a row (the order of transformers' `repeat_kv`).
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kvh, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.expand((b, kvh, n_rep, t, d))?.reshape((b, kvh * n_rep, t, d))?)
+}
+
+/// Additive mask `[seq, offset + seq]`: new position `i` (absolute `offset + i`) sees keys up to
+/// itself. None when a single new token sees everything anyway.
+fn causal_mask(seq: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+    if seq == 1 {
+        return Ok(None);
+    }
+    let total = offset + seq;
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (seq, total), device)?))
+}
