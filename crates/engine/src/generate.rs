@@ -114,12 +114,7 @@ struct TextState<'a> {
 
 impl<'a> TextState<'a> {
     fn new(tokenizer: &'a Tokenizer, prompt: &[u32], stop: &'a [String]) -> Self {
-        TextState {
-            decoder: tokenizer.stream_decoder_after(prompt),
-            stop,
-            text: String::new(),
-            emitted: 0,
-        }
+        TextState { decoder: tokenizer.stream_decoder_after(prompt), stop, text: String::new(), emitted: 0 }
     }
 
     /// Add one token; true when a stop sequence now appears (the text is then cut before it).

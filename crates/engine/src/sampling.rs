@@ -185,10 +185,8 @@ fn top_p_filter(logits: &mut [f32], top_p: f32) {
 fn typical_filter(logits: &mut [f32], mass: f32) {
     let probs = softmax(logits);
     let entropy: f32 = probs.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum();
-    let shift: Vec<f32> = probs
-        .iter()
-        .map(|&p| if p > 0.0 { (-p.ln() - entropy).abs() } else { f32::INFINITY })
-        .collect();
+    let shift: Vec<f32> =
+        probs.iter().map(|&p| if p > 0.0 { (-p.ln() - entropy).abs() } else { f32::INFINITY }).collect();
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| shift[a].total_cmp(&shift[b]));
     // Number of leading tokens whose cumulative mass stays below `mass`; that many plus one stay.

@@ -186,14 +186,7 @@ impl Llama {
         } else {
             get("lm_head.weight".into(), &[config.vocab_size, h])?
         };
-        Ok(Llama {
-            config: config.clone(),
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope: Rope::new(config, device)?,
-        })
+        Ok(Llama { config: config.clone(), embed_tokens, layers, norm, lm_head, rope: Rope::new(config, device)? })
     }
 
     pub fn device(&self) -> &Device {
@@ -315,8 +308,7 @@ fn causal_mask(seq: usize, offset: usize, device: &Device) -> Result<Option<Tens
         return Ok(None);
     }
     let total = offset + seq;
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..seq).flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Some(Tensor::from_vec(mask, (seq, total), device)?))
 }

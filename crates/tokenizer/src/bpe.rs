@@ -108,11 +108,8 @@ impl SentencePieceBpe {
         bos_id: u32,
         eos_id: u32,
     ) -> Result<SentencePieceBpe> {
-        let normalizer = NormalizerOptions {
-            add_dummy_prefix,
-            remove_extra_whitespaces: false,
-            escape_whitespaces: true,
-        };
+        let normalizer =
+            NormalizerOptions { add_dummy_prefix, remove_extra_whitespaces: false, escape_whitespaces: true };
         Self::build(
             pieces,
             scores,
@@ -128,11 +125,7 @@ impl SentencePieceBpe {
     /// Reads a `tokenizer.model` file.
     pub fn from_file(path: &Path) -> Result<SentencePieceBpe> {
         let bytes = std::fs::read(path).map_err(|e| {
-            Error::in_file(
-                path,
-                format_args!("cannot read tokenizer ({e})"),
-                "check the path and permissions",
-            )
+            Error::in_file(path, format_args!("cannot read tokenizer ({e})"), "check the path and permissions")
         })?;
         Self::from_file_bytes(path, &bytes)
     }
@@ -188,15 +181,7 @@ impl SentencePieceBpe {
             scores.push(p.score);
             types.push(p.kind);
         }
-        Self::build(
-            pieces,
-            scores,
-            types,
-            normalizer,
-            model.trainer.byte_fallback,
-            ids,
-            model.trainer.unk_surface,
-        )
+        Self::build(pieces, scores, types, normalizer, model.trainer.byte_fallback, ids, model.trainer.unk_surface)
     }
 
     fn build(
@@ -212,22 +197,14 @@ impl SentencePieceBpe {
             return Err("the vocabulary has no pieces".into());
         }
         if scores.len() != pieces.len() || types.len() != pieces.len() {
-            return Err(format!(
-                "{} pieces but {} scores and {} types",
-                pieces.len(),
-                scores.len(),
-                types.len()
-            ));
+            return Err(format!("{} pieces but {} scores and {} types", pieces.len(), scores.len(), types.len()));
         }
         if u32::try_from(pieces.len()).is_err() {
             return Err(format!("{} pieces do not fit 32-bit ids", pieces.len()));
         }
         for (name, id) in [("unk", unk_id), ("bos", bos_id), ("eos", eos_id)] {
             if id as usize >= pieces.len() {
-                return Err(format!(
-                    "{name} id {id} is outside the vocabulary of {}",
-                    pieces.len()
-                ));
+                return Err(format!("{name} id {id} is outside the vocabulary of {}", pieces.len()));
             }
         }
         if types[unk_id as usize] != PieceType::Unknown {
@@ -309,10 +286,7 @@ impl SentencePieceBpe {
 
     /// The id of a piece, looked up exactly (any type).
     pub fn piece_to_id(&self, piece: &str) -> Option<u32> {
-        self.reserved
-            .get(piece)
-            .or_else(|| self.mergeable.get(piece))
-            .copied()
+        self.reserved.get(piece).or_else(|| self.mergeable.get(piece)).copied()
     }
 
     pub fn unk_id(&self) -> u32 {
@@ -364,11 +338,7 @@ impl SentencePieceBpe {
             let id = self.piece_to_id(piece).unwrap_or(self.unk_id);
             let is_unk = self.types[id as usize] == PieceType::Unknown;
             if is_unk && self.byte_fallback {
-                out.extend(
-                    piece
-                        .bytes()
-                        .map(|b| self.byte_ids[b as usize].unwrap_or(self.unk_id)),
-                );
+                out.extend(piece.bytes().map(|b| self.byte_ids[b as usize].unwrap_or(self.unk_id)));
             } else if !(is_unk && previous_was_unk) {
                 // Without byte fallback sentencepiece fuses a run of unknown
                 // pieces into a single <unk>.
@@ -384,11 +354,7 @@ impl SentencePieceBpe {
         let opts = self.normalizer;
         let cleaned;
         let text = if opts.remove_extra_whitespaces {
-            cleaned = text
-                .split(' ')
-                .filter(|w| !w.is_empty())
-                .collect::<Vec<_>>()
-                .join(" ");
+            cleaned = text.split(' ').filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ");
             cleaned.as_str()
         } else {
             text
@@ -396,11 +362,7 @@ impl SentencePieceBpe {
         if text.is_empty() {
             return String::new();
         }
-        let space = if opts.escape_whitespaces {
-            SPACE_SYMBOL
-        } else {
-            " "
-        };
+        let space = if opts.escape_whitespaces { SPACE_SYMBOL } else { " " };
         let mut out = String::with_capacity(text.len() + text.len() / 4 + 3);
         if opts.add_dummy_prefix {
             out.push_str(space);
@@ -427,26 +389,20 @@ impl SentencePieceBpe {
         // sentencepiece records them: whenever such a pair is queued.
         let mut unused_parts: HashMap<&'t str, (&'t str, &'t str)> = HashMap::new();
         let mut queue = BinaryHeap::with_capacity(symbols.len());
-        let mut consider =
-            |symbols: &[Symbol], left: usize, right: usize, queue: &mut BinaryHeap<Candidate>| {
-                if left == NONE || right == NONE || symbols[left].frozen || symbols[right].frozen {
-                    return;
-                }
-                let (l, r) = (&symbols[left], &symbols[right]);
-                let merged = &normalized[l.start..l.start + l.len + r.len];
-                let Some(&id) = self.mergeable.get(merged) else {
-                    return;
-                };
-                queue.push(Candidate {
-                    score: self.scores[id as usize],
-                    left,
-                    right,
-                    len: merged.len(),
-                });
-                if self.types[id as usize] == PieceType::Unused {
-                    unused_parts.insert(merged, (text(l), text(r)));
-                }
+        let mut consider = |symbols: &[Symbol], left: usize, right: usize, queue: &mut BinaryHeap<Candidate>| {
+            if left == NONE || right == NONE || symbols[left].frozen || symbols[right].frozen {
+                return;
+            }
+            let (l, r) = (&symbols[left], &symbols[right]);
+            let merged = &normalized[l.start..l.start + l.len + r.len];
+            let Some(&id) = self.mergeable.get(merged) else {
+                return;
             };
+            queue.push(Candidate { score: self.scores[id as usize], left, right, len: merged.len() });
+            if self.types[id as usize] == PieceType::Unused {
+                unused_parts.insert(merged, (text(l), text(r)));
+            }
+        };
 
         for left in 0..symbols.len().saturating_sub(1) {
             consider(&symbols, left, left + 1, &mut queue);
@@ -518,10 +474,7 @@ impl SentencePieceBpe {
     ) {
         let mut stack = vec![piece];
         while let Some(piece) = stack.pop() {
-            let is_unused = self
-                .mergeable
-                .get(piece)
-                .is_some_and(|&id| self.types[id as usize] == PieceType::Unused);
+            let is_unused = self.mergeable.get(piece).is_some_and(|&id| self.types[id as usize] == PieceType::Unused);
             match unused_parts.get(piece) {
                 Some(&(left, right)) if is_unused => {
                     stack.push(right);
@@ -559,9 +512,7 @@ struct Candidate {
 impl Ord for Candidate {
     /// Highest score first; on equal scores the leftmost pair first.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score
-            .total_cmp(&other.score)
-            .then_with(|| other.left.cmp(&self.left))
+        self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
     }
 }
 
@@ -602,10 +553,7 @@ impl UserDefinedMatcher {
 
     /// Byte length of the longest piece that `text` starts with.
     pub(crate) fn longest_match(&self, text: &str) -> Option<usize> {
-        self.lengths
-            .iter()
-            .copied()
-            .find(|&len| text.is_char_boundary(len) && self.pieces.contains(&text[..len]))
+        self.lengths.iter().copied().find(|&len| text.is_char_boundary(len) && self.pieces.contains(&text[..len]))
     }
 }
 
@@ -652,11 +600,7 @@ mod tests {
     }
 
     fn pieces(model: &SentencePieceBpe, text: &str) -> Vec<String> {
-        model
-            .encode(text)
-            .into_iter()
-            .map(|id| model.piece(id).unwrap().to_string())
-            .collect()
+        model.encode(text).into_iter().map(|id| model.piece(id).unwrap().to_string()).collect()
     }
 
     use PieceType::*;
@@ -681,14 +625,7 @@ mod tests {
 
     #[test]
     fn ties_go_to_the_leftmost_pair() {
-        let m = toy(
-            &[
-                ("▁", -1.0, Normal),
-                ("a", -1.0, Normal),
-                ("aa", -2.0, Normal),
-            ],
-            true,
-        );
+        let m = toy(&[("▁", -1.0, Normal), ("a", -1.0, Normal), ("aa", -2.0, Normal)], true);
         assert_eq!(pieces(&m, "aaa"), ["▁", "aa", "a"]);
     }
 
@@ -704,15 +641,7 @@ mod tests {
 
     #[test]
     fn control_pieces_are_not_matched_in_text() {
-        let m = toy(
-            &[
-                ("▁", -1.0, Normal),
-                ("<", -1.0, Normal),
-                ("s", -1.0, Normal),
-                (">", -1.0, Normal),
-            ],
-            true,
-        );
+        let m = toy(&[("▁", -1.0, Normal), ("<", -1.0, Normal), ("s", -1.0, Normal), (">", -1.0, Normal)], true);
         assert_eq!(pieces(&m, "<s>"), ["▁", "<", "s", ">"]);
     }
 
@@ -748,15 +677,7 @@ mod tests {
         assert_eq!(pieces(&m, "ab"), ["▁ab"]);
         assert_eq!(pieces(&m, "ab "), ["▁ab", "▁"]);
         // Without "▁ab" the unused "ab" is the final symbol and is split back.
-        let m = toy(
-            &[
-                ("▁", -1.0, Normal),
-                ("a", -1.0, Normal),
-                ("b", -1.0, Normal),
-                ("ab", -1.0, Unused),
-            ],
-            true,
-        );
+        let m = toy(&[("▁", -1.0, Normal), ("a", -1.0, Normal), ("b", -1.0, Normal), ("ab", -1.0, Unused)], true);
         assert_eq!(pieces(&m, "ab"), ["▁", "a", "b"]);
     }
 

@@ -48,8 +48,7 @@ impl DecodeTable {
             pieces: Vec::with_capacity(bpe.len()),
             kinds: Vec::with_capacity(bpe.len()),
             // sentencepiece strips the leading space if either option is on.
-            strip_dummy_prefix: bpe.normalizer().add_dummy_prefix
-                || bpe.normalizer().remove_extra_whitespaces,
+            strip_dummy_prefix: bpe.normalizer().add_dummy_prefix || bpe.normalizer().remove_extra_whitespaces,
             strip_all_leading: bpe.normalizer().remove_extra_whitespaces,
             unk_surface: bpe.unk_surface().to_string(),
         };
@@ -58,9 +57,7 @@ impl DecodeTable {
             let kind = match bpe.piece_type(id) {
                 Some(PieceType::Control) => TokenKind::Control,
                 Some(PieceType::Unknown) => TokenKind::Unknown,
-                Some(PieceType::Byte) => {
-                    parse_byte_piece(piece).map_or(TokenKind::Text, TokenKind::Byte)
-                }
+                Some(PieceType::Byte) => parse_byte_piece(piece).map_or(TokenKind::Text, TokenKind::Byte),
                 _ => TokenKind::Text,
             };
             table.push(piece.to_string(), kind);
@@ -113,12 +110,7 @@ pub(crate) struct DecodeState {
 
 impl DecodeState {
     pub(crate) fn new() -> DecodeState {
-        DecodeState {
-            pending_bytes: Vec::new(),
-            at_start: true,
-            dropped_prefix: false,
-            produced: false,
-        }
+        DecodeState { pending_bytes: Vec::new(), at_start: true, dropped_prefix: false, produced: false }
     }
 
     /// Decodes `id`, appending whatever text is now complete to `out`.

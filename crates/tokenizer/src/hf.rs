@@ -26,9 +26,7 @@ pub(crate) struct HfBackend {
 
 impl std::fmt::Debug for HfBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HfBackend")
-            .field("vocab_size", &self.tokenizer.get_vocab_size(true))
-            .finish()
+        f.debug_struct("HfBackend").field("vocab_size", &self.tokenizer.get_vocab_size(true)).finish()
     }
 }
 
@@ -37,28 +35,17 @@ const FIX: &str = "re-download tokenizer.json (a Hugging Face tokenizers file)";
 impl HfBackend {
     /// Loads `tokenizer.json` from its text.
     pub(crate) fn from_json(path: &Path, text: &str) -> Result<HfBackend> {
-        let tokenizer: tokenizers::Tokenizer = text
-            .parse()
-            .map_err(|e| Error::in_file(path, format_args!("invalid tokenizer.json ({e})"), FIX))?;
+        let tokenizer: tokenizers::Tokenizer =
+            text.parse().map_err(|e| Error::in_file(path, format_args!("invalid tokenizer.json ({e})"), FIX))?;
         if tokenizer.get_vocab_size(true) == 0 {
-            return Err(Error::in_file(
-                path,
-                "tokenizer.json has an empty vocabulary",
-                FIX,
-            ));
+            return Err(Error::in_file(path, "tokenizer.json has an empty vocabulary", FIX));
         }
         let backend = HfBackend { tokenizer };
         // Fail at load time, not on the first call to encode, if the file's
         // pipeline cannot encode ordinary text.
         backend
             .encode("Hello world\n\u{4f60}\u{1f999}")
-            .map_err(|e| {
-                Error::in_file(
-                    path,
-                    format_args!("tokenizer.json cannot encode text ({e})"),
-                    FIX,
-                )
-            })?;
+            .map_err(|e| Error::in_file(path, format_args!("tokenizer.json cannot encode text ({e})"), FIX))?;
         Ok(backend)
     }
 
@@ -79,9 +66,7 @@ impl HfBackend {
                 Some(existing) => {
                     return Err(Error::in_file(
                         side_path,
-                        format_args!(
-                            "{text:?} is given id {id} but tokenizer.json has it as {existing}"
-                        ),
+                        format_args!("{text:?} is given id {id} but tokenizer.json has it as {existing}"),
                         "make added_tokens.json agree with tokenizer.json",
                     ))
                 }
@@ -91,14 +76,11 @@ impl HfBackend {
             if *id != next {
                 return Err(Error::in_file(
                     side_path,
-                    format_args!(
-                        "added token {text:?} has id {id}, but the next free id is {next}"
-                    ),
+                    format_args!("added token {text:?} has id {id}, but the next free id is {next}"),
                     "added token ids must follow the vocabulary without gaps",
                 ));
             }
-            self.tokenizer
-                .add_special_tokens(&[AddedToken::from(text.clone(), true)]);
+            self.tokenizer.add_special_tokens(&[AddedToken::from(text.clone(), true)]);
             if self.tokenizer.token_to_id(text) != Some(*id) {
                 return Err(Error::in_file(
                     side_path,
@@ -157,8 +139,7 @@ fn adds_dummy_prefix(json: &Value) -> bool {
     let prepend = |v: &Value| v["type"] == "Prepend" && v["prepend"] == SPACE_SYMBOL;
     let metaspace = |v: &Value| {
         v["type"] == "Metaspace"
-            && (v["add_prefix_space"] == true
-                || v["prepend_scheme"].as_str().is_some_and(|s| s != "never"))
+            && (v["add_prefix_space"] == true || v["prepend_scheme"].as_str().is_some_and(|s| s != "never"))
     };
     any(&json["normalizer"], &prepend) || any(&json["pre_tokenizer"], &metaspace)
 }

@@ -102,11 +102,7 @@ impl Tokenizer {
     /// the same folder.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
         let bytes = std::fs::read(path).map_err(|e| {
-            Error::in_file(
-                path,
-                format_args!("cannot read tokenizer ({e})"),
-                "check the path and permissions",
-            )
+            Error::in_file(path, format_args!("cannot read tokenizer ({e})"), "check the path and permissions")
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let side = SideFiles::load(dir)?;
@@ -135,10 +131,10 @@ impl Tokenizer {
 
     fn load_json(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
         let fix = "re-download tokenizer.json (a Hugging Face tokenizers file)";
-        let text = std::str::from_utf8(bytes)
-            .map_err(|_| Error::in_file(path, "tokenizer.json is not UTF-8 text", fix))?;
-        let json: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| Error::in_file(path, format_args!("invalid JSON ({e})"), fix))?;
+        let text =
+            std::str::from_utf8(bytes).map_err(|_| Error::in_file(path, "tokenizer.json is not UTF-8 text", fix))?;
+        let json: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::in_file(path, format_args!("invalid JSON ({e})"), fix))?;
         let backend = HfBackend::from_json(path, text)?;
         let table = backend.decode_table(&json);
         // LLaMA's ids; the post-processor's BOS is not used.
@@ -170,11 +166,7 @@ impl Tokenizer {
             Backend::SentencePiece(bpe) => {
                 for (text, id) in &side.added_tokens {
                     if text.is_empty() {
-                        return Err(Error::in_file(
-                            added_path,
-                            "an added token is empty",
-                            "remove it",
-                        ));
+                        return Err(Error::in_file(added_path, "an added token is empty", "remove it"));
                     }
                     if let Some(existing) = bpe.piece_to_id(text) {
                         if existing == *id {
@@ -190,9 +182,7 @@ impl Tokenizer {
                     if *id != next {
                         return Err(Error::in_file(
                             added_path,
-                            format_args!(
-                                "added token {text:?} has id {id}, but the next free id is {next}"
-                            ),
+                            format_args!("added token {text:?} has id {id}, but the next free id is {next}"),
                             "added token ids must follow the vocabulary without gaps",
                         ));
                     }
@@ -283,9 +273,7 @@ impl Tokenizer {
 
     /// The piece texts of `ids`; ids outside the vocabulary give "".
     pub fn pieces(&self, ids: &[u32]) -> Vec<String> {
-        ids.iter()
-            .map(|&id| self.id_to_piece(id).unwrap_or_default().to_string())
-            .collect()
+        ids.iter().map(|&id| self.id_to_piece(id).unwrap_or_default().to_string()).collect()
     }
 
     /// Number of ids, added tokens included.
@@ -340,10 +328,7 @@ impl<'a> StreamDecoder<'a> {
     /// A decoder at the start of a text: the first piece's dummy-prefix space
     /// is dropped, as in [`Tokenizer::decode`].
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        StreamDecoder {
-            tokenizer,
-            state: DecodeState::new(),
-        }
+        StreamDecoder { tokenizer, state: DecodeState::new() }
     }
 
     /// A decoder for ids that continue `prompt_ids`: it decodes the prompt
@@ -385,16 +370,10 @@ impl<'a> StreamDecoder<'a> {
 /// `.json` files and files starting with '{' are `tokenizer.json`; anything
 /// else is read as a SentencePiece model.
 fn looks_like_json(path: &Path, bytes: &[u8]) -> bool {
-    if path
-        .extension()
-        .is_some_and(|ext| ext.eq_ignore_ascii_case("json"))
-    {
+    if path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("json")) {
         return true;
     }
-    if path
-        .extension()
-        .is_some_and(|ext| ext.eq_ignore_ascii_case("model"))
-    {
+    if path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("model")) {
         return false;
     }
     bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')

@@ -102,17 +102,12 @@ impl<'a> Reader<'a> {
     fn varint(&mut self) -> Result<u64, String> {
         let mut value = 0u64;
         for i in 0..10 {
-            let byte = *self
-                .buf
-                .get(self.pos)
-                .ok_or_else(|| format!("varint runs past the end at byte {}", self.pos))?;
+            let byte =
+                *self.buf.get(self.pos).ok_or_else(|| format!("varint runs past the end at byte {}", self.pos))?;
             self.pos += 1;
             // The tenth byte may only carry the top bit of a 64-bit value.
             if i == 9 && byte > 1 {
-                return Err(format!(
-                    "varint longer than 64 bits at byte {}",
-                    self.pos - 1
-                ));
+                return Err(format!("varint longer than 64 bits at byte {}", self.pos - 1));
             }
             value |= u64::from(byte & 0x7f) << (7 * i);
             if byte & 0x80 == 0 {
@@ -123,17 +118,9 @@ impl<'a> Reader<'a> {
     }
 
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&end| end <= self.buf.len())
-            .ok_or_else(|| {
-                format!(
-                    "a field of {n} bytes at byte {} runs past the end ({} bytes)",
-                    self.pos,
-                    self.buf.len()
-                )
-            })?;
+        let end = self.pos.checked_add(n).filter(|&end| end <= self.buf.len()).ok_or_else(|| {
+            format!("a field of {n} bytes at byte {} runs past the end ({} bytes)", self.pos, self.buf.len())
+        })?;
         let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -170,10 +157,7 @@ impl<'a> Reader<'a> {
             WIRE_LEN => self.len_delimited().map(drop),
             WIRE_FIXED32 => self.bytes(4).map(drop),
             // Groups (3, 4) are not used by sentencepiece; 6 and 7 do not exist.
-            other => Err(format!(
-                "unsupported wire type {other} at byte {}",
-                self.pos
-            )),
+            other => Err(format!("unsupported wire type {other} at byte {}", self.pos)),
         }
     }
 
@@ -206,30 +190,24 @@ fn as_i32(v: u64) -> i32 {
 /// Parses a serialized `ModelProto`.
 pub(crate) fn parse_model(buf: &[u8]) -> Result<ModelProto, String> {
     let mut r = Reader::new(buf);
-    let mut model = ModelProto {
-        pieces: Vec::new(),
-        trainer: TrainerSpec::default(),
-        normalizer: NormalizerSpec::default(),
-    };
+    let mut model =
+        ModelProto { pieces: Vec::new(), trainer: TrainerSpec::default(), normalizer: NormalizerSpec::default() };
     while !r.at_end() {
         let (field, wire) = r.key()?;
         match field {
             1 => {
                 expect_wire(wire, WIRE_LEN, "ModelProto.pieces")?;
                 let index = model.pieces.len();
-                let piece =
-                    parse_piece(r.len_delimited()?).map_err(|e| format!("piece {index}: {e}"))?;
+                let piece = parse_piece(r.len_delimited()?).map_err(|e| format!("piece {index}: {e}"))?;
                 model.pieces.push(piece);
             }
             2 => {
                 expect_wire(wire, WIRE_LEN, "ModelProto.trainer_spec")?;
-                model.trainer =
-                    parse_trainer(r.len_delimited()?).map_err(|e| format!("trainer_spec: {e}"))?;
+                model.trainer = parse_trainer(r.len_delimited()?).map_err(|e| format!("trainer_spec: {e}"))?;
             }
             3 => {
                 expect_wire(wire, WIRE_LEN, "ModelProto.normalizer_spec")?;
-                model.normalizer = parse_normalizer(r.len_delimited()?)
-                    .map_err(|e| format!("normalizer_spec: {e}"))?;
+                model.normalizer = parse_normalizer(r.len_delimited()?).map_err(|e| format!("normalizer_spec: {e}"))?;
             }
             _ => r.skip(wire)?,
         }
@@ -239,11 +217,7 @@ pub(crate) fn parse_model(buf: &[u8]) -> Result<ModelProto, String> {
 
 fn parse_piece(buf: &[u8]) -> Result<ProtoPiece, String> {
     let mut r = Reader::new(buf);
-    let mut piece = ProtoPiece {
-        piece: String::new(),
-        score: 0.0,
-        kind: PieceType::Normal,
-    };
+    let mut piece = ProtoPiece { piece: String::new(), score: 0.0, kind: PieceType::Normal };
     while !r.at_end() {
         let (field, wire) = r.key()?;
         match field {
@@ -272,10 +246,7 @@ fn parse_trainer(buf: &[u8]) -> Result<TrainerSpec, String> {
         let (field, wire) = r.key()?;
         match field {
             3 => spec.model_type = as_i32(r.varint_field(wire, "model_type")?),
-            24 => {
-                spec.treat_whitespace_as_suffix =
-                    r.varint_field(wire, "treat_whitespace_as_suffix")? != 0
-            }
+            24 => spec.treat_whitespace_as_suffix = r.varint_field(wire, "treat_whitespace_as_suffix")? != 0,
             35 => spec.byte_fallback = r.varint_field(wire, "byte_fallback")? != 0,
             40 => spec.unk_id = as_i32(r.varint_field(wire, "unk_id")?),
             41 => spec.bos_id = as_i32(r.varint_field(wire, "bos_id")?),
@@ -300,10 +271,7 @@ fn parse_normalizer(buf: &[u8]) -> Result<NormalizerSpec, String> {
                 spec.precompiled_charsmap_len = r.len_delimited()?.len();
             }
             3 => spec.add_dummy_prefix = r.varint_field(wire, "add_dummy_prefix")? != 0,
-            4 => {
-                spec.remove_extra_whitespaces =
-                    r.varint_field(wire, "remove_extra_whitespaces")? != 0
-            }
+            4 => spec.remove_extra_whitespaces = r.varint_field(wire, "remove_extra_whitespaces")? != 0,
             5 => spec.escape_whitespaces = r.varint_field(wire, "escape_whitespaces")? != 0,
             _ => r.skip(wire)?,
         }
@@ -380,18 +348,13 @@ mod tests {
         // Unterminated varint.
         assert!(parse_model(&[0x08, 0xff]).is_err());
         // Over-long varint.
-        assert!(
-            parse_model(&[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f])
-                .is_err()
-        );
+        assert!(parse_model(&[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).is_err());
         // Group wire type.
         assert!(parse_model(&[0x0b]).is_err());
         // Field number zero.
         assert!(parse_model(&[0x00, 0x00]).is_err());
         // Huge length.
-        assert!(
-            parse_model(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).is_err()
-        );
+        assert!(parse_model(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).is_err());
         // Piece text that is not UTF-8.
         assert!(parse_model(&[0x0a, 0x03, 0x0a, 0x01, 0xff]).is_err());
     }

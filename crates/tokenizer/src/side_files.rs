@@ -23,26 +23,17 @@ impl SideFiles {
 
         let path = dir.join("added_tokens.json");
         if let Some(json) = read_json(&path)? {
-            let map = json.as_object().ok_or_else(|| {
-                Error::in_file(
-                    &path,
-                    "expected a JSON object",
-                    r#"write it as {"[PAD]": 32000}"#,
-                )
-            })?;
+            let map = json
+                .as_object()
+                .ok_or_else(|| Error::in_file(&path, "expected a JSON object", r#"write it as {"[PAD]": 32000}"#))?;
             for (text, id) in map {
-                let id = id
-                    .as_u64()
-                    .and_then(|id| u32::try_from(id).ok())
-                    .ok_or_else(|| {
-                        Error::in_file(
-                            &path,
-                            format_args!(
-                                "token {text:?} has id {id}, expected a non-negative integer"
-                            ),
-                            r#"write it as {"[PAD]": 32000}"#,
-                        )
-                    })?;
+                let id = id.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
+                    Error::in_file(
+                        &path,
+                        format_args!("token {text:?} has id {id}, expected a non-negative integer"),
+                        r#"write it as {"[PAD]": 32000}"#,
+                    )
+                })?;
                 side.added_tokens.push((text.clone(), id));
             }
             side.added_tokens.sort_by_key(|&(_, id)| id);
@@ -66,10 +57,7 @@ impl SideFiles {
 fn token_text(value: &Value) -> Option<String> {
     match value {
         Value::String(s) => Some(s.clone()),
-        Value::Object(map) => map
-            .get("content")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        Value::Object(map) => map.get("content").and_then(Value::as_str).map(str::to_string),
         _ => None,
     }
 }

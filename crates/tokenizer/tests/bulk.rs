@@ -119,10 +119,7 @@ fn has_literal_special(text: &str) -> bool {
 fn sentencepiece_and_tokenizer_json_agree_on_generated_texts() {
     let (spm, json) = (spm(), json());
     let mut rng = Rng(0x9E3779B97F4A7C15);
-    let mut texts: Vec<String> = cases()
-        .iter()
-        .map(|c| c["text"].as_str().unwrap().to_string())
-        .collect();
+    let mut texts: Vec<String> = cases().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
     while texts.len() < 6000 {
         texts.push(random_text(&mut rng, &spm));
     }
@@ -135,11 +132,7 @@ fn sentencepiece_and_tokenizer_json_agree_on_generated_texts() {
         }
         // Identity normalization and byte fallback make every text round-trip,
         // except U+2581 itself, which reads back as a space.
-        assert_eq!(
-            spm.decode(&ids),
-            text.replace('\u{2581}', " "),
-            "text {text:?}"
-        );
+        assert_eq!(spm.decode(&ids), text.replace('\u{2581}', " "), "text {text:?}");
         assert_eq!(json.decode(&ids), spm.decode(&ids));
     }
     assert!(compared > 5000, "compared only {compared}");
@@ -164,14 +157,8 @@ fn recorded_disagreements_are_reproduced() {
         let hf_window = strings(&example["hf_pieces"]);
         let spm_pieces = spm.pieces(&spm.encode(text, false));
         let hf_pieces = json.pieces(&json.encode(text, false));
-        assert!(
-            contains_run(&spm_pieces, &spm_window),
-            "{text:?}: {spm_pieces:?}"
-        );
-        assert!(
-            contains_run(&hf_pieces, &hf_window),
-            "{text:?}: {hf_pieces:?}"
-        );
+        assert!(contains_run(&spm_pieces, &spm_window), "{text:?}: {spm_pieces:?}");
+        assert!(contains_run(&hf_pieces, &hf_window), "{text:?}: {hf_pieces:?}");
     }
 }
 
@@ -190,11 +177,7 @@ fn long_text_encodes_quickly() {
         let start = Instant::now();
         let ids = spm.encode(text, false);
         let elapsed = start.elapsed();
-        eprintln!(
-            "sentencepiece: {} bytes -> {} ids in {elapsed:?}",
-            text.len(),
-            ids.len()
-        );
+        eprintln!("sentencepiece: {} bytes -> {} ids in {elapsed:?}", text.len(), ids.len());
         assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
         assert_eq!(spm.decode(&ids), text.replace('\u{2581}', " "));
         assert_eq!(json.encode(text, false), ids);

@@ -12,26 +12,15 @@ use vicuna_tokenizer::Tokenizer;
 #[test]
 fn fixture_describes_sentencepiece_ground_truth() {
     let e = expected();
-    assert!(e["description"]
-        .as_str()
-        .unwrap()
-        .contains("sentencepiece ground truth"));
+    assert!(e["description"].as_str().unwrap().contains("sentencepiece ground truth"));
     assert!(cases().len() >= 30);
 }
 
 fn check_case(tok: &Tokenizer, case: &Value, ids: &[u32], ids_with_bos: &[u32], backend: &str) {
     let name = case["name"].as_str().unwrap();
     let text = case["text"].as_str().unwrap();
-    assert_eq!(
-        tok.encode(text, false),
-        ids,
-        "{backend}: ids of case {name}"
-    );
-    assert_eq!(
-        tok.encode(text, true),
-        ids_with_bos,
-        "{backend}: ids_with_bos of case {name}"
-    );
+    assert_eq!(tok.encode(text, false), ids, "{backend}: ids of case {name}");
+    assert_eq!(tok.encode(text, true), ids_with_bos, "{backend}: ids_with_bos of case {name}");
 }
 
 #[test]
@@ -40,23 +29,9 @@ fn sentencepiece_backend_matches_every_case() {
     for case in cases() {
         let name = case["name"].as_str().unwrap();
         let ids = u32s(&case["ids"]);
-        check_case(
-            &tok,
-            &case,
-            &ids,
-            &u32s(&case["ids_with_bos"]),
-            "tokenizer.model",
-        );
-        assert_eq!(
-            tok.pieces(&ids),
-            strings(&case["pieces"]),
-            "pieces of case {name}"
-        );
-        assert_eq!(
-            tok.decode(&ids),
-            case["decoded"].as_str().unwrap(),
-            "decode of case {name}"
-        );
+        check_case(&tok, &case, &ids, &u32s(&case["ids_with_bos"]), "tokenizer.model");
+        assert_eq!(tok.pieces(&ids), strings(&case["pieces"]), "pieces of case {name}");
+        assert_eq!(tok.decode(&ids), case["decoded"].as_str().unwrap(), "decode of case {name}");
     }
 }
 
@@ -68,23 +43,9 @@ fn json_backend_matches_every_case() {
         let name = case["name"].as_str().unwrap();
         if case["agree"]["hf_tokenizers"].as_bool().unwrap() {
             let ids = u32s(&case["ids"]);
-            check_case(
-                &tok,
-                &case,
-                &ids,
-                &u32s(&case["ids_with_bos"]),
-                "tokenizer.json",
-            );
-            assert_eq!(
-                tok.pieces(&ids),
-                strings(&case["pieces"]),
-                "pieces of case {name}"
-            );
-            assert_eq!(
-                tok.decode(&ids),
-                case["decoded"].as_str().unwrap(),
-                "decode of case {name}"
-            );
+            check_case(&tok, &case, &ids, &u32s(&case["ids_with_bos"]), "tokenizer.json");
+            assert_eq!(tok.pieces(&ids), strings(&case["pieces"]), "pieces of case {name}");
+            assert_eq!(tok.decode(&ids), case["decoded"].as_str().unwrap(), "decode of case {name}");
         } else {
             // Literal "<s>", "</s>", "<unk>" in the text: tokenizers (like
             // transformers) turns them into the special tokens and gives each
@@ -94,29 +55,18 @@ fn json_backend_matches_every_case() {
             let with_bos: Vec<u32> = std::iter::once(1).chain(hf_ids.iter().copied()).collect();
             check_case(&tok, &case, &hf_ids, &with_bos, "tokenizer.json");
             // With BOS this is exactly what LlamaTokenizerFast produces.
-            assert_eq!(
-                with_bos,
-                u32s(&case["LlamaTokenizerFast_ids"]),
-                "case {name}"
-            );
+            assert_eq!(with_bos, u32s(&case["LlamaTokenizerFast_ids"]), "case {name}");
         }
         // SentencePiece ids decode the same through the json backend's table.
         let ids = u32s(&case["ids"]);
-        assert_eq!(
-            tok.decode(&ids),
-            case["decoded"].as_str().unwrap(),
-            "decode of case {name}"
-        );
+        assert_eq!(tok.decode(&ids), case["decoded"].as_str().unwrap(), "decode of case {name}");
     }
     assert_eq!(literal_special_cases, 1);
 }
 
 #[test]
 fn literal_special_text_cases() {
-    let case = cases()
-        .into_iter()
-        .find(|c| c["name"] == "literal_special_text")
-        .unwrap();
+    let case = cases().into_iter().find(|c| c["name"] == "literal_special_text").unwrap();
     let text = case["text"].as_str().unwrap();
     // SentencePiece: plain characters, which round-trip.
     let spm = spm();
@@ -126,13 +76,7 @@ fn literal_special_text_cases() {
     let json = json();
     let ids = json.encode(text, false);
     assert_eq!(ids, u32s(&case["hf_tokenizers_ids"]));
-    assert_eq!(
-        json.decode(&ids),
-        format!(
-            "{} \u{2047} ",
-            case["decoded_hf_skip_special"].as_str().unwrap()
-        )
-    );
+    assert_eq!(json.decode(&ids), format!("{} \u{2047} ", case["decoded_hf_skip_special"].as_str().unwrap()));
 }
 
 #[test]

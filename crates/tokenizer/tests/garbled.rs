@@ -21,23 +21,8 @@ fn assert_error_names_file(result: Result<Tokenizer, Error>, name: &str, what: &
 fn truncated_tokenizer_model_is_an_error() {
     let bytes = std::fs::read(fixture("tokenizer.model")).unwrap();
     let dir = TempDir::new("truncated");
-    let cuts = [
-        0,
-        1,
-        2,
-        3,
-        10,
-        100,
-        1000,
-        bytes.len() / 3,
-        bytes.len() / 2,
-        bytes.len() - 2,
-        bytes.len() - 1,
-    ];
-    for cut in cuts
-        .into_iter()
-        .chain((1..40).map(|k| bytes.len() * k / 40 + 7))
-    {
+    let cuts = [0, 1, 2, 3, 10, 100, 1000, bytes.len() / 3, bytes.len() / 2, bytes.len() - 2, bytes.len() - 1];
+    for cut in cuts.into_iter().chain((1..40).map(|k| bytes.len() * k / 40 + 7)) {
         assert_error_names_file(
             load(&dir, "tokenizer.model", &bytes[..cut]),
             "tokenizer.model",
@@ -49,45 +34,15 @@ fn truncated_tokenizer_model_is_an_error() {
 #[test]
 fn garbage_is_an_error() {
     let dir = TempDir::new("garbage");
-    let noise: Vec<u8> = (0..5000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    assert_error_names_file(
-        load(&dir, "tokenizer.model", &noise),
-        "tokenizer.model",
-        "noise",
-    );
-    assert_error_names_file(
-        load(&dir, "tokenizer.model", b"\xff\xff\xff"),
-        "tokenizer.model",
-        "bad varint",
-    );
-    assert_error_names_file(
-        load(&dir, "tokenizer.model", b"hello world"),
-        "tokenizer.model",
-        "text",
-    );
-    assert_error_names_file(
-        load(&dir, "tokenizer.json", b"{\"version\": "),
-        "tokenizer.json",
-        "cut json",
-    );
-    assert_error_names_file(
-        load(&dir, "tokenizer.json", b"{}"),
-        "tokenizer.json",
-        "empty json",
-    );
-    assert_error_names_file(
-        load(&dir, "tokenizer.json", &noise),
-        "tokenizer.json",
-        "noise json",
-    );
+    let noise: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    assert_error_names_file(load(&dir, "tokenizer.model", &noise), "tokenizer.model", "noise");
+    assert_error_names_file(load(&dir, "tokenizer.model", b"\xff\xff\xff"), "tokenizer.model", "bad varint");
+    assert_error_names_file(load(&dir, "tokenizer.model", b"hello world"), "tokenizer.model", "text");
+    assert_error_names_file(load(&dir, "tokenizer.json", b"{\"version\": "), "tokenizer.json", "cut json");
+    assert_error_names_file(load(&dir, "tokenizer.json", b"{}"), "tokenizer.json", "empty json");
+    assert_error_names_file(load(&dir, "tokenizer.json", &noise), "tokenizer.json", "noise json");
     let json = std::fs::read(fixture("tokenizer.json")).unwrap();
-    assert_error_names_file(
-        load(&dir, "tokenizer.json", &json[..json.len() / 2]),
-        "tokenizer.json",
-        "half json",
-    );
+    assert_error_names_file(load(&dir, "tokenizer.json", &json[..json.len() / 2]), "tokenizer.json", "half json");
     let missing = dir.path().join("missing.model");
     assert_error_names_file(Tokenizer::from_file(&missing), "missing.model", "missing");
 }
@@ -134,11 +89,6 @@ fn wrong_model_type_is_explained() {
     let pos = bytes.windows(2).rposition(|w| w == needle).unwrap();
     bytes[pos + 1] = 0x01;
     let dir = TempDir::new("unigram");
-    let err = load(&dir, "tokenizer.model", &bytes)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("not BPE") && err.contains("tokenizer.model"),
-        "{err}"
-    );
+    let err = load(&dir, "tokenizer.model", &bytes).unwrap_err().to_string();
+    assert!(err.contains("not BPE") && err.contains("tokenizer.model"), "{err}");
 }

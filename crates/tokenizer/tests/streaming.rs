@@ -10,10 +10,7 @@ fn multi_byte_characters_are_held_back_until_complete() {
     for tok in [spm(), json()] {
         // "🦙" is four byte pieces.
         let ids = tok.encode("a 🦙b", false);
-        assert_eq!(
-            tok.pieces(&ids),
-            ["▁a", "▁", "<0xF0>", "<0x9F>", "<0xA6>", "<0x99>", "b"]
-        );
+        assert_eq!(tok.pieces(&ids), ["▁a", "▁", "<0xF0>", "<0x9F>", "<0xA6>", "<0x99>", "b"]);
         let mut decoder = tok.stream_decoder();
         let outputs: Vec<String> = ids.iter().map(|&id| decoder.push(id)).collect();
         assert_eq!(outputs, ["a", " ", "", "", "", "🦙", "b"]);
@@ -33,13 +30,7 @@ fn incomplete_bytes_become_replacement_characters_on_flush() {
     assert_eq!(decoder.flush(), "\u{FFFD}\u{FFFD}\u{FFFD}");
     assert_eq!(tok.decode(&ids), "\u{FFFD}\u{FFFD}\u{FFFD}");
     // An invalid byte followed by a valid character, then a normal piece.
-    let ids = [
-        bytes(0x9F),
-        bytes(0xE4),
-        bytes(0xBD),
-        bytes(0xA0),
-        tok.piece_to_id("▁a").unwrap(),
-    ];
+    let ids = [bytes(0x9F), bytes(0xE4), bytes(0xBD), bytes(0xA0), tok.piece_to_id("▁a").unwrap()];
     assert_eq!(tok.decode(&ids), "\u{FFFD}你 a");
     assert_eq!(stream(&tok, &ids), tok.decode(&ids));
 }
@@ -58,10 +49,7 @@ fn first_piece_drops_the_dummy_prefix_space_only_once() {
 
 /// Prompt and continuation pairs as a chat loop would see them.
 const CONVERSATIONS: &[(&str, &str)] = &[
-    (
-        "### Human: Hello\n### Assistant:",
-        " Hello! How can I help you today?\n### Human:",
-    ),
+    ("### Human: Hello\n### Assistant:", " Hello! How can I help you today?\n### Human:"),
     ("Hello", " world"),
     ("The capital of France is", " Paris. 巴黎 🗼 café"),
     ("Emoji:", " 🦙🦙 👨‍👩‍👧‍👦\n\n  indented"),
@@ -96,11 +84,7 @@ fn generation_after_a_prompt_keeps_its_leading_space() {
             let full: Vec<u32> = prompt_ids.iter().chain(&generated).copied().collect();
             let expected = tok.decode(&full);
             let prompt_text = tok.decode(&prompt_ids);
-            assert_eq!(
-                format!("{prompt_text}{streamed}"),
-                expected,
-                "prompt {prompt:?}"
-            );
+            assert_eq!(format!("{prompt_text}{streamed}"), expected, "prompt {prompt:?}");
             if !prompt.is_empty() {
                 assert_eq!(streamed, reply, "prompt {prompt:?}");
             }

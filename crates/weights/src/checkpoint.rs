@@ -62,11 +62,7 @@ enum Layout {
     /// Row-major bytes at this range of the file.
     Contiguous(Range<usize>),
     /// A PyTorch view: element `offset + Σ index_i × stride_i` of the storage at `storage`.
-    Strided {
-        storage: Range<usize>,
-        offset: usize,
-        stride: Vec<usize>,
-    },
+    Strided { storage: Range<usize>, offset: usize, stride: Vec<usize> },
 }
 
 /// Tensors present in checkpoints that are not weights: the 2023 LLaMA code saved its RoPE
@@ -93,22 +89,13 @@ impl Checkpoint {
                 dir.display()
             );
         }
-        let mut checkpoint = Checkpoint {
-            dir: dir.to_path_buf(),
-            maps: Vec::new(),
-            tensors: BTreeMap::new(),
-        };
+        let mut checkpoint = Checkpoint { dir: dir.to_path_buf(), maps: Vec::new(), tensors: BTreeMap::new() };
         match detect(dir)? {
             Layouts::Safetensors(path) | Layouts::Bin(path) => checkpoint.load_file(&path)?,
-            Layouts::SafetensorsIndex(index) | Layouts::BinIndex(index) => {
-                checkpoint.load_index(&index)?
-            }
+            Layouts::SafetensorsIndex(index) | Layouts::BinIndex(index) => checkpoint.load_index(&index)?,
         }
         if checkpoint.tensors.is_empty() {
-            bail!(
-                "{} holds no tensors; its weight files are empty — download them again",
-                dir.display()
-            );
+            bail!("{} holds no tensors; its weight files are empty — download them again", dir.display());
         }
         Ok(checkpoint)
     }
@@ -135,19 +122,9 @@ impl Checkpoint {
         let map = &self.maps[stored.map];
         match &stored.layout {
             Layout::Contiguous(range) => Ok(Cow::Borrowed(&map[range.clone()])),
-            Layout::Strided {
-                storage,
-                offset,
-                stride,
-            } => {
+            Layout::Strided { storage, offset, stride } => {
                 let es = stored.info.dtype.size_in_bytes();
-                Ok(Cow::Owned(gather(
-                    &map[storage.clone()],
-                    es,
-                    *offset,
-                    &stored.info.shape,
-                    stride,
-                )))
+                Ok(Cow::Owned(gather(&map[storage.clone()], es, *offset, &stored.info.shape, stride)))
             }
         }
     }
@@ -165,9 +142,7 @@ impl Checkpoint {
         let mut problems = Vec::new();
         for (name, shape) in &expected {
             match self.info(name) {
-                None => problems.push(format!(
-                    "{name} is missing (config.json implies shape {shape:?})"
-                )),
+                None => problems.push(format!("{name} is missing (config.json implies shape {shape:?})")),
                 Some(info) if &info.shape != shape => problems.push(format!(
                     "{name} in {} has shape {:?} but config.json implies {shape:?}",
                     info.file.display(),
@@ -202,38 +177,23 @@ impl Checkpoint {
     }
 
     fn stored(&self, name: &str) -> Result<&Stored> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| Error::new(format!("no tensor named {name} in {}", self.dir.display())))
+        self.tensors.get(name).ok_or_else(|| Error::new(format!("no tensor named {name} in {}", self.dir.display())))
     }
 
     /// Reads a sharded layout: the index's `weight_map` names a shard per tensor.
     fn load_index(&mut self, index: &Path) -> Result<()> {
         let index_name = file_name(index);
-        let text = std::fs::read(index)
-            .map_err(|e| Error::new(format!("cannot read {}: {e}", index.display())))?;
-        let json: Value = serde_json::from_slice(&text).map_err(|e| {
-            Error::new(format!(
-                "{} is not valid JSON ({e}); download it again",
-                index.display()
-            ))
-        })?;
+        let text = std::fs::read(index).map_err(|e| Error::new(format!("cannot read {}: {e}", index.display())))?;
+        let json: Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::new(format!("{} is not valid JSON ({e}); download it again", index.display())))?;
         let weight_map = json
             .get("weight_map")
             .and_then(Value::as_object)
-            .ok_or_else(|| {
-                Error::new(format!(
-                    "{} has no `weight_map` object; download it again",
-                    index.display()
-                ))
-            })?;
+            .ok_or_else(|| Error::new(format!("{} has no `weight_map` object; download it again", index.display())))?;
         let mut wanted: BTreeMap<&str, &str> = BTreeMap::new();
         for (tensor, shard) in weight_map {
             let shard = shard.as_str().ok_or_else(|| {
-                Error::new(format!(
-                    "{}: weight_map entry {tensor} is not a file name",
-                    index.display()
-                ))
+                Error::new(format!("{}: weight_map entry {tensor} is not a file name", index.display()))
             })?;
             // A shard must sit in this folder: an index is downloaded data and must not
             // make vicuna read (or report on) files elsewhere.
@@ -264,9 +224,7 @@ impl Checkpoint {
             }
             let found = self.tensors.get(*tensor).map(|t| file_name(&t.info.file));
             if found.as_deref() != Some(*shard) {
-                problems.push(format!(
-                    "{index_name} lists {tensor} in {shard}, but {shard} does not contain it"
-                ));
+                problems.push(format!("{index_name} lists {tensor} in {shard}, but {shard} does not contain it"));
             }
         }
         if !problems.is_empty() {
@@ -299,20 +257,8 @@ impl Checkpoint {
                     path.display()
                 );
             }
-            let info = TensorInfo {
-                name: name.clone(),
-                dtype,
-                shape,
-                file: path.to_path_buf(),
-            };
-            self.tensors.insert(
-                name,
-                Stored {
-                    info,
-                    map: index,
-                    layout,
-                },
-            );
+            let info = TensorInfo { name: name.clone(), dtype, shape, file: path.to_path_buf() };
+            self.tensors.insert(name, Stored { info, map: index, layout });
         }
         self.maps.push(map);
         Ok(())
@@ -337,11 +283,7 @@ fn detect(dir: &Path) -> Result<Layouts> {
     }
     // Nothing standard: say what is there, since the fix differs.
     let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     names.sort();
     let d = dir.display();
@@ -351,10 +293,7 @@ fn detect(dir: &Path) -> Result<Layouts> {
              with transformers' convert_llama_weights_to_hf.py first"
         );
     }
-    if let Some(shard) = names
-        .iter()
-        .find(|n| n.ends_with(".safetensors") || n.ends_with(".bin"))
-    {
+    if let Some(shard) = names.iter().find(|n| n.ends_with(".safetensors") || n.ends_with(".bin")) {
         bail!(
             "no model.safetensors, pytorch_model.bin or index file in {d}, only {shard}: the index \
              (model.safetensors.index.json / pytorch_model.bin.index.json) of a sharded download is missing"
@@ -367,27 +306,19 @@ fn detect(dir: &Path) -> Result<Layouts> {
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name().map_or_else(
-        || path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    )
+    path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {
-    let file =
-        File::open(path).map_err(|e| Error::new(format!("cannot open {}: {e}", path.display())))?;
+    let file = File::open(path).map_err(|e| Error::new(format!("cannot open {}: {e}", path.display())))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     if len == 0 {
-        bail!(
-            "{} is empty; the download is incomplete — download it again",
-            path.display()
-        );
+        bail!("{} is empty; the download is incomplete — download it again", path.display());
     }
     // SAFETY: the map is only read. As with every mmap-based loader (safetensors, candle),
     // another process truncating the file while it is mapped would fault; vicuna does not
     // write model files, and copying 26 GB into memory instead is not an option.
-    unsafe { Mmap::map(&file) }
-        .map_err(|e| Error::new(format!("cannot memory-map {}: {e}", path.display())))
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::new(format!("cannot memory-map {}: {e}", path.display())))
 }
 
 type Found = Vec<(String, DType, Vec<usize>, Layout)>;
@@ -407,14 +338,9 @@ fn read_pytorch(map: &[u8], path: &Path) -> Result<Found> {
         .iter()
         .filter(|e| e.name.ends_with("/data.pkl") || e.name == "data.pkl")
         .min_by_key(|e| e.name.matches('/').count())
-        .ok_or_else(|| {
-            Error::new(format!(
-                "{f} is a zip archive but not a PyTorch checkpoint (it has no data.pkl)"
-            ))
-        })?;
+        .ok_or_else(|| Error::new(format!("{f} is a zip archive but not a PyTorch checkpoint (it has no data.pkl)")))?;
     let prefix = &pkl.name[..pkl.name.len() - "data.pkl".len()]; // "archive/" (or "")
-    let by_name: HashMap<&str, &Range<usize>> =
-        entries.iter().map(|e| (e.name.as_str(), &e.data)).collect();
+    let by_name: HashMap<&str, &Range<usize>> = entries.iter().map(|e| (e.name.as_str(), &e.data)).collect();
 
     if let Some(range) = by_name.get(format!("{prefix}byteorder").as_str()) {
         let order = &map[(*range).clone()];
@@ -440,44 +366,28 @@ fn read_pytorch(map: &[u8], path: &Path) -> Result<Found> {
                 bail!("unsupported dtype {what} for tensor {name} in {f}; {SUPPORTED_DTYPES}")
             }
         };
-        let damaged = |what: String| {
-            Error::new(format!(
-                "{f}: tensor {name} {what}; the file is damaged — download it again"
-            ))
-        };
+        let damaged =
+            |what: String| Error::new(format!("{f}: tensor {name} {what}; the file is damaged — download it again"));
         let entry_name = format!("{prefix}data/{}", storage.key);
         let range = *by_name.get(entry_name.as_str()).ok_or_else(|| {
-            damaged(format!(
-                "uses storage {}, but the archive has no entry {entry_name}",
-                storage.key
-            ))
+            damaged(format!("uses storage {}, but the archive has no entry {entry_name}", storage.key))
         })?;
         let es = dtype.size_in_bytes() as u64;
-        let storage_bytes = storage
-            .numel
-            .checked_mul(es)
-            .filter(|&n| n <= range.len() as u64)
-            .ok_or_else(|| {
-                damaged(format!(
-                    "uses storage {} of {} elements, but its entry holds only {} bytes",
-                    storage.key,
-                    storage.numel,
-                    range.len()
-                ))
-            })?;
+        let storage_bytes = storage.numel.checked_mul(es).filter(|&n| n <= range.len() as u64).ok_or_else(|| {
+            damaged(format!(
+                "uses storage {} of {} elements, but its entry holds only {} bytes",
+                storage.key,
+                storage.numel,
+                range.len()
+            ))
+        })?;
         let storage_range = range.start..range.start + storage_bytes as usize;
 
-        let to_usize = |v: &[u64]| {
-            v.iter()
-                .map(|&x| usize::try_from(x).ok())
-                .collect::<Option<Vec<usize>>>()
-        };
-        let (Some(shape), Some(stride)) = (to_usize(&tensor.shape), to_usize(&tensor.stride))
-        else {
+        let to_usize = |v: &[u64]| v.iter().map(|&x| usize::try_from(x).ok()).collect::<Option<Vec<usize>>>();
+        let (Some(shape), Some(stride)) = (to_usize(&tensor.shape), to_usize(&tensor.stride)) else {
             return Err(damaged("has an absurd size or stride".to_string()));
         };
-        let offset = usize::try_from(tensor.offset)
-            .map_err(|_| damaged("has an absurd storage offset".to_string()))?;
+        let offset = usize::try_from(tensor.offset).map_err(|_| damaged("has an absurd storage offset".to_string()))?;
         let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
         let Some(numel) = numel else {
             return Err(damaged(format!("has an absurd shape {shape:?}")));
@@ -487,28 +397,21 @@ fn read_pytorch(map: &[u8], path: &Path) -> Result<Found> {
             Layout::Contiguous(storage_range.start..storage_range.start)
         } else {
             // The last element the view touches must lie inside the storage.
-            let last = shape.iter().zip(&stride).try_fold(offset, |acc, (&d, &s)| {
-                acc.checked_add((d - 1).checked_mul(s)?)
-            });
+            let last =
+                shape.iter().zip(&stride).try_fold(offset, |acc, (&d, &s)| acc.checked_add((d - 1).checked_mul(s)?));
             match last {
                 Some(last) if (last as u64) < storage.numel => {}
-                _ => {
-                    return Err(damaged(format!(
-                        "(shape {shape:?}, stride {stride:?}, offset {offset}) reaches past the {} elements of storage {}",
-                        storage.numel, storage.key
-                    )))
-                }
+                _ => return Err(damaged(format!(
+                    "(shape {shape:?}, stride {stride:?}, offset {offset}) reaches past the {} elements of storage {}",
+                    storage.numel, storage.key
+                ))),
             }
             let es = es as usize;
             if is_row_major(&shape, &stride) {
                 let start = storage_range.start + offset * es;
                 Layout::Contiguous(start..start + numel * es)
             } else {
-                Layout::Strided {
-                    storage: storage_range,
-                    offset,
-                    stride,
-                }
+                Layout::Strided { storage: storage_range, offset, stride }
             }
         };
         found.push((name, dtype, shape, layout));

@@ -72,23 +72,16 @@ impl LlamaConfig {
 
     /// Reads and validates one config file.
     pub fn from_file(path: &Path) -> Result<LlamaConfig> {
-        let text = std::fs::read(path)
-            .map_err(|e| Error::new(format!("cannot read {}: {e}", path.display())))?;
-        let text = String::from_utf8(text).map_err(|_| {
-            Error::new(format!(
-                "{} is not UTF-8 text; it should be a JSON file",
-                path.display()
-            ))
-        })?;
+        let text = std::fs::read(path).map_err(|e| Error::new(format!("cannot read {}: {e}", path.display())))?;
+        let text = String::from_utf8(text)
+            .map_err(|_| Error::new(format!("{} is not UTF-8 text; it should be a JSON file", path.display())))?;
         LlamaConfig::from_json_str(&text, &path.display().to_string())
     }
 
     /// Parses config JSON; `source` names it in messages (usually the file's path).
     pub fn from_json_str(json: &str, source: &str) -> Result<LlamaConfig> {
         let value: Value = serde_json::from_str(json).map_err(|e| {
-            Error::new(format!(
-                "{source} is not valid JSON ({e}); restore it from the model's Hugging Face repository"
-            ))
+            Error::new(format!("{source} is not valid JSON ({e}); restore it from the model's Hugging Face repository"))
         })?;
         LlamaConfig::from_json_value(&value, source)
     }
@@ -102,8 +95,7 @@ impl LlamaConfig {
 
         let architectures = f.string_list("architectures")?;
         let model_type = f.opt_string("model_type")?;
-        let is_llama = model_type.as_deref() == Some("llama")
-            || architectures.iter().any(|a| a == "LlamaForCausalLM");
+        let is_llama = model_type.as_deref() == Some("llama") || architectures.iter().any(|a| a == "LlamaForCausalLM");
         if !is_llama {
             let what = if !architectures.is_empty() {
                 architectures.join(", ")
@@ -112,9 +104,7 @@ impl LlamaConfig {
             } else {
                 "(neither `architectures` nor `model_type` is set)".to_string()
             };
-            bail!(
-                "{source}: architecture {what} is not LLaMA; vicuna runs LlamaForCausalLM models"
-            );
+            bail!("{source}: architecture {what} is not LLaMA; vicuna runs LlamaForCausalLM models");
         }
 
         let hidden_size = f.positive("hidden_size", None)?;
@@ -167,10 +157,7 @@ impl LlamaConfig {
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         let inter = self.intermediate_size;
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            vec![self.vocab_size, h],
-        )];
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
         for i in 0..self.num_hidden_layers {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
@@ -211,11 +198,7 @@ impl Fields<'_> {
     }
 
     fn wrong(&self, name: &str, expected: &str, found: &Value) -> Error {
-        Error::new(format!(
-            "{}: field `{name}` must be {expected}, found {}",
-            self.source,
-            short(found)
-        ))
+        Error::new(format!("{}: field `{name}` must be {expected}, found {}", self.source, short(found)))
     }
 
     /// A required (default `None`) or optional integer that must be > 0.
@@ -262,19 +245,14 @@ impl Fields<'_> {
     fn boolean(&self, name: &str, default: bool) -> Result<bool> {
         match self.get(name) {
             None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.wrong(name, "true or false", v)),
+            Some(v) => v.as_bool().ok_or_else(|| self.wrong(name, "true or false", v)),
         }
     }
 
     fn opt_string(&self, name: &str) -> Result<Option<String>> {
         match self.get(name) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(|s| Some(s.to_string()))
-                .ok_or_else(|| self.wrong(name, "a string", v)),
+            Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| self.wrong(name, "a string", v)),
         }
     }
 
@@ -284,9 +262,7 @@ impl Fields<'_> {
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|item| {
-                    item.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| self.wrong(name, "a list of strings", item))
+                    item.as_str().map(str::to_string).ok_or_else(|| self.wrong(name, "a list of strings", item))
                 })
                 .collect(),
             Some(v) => Err(self.wrong(name, "a list of strings", v)),

@@ -54,16 +54,10 @@ pub fn extend_f32_from_le_bytes(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) 
     const CHUNK: usize = 4096;
     out.reserve(bytes.len() / dtype.size_in_bytes());
     match dtype {
-        DType::F32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-        DType::BF16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
-        ),
+        DType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        DType::BF16 => {
+            out.extend(bytes.chunks_exact(2).map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)))
+        }
         DType::F16 => {
             let mut bits = [0u16; CHUNK];
             let mut wide = [0f32; CHUNK];
@@ -100,16 +94,11 @@ mod tests {
         for bits in 0..=u16::MAX {
             let i = bits as usize;
             let want = f16::from_bits(bits).to_f32();
-            assert!(
-                want.to_bits() == from_f16[i].to_bits() || (want.is_nan() && from_f16[i].is_nan())
-            );
+            assert!(want.to_bits() == from_f16[i].to_bits() || (want.is_nan() && from_f16[i].is_nan()));
             // bf16 widening keeps every bit (half quiets signalling NaNs; both stay NaN).
             assert_eq!(from_bf16[i].to_bits(), u32::from(bits) << 16);
             let want = half::bf16::from_bits(bits).to_f32();
-            assert!(
-                want.to_bits() == from_bf16[i].to_bits()
-                    || (want.is_nan() && from_bf16[i].is_nan())
-            );
+            assert!(want.to_bits() == from_bf16[i].to_bits() || (want.is_nan() && from_bf16[i].is_nan()));
         }
         assert_eq!(to_f32_vec(DType::F32, &1.5f32.to_le_bytes()), vec![1.5]);
     }

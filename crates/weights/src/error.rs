@@ -22,11 +22,7 @@ impl Error {
     pub fn new(message: impl Into<String>) -> Error {
         let message: String = message.into();
         let message = if message.contains(['\n', '\r']) {
-            message
-                .split(['\n', '\r'])
-                .filter(|part| !part.is_empty())
-                .collect::<Vec<_>>()
-                .join(" ")
+            message.split(['\n', '\r']).filter(|part| !part.is_empty()).collect::<Vec<_>>().join(" ")
         } else {
             message
         };

@@ -75,12 +75,8 @@ fn resolve_global(module: &str, name: &str) -> Option<Global> {
         ("torch", "CharStorage") => Global::Storage(Unsupported("torch.CharStorage (int8)")),
         ("torch", "ByteStorage") => Global::Storage(Unsupported("torch.ByteStorage (uint8)")),
         ("torch", "BoolStorage") => Global::Storage(Unsupported("torch.BoolStorage (bool)")),
-        ("torch", "ComplexFloatStorage") => {
-            Global::Storage(Unsupported("torch.ComplexFloatStorage (complex64)"))
-        }
-        ("torch", "ComplexDoubleStorage") => {
-            Global::Storage(Unsupported("torch.ComplexDoubleStorage (complex128)"))
-        }
+        ("torch", "ComplexFloatStorage") => Global::Storage(Unsupported("torch.ComplexFloatStorage (complex64)")),
+        ("torch", "ComplexDoubleStorage") => Global::Storage(Unsupported("torch.ComplexDoubleStorage (complex128)")),
         _ => return None,
     };
     Some(global)
@@ -241,10 +237,8 @@ impl Machine<'_> {
     /// A newline-terminated line (GLOBAL's operands).
     fn line(&mut self) -> Result<String> {
         let rest = &self.data[self.pos..];
-        let n = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| self.malformed("GLOBAL operand has no end of line"))?;
+        let n =
+            rest.iter().position(|&b| b == b'\n').ok_or_else(|| self.malformed("GLOBAL operand has no end of line"))?;
         let text = String::from_utf8_lossy(&rest[..n]).into_owned();
         self.pos += n + 1;
         Ok(text)
@@ -285,10 +279,7 @@ impl Machine<'_> {
 
     /// Pops everything above the innermost MARK, and the mark.
     fn pop_mark(&mut self) -> Result<Vec<Value>> {
-        let mark = self
-            .marks
-            .pop()
-            .ok_or_else(|| self.malformed("MARK expected"))?;
+        let mark = self.marks.pop().ok_or_else(|| self.malformed("MARK expected"))?;
         Ok(self.stack.split_off(mark))
     }
 
@@ -344,11 +335,7 @@ impl Machine<'_> {
         };
         let depth = self.grown_depth(depth, &items)?;
         // make_mut copies the container when the memo still holds it.
-        let copied = if Rc::strong_count(&list) > 1 {
-            list.len()
-        } else {
-            0
-        };
+        let copied = if Rc::strong_count(&list) > 1 { list.len() } else { 0 };
         self.charge(copied + 1)?;
         Rc::make_mut(&mut list).extend(items);
         self.push(Value::List(list, depth))
@@ -364,11 +351,7 @@ impl Machine<'_> {
         };
         let depth = self.grown_depth(depth, &flat)?;
         // make_mut copies the container when the memo still holds it.
-        let copied = if Rc::strong_count(&dict) > 1 {
-            dict.len()
-        } else {
-            0
-        };
+        let copied = if Rc::strong_count(&dict) > 1 { dict.len() } else { 0 };
         self.charge(copied + 1)?;
         let pairs = Rc::make_mut(&mut dict);
         let mut flat = flat.into_iter();
@@ -423,11 +406,7 @@ impl Machine<'_> {
                 }
                 0x8a | 0x8b => {
                     // LONG1 / LONG4: little-endian two's complement of n bytes.
-                    let n = if op == 0x8a {
-                        usize::from(self.u8()?)
-                    } else {
-                        self.u32()? as usize
-                    };
+                    let n = if op == 0x8a { usize::from(self.u8()?) } else { self.u32()? as usize };
                     if n > 8 {
                         return Err(self.malformed(format!("integer of {n} bytes is too large")));
                     }
@@ -526,8 +505,7 @@ impl Machine<'_> {
                 }
                 0x94 => {
                     // MEMOIZE: the next free index.
-                    let i = u32::try_from(self.memo.len())
-                        .map_err(|_| self.malformed("memo overflow"))?;
+                    let i = u32::try_from(self.memo.len()).map_err(|_| self.malformed("memo overflow"))?;
                     self.memo_put(i)?;
                 }
                 b'h' => {
@@ -586,9 +564,9 @@ impl Machine<'_> {
                     }
                 }
                 other => {
-                    return Err(self.malformed(format!(
-                        "opcode 0x{other:02x} is not one torch.save uses for a state dict"
-                    )));
+                    return Err(
+                        self.malformed(format!("opcode 0x{other:02x} is not one torch.save uses for a state dict"))
+                    );
                 }
             }
         }
@@ -617,17 +595,10 @@ impl Machine<'_> {
             [Value::Str(tag), Value::Global(Global::Storage(kind)), Value::Str(key), _location, Value::Int(numel)]
                 if &**tag == "storage" =>
             {
-                let numel =
-                    u64::try_from(*numel).map_err(|_| self.malformed("negative storage size"))?;
-                Ok(Value::Storage(Rc::new(StorageRef {
-                    kind: *kind,
-                    key: key.to_string(),
-                    numel,
-                })))
+                let numel = u64::try_from(*numel).map_err(|_| self.malformed("negative storage size"))?;
+                Ok(Value::Storage(Rc::new(StorageRef { kind: *kind, key: key.to_string(), numel })))
             }
-            _ => {
-                Err(self.malformed("persistent id is not ('storage', type, key, location, numel)"))
-            }
+            _ => Err(self.malformed("persistent id is not ('storage', type, key, location, numel)")),
         }
     }
 
@@ -637,22 +608,14 @@ impl Machine<'_> {
             return Err(self.malformed(format!("REDUCE calls {}", callable.kind())));
         };
         let Value::Tuple(args, _) = args else {
-            return Err(
-                self.malformed(format!("REDUCE arguments are {}, not a tuple", args.kind()))
-            );
+            return Err(self.malformed(format!("REDUCE arguments are {}, not a tuple", args.kind())));
         };
         match global {
             Global::RebuildTensorV2 | Global::RebuildTensor => {
                 // (storage, storage_offset, size, stride[, requires_grad, backward_hooks[, metadata]])
-                let expected = if global == Global::RebuildTensor {
-                    4..=4
-                } else {
-                    6..=7
-                };
+                let expected = if global == Global::RebuildTensor { 4..=4 } else { 6..=7 };
                 if !expected.contains(&args.len()) {
-                    return Err(
-                        self.malformed(format!("_rebuild_tensor with {} arguments", args.len()))
-                    );
+                    return Err(self.malformed(format!("_rebuild_tensor with {} arguments", args.len())));
                 }
                 let Value::Storage(storage) = &args[0] else {
                     return Err(self.malformed(format!("tensor storage is {}", args[0].kind())));
@@ -663,12 +626,7 @@ impl Machine<'_> {
                 if shape.len() != stride.len() {
                     return Err(self.malformed("tensor size and stride differ in length"));
                 }
-                Ok(Value::Tensor(Rc::new(TensorRef {
-                    storage: storage.clone(),
-                    offset,
-                    shape,
-                    stride,
-                })))
+                Ok(Value::Tensor(Rc::new(TensorRef { storage: storage.clone(), offset, shape, stride })))
             }
             Global::RebuildParameter => {
                 // (data, requires_grad, backward_hooks): an nn.Parameter is its tensor here.
@@ -694,10 +652,7 @@ impl Machine<'_> {
     fn non_negative(&self, v: &Value, what: &str) -> Result<u64> {
         match v {
             Value::Int(n) if *n >= 0 => Ok(*n as u64),
-            _ => Err(self.malformed(format!(
-                "tensor {what} is {} instead of a non-negative int",
-                v.kind()
-            ))),
+            _ => Err(self.malformed(format!("tensor {what} is {} instead of a non-negative int", v.kind()))),
         }
     }
 
@@ -708,20 +663,13 @@ impl Machine<'_> {
         if items.len() > MAX_DIMS {
             return Err(self.malformed(format!("tensor {what} has {} dimensions", items.len())));
         }
-        items
-            .iter()
-            .map(|item| self.non_negative(item, what))
-            .collect()
+        items.iter().map(|item| self.non_negative(item, what)).collect()
     }
 }
 
 /// A name from the file, made safe for a one-line message (no control characters, bounded).
 fn printable(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .take(120)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
+    let mut out: String = s.chars().take(120).map(|c| if c.is_control() { '?' } else { c }).collect();
     if s.chars().count() > 120 {
         out.push('…');
     }

@@ -54,11 +54,7 @@ const KNOWN_DTYPES: &[(&str, usize)] = &[
 /// Parses the header of the safetensors file in `bytes` and checks it against the file.
 /// Tensors for which `ignored(name)` holds are checked for layout but may have any known
 /// dtype, and are not returned.
-pub(crate) fn read_entries(
-    bytes: &[u8],
-    file: &Path,
-    ignored: impl Fn(&str) -> bool,
-) -> Result<Vec<Entry>> {
+pub(crate) fn read_entries(bytes: &[u8], file: &Path, ignored: impl Fn(&str) -> bool) -> Result<Vec<Entry>> {
     let f = file.display();
     if bytes.len() < 8 {
         bail!(
@@ -77,9 +73,7 @@ pub(crate) fn read_entries(
     }
     let header_end = 8 + header_len as usize;
     let header = std::str::from_utf8(&bytes[8..header_end]).map_err(|_| {
-        Error::new(format!(
-            "{f}: safetensors header is not UTF-8 text; the file is damaged — download it again"
-        ))
+        Error::new(format!("{f}: safetensors header is not UTF-8 text; the file is damaged — download it again"))
     })?;
     let header: Map<String, Value> = serde_json::from_str(header).map_err(|e| {
         Error::new(format!(
@@ -103,10 +97,7 @@ pub(crate) fn read_entries(
         let Some(meta) = meta.as_object() else {
             return Err(bad("no dtype/shape/data_offsets object"));
         };
-        let dtype_name = meta
-            .get("dtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("no dtype"))?;
+        let dtype_name = meta.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype"))?;
         let shape = meta
             .get("shape")
             .and_then(Value::as_array)
@@ -142,9 +133,7 @@ pub(crate) fn read_entries(
         }
         let (begin, end) = (begin as usize, end as usize);
         if elem_size > 0 {
-            let expected = shape
-                .iter()
-                .try_fold(elem_size, |acc, &d| acc.checked_mul(d));
+            let expected = shape.iter().try_fold(elem_size, |acc, &d| acc.checked_mul(d));
             if expected != Some(end - begin) {
                 bail!(
                     "{f}: tensor {name} is {dtype_name} of shape {shape:?}, which needs {} bytes, but its \
@@ -166,12 +155,7 @@ pub(crate) fn read_entries(
                 bail!("unsupported dtype {other} for tensor {name} in {f}; {SUPPORTED_DTYPES}")
             }
         };
-        entries.push(Entry {
-            name: name.clone(),
-            dtype,
-            shape,
-            data: header_end + begin..header_end + end,
-        });
+        entries.push(Entry { name: name.clone(), dtype, shape, data: header_end + begin..header_end + end });
     }
 
     // No two tensors may share bytes (an empty tensor shares nothing).

@@ -32,43 +32,30 @@ const LOCAL_LEN: usize = 30;
 
 /// Little-endian reads that fail (instead of panicking) past the end of the buffer.
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(
-        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
-    ))
+    Some(u16::from_le_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
 }
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(
-        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
-    ))
+    Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
 }
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(
-        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
-    ))
+    Some(u64::from_le_bytes(b.get(at..at.checked_add(8)?)?.try_into().ok()?))
 }
 
 /// Lists the entries of the archive in `bytes` (the whole file); `file` names it in errors.
 pub(crate) fn read_entries(bytes: &[u8], file: &Path) -> Result<Vec<ZipEntry>> {
     let f = file.display();
     let damaged = |what: &str| -> crate::error::Error {
-        crate::error::Error::new(format!(
-            "{f} is a damaged zip archive ({what}); download the file again"
-        ))
+        crate::error::Error::new(format!("{f} is a damaged zip archive ({what}); download the file again"))
     };
 
     // The end-of-central-directory record is the last 22 bytes, unless a comment (≤ 64 KiB)
     // follows it: search backwards.
     if bytes.len() < EOCD_LEN {
-        bail!(
-            "{f} is too short ({} bytes) to be a PyTorch checkpoint; download it again",
-            bytes.len()
-        );
+        bail!("{f} is too short ({} bytes) to be a PyTorch checkpoint; download it again", bytes.len());
     }
     let lowest = bytes.len().saturating_sub(EOCD_LEN + u16::MAX as usize);
-    let eocd = (lowest..=bytes.len() - EOCD_LEN)
-        .rev()
-        .find(|&at| u32_at(bytes, at) == Some(EOCD_SIG))
-        .ok_or_else(|| {
+    let eocd =
+        (lowest..=bytes.len() - EOCD_LEN).rev().find(|&at| u32_at(bytes, at) == Some(EOCD_SIG)).ok_or_else(|| {
             crate::error::Error::new(format!(
                 "{f} is not a zip archive (no end-of-central-directory record): either it is truncated \
                  (download it again) or it is a pre-1.6 legacy torch.save file, which vicuna does not read \
@@ -91,30 +78,23 @@ pub(crate) fn read_entries(bytes: &[u8], file: &Path) -> Result<Vec<ZipEntry>> {
         let at = u64_at(bytes, eocd - 20 + 8).ok_or_else(|| damaged("zip64 locator cut short"))?;
         let at = usize::try_from(at).map_err(|_| damaged("zip64 record offset out of range"))?;
         if u32_at(bytes, at) != Some(ZIP64_EOCD_SIG) {
-            return Err(damaged(
-                "zip64 end-of-central-directory record not where the locator says",
-            ));
+            return Err(damaged("zip64 end-of-central-directory record not where the locator says"));
         }
         entry_count = u64_at(bytes, at + 32).ok_or_else(|| damaged("zip64 record cut short"))?;
         cd_size = u64_at(bytes, at + 40).ok_or_else(|| damaged("zip64 record cut short"))?;
         cd_offset = u64_at(bytes, at + 48).ok_or_else(|| damaged("zip64 record cut short"))?;
     }
 
-    let cd_start =
-        usize::try_from(cd_offset).map_err(|_| damaged("central directory offset out of range"))?;
+    let cd_start = usize::try_from(cd_offset).map_err(|_| damaged("central directory offset out of range"))?;
     let cd_end = usize::try_from(cd_size)
         .ok()
         .and_then(|size| cd_start.checked_add(size))
         .filter(|&end| end <= bytes.len())
-        .ok_or_else(|| {
-            damaged("central directory runs past the end of the file; it is truncated")
-        })?;
+        .ok_or_else(|| damaged("central directory runs past the end of the file; it is truncated"))?;
     let cd = &bytes[cd_start..cd_end];
     // Each central record is at least 46 bytes: a count the directory cannot hold is a lie.
     if entry_count > (cd.len() / CENTRAL_LEN) as u64 {
-        return Err(damaged(
-            "entry count larger than the central directory can hold",
-        ));
+        return Err(damaged("entry count larger than the central directory can hold"));
     }
 
     let mut entries = Vec::new();
@@ -123,12 +103,8 @@ pub(crate) fn read_entries(bytes: &[u8], file: &Path) -> Result<Vec<ZipEntry>> {
         if u32_at(cd, at) != Some(CENTRAL_SIG) {
             return Err(damaged("bad central directory record"));
         }
-        let field = |off: usize| {
-            u16_at(cd, at + off).ok_or_else(|| damaged("central directory record cut short"))
-        };
-        let field32 = |off: usize| {
-            u32_at(cd, at + off).ok_or_else(|| damaged("central directory record cut short"))
-        };
+        let field = |off: usize| u16_at(cd, at + off).ok_or_else(|| damaged("central directory record cut short"));
+        let field32 = |off: usize| u32_at(cd, at + off).ok_or_else(|| damaged("central directory record cut short"));
         let flags = field(8)?;
         let method = field(10)?;
         let mut compressed = u64::from(field32(20)?);
@@ -150,8 +126,8 @@ pub(crate) fn read_entries(bytes: &[u8], file: &Path) -> Result<Vec<ZipEntry>> {
         // zip64 extended information (header id 1): holds, in this order, exactly those of
         // size / compressed size / local offset whose 32-bit field is 0xFFFFFFFF.
         if compressed == 0xFFFF_FFFF || size == 0xFFFF_FFFF || local_offset == 0xFFFF_FFFF {
-            let zip64 = find_extra(extra, 0x0001)
-                .ok_or_else(|| damaged(&format!("entry {name} lacks its zip64 sizes")))?;
+            let zip64 =
+                find_extra(extra, 0x0001).ok_or_else(|| damaged(&format!("entry {name} lacks its zip64 sizes")))?;
             let mut cursor = 0usize;
             let mut take = || {
                 let v = u64_at(zip64, cursor);
@@ -170,9 +146,7 @@ pub(crate) fn read_entries(bytes: &[u8], file: &Path) -> Result<Vec<ZipEntry>> {
         }
 
         if flags & 1 != 0 {
-            bail!(
-                "{f}: zip entry {name} is encrypted; vicuna reads only plain torch.save archives"
-            );
+            bail!("{f}: zip entry {name} is encrypted; vicuna reads only plain torch.save archives");
         }
         if method != 0 {
             bail!(
@@ -182,39 +156,23 @@ pub(crate) fn read_entries(bytes: &[u8], file: &Path) -> Result<Vec<ZipEntry>> {
             );
         }
         if compressed != size {
-            return Err(damaged(&format!(
-                "stored entry {name} has different compressed and plain sizes"
-            )));
+            return Err(damaged(&format!("stored entry {name} has different compressed and plain sizes")));
         }
 
         // The local header: only its name and extra lengths matter (its sizes are zero).
-        let local =
-            usize::try_from(local_offset).map_err(|_| damaged("entry offset out of range"))?;
+        let local = usize::try_from(local_offset).map_err(|_| damaged("entry offset out of range"))?;
         if u32_at(bytes, local) != Some(LOCAL_SIG) {
-            return Err(damaged(&format!(
-                "entry {name} has no local header where the directory says"
-            )));
+            return Err(damaged(&format!("entry {name} has no local header where the directory says")));
         }
-        let local_name = usize::from(
-            u16_at(bytes, local + 26).ok_or_else(|| damaged("local header cut short"))?,
-        );
-        let local_extra = usize::from(
-            u16_at(bytes, local + 28).ok_or_else(|| damaged("local header cut short"))?,
-        );
+        let local_name = usize::from(u16_at(bytes, local + 26).ok_or_else(|| damaged("local header cut short"))?);
+        let local_extra = usize::from(u16_at(bytes, local + 28).ok_or_else(|| damaged("local header cut short"))?);
         let start = local + LOCAL_LEN + local_name + local_extra;
         let end = usize::try_from(size)
             .ok()
             .and_then(|s| start.checked_add(s))
             .filter(|&end| end <= bytes.len())
-            .ok_or_else(|| {
-                damaged(&format!(
-                    "entry {name} runs past the end of the file; it is truncated"
-                ))
-            })?;
-        entries.push(ZipEntry {
-            name,
-            data: start..end,
-        });
+            .ok_or_else(|| damaged(&format!("entry {name} runs past the end of the file; it is truncated")))?;
+        entries.push(ZipEntry { name, data: start..end });
         at = next;
     }
     Ok(entries)

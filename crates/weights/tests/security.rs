@@ -3,9 +3,7 @@
 
 mod common;
 
-use common::{
-    expect_err, fixture, read_zip, write_torch_zip, write_zip, Pickle, Rng, TempDir, ZipOptions,
-};
+use common::{expect_err, fixture, read_zip, write_torch_zip, write_zip, Pickle, Rng, TempDir, ZipOptions};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use vicuna_weights::Checkpoint;
@@ -34,21 +32,9 @@ fn refuses_code_execution_globals() {
         let dir = TempDir::new("evil");
         let witness = dir.join("pwned");
         let bin = dir.join("pytorch_model.bin");
-        write_torch_zip(
-            &bin,
-            &payload(module, name, &witness),
-            &[],
-            "little",
-            ZipOptions::default(),
-        );
+        write_torch_zip(&bin, &payload(module, name, &witness), &[], "little", ZipOptions::default());
         let message = expect_err(Checkpoint::open(dir.path()), &[]);
-        assert_eq!(
-            message,
-            format!(
-                "refusing to load pickle global {module}.{name} from {}",
-                bin.display()
-            )
-        );
+        assert_eq!(message, format!("refusing to load pickle global {module}.{name} from {}", bin.display()));
         assert!(!witness.exists(), "{module}.{name} ran");
     }
 }
@@ -70,10 +56,7 @@ fn refuses_stack_global_and_globals_hidden_after_real_tensors() {
     write_torch_zip(&bin, &pickle, &[], "little", ZipOptions::default());
     expect_err(
         Checkpoint::open(dir.path()),
-        &[&format!(
-            "refusing to load pickle global os.system from {}",
-            bin.display()
-        )],
+        &[&format!("refusing to load pickle global os.system from {}", bin.display())],
     );
 
     // A valid tensor first, then the payload as a dict value.
@@ -89,17 +72,8 @@ fn refuses_stack_global_and_globals_hidden_after_real_tensors() {
         .reduce()
         .op(b'u')
         .stop();
-    write_torch_zip(
-        &bin,
-        &pickle,
-        &[("0", vec![0u8; 16])],
-        "little",
-        ZipOptions::default(),
-    );
-    expect_err(
-        Checkpoint::open(dir.path()),
-        &["refusing to load pickle global builtins.exec from"],
-    );
+    write_torch_zip(&bin, &pickle, &[("0", vec![0u8; 16])], "little", ZipOptions::default());
+    expect_err(Checkpoint::open(dir.path()), &["refusing to load pickle global builtins.exec from"]);
     assert!(!witness.exists());
 }
 
@@ -108,19 +82,10 @@ fn refusal_happens_in_sharded_folders_too() {
     let dir = TempDir::copy_of("models/tiny-a/bin-sharded-f16");
     let witness = dir.join("pwned");
     let shard = dir.join("pytorch_model-00002-of-00002.bin");
-    write_torch_zip(
-        &shard,
-        &payload("os", "system", &witness),
-        &[],
-        "little",
-        ZipOptions::default(),
-    );
+    write_torch_zip(&shard, &payload("os", "system", &witness), &[], "little", ZipOptions::default());
     expect_err(
         Checkpoint::open(dir.path()),
-        &[&format!(
-            "refusing to load pickle global os.system from {}",
-            shard.display()
-        )],
+        &[&format!("refusing to load pickle global os.system from {}", shard.display())],
     );
     assert!(!witness.exists());
 }
@@ -146,77 +111,23 @@ fn hostile_pickles_fail_cleanly() {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("deep nesting", deep, "nested deeper"),
         ("memo doubling", doubling, "nested deeper"),
-        (
-            "string length past the end",
-            Pickle::new().op(b'X').raw(&u32::MAX.to_le_bytes()).stop(),
-            "more bytes",
-        ),
-        (
-            "8-byte string length",
-            Pickle::new().op(0x8d).raw(&u64::MAX.to_le_bytes()).stop(),
-            "data.pkl is malformed",
-        ),
-        (
-            "stack underflow",
-            Pickle::new().op(b'R').stop(),
-            "stack underflow",
-        ),
-        (
-            "underflow through a mark",
-            Pickle::new().op(b'}').mark().op(b's').stop(),
-            "stack underflow",
-        ),
-        (
-            "memo miss",
-            Pickle::new().get(7).stop(),
-            "memo entry 7 was never stored",
-        ),
+        ("string length past the end", Pickle::new().op(b'X').raw(&u32::MAX.to_le_bytes()).stop(), "more bytes"),
+        ("8-byte string length", Pickle::new().op(0x8d).raw(&u64::MAX.to_le_bytes()).stop(), "data.pkl is malformed"),
+        ("stack underflow", Pickle::new().op(b'R').stop(), "stack underflow"),
+        ("underflow through a mark", Pickle::new().op(b'}').mark().op(b's').stop(), "stack underflow"),
+        ("memo miss", Pickle::new().get(7).stop(), "memo entry 7 was never stored"),
         ("no STOP", Pickle::new().op(b'}').0, "without STOP"),
-        (
-            "unknown opcode",
-            Pickle::new().op(b'i').stop(),
-            "opcode 0x69",
-        ),
-        (
-            "REDUCE on a string",
-            Pickle::new().str("x").op(b')').reduce().stop(),
-            "REDUCE calls a str",
-        ),
-        (
-            "not a dict",
-            Pickle::new().op(b']').stop(),
-            "holds a list, not a state dict",
-        ),
-        (
-            "huge integer",
-            Pickle::new().op(0x8a).raw(&[200]).raw(&[1; 200]).stop(),
-            "too large",
-        ),
-        (
-            "bad persistent id",
-            Pickle::new().str("x").op(b'Q').stop(),
-            "persistent id",
-        ),
-        (
-            "non-tensor entry",
-            Pickle::new().op(b'}').str("epoch").int(3).op(b's').stop(),
-            "entry epoch holds an int",
-        ),
-        (
-            "SETITEMS odd",
-            Pickle::new().op(b'}').mark().str("a").op(b'u').stop(),
-            "odd number",
-        ),
+        ("unknown opcode", Pickle::new().op(b'i').stop(), "opcode 0x69"),
+        ("REDUCE on a string", Pickle::new().str("x").op(b')').reduce().stop(), "REDUCE calls a str"),
+        ("not a dict", Pickle::new().op(b']').stop(), "holds a list, not a state dict"),
+        ("huge integer", Pickle::new().op(0x8a).raw(&[200]).raw(&[1; 200]).stop(), "too large"),
+        ("bad persistent id", Pickle::new().str("x").op(b'Q').stop(), "persistent id"),
+        ("non-tensor entry", Pickle::new().op(b'}').str("epoch").int(3).op(b's').stop(), "entry epoch holds an int"),
+        ("SETITEMS odd", Pickle::new().op(b'}').mark().str("a").op(b'u').stop(), "odd number"),
     ];
     for (what, pickle, expected) in cases {
         let dir = TempDir::new("hostile");
-        write_torch_zip(
-            &dir.join("pytorch_model.bin"),
-            &pickle,
-            &[],
-            "little",
-            ZipOptions::default(),
-        );
+        write_torch_zip(&dir.join("pytorch_model.bin"), &pickle, &[], "little", ZipOptions::default());
         let result = catch_unwind(AssertUnwindSafe(|| Checkpoint::open(dir.path())));
         let result = result.unwrap_or_else(|_| panic!("{what}: panicked"));
         let message = expect_err(result, &[expected]);
@@ -226,10 +137,7 @@ fn hostile_pickles_fail_cleanly() {
 
 /// The entries of a real shard, for mutating.
 fn real_shard() -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(fixture(
-        "models/tiny-a/bin-sharded-f16/pytorch_model-00001-of-00002.bin",
-    ))
-    .unwrap();
+    let bytes = std::fs::read(fixture("models/tiny-a/bin-sharded-f16/pytorch_model-00001-of-00002.bin")).unwrap();
     read_zip(&bytes)
 }
 
@@ -243,20 +151,14 @@ fn open_without_panic(dir: &Path, what: &str) {
                 let _ = ckpt.to_f32(name);
             }
         }
-        Ok(Err(e)) => assert!(
-            !e.to_string().contains('\n'),
-            "{what}: multi-line error {e}"
-        ),
+        Ok(Err(e)) => assert!(!e.to_string().contains('\n'), "{what}: multi-line error {e}"),
     }
 }
 
 #[test]
 fn mutated_data_pkl_never_panics() {
     let entries = real_shard();
-    let pkl_index = entries
-        .iter()
-        .position(|(n, _)| n.ends_with("/data.pkl"))
-        .unwrap();
+    let pkl_index = entries.iter().position(|(n, _)| n.ends_with("/data.pkl")).unwrap();
     let original = entries[pkl_index].1.clone();
     let dir = TempDir::new("fuzz-pkl");
     let bin = dir.join("pytorch_model.bin");
@@ -295,19 +197,13 @@ fn mutated_data_pkl_never_panics() {
 #[test]
 fn mutated_archives_and_headers_never_panic() {
     let mut rng = Rng::new(42);
-    let shard = std::fs::read(fixture(
-        "models/tiny-a/bin-sharded-f16/pytorch_model-00002-of-00002.bin",
-    ))
-    .unwrap();
+    let shard = std::fs::read(fixture("models/tiny-a/bin-sharded-f16/pytorch_model-00002-of-00002.bin")).unwrap();
     let st = std::fs::read(fixture("models/tiny-a/safetensors-f16/model.safetensors")).unwrap();
     let header_end = 8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
     let dir = TempDir::new("fuzz-files");
     for round in 0..300 {
-        let (name, mut bytes) = if round % 2 == 0 {
-            ("pytorch_model.bin", shard.clone())
-        } else {
-            ("model.safetensors", st.clone())
-        };
+        let (name, mut bytes) =
+            if round % 2 == 0 { ("pytorch_model.bin", shard.clone()) } else { ("model.safetensors", st.clone()) };
         if round % 6 < 2 {
             bytes.truncate(rng.below(bytes.len()));
         } else {

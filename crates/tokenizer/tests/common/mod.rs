@@ -8,10 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde_json::Value;
 use vicuna_tokenizer::Tokenizer;
 
-pub const FIXTURES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/tokenizer"
-);
+pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tokenizer");
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(FIXTURES).join(name)
@@ -36,11 +33,7 @@ pub fn u32s(v: &Value) -> Vec<u32> {
 }
 
 pub fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap().to_string())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect()
 }
 
 pub fn spm() -> Tokenizer {
@@ -66,10 +59,7 @@ impl TempDir {
     pub fn new(label: &str) -> TempDir {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "vicuna-tokenizer-{}-{label}-{n}",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir().join(format!("vicuna-tokenizer-{}-{label}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).unwrap();
         TempDir(path)

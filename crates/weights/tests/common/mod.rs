@@ -17,8 +17,7 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("vicuna-weights-{}-{tag}-{n}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("vicuna-weights-{}-{tag}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).unwrap();
         TempDir(path)
@@ -52,10 +51,7 @@ pub fn expect_err<T>(result: Result<T, vicuna_weights::Error>, parts: &[&str]) -
         Ok(_) => panic!("expected an error containing {parts:?}, got Ok"),
         Err(e) => e.to_string(),
     };
-    assert!(
-        !message.contains('\n') && !message.contains('\r'),
-        "multi-line error: {message}"
-    );
+    assert!(!message.contains('\n') && !message.contains('\r'), "multi-line error: {message}");
     for part in parts {
         assert!(message.contains(part), "error lacks {part:?}: {message}");
     }
@@ -69,17 +65,12 @@ pub fn read_zip(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
     let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
     let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     let eocd = bytes.len() - 22;
-    assert_eq!(
-        u32_at(eocd),
-        0x0605_4b50,
-        "test reader expects no zip comment"
-    );
+    assert_eq!(u32_at(eocd), 0x0605_4b50, "test reader expects no zip comment");
     let (count, mut at) = (u16_at(eocd + 10), u32_at(eocd + 16));
     let mut out = Vec::new();
     for _ in 0..count {
         let size = u32_at(at + 24);
-        let (name_len, extra_len, comment_len) =
-            (u16_at(at + 28), u16_at(at + 30), u16_at(at + 32));
+        let (name_len, extra_len, comment_len) = (u16_at(at + 28), u16_at(at + 30), u16_at(at + 32));
         let name = String::from_utf8(bytes[at + 46..at + 46 + name_len].to_vec()).unwrap();
         let local = u32_at(at + 42);
         let start = local + 30 + u16_at(local + 26) + u16_at(local + 28);
@@ -203,30 +194,17 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
         }
     }
     !crc
 }
 
 /// A torch-style archive: `archive/data.pkl`, `archive/byteorder`, `archive/data/<key>`.
-pub fn write_torch_zip(
-    path: &Path,
-    pickle: &[u8],
-    storages: &[(&str, Vec<u8>)],
-    byteorder: &str,
-    opts: ZipOptions,
-) {
+pub fn write_torch_zip(path: &Path, pickle: &[u8], storages: &[(&str, Vec<u8>)], byteorder: &str, opts: ZipOptions) {
     let mut entries = vec![
         ("archive/data.pkl".to_string(), pickle.to_vec()),
-        (
-            "archive/byteorder".to_string(),
-            byteorder.as_bytes().to_vec(),
-        ),
+        ("archive/byteorder".to_string(), byteorder.as_bytes().to_vec()),
     ];
     for (key, bytes) in storages {
         entries.push((format!("archive/data/{key}"), bytes.clone()));
@@ -256,9 +234,7 @@ impl Pickle {
         self.op(b'c').raw(format!("{module}\n{name}\n").as_bytes())
     }
     pub fn str(self, s: &str) -> Self {
-        self.op(b'X')
-            .raw(&(s.len() as u32).to_le_bytes())
-            .raw(s.as_bytes())
+        self.op(b'X').raw(&(s.len() as u32).to_le_bytes()).raw(s.as_bytes())
     }
     pub fn short_str(self, s: &str) -> Self {
         self.op(0x8c).raw(&[s.len() as u8]).raw(s.as_bytes())
@@ -334,9 +310,7 @@ pub struct Spec<'a> {
 pub fn state_dict_pickle(specs: &[Spec]) -> Vec<u8> {
     let mut p = Pickle::new().op(b'}').mark();
     for s in specs {
-        p = p
-            .str(s.name)
-            .tensor(s.class, s.key, s.numel, s.offset, s.shape, s.stride);
+        p = p.str(s.name).tensor(s.class, s.key, s.numel, s.offset, s.shape, s.stride);
     }
     p.op(b'u').stop()
 }

@@ -1,0 +1,79 @@
+//! Flags shared by the commands that load a model: the model folder, its tokenizer, the input.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use vicuna_model::candle_core::Device;
+use vicuna_model::Llama;
+use vicuna_tokenizer::Tokenizer;
+
+use crate::Result;
+
+/// Where the model and its tokenizer come from.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// A Hugging Face model folder (config.json plus safetensors or PyTorch .bin weights).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A tokenizer file (tokenizer.model or tokenizer.json) to use instead of the folder's.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn tokenizer(&self) -> Result<Option<Tokenizer>> {
+        if !self.model.exists() {
+            return Err(
+                format!("--model {}: no such folder; give a Hugging Face model folder", self.model.display()).into()
+            );
+        }
+        Ok(match &self.tokenizer {
+            Some(file) => Some(Tokenizer::from_file(file)?),
+            None => Tokenizer::from_dir(&self.model)?,
+        })
+    }
+
+    pub fn require_tokenizer(&self) -> Result<Tokenizer> {
+        self.tokenizer()?.ok_or_else(|| missing_tokenizer(&self.model))
+    }
+
+    pub fn load_model(&self) -> Result<Llama> {
+        let start = std::time::Instant::now();
+        let model = Llama::load(&self.model, &Device::Cpu)?;
+        tracing::info!("loaded {} in {:.2?}", self.model.display(), start.elapsed());
+        Ok(model)
+    }
+}
+
+/// The input text or ids of a command.
+#[derive(Args)]
+pub struct InputArgs {
+    /// Token ids, comma separated, used exactly as given (no BOS added).
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub ids: Option<Vec<u32>>,
+}
+
+pub fn missing_tokenizer(model: &Path) -> Box<dyn std::error::Error> {
+    format!(
+        "{} has no tokenizer (tokenizer.model or tokenizer.json): pass --tokenizer FILE, or give --ids",
+        model.display()
+    )
+    .into()
+}
+
+/// The ids to run: `--ids` as given, or the text encoded with BOS.
+pub fn input_ids(
+    text: Option<&str>,
+    ids: Option<Vec<u32>>,
+    tokenizer: Option<&Tokenizer>,
+    model: &Path,
+) -> Result<Vec<u32>> {
+    match (text, ids) {
+        (_, Some(ids)) => Ok(ids),
+        (Some(text), None) => match tokenizer {
+            Some(t) => Ok(t.encode(text, true)),
+            None => Err(missing_tokenizer(model)),
+        },
+        (None, None) => Err("give the input as text or as --ids".into()),
+    }
+}

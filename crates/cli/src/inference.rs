@@ -1,0 +1,154 @@
+//! `vicuna generate` and `vicuna score`.
+
+use std::io::Write;
+
+use clap::Args;
+use serde_json::json;
+use vicuna_engine::{generate, random_seed, score, GenerationConfig, SamplingParams};
+
+use crate::common::{input_ids, InputArgs, ModelArgs};
+use crate::Result;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt; BOS is prepended.
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    pub prompt: Option<String>,
+    #[command(flatten)]
+    pub input: InputArgs,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// EOS cannot end the text before this many new tokens.
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Locally typical sampling mass (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub typical_p: f32,
+    /// Penalize tokens already present (1.0 = off), as transformers does.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Stop when this text appears (may be repeated); it is trimmed from the output.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Random seed; the same seed gives the same output.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Always pick the most likely token (no sampling).
+    #[arg(long)]
+    pub greedy: bool,
+    /// Do not stop at EOS.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object {"ids", "text", "finish_reason"} instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text to score; BOS is prepended.
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    pub text: Option<String>,
+    #[command(flatten)]
+    pub input: InputArgs,
+    #[arg(long)]
+    pub json: bool,
+    /// Also print the whole logits vector at the last position.
+    #[arg(long)]
+    pub full_logits: bool,
+}
+
+pub fn run_generate(args: GenerateArgs) -> Result<()> {
+    let tokenizer = args.model.tokenizer()?;
+    let prompt = input_ids(args.prompt.as_deref(), args.input.ids, tokenizer.as_ref(), &args.model.model)?;
+    let sampling = SamplingParams {
+        do_sample: !args.greedy,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        typical_p: args.typical_p,
+        repetition_penalty: args.repetition_penalty,
+    };
+    sampling.validate()?;
+    let config = GenerationConfig {
+        sampling,
+        max_new_tokens: args.max_new_tokens,
+        min_new_tokens: args.min_new_tokens,
+        stop: args.stop,
+        ignore_eos: args.ignore_eos,
+        seed: args.seed.unwrap_or_else(random_seed),
+    };
+    let model = args.model.load_model()?;
+    let mut stdout = std::io::stdout().lock();
+    let start = std::time::Instant::now();
+    let stream = !args.json;
+    let generation = generate(&model, tokenizer.as_ref(), &prompt, &config, |piece| {
+        if stream {
+            // A closed pipe (e.g. `| head`) is not worth a panic; the generation just goes unread.
+            let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
+        }
+    })?;
+    let elapsed = start.elapsed().as_secs_f64();
+    tracing::info!(
+        "{} tokens in {elapsed:.2}s ({:.1} tokens/s, prompt included)",
+        generation.ids.len(),
+        generation.ids.len() as f64 / elapsed
+    );
+    if args.json {
+        let out = json!({
+            "ids": generation.ids,
+            "text": generation.text,
+            "finish_reason": generation.finish_reason.as_str(),
+        });
+        writeln!(stdout, "{out}")?;
+    } else if generation.text.is_some() {
+        writeln!(stdout)?;
+    } else {
+        let ids: Vec<String> = generation.ids.iter().map(|id| id.to_string()).collect();
+        writeln!(stdout, "{}", ids.join(","))?;
+    }
+    Ok(())
+}
+
+pub fn run_score(args: ScoreArgs) -> Result<()> {
+    let tokenizer = args.model.tokenizer()?;
+    let ids = input_ids(args.text.as_deref(), args.input.ids, tokenizer.as_ref(), &args.model.model)?;
+    let model = args.model.load_model()?;
+    let scored = score(&model, &ids)?;
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        let mut out = json!({ "ids": ids, "logprobs": scored.logprobs, "perplexity": scored.perplexity });
+        if args.full_logits {
+            out["last_logits"] = json!(scored.last_logits);
+        }
+        writeln!(stdout, "{out}")?;
+        return Ok(());
+    }
+    for (id, logprob) in ids.iter().zip(&scored.logprobs) {
+        let piece = tokenizer.as_ref().and_then(|t| t.id_to_piece(*id).map(str::to_string)).unwrap_or_default();
+        match logprob {
+            Some(lp) => writeln!(stdout, "{id}\t{piece}\t{lp:.6}")?,
+            None => writeln!(stdout, "{id}\t{piece}\t-")?,
+        }
+    }
+    match scored.perplexity {
+        Some(p) => writeln!(stdout, "perplexity {p:.6}")?,
+        None => writeln!(stdout, "perplexity - (one token: nothing to score)")?,
+    }
+    if args.full_logits {
+        writeln!(stdout, "last_logits {}", json!(scored.last_logits))?;
+    }
+    Ok(())
+}
