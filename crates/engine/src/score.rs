@@ -1,7 +1,7 @@
 //! Teacher-forced scoring: how likely the model finds each token given the ones before it.
 
 use vicuna_model::candle_core::Tensor;
-use vicuna_model::{KvCache, Llama, Result};
+use vicuna_model::{Llama, Result};
 
 pub struct Score {
     /// `log p(ids[i] | ids[..i])`; None for the first token, which has no prefix.
@@ -15,7 +15,7 @@ pub struct Score {
 pub fn score(model: &Llama, ids: &[u32]) -> Result<Score> {
     model.check_ids(ids)?;
     let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
-    let logits = model.forward(&input, &mut KvCache::new(&model.config))?.squeeze(0)?;
+    let logits = model.forward(&input, None)?.squeeze(0)?;
     let rows: Vec<Vec<f32>> = logits.to_vec2()?;
     let mut logprobs = vec![None];
     for (row, &next) in rows.iter().zip(&ids[1..]) {

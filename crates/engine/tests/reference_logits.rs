@@ -32,7 +32,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// All-position logits `[seq][vocab]` by one full pass.
 fn all_logits(model: &Llama, ids: &[u32]) -> Vec<Vec<f32>> {
     let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = model.forward(&input, &mut KvCache::new(&model.config)).unwrap();
+    let logits = model.forward(&input, None).unwrap();
     logits.squeeze(0).unwrap().to_vec2().unwrap()
 }
 
@@ -110,4 +110,44 @@ fn tiny_b_f16_matches_transformers() {
 #[test]
 fn tiny_v32001_matches_transformers() {
     check_variant("tiny-v32001", "expected_f16.json");
+}
+
+/// Sequences at different points (a decoding step, a prompt chunk after a cached prefix, a fresh
+/// prompt) batched into one ragged step give each its own full-pass logits.
+#[test]
+fn ragged_batch_equals_each_sequence_alone() {
+    let model = Llama::load(&fixtures().join("tiny-b/safetensors-f32"), &Device::Cpu).unwrap();
+    let a: Vec<u32> = vec![1, 17, 250, 3, 999, 42];
+    let b: Vec<u32> = (0..40).map(|i| (i * 37 % 1000) as u32).collect();
+    let c: Vec<u32> = vec![1, 5, 6, 7];
+    let (mut cache_a, mut cache_b, mut cache_c) =
+        (KvCache::new(&model.config), KvCache::new(&model.config), KvCache::new(&model.config));
+    model.next_token_logits(&a[..5], &mut cache_a).unwrap();
+    model.next_token_logits(&b[..30], &mut cache_b).unwrap();
+    let logits =
+        model.forward_ragged(&mut [(&a[5..], &mut cache_a), (&b[30..], &mut cache_b), (&c[..], &mut cache_c)]).unwrap();
+    for (got, full) in logits.iter().zip([&a, &b, &c]) {
+        let want = all_logits(&model, full);
+        let diff = max_abs_diff(got, want.last().unwrap());
+        assert!(diff <= TOLERANCE, "ragged step differs from the full pass by {diff}");
+    }
+    assert_eq!((cache_a.len(), cache_b.len(), cache_c.len()), (6, 40, 4));
+}
+
+/// The cache grows by doubling; positions written before and after each growth stay right.
+#[test]
+fn cache_growth_keeps_every_position() {
+    let model = Llama::load(&fixtures().join("tiny-a/safetensors-f32"), &Device::Cpu).unwrap();
+    let ids: Vec<u32> = (0..150).map(|i| (i * 7 % 512) as u32).collect();
+    let full = all_logits(&model, &ids);
+    let mut cache = KvCache::new(&model.config);
+    // Uneven chunks so that growth happens inside a chunk as well as between steps.
+    let mut pos = 0;
+    for chunk in [1, 62, 3, 70, 14] {
+        let step = model.next_token_logits(&ids[pos..pos + chunk], &mut cache).unwrap();
+        pos += chunk;
+        let diff = max_abs_diff(&step, &full[pos - 1]);
+        assert!(diff <= TOLERANCE, "after {pos} positions the cached logits differ by {diff}");
+    }
+    assert_eq!(cache.len(), 150);
 }

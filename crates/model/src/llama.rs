@@ -33,41 +33,73 @@ pub struct Llama {
     rope: Rope,
 }
 
-/// Keys and values of every position seen so far, per layer: `[batch, kv_heads, positions, head_dim]`.
+/// Keys and values of every position seen so far, per layer: `[batch, kv_heads, positions, head_dim]`,
+/// in buffers that grow by doubling, so a decoding step writes one position in place instead of
+/// copying the whole history. Writes are in place and carry no gradient: training runs full passes
+/// without a cache.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
 }
 
 impl KvCache {
     pub fn new(config: &LlamaConfig) -> Self {
-        KvCache { layers: vec![None; config.num_hidden_layers] }
+        KvCache { layers: vec![None; config.num_hidden_layers], len: 0 }
     }
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        match &self.layers[0] {
-            Some((k, _)) => k.dims()[2],
-            None => 0,
-        }
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
     }
 
-    /// Append this step's keys/values to layer `i` and return all of them.
-    fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let kv = match self.layers[i].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        self.layers[i] = Some(kv.clone());
-        Ok(kv)
+    /// Bytes held by the buffers (for accounting).
+    pub fn capacity_bytes(&self) -> usize {
+        self.layers.iter().flatten().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
     }
+
+    /// Write this step's keys/values after the cached positions of layer `i` and return all of
+    /// them. The position count advances once the last layer has written.
+    fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, kvh, seq, d) = k.dims4()?;
+        let total = self.len + seq;
+        let capacity = self.layers[i].as_ref().map_or(0, |(k, _)| k.dims()[2]);
+        if total > capacity {
+            let new_capacity = total.max(2 * capacity).max(64);
+            let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, kvh, new_capacity, d), k.dtype(), k.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let old = self.layers[i].take();
+            self.layers[i] = Some((grow(old.as_ref().map(|(k, _)| k))?, grow(old.as_ref().map(|(_, v)| v))?));
+        }
+        let (kbuf, vbuf) = self.layers[i].as_ref().expect("allocated above");
+        kbuf.slice_set(&k.contiguous()?, 2, self.len)?;
+        vbuf.slice_set(&v.contiguous()?, 2, self.len)?;
+        let out = (kbuf.narrow(2, 0, total)?, vbuf.narrow(2, 0, total)?);
+        if i + 1 == self.layers.len() {
+            self.len = total;
+        }
+        Ok(out)
+    }
+}
+
+/// Rows of a batch that belong to one sequence: `len` new positions continuing after what its
+/// cache holds (or starting at position 0 without a cache).
+pub(crate) struct Segment<'a> {
+    pub len: usize,
+    pub cache: Option<&'a mut KvCache>,
 }
 
 /// Rotary position embedding tables in Hugging Face's rotate_half layout: dimension `i` is paired
@@ -193,27 +225,13 @@ impl Llama {
         self.embed_tokens.device()
     }
 
-    /// Final normalized hidden states `[batch, seq, hidden]` for `ids: [batch, seq]` (u32),
-    /// continuing after the positions already in `cache` (pass a fresh cache for a full pass).
-    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    /// Final normalized hidden states `[batch, seq, hidden]` for `ids: [batch, seq]` (u32).
+    /// With a cache, the positions continue after the cached ones and are added to it; without
+    /// one, this is a full pass from position 0 whose every op carries gradients (training).
+    pub fn forward_hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
-        let offset = cache.len();
-        if offset + seq > self.config.max_position_embeddings {
-            return Err(Error::msg(format!(
-                "sequence of {} tokens exceeds the model's context of {} (max_position_embeddings)",
-                offset + seq,
-                self.config.max_position_embeddings
-            )));
-        }
-        let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?.reshape((batch, seq, ()))?;
-        let mask = causal_mask(seq, offset, x.device())?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let normed = rms_norm(&x, &layer.input_layernorm, self.config.rms_norm_eps)?;
-            x = (x + self.attention(i, layer, &normed, offset, mask.as_ref(), cache)?)?;
-            let normed = rms_norm(&x, &layer.post_attention_layernorm, self.config.rms_norm_eps)?;
-            x = (x + mlp(layer, &normed)?)?;
-        }
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        let x = self.embed_tokens.embedding(&ids.flatten_all()?)?.reshape((batch, seq, ()))?;
+        self.decoder(x, &mut [Segment { len: seq, cache }])
     }
 
     /// Logits `[batch, seq, vocab]` from final hidden states.
@@ -222,17 +240,39 @@ impl Llama {
     }
 
     /// Logits for every new position: `forward_hidden` then `logits`.
-    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         self.logits(&self.forward_hidden(ids, cache)?)
     }
 
     /// Logits of the last position only, as a `Vec<f32>` (batch 1): the decoding step.
     pub fn next_token_logits(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        self.check_ids(ids)?;
-        let input = Tensor::new(ids, self.device())?.unsqueeze(0)?;
-        let hidden = self.forward_hidden(&input, cache)?;
-        let last = hidden.narrow(1, ids.len() - 1, 1)?;
-        Ok(self.logits(&last)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+        let mut logits = self.forward_ragged(&mut [(ids, cache)])?;
+        Ok(logits.pop().expect("one sequence in, one out"))
+    }
+
+    /// One step for several sequences at once, each with its own cache and any number of new
+    /// tokens (a decoding step is 1, a prompt chunk more): the weights are read once for all
+    /// rows, attention runs per sequence. Returns each sequence's last-position logits.
+    pub fn forward_ragged(&self, sequences: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<Vec<f32>>> {
+        let mut all_ids = Vec::new();
+        for (ids, _) in sequences.iter() {
+            self.check_ids(ids)?;
+            all_ids.extend_from_slice(ids);
+        }
+        let input = Tensor::new(all_ids.as_slice(), self.device())?;
+        let x = self.embed_tokens.embedding(&input)?.unsqueeze(0)?;
+        let mut segments: Vec<Segment> =
+            sequences.iter_mut().map(|(ids, cache)| Segment { len: ids.len(), cache: Some(&mut **cache) }).collect();
+        let hidden = self.decoder(x, &mut segments)?;
+        // Only each sequence's last row goes through the (large) lm_head.
+        let mut last_rows = Vec::with_capacity(sequences.len());
+        let mut end = 0;
+        for (ids, _) in sequences.iter() {
+            end += ids.len();
+            last_rows.push(hidden.narrow(1, end - 1, 1)?);
+        }
+        let logits = self.logits(&Tensor::cat(&last_rows, 1)?)?.squeeze(0)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
     }
 
     /// Every id must index the embedding table; a bad id is the caller's input error.
@@ -249,39 +289,71 @@ impl Llama {
         Ok(())
     }
 
-    fn attention(
-        &self,
-        index: usize,
-        layer: &Layer,
-        x: &Tensor,
-        offset: usize,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    /// The decoder stack over `x: [batch, rows, hidden]`, whose rows are split into `segments`
+    /// (one per sequence), then the final norm.
+    fn decoder(&self, mut x: Tensor, segments: &mut [Segment]) -> Result<Tensor> {
+        for segment in segments.iter() {
+            let total = segment.cache.as_ref().map_or(0, |c| c.len()) + segment.len;
+            if total > self.config.max_position_embeddings {
+                return Err(Error::msg(format!(
+                    "sequence of {total} tokens exceeds the model's context of {} (max_position_embeddings)",
+                    self.config.max_position_embeddings
+                )));
+            }
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let normed = rms_norm(&x, &layer.input_layernorm, self.config.rms_norm_eps)?;
+            x = (x + self.attention(i, layer, &normed, segments)?)?;
+            let normed = rms_norm(&x, &layer.post_attention_layernorm, self.config.rms_norm_eps)?;
+            x = (x + mlp(layer, &normed)?)?;
+        }
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    fn attention(&self, index: usize, layer: &Layer, x: &Tensor, segments: &mut [Segment]) -> Result<Tensor> {
+        let q_all = linear(x, &layer.q_proj)?;
+        let k_all = linear(x, &layer.k_proj)?;
+        let v_all = linear(x, &layer.v_proj)?;
+        let mut outputs = Vec::with_capacity(segments.len());
+        let mut start = 0;
+        for segment in segments.iter_mut() {
+            let rows = |t: &Tensor| t.narrow(1, start, segment.len);
+            let out =
+                self.attend(index, &rows(&q_all)?, &rows(&k_all)?, &rows(&v_all)?, segment.cache.as_deref_mut())?;
+            outputs.push(out);
+            start += segment.len;
+        }
+        let out = if outputs.len() == 1 { outputs.pop().expect("one segment") } else { Tensor::cat(&outputs, 1)? };
+        linear(&out, &layer.o_proj)
+    }
+
+    /// Causal self-attention of one sequence's rows: `q, k, v: [batch, seq, heads * head_dim]`.
+    fn attend(&self, index: usize, q: &Tensor, k: &Tensor, v: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let c = &self.config;
-        let (batch, seq, _) = x.dims3()?;
+        let (batch, seq, _) = q.dims3()?;
         let head_dim = c.head_dim;
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+        let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((batch, seq, n, head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(linear(x, &layer.q_proj)?, c.num_attention_heads)?;
-        let k = heads(linear(x, &layer.k_proj)?, c.num_key_value_heads)?;
-        let v = heads(linear(x, &layer.v_proj)?, c.num_key_value_heads)?;
-        let q = self.rope.apply(&q, offset)?;
-        let k = self.rope.apply(&k, offset)?;
-        let (k, v) = cache.append(index, k, v)?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let q = self.rope.apply(&heads(q, c.num_attention_heads)?, offset)?;
+        let k = self.rope.apply(&heads(k, c.num_key_value_heads)?, offset)?;
+        let v = heads(v, c.num_key_value_heads)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(index, &k, &v)?,
+            None => (k, v),
+        };
         // Grouped-query attention: each key/value head serves `n_rep` query heads.
         let n_rep = c.num_attention_heads / c.num_key_value_heads;
-        let k = repeat_kv(&k, n_rep)?;
-        let v = repeat_kv(&v, n_rep)?;
+        let k = repeat_kv(&k, n_rep)?.contiguous()?;
+        let v = repeat_kv(&v, n_rep)?.contiguous()?;
         let scores = q.matmul(&k.t()?)?.affine(1.0 / (head_dim as f64).sqrt(), 0.0)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
+        let scores = match causal_mask(seq, offset, q.device())? {
+            Some(m) => scores.broadcast_add(&m)?,
             None => scores,
         };
         let out = softmax(&scores)?.matmul(&v)?;
-        let out = out.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * head_dim))?;
-        linear(&out, &layer.o_proj)
+        Ok(out.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * head_dim))?)
     }
 }
 
