@@ -1,0 +1,345 @@
+//! The `vicuna` binary end to end: its output formats (an interface scripts read) against the
+//! transformers / SentencePiece reference data, and every bad input giving exit code 2 with one
+//! line on stderr — never a panic.
+
+#[path = "../../weights/tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{fixture, read_zip, write_zip, TempDir, ZipOptions};
+use serde_json::Value;
+
+fn vicuna(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vicuna")).args(args).output().expect("run vicuna")
+}
+
+fn stdout_json(output: &Output) -> Value {
+    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("stdout is one JSON object")
+}
+
+fn expected(variant: &str, file: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(&format!("models/{variant}/{file}"))).unwrap()).unwrap()
+}
+
+fn csv(v: &Value) -> String {
+    v.as_array().unwrap().iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Exit code 2, one `error:` line naming what is wrong, no panic.
+fn assert_bad_input(output: &Output, parts: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for part in parts {
+        assert!(lines[0].contains(part), "error lacks {part:?}: {stderr}");
+    }
+    assert!(output.stdout.is_empty(), "no partial output on stdout");
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+const TINY_V32001: &str = "models/tiny-v32001/safetensors-f16";
+
+#[test]
+fn generate_json_gives_the_greedy_tokens_of_transformers() {
+    for (variant, folder) in [("tiny-a", "bin-sharded-f16"), ("tiny-b", "safetensors-f32")] {
+        let want = expected(variant, if folder.contains("f16") { "expected_f16.json" } else { "expected_f32.json" });
+        let case = &want["cases"][1];
+        let dir = fixture(&format!("models/{variant}/{folder}"));
+        let out = vicuna(&[
+            "generate",
+            "--model",
+            path_str(&dir),
+            "--ids",
+            &csv(&case["input_ids"]),
+            "--greedy",
+            "--ignore-eos",
+            "--max-new-tokens",
+            "20",
+            "--json",
+        ]);
+        let got = stdout_json(&out);
+        assert_eq!(got["ids"], case["greedy_new_tokens"], "{variant}/{folder}");
+        assert_eq!(got["text"], Value::Null, "no tokenizer in the folder");
+        assert_eq!(got["finish_reason"], "length");
+    }
+}
+
+#[test]
+fn score_json_matches_transformers_logprobs() {
+    let want = expected("tiny-a", "expected_f32.json");
+    let case = want["cases"].as_array().unwrap().iter().find(|c| c.get("all_logits_row_major").is_some()).unwrap();
+    let ids: Vec<usize> = case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let flat: Vec<f64> = case["all_logits_row_major"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let vocab = flat.len() / ids.len();
+    let out = vicuna(&[
+        "score",
+        "--model",
+        path_str(&fixture("models/tiny-a/bin-sharded-f32")),
+        "--ids",
+        &csv(&case["input_ids"]),
+        "--json",
+        "--full-logits",
+    ]);
+    let got = stdout_json(&out);
+    let logprobs = got["logprobs"].as_array().unwrap();
+    assert_eq!(logprobs.len(), ids.len());
+    assert!(logprobs[0].is_null());
+    let mut total = 0.0;
+    for i in 1..ids.len() {
+        // log_softmax of transformers' logits at position i-1, evaluated at token i.
+        let row = &flat[(i - 1) * vocab..i * vocab];
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+        let want = row[ids[i]] - lse;
+        let have = logprobs[i].as_f64().unwrap();
+        assert!((have - want).abs() < 1e-4, "position {i}: {have} vs {want}");
+        total += want;
+    }
+    let perplexity = (-total / (ids.len() - 1) as f64).exp();
+    assert!((got["perplexity"].as_f64().unwrap() / perplexity - 1.0).abs() < 1e-4);
+    let last: Vec<f64> = got["last_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let want_last = &flat[(ids.len() - 1) * vocab..];
+    assert!(last.iter().zip(want_last).all(|(a, b)| (a - b).abs() < 1e-4));
+}
+
+#[test]
+fn tokenize_and_detokenize_follow_sentencepiece() {
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tokenizer/expected_tokenization.json")).unwrap())
+            .unwrap();
+    let model = fixture(TINY_V32001);
+    for tokenizer in ["tokenizer.model", "tokenizer.json"] {
+        let tokenizer = fixture(&format!("tokenizer/{tokenizer}"));
+        for case in cases["cases"].as_array().unwrap().iter().filter(|c| {
+            let text = c["text"].as_str().unwrap();
+            // (argv cannot carry NUL; text starting with '-' would read as a flag)
+            !text.is_empty()
+                && !text.contains('\0')
+                && !text.contains("<s>")
+                && !text.contains("</s>")
+                && !text.starts_with('-')
+        }) {
+            let text = case["text"].as_str().unwrap();
+            let out = vicuna(&[
+                "tokenize",
+                "--model",
+                path_str(&model),
+                "--tokenizer",
+                path_str(&tokenizer),
+                "--text",
+                text,
+                "--json",
+            ]);
+            let got = stdout_json(&out);
+            assert_eq!(got["ids"], case["ids_with_bos"], "{text:?}");
+            let out = vicuna(&[
+                "detokenize",
+                "--model",
+                path_str(&model),
+                "--tokenizer",
+                path_str(&tokenizer),
+                "--ids",
+                &csv(&case["ids"]),
+            ]);
+            assert!(out.status.success());
+            let decoded = String::from_utf8(out.stdout).unwrap();
+            assert_eq!(decoded.strip_suffix('\n').unwrap(), case["decoded"].as_str().unwrap());
+        }
+    }
+}
+
+#[test]
+fn streamed_text_equals_json_text() {
+    let tokenizer = fixture("tokenizer/tokenizer.model");
+    let args = |json: bool| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            path_str(Box::leak(Box::new(fixture(TINY_V32001)))),
+            "--tokenizer",
+            path_str(&tokenizer),
+            "--prompt",
+            "### Human: Hi!\n### Assistant:",
+            "--max-new-tokens",
+            "24",
+            "--seed",
+            "5",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        if json {
+            a.push("--json".into());
+        }
+        a
+    };
+    let streamed = vicuna(&args(false).iter().map(String::as_str).collect::<Vec<_>>());
+    let json = stdout_json(&vicuna(&args(true).iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(streamed.status.success());
+    let streamed = String::from_utf8(streamed.stdout).unwrap();
+    assert_eq!(streamed.strip_suffix('\n').unwrap(), json["text"].as_str().unwrap());
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for cmd in [vec!["--help"], vec!["generate", "--help"], vec!["score", "--help"], vec!["tokenize", "--help"]] {
+        let out = vicuna(&cmd);
+        assert!(out.status.success(), "{cmd:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
+    }
+}
+
+// ------------------------------------------------------------------------------------ bad input
+
+fn generate_ids(dir: &Path, ids: &str) -> Output {
+    vicuna(&["generate", "--model", path_str(dir), "--ids", ids, "--max-new-tokens", "2"])
+}
+
+#[test]
+fn missing_model_folder() {
+    assert_bad_input(&generate_ids(Path::new("/nonexistent/model"), "1"), &["/nonexistent/model"]);
+}
+
+#[test]
+fn missing_or_garbled_config() {
+    let dir = TempDir::copy_of("models/tiny-a/safetensors-f32");
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    assert_bad_input(&generate_ids(dir.path(), "1"), &["config.json"]);
+    std::fs::write(dir.join("config.json"), "{\"vocab_size\": 512,").unwrap();
+    assert_bad_input(&generate_ids(dir.path(), "1"), &["config.json"]);
+}
+
+#[test]
+fn non_llama_architecture() {
+    let dir = TempDir::copy_of("models/tiny-a/safetensors-f32");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let config = config.replace("LlamaForCausalLM", "GPTNeoXForCausalLM").replace("\"llama\"", "\"gpt_neox\"");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    assert_bad_input(&generate_ids(dir.path(), "1"), &["GPTNeoXForCausalLM", "not LLaMA"]);
+}
+
+#[test]
+fn shard_named_in_index_but_absent() {
+    let dir = TempDir::copy_of("models/tiny-a/bin-sharded-f32");
+    std::fs::remove_file(dir.join("pytorch_model-00003-of-00004.bin")).unwrap();
+    assert_bad_input(&generate_ids(dir.path(), "1"), &["pytorch_model-00003-of-00004.bin"]);
+}
+
+#[test]
+fn tensor_shape_disagrees_with_config() {
+    let dir = TempDir::copy_of("models/tiny-a/safetensors-f32");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(dir.join("config.json"), config.replace("\"intermediate_size\": 172", "\"intermediate_size\": 170"))
+        .unwrap();
+    assert_bad_input(&generate_ids(dir.path(), "1"), &["mlp", "170"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = TempDir::copy_of("models/tiny-a/safetensors-f32");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    assert_bad_input(&generate_ids(dir.path(), "1"), &["model.safetensors"]);
+}
+
+#[test]
+fn safetensors_header_offsets_that_lie_or_overlap() {
+    let dir = TempDir::copy_of("models/tiny-a/safetensors-f32");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let data = &bytes[8 + header_len..];
+    let first = header.as_object().unwrap().keys().find(|k| *k != "__metadata__").unwrap().clone();
+    let second = header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").nth(1).unwrap().clone();
+    let rewrite = |edit: &dyn Fn(&mut Value)| {
+        let mut h = header.clone();
+        edit(&mut h);
+        let h = serde_json::to_vec(&h).unwrap();
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        std::fs::write(dir.join("model.safetensors"), out).unwrap();
+    };
+    let past_end = data.len() as u64 + 64;
+    rewrite(&|h| h[&first]["data_offsets"][1] = past_end.into());
+    assert_bad_input(&generate_ids(dir.path(), "1"), &["model.safetensors"]);
+    rewrite(&|h| h[&second]["data_offsets"] = h[&first]["data_offsets"].clone());
+    assert_bad_input(&generate_ids(dir.path(), "1"), &["model.safetensors"]);
+}
+
+#[test]
+fn unknown_dtype() {
+    let dir = TempDir::copy_of("models/tiny-a/safetensors-f32");
+    let mut bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
+    // Same length, so the offsets stay valid: "F32" → "X32".
+    let header = header.replacen("\"F32\"", "\"X32\"", 1);
+    bytes[8..8 + header_len].copy_from_slice(header.as_bytes());
+    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+    assert_bad_input(&generate_ids(dir.path(), "1"), &["X32"]);
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary() {
+    assert_bad_input(&generate_ids(&fixture("models/tiny-a/safetensors-f32"), "1,512"), &["512", "vocabulary"]);
+    let out = vicuna(&[
+        "detokenize",
+        "--model",
+        path_str(&fixture(TINY_V32001)),
+        "--tokenizer",
+        path_str(&fixture("tokenizer/tokenizer.model")),
+        "--ids",
+        "1,40000",
+    ]);
+    assert_bad_input(&out, &["40000"]);
+}
+
+#[test]
+fn prompt_without_a_tokenizer() {
+    let out = vicuna(&["generate", "--model", path_str(&fixture("models/tiny-a/safetensors-f32")), "--prompt", "hi"]);
+    assert_bad_input(&out, &["no tokenizer", "--tokenizer"]);
+}
+
+#[test]
+fn bad_sampling_values() {
+    let model = fixture("models/tiny-a/safetensors-f32");
+    for (flag, value) in [("--temperature", "0"), ("--top-p", "1.5"), ("--top-p", "0")] {
+        let out = vicuna(&["generate", "--model", path_str(&model), "--ids", "1", flag, value]);
+        assert_bad_input(&out, &[&flag[2..].replace('-', "_")]);
+    }
+}
+
+/// A `.bin` whose pickle calls `os.system` is refused before anything runs.
+#[test]
+fn pickle_that_names_os_system_is_refused_and_nothing_runs() {
+    let dir = TempDir::copy_of("models/tiny-a/bin-sharded-f32");
+    let witness = dir.join("pwned");
+    let shard = dir.join("pytorch_model-00001-of-00004.bin");
+    let entries = read_zip(&std::fs::read(&shard).unwrap());
+    // PROTO 2; GLOBAL 'os system'; SHORT_BINUNICODE cmd; TUPLE1; REDUCE; STOP
+    let command = format!("touch {}", witness.display());
+    let mut pickle = vec![0x80, 2];
+    pickle.extend_from_slice(b"cos\nsystem\n");
+    pickle.push(0x8c);
+    pickle.push(command.len() as u8);
+    pickle.extend_from_slice(command.as_bytes());
+    pickle.extend_from_slice(&[0x85, b'R', b'.']);
+    let entries: Vec<(String, Vec<u8>)> = entries
+        .into_iter()
+        .map(|(name, data)| if name.ends_with("data.pkl") { (name, pickle.clone()) } else { (name, data) })
+        .collect();
+    write_zip(&shard, &entries, ZipOptions::default());
+    let out = generate_ids(dir.path(), "1");
+    assert_bad_input(&out, &[&format!("refusing to load pickle global os.system from {}", shard.display())]);
+    assert!(!witness.exists(), "the pickled command ran");
+}

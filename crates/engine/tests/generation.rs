@@ -1,0 +1,159 @@
+//! The generation controls, each checked on a real (tiny) model: EOS and min_new_tokens, stop
+//! sequences across token boundaries, seeds, and the repetition penalty's wiring.
+
+use std::path::PathBuf;
+
+use vicuna_engine::{
+    apply_repetition_penalty, argmax, generate, FinishReason, Generation, GenerationConfig, SamplingParams,
+};
+use vicuna_model::candle_core::{Device, Tensor};
+use vicuna_model::Llama;
+use vicuna_tokenizer::Tokenizer;
+use vicuna_weights::{Checkpoint, LlamaConfig};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
+}
+
+fn tiny_v32001() -> (Llama, Tokenizer) {
+    let model = Llama::load(&fixtures().join("models/tiny-v32001/safetensors-f16"), &Device::Cpu).unwrap();
+    let tokenizer = Tokenizer::from_file(&fixtures().join("tokenizer/tokenizer.model")).unwrap();
+    (model, tokenizer)
+}
+
+fn greedy(max_new_tokens: usize) -> GenerationConfig {
+    GenerationConfig {
+        sampling: SamplingParams { do_sample: false, ..Default::default() },
+        max_new_tokens,
+        ..Default::default()
+    }
+}
+
+/// tiny-a with EOS's lm_head row replaced so that EOS is always by far the most likely token.
+fn eos_loving_model() -> Llama {
+    let dir = fixtures().join("models/tiny-a/safetensors-f32");
+    let config = LlamaConfig::from_dir(&dir).unwrap();
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    Llama::new(&config, &Device::Cpu, |name, shape| {
+        let mut data = checkpoint.to_f32(name)?;
+        if name == "lm_head.weight" {
+            let h = shape[1];
+            let eos = config.eos_token_id as usize;
+            // Scaling EOS's row scales its logit: wherever that logit is positive, EOS wins.
+            data[eos * h..(eos + 1) * h].iter_mut().for_each(|w| *w *= 100.0);
+        }
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    })
+    .unwrap()
+}
+
+#[test]
+fn eos_ends_generation_unless_min_new_tokens_or_ignore_eos() {
+    let model = eos_loving_model();
+    let prompt = [1u32, 10, 20];
+    let eos = model.config.eos_token_id;
+    // The doctored model reaches EOS early; that stop is what min_new_tokens must delay.
+    let first = generate(&model, None, &prompt, &greedy(30), |_| {}).unwrap();
+    assert_eq!(first.finish_reason, FinishReason::EosToken, "{first:?}");
+    let n = first.ids.len() - 1;
+    assert_eq!(first.ids[n], eos);
+
+    let min = n + 3;
+    let config = GenerationConfig { min_new_tokens: min, ..greedy(30) };
+    let g = generate(&model, None, &prompt, &config, |_| {}).unwrap();
+    assert!(g.ids.len() > min, "{g:?}");
+    assert!(g.ids[..min].iter().all(|&id| id != eos), "EOS before min_new_tokens: {g:?}");
+    assert_eq!(g.ids[..n], first.ids[..n], "only EOS is masked");
+
+    let config = GenerationConfig { ignore_eos: true, ..greedy(7) };
+    let g = generate(&model, None, &prompt, &config, |_| {}).unwrap();
+    assert_eq!(g.ids.len(), 7);
+    assert_eq!(g.finish_reason, FinishReason::Length);
+}
+
+fn run(model: &Llama, tokenizer: &Tokenizer, prompt: &str, config: &GenerationConfig) -> (Generation, String) {
+    let ids = tokenizer.encode(prompt, true);
+    let mut streamed = String::new();
+    let g = generate(model, Some(tokenizer), &ids, config, |piece| streamed.push_str(piece)).unwrap();
+    (g, streamed)
+}
+
+#[test]
+fn stop_sequences_match_across_tokens_and_are_trimmed() {
+    let (model, tokenizer) = tiny_v32001();
+    let prompt = "### Human: Tell me about llamas.\n### Assistant:";
+    let (full, streamed) = run(&model, &tokenizer, prompt, &greedy(24));
+    let text = full.text.clone().unwrap();
+    assert_eq!(streamed, text, "streamed text equals the final text");
+    assert_eq!(full.finish_reason, FinishReason::Length);
+
+    // A stop string made of the last character of one token's text and the first of the next.
+    let text_len_after = |n: usize| tokenizer.decode(&full.ids[..n]).len();
+    let k = (1..full.ids.len() - 1)
+        .find(|&k| text_len_after(k) - text_len_after(k - 1) >= 2 && text_len_after(k + 1) - text_len_after(k) >= 2)
+        .expect("two neighbouring tokens with text");
+    let boundary = text_len_after(k);
+    let before = text[..boundary].chars().next_back().unwrap().len_utf8();
+    let after = text[boundary..].chars().next().unwrap().len_utf8();
+    let stop = text[boundary - before..boundary + after].to_string();
+    let first_match = text.find(&stop).unwrap();
+
+    let config = GenerationConfig { stop: vec![stop.clone()], ..greedy(24) };
+    let (g, streamed) = run(&model, &tokenizer, prompt, &config);
+    assert_eq!(g.finish_reason, FinishReason::StopSequence, "stop {stop:?} in {text:?}");
+    assert_eq!(g.text.as_deref(), Some(&text[..first_match]));
+    assert_eq!(streamed, text[..first_match], "nothing of the stop string was streamed");
+    assert_eq!(g.ids[..], full.ids[..g.ids.len()]);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let (model, tokenizer) = tiny_v32001();
+    let sample = |seed| GenerationConfig { seed, ..GenerationConfig { max_new_tokens: 16, ..Default::default() } };
+    let (a, _) = run(&model, &tokenizer, "Hello", &sample(11));
+    let (b, _) = run(&model, &tokenizer, "Hello", &sample(11));
+    let (c, _) = run(&model, &tokenizer, "Hello", &sample(12));
+    assert_eq!(a.ids, b.ids);
+    assert_ne!(a.ids, c.ids);
+}
+
+#[test]
+fn top_k_one_equals_greedy() {
+    let (model, tokenizer) = tiny_v32001();
+    let top1 = GenerationConfig {
+        sampling: SamplingParams { top_k: 1, temperature: 0.7, ..Default::default() },
+        max_new_tokens: 12,
+        seed: 3,
+        ..Default::default()
+    };
+    let (a, _) = run(&model, &tokenizer, "The llama", &top1);
+    let (b, _) = run(&model, &tokenizer, "The llama", &greedy(12));
+    assert_eq!(a.ids, b.ids);
+}
+
+/// Greedy with a repetition penalty equals a hand-written loop that applies transformers' rule
+/// to the full context (prompt and generated) before each argmax — and differs from plain greedy.
+#[test]
+fn repetition_penalty_covers_prompt_and_generated_tokens() {
+    let model = Llama::load(&fixtures().join("models/tiny-a/safetensors-f32"), &Device::Cpu).unwrap();
+    let prompt = vec![1u32, 7, 7, 300, 42];
+    let penalty = 3.0;
+    let config = GenerationConfig {
+        sampling: SamplingParams { do_sample: false, repetition_penalty: penalty, ..Default::default() },
+        max_new_tokens: 20,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let got = generate(&model, None, &prompt, &config, |_| {}).unwrap().ids;
+    let mut context = prompt.clone();
+    for _ in 0..20 {
+        let input = Tensor::new(context.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let rows: Vec<Vec<f32>> = model.forward(&input, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let mut last = rows.last().unwrap().clone();
+        apply_repetition_penalty(&mut last, &context, penalty);
+        context.push(argmax(&last));
+    }
+    assert_eq!(got, context[prompt.len()..]);
+    let plain = generate(&model, None, &prompt, &GenerationConfig { ignore_eos: true, ..greedy(20) }, |_| {}).unwrap();
+    assert_ne!(plain.ids, got, "the penalty changed nothing: the test would prove nothing");
+}
