@@ -5,6 +5,7 @@ use vicuna_model::{KvCache, Llama, Result};
 use vicuna_tokenizer::Tokenizer;
 
 use crate::sampling::{Sampler, SamplingParams};
+use crate::score::log_softmax_at;
 
 /// Everything that shapes one generation besides the prompt.
 #[derive(Clone, Debug)]
@@ -71,77 +72,155 @@ pub fn generate(
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     model.check_ids(prompt)?;
-    let eos = tokenizer.map_or(model.config.eos_token_id, |t| t.eos_id());
-    let mut sampler = Sampler::new(config.sampling.clone(), config.seed);
+    let mut sequence = Sequence::new(prompt, config.clone(), tokenizer, model);
     let mut cache = KvCache::new(&model.config);
-    let mut text = tokenizer.map(|t| TextState::new(t, prompt, &config.stop));
-    let mut context = prompt.to_vec();
-    let mut ids = Vec::new();
-    let context_limit = model.config.max_position_embeddings;
+    let mut input = prompt.to_vec();
+    while sequence.finish_reason().is_none() {
+        let mut logits = model.next_token_logits(&input, &mut cache)?;
+        let step = sequence.advance(&mut logits);
+        on_text(&step.text);
+        input = vec![step.id];
+    }
+    Ok(sequence.into_generation())
+}
 
-    let mut logits = model.next_token_logits(prompt, &mut cache)?;
-    let finish_reason = loop {
-        if ids.len() >= config.max_new_tokens || context.len() >= context_limit {
-            break FinishReason::Length;
+/// One generation in progress: its sampler and random stream, its context, the text decoded so
+/// far and why it ended. The model runs elsewhere (one sequence in `generate`, many in a server's
+/// batch); this decides what each new set of logits means.
+pub struct Sequence<'a> {
+    config: GenerationConfig,
+    sampler: Sampler,
+    /// Prompt and generated ids.
+    context: Vec<u32>,
+    prompt_len: usize,
+    text: Option<TextState<'a>>,
+    eos: u32,
+    context_limit: usize,
+    finish_reason: Option<FinishReason>,
+}
+
+/// What one `advance` produced.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub id: u32,
+    /// log-probability of `id` under the distribution it was drawn from.
+    pub logprob: f32,
+    /// Text that became final with this token (may be empty).
+    pub text: String,
+    /// Set when this token ended the generation.
+    pub finish_reason: Option<FinishReason>,
+}
+
+impl<'a> Sequence<'a> {
+    pub fn new(prompt: &[u32], config: GenerationConfig, tokenizer: Option<&'a Tokenizer>, model: &Llama) -> Self {
+        let eos = tokenizer.map_or(model.config.eos_token_id, |t| t.eos_id());
+        let text = tokenizer.map(|t| TextState::new(t, prompt));
+        let context_limit = model.config.max_position_embeddings;
+        // Nothing to generate: finished before the first step (no model call needed).
+        let finish_reason =
+            (config.max_new_tokens == 0 || prompt.len() >= context_limit).then_some(FinishReason::Length);
+        Sequence {
+            sampler: Sampler::new(config.sampling.clone(), config.seed),
+            config,
+            context: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            text,
+            eos,
+            context_limit,
+            finish_reason,
         }
-        let ban: &[u32] = if ids.len() < config.min_new_tokens { &[eos] } else { &[] };
-        let id = sampler.sample(&mut logits, &context, ban);
-        ids.push(id);
-        context.push(id);
-        if id == eos && !config.ignore_eos {
-            break FinishReason::EosToken;
-        }
-        if let Some(state) = text.as_mut() {
-            if state.push(id, &mut on_text) {
-                break FinishReason::StopSequence;
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.context[..self.prompt_len]
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.context[self.prompt_len..]
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish_reason
+    }
+
+    /// Choose the next token from the logits after everything so far (`logits` is scratch).
+    pub fn advance(&mut self, logits: &mut [f32]) -> Step {
+        debug_assert!(self.finish_reason.is_none(), "advance after the end");
+        let ban: &[u32] = if self.generated().len() < self.config.min_new_tokens { &[self.eos] } else { &[] };
+        let id = self.sampler.sample(logits, &self.context, ban);
+        // As TGI reports it: under the distribution the token was drawn from (after the
+        // penalties and warpers, which `sample` applied to `logits`).
+        let logprob = log_softmax_at(logits, id as usize) as f32;
+        self.context.push(id);
+        let mut text = String::new();
+        let mut finish = None;
+        if id == self.eos && !self.config.ignore_eos {
+            finish = Some(FinishReason::EosToken);
+        } else if let Some(state) = self.text.as_mut() {
+            if state.push(id, &self.config.stop, &mut text) {
+                finish = Some(FinishReason::StopSequence);
             }
         }
-        if ids.len() < config.max_new_tokens && context.len() < context_limit {
-            logits = model.next_token_logits(&[id], &mut cache)?;
+        if finish.is_none()
+            && (self.generated().len() >= self.config.max_new_tokens || self.context.len() >= self.context_limit)
+        {
+            finish = Some(FinishReason::Length);
         }
-    };
-    let text = text.map(|state| state.finish(finish_reason, &mut on_text));
-    Ok(Generation { ids, text, finish_reason })
+        if let (Some(reason), Some(state)) = (finish, self.text.as_mut()) {
+            state.finish(reason, &mut text);
+        }
+        self.finish_reason = finish;
+        Step { id, logprob, text, finish_reason: finish }
+    }
+
+    /// The result once finished (or so far, if stopped early).
+    pub fn into_generation(self) -> Generation {
+        Generation {
+            ids: self.context[self.prompt_len..].to_vec(),
+            text: self.text.map(|t| t.text),
+            finish_reason: self.finish_reason.unwrap_or(FinishReason::Length),
+        }
+    }
 }
 
 /// Decoded text of a generation in progress and how much of it was handed out.
 struct TextState<'a> {
     decoder: vicuna_tokenizer::StreamDecoder<'a>,
-    stop: &'a [String],
     text: String,
     emitted: usize,
 }
 
 impl<'a> TextState<'a> {
-    fn new(tokenizer: &'a Tokenizer, prompt: &[u32], stop: &'a [String]) -> Self {
-        TextState { decoder: tokenizer.stream_decoder_after(prompt), stop, text: String::new(), emitted: 0 }
+    fn new(tokenizer: &'a Tokenizer, prompt: &[u32]) -> Self {
+        TextState { decoder: tokenizer.stream_decoder_after(prompt), text: String::new(), emitted: 0 }
     }
 
-    /// Add one token; true when a stop sequence now appears (the text is then cut before it).
-    fn push(&mut self, id: u32, on_text: &mut impl FnMut(&str)) -> bool {
+    /// Add one token, appending newly final text to `out`; true when a stop sequence now
+    /// appears (the text is then cut before it).
+    fn push(&mut self, id: u32, stop: &[String], out: &mut String) -> bool {
         let old_len = self.text.len();
         self.text.push_str(&self.decoder.push(id));
-        if let Some(at) = find_stop(&self.text, self.stop, old_len) {
+        if let Some(at) = find_stop(&self.text, stop, old_len) {
             self.text.truncate(at);
-            self.emit(self.text.len(), on_text);
+            self.emit(self.text.len(), out);
             return true;
         }
-        let safe = self.text.len() - held_back(&self.text, self.stop);
-        self.emit(safe, on_text);
+        let safe = self.text.len() - held_back(&self.text, stop);
+        self.emit(safe, out);
         false
     }
 
-    fn finish(mut self, reason: FinishReason, on_text: &mut impl FnMut(&str)) -> String {
+    /// Hand out whatever is left (held-back stop prefixes and incomplete bytes included).
+    fn finish(&mut self, reason: FinishReason, out: &mut String) {
         if reason != FinishReason::StopSequence {
             self.text.push_str(&self.decoder.flush());
-            self.emit(self.text.len(), on_text);
+            self.emit(self.text.len(), out);
         }
-        self.text
     }
 
-    fn emit(&mut self, upto: usize, on_text: &mut impl FnMut(&str)) {
+    fn emit(&mut self, upto: usize, out: &mut String) {
         if upto > self.emitted {
-            on_text(&self.text[self.emitted..upto]);
+            out.push_str(&self.text[self.emitted..upto]);
             self.emitted = upto;
         }
     }

@@ -5,7 +5,7 @@ mod rng;
 mod sampling;
 mod score;
 
-pub use generate::{find_stop, generate, held_back, FinishReason, Generation, GenerationConfig};
+pub use generate::{find_stop, generate, held_back, FinishReason, Generation, GenerationConfig, Sequence, Step};
 pub use rng::{random_seed, Rng};
 pub use sampling::{apply_repetition_penalty, argmax, softmax, Sampler, SamplingParams};
 pub use score::{log_softmax_at, score, Score};
