@@ -94,18 +94,26 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     let start = std::time::Instant::now();
     let stream = !args.json;
+    // `generate` calls back once per token: the first call marks the end of the prompt's pass.
+    let mut first_token_at = None;
     let generation = generate(&model, tokenizer.as_ref(), &prompt, &config, |piece| {
+        first_token_at.get_or_insert_with(std::time::Instant::now);
         if stream {
             // A closed pipe (e.g. `| head`) is not worth a panic; the generation just goes unread.
             let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
         }
     })?;
-    let elapsed = start.elapsed().as_secs_f64();
-    tracing::info!(
-        "{} tokens in {elapsed:.2}s ({:.1} tokens/s, prompt included)",
-        generation.ids.len(),
-        generation.ids.len() as f64 / elapsed
-    );
+    if let Some(first) = first_token_at {
+        let prefill = (first - start).as_secs_f64();
+        let decode = first.elapsed().as_secs_f64();
+        let decoded = generation.ids.len().saturating_sub(1);
+        tracing::info!(
+            "prompt: {} tokens in {prefill:.3}s ({:.1} tokens/s); generation: {decoded} more tokens in {decode:.3}s ({:.1} tokens/s)",
+            prompt.len(),
+            prompt.len() as f64 / prefill,
+            decoded as f64 / decode
+        );
+    }
     if args.json {
         let out = json!({
             "ids": generation.ids,

@@ -5,7 +5,6 @@ use vicuna_model::{KvCache, Llama, Result};
 use vicuna_tokenizer::Tokenizer;
 
 use crate::sampling::{Sampler, SamplingParams};
-use crate::score::log_softmax_at;
 
 /// Everything that shapes one generation besides the prompt.
 #[derive(Clone, Debug)]
@@ -147,10 +146,7 @@ impl<'a> Sequence<'a> {
     pub fn advance(&mut self, logits: &mut [f32]) -> Step {
         debug_assert!(self.finish_reason.is_none(), "advance after the end");
         let ban: &[u32] = if self.generated().len() < self.config.min_new_tokens { &[self.eos] } else { &[] };
-        let id = self.sampler.sample(logits, &self.context, ban);
-        // As TGI reports it: under the distribution the token was drawn from (after the
-        // penalties and warpers, which `sample` applied to `logits`).
-        let logprob = log_softmax_at(logits, id as usize) as f32;
+        let (id, logprob) = self.sampler.sample(logits, &self.context, ban);
         self.context.push(id);
         let mut text = String::new();
         let mut finish = None;

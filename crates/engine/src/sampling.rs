@@ -3,6 +3,7 @@
 //! top-k, top-p, typical-p), then a draw from the softmax — or argmax when greedy.
 
 use crate::rng::Rng;
+use crate::score::log_softmax_at;
 
 /// The knobs of one request's sampling. Defaults follow transformers and the model card.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,10 +63,11 @@ impl Sampler {
         Sampler { params, rng: Rng::new(seed) }
     }
 
-    /// Pick the next token. `context` is every token so far (prompt and generated: transformers'
-    /// repetition penalty covers both); `ban` lists tokens that must not be chosen now (EOS before
-    /// `min_new_tokens`). `logits` is scratch space and is modified.
-    pub fn sample(&mut self, logits: &mut [f32], context: &[u32], ban: &[u32]) -> u32 {
+    /// Pick the next token and its log-probability under the distribution it was drawn from
+    /// (after penalties and warpers, as TGI reports it). `context` is every token so far (prompt
+    /// and generated: transformers' repetition penalty covers both); `ban` lists tokens that must
+    /// not be chosen now (EOS before `min_new_tokens`). `logits` is scratch space and is modified.
+    pub fn sample(&mut self, logits: &mut [f32], context: &[u32], ban: &[u32]) -> (u32, f32) {
         apply_repetition_penalty(logits, context, self.params.repetition_penalty);
         for &id in ban {
             if let Some(l) = logits.get_mut(id as usize) {
@@ -73,7 +75,8 @@ impl Sampler {
             }
         }
         if !self.params.do_sample {
-            return argmax(logits);
+            let id = argmax(logits);
+            return (id, log_softmax_at(logits, id as usize) as f32);
         }
         let p = &self.params;
         if p.temperature != 1.0 {
@@ -82,18 +85,26 @@ impl Sampler {
         if p.top_k > 0 {
             top_k_filter(logits, p.top_k);
         }
+        // Only tokens still possible matter from here on; after top-k that is a few dozen of the
+        // 32000, so the sorting filters and the draw work on that short list.
+        let (ids, mut candidates): (Vec<u32>, Vec<f32>) =
+            logits.iter().enumerate().filter(|(_, l)| **l > f32::NEG_INFINITY).map(|(i, &l)| (i as u32, l)).unzip();
+        if ids.is_empty() {
+            return (argmax(logits), f32::NEG_INFINITY);
+        }
         if p.top_p < 1.0 {
-            top_p_filter(logits, p.top_p);
+            top_p_filter(&mut candidates, p.top_p);
         }
         if p.typical_p < 1.0 {
-            typical_filter(logits, p.typical_p);
+            typical_filter(&mut candidates, p.typical_p);
         }
-        let probs = softmax(logits);
-        self.draw(&probs)
+        let probs = softmax(&candidates);
+        let chosen = self.draw(&probs);
+        (ids[chosen], probs[chosen].ln())
     }
 
-    /// Inverse-CDF draw from a probability vector.
-    fn draw(&mut self, probs: &[f32]) -> u32 {
+    /// Inverse-CDF draw from a probability vector; returns the index.
+    fn draw(&mut self, probs: &[f32]) -> usize {
         let u = self.rng.next_f64();
         let mut acc = 0.0f64;
         let mut last_nonzero = 0;
@@ -102,12 +113,12 @@ impl Sampler {
                 acc += p as f64;
                 last_nonzero = i;
                 if u < acc {
-                    return i as u32;
+                    return i;
                 }
             }
         }
         // Rounding left `acc` a hair under 1: the draw belongs to the last possible token.
-        last_nonzero as u32
+        last_nonzero
     }
 }
 
@@ -217,7 +228,7 @@ mod tests {
         for seed in 0..50 {
             let params = SamplingParams { top_k: 1, ..Default::default() };
             let mut s = Sampler::new(params, seed);
-            assert_eq!(s.sample(&mut logits.clone(), &[], &[]), argmax(&logits));
+            assert_eq!(s.sample(&mut logits.clone(), &[], &[]).0, argmax(&logits));
         }
     }
 
@@ -249,7 +260,7 @@ mod tests {
         let mut counts = [0usize; 10];
         let n = 20_000;
         for _ in 0..n {
-            counts[s.sample(&mut logits.clone(), &[], &[]) as usize] += 1;
+            counts[s.sample(&mut logits.clone(), &[], &[]).0 as usize] += 1;
         }
         // Mass so far: .5, .75, .875, .9375 → the nucleus is tokens 0..4 (0.875 < 0.9).
         assert!(counts[4..].iter().all(|&c| c == 0), "{counts:?}");
@@ -274,7 +285,7 @@ mod tests {
     fn banned_tokens_are_never_chosen() {
         let logits = vec![5.0, 0.0, 0.0];
         let mut s = Sampler::new(SamplingParams { do_sample: false, ..Default::default() }, 0);
-        assert_eq!(s.sample(&mut logits.clone(), &[], &[0]), 1);
+        assert_eq!(s.sample(&mut logits.clone(), &[], &[0]).0, 1);
     }
 
     #[test]
@@ -282,7 +293,7 @@ mod tests {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = |seed| {
             let mut s = Sampler::new(SamplingParams::default(), seed);
-            (0..50).map(|_| s.sample(&mut logits.clone(), &[], &[])).collect::<Vec<_>>()
+            (0..50).map(|_| s.sample(&mut logits.clone(), &[], &[]).0).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
