@@ -2,9 +2,15 @@
 //! data on stdout; logs and errors go to stderr. Bad input exits with code 2 and one line saying
 //! what is wrong. One module per group of commands.
 
+mod chat;
 mod common;
+mod delta;
 mod inference;
+mod output;
+mod serve;
+mod synth;
 mod tokens;
+mod train;
 
 use std::process::ExitCode;
 
@@ -32,6 +38,22 @@ enum Command {
     Tokenize(tokens::TokenizeArgs),
     /// Turn token ids into text.
     Detokenize(tokens::DetokenizeArgs),
+    /// Add a delta to its base model (StableVicuna = LLaMA-13B + delta), in bounded memory.
+    ApplyDelta(delta::ApplyDeltaArgs),
+    /// Make a delta (fine-tuned − base) to publish a fine-tune without the base's weights.
+    MakeDelta(delta::MakeDeltaArgs),
+    /// Write a LLaMA folder of a real shape with random weights, for tests and benchmarks.
+    Synth(synth::SynthArgs),
+    /// Serve the model over HTTP: TGI and OpenAI APIs with continuous batching, and a chat page.
+    Serve(serve::ServeArgs),
+    /// Chat with the model in the terminal (one reply per input line when stdin is not a terminal).
+    Chat(chat::ChatArgs),
+    /// Fine-tune: `train sft` (supervised, LoRA optional), `train rm` (reward model), `train ppo`.
+    Train(train::TrainArgs),
+    /// Score text with a reward model.
+    Reward(train::RewardArgs),
+    /// Draw a PPO run's metrics.jsonl as a PNG of curves.
+    Plot(train::PlotArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +71,14 @@ fn main() -> ExitCode {
         Command::Score(args) => inference::run_score(args),
         Command::Tokenize(args) => tokens::run_tokenize(args),
         Command::Detokenize(args) => tokens::run_detokenize(args),
+        Command::ApplyDelta(args) => delta::run_apply_delta(args, cli.threads),
+        Command::MakeDelta(args) => delta::run_make_delta(args, cli.threads),
+        Command::Synth(args) => synth::run_synth_command(args, cli.threads),
+        Command::Serve(args) => serve::run_serve(args),
+        Command::Chat(args) => chat::run_chat(args),
+        Command::Train(args) => train::run_train(args),
+        Command::Reward(args) => train::run_reward(args),
+        Command::Plot(args) => train::run_plot(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

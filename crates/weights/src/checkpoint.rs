@@ -3,18 +3,23 @@
 //! Files are memory-mapped; a contiguous tensor is a slice of its map (no copy, no read
 //! until used), which is what lets a 26 GB model "open" instantly. Only tensors that a
 //! PyTorch .bin stores as a strided view are gathered into an owned buffer on request.
+//!
+//! Tools that stream a whole model once (apply-delta, verification) read through
+//! [`Checkpoint::read_bytes_at`] instead: positioned reads into the caller's buffer, because
+//! every page of a map that is touched stays in the process's resident set until unmapped.
 
 use crate::config::LlamaConfig;
 use crate::dtype::{to_f32_vec, DType, SUPPORTED_DTYPES};
 use crate::error::{bail, Error, Result};
 use crate::pickle::{self, StorageKind};
 use crate::{safetensors, zip};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Name, element type, shape and file of one tensor.
@@ -38,6 +43,8 @@ impl TensorInfo {
 pub struct Checkpoint {
     dir: PathBuf,
     maps: Vec<Mmap>,
+    /// The open file behind each map, for positioned reads.
+    files: Vec<File>,
     tensors: BTreeMap<String, Stored>,
 }
 
@@ -89,7 +96,8 @@ impl Checkpoint {
                 dir.display()
             );
         }
-        let mut checkpoint = Checkpoint { dir: dir.to_path_buf(), maps: Vec::new(), tensors: BTreeMap::new() };
+        let mut checkpoint =
+            Checkpoint { dir: dir.to_path_buf(), maps: Vec::new(), files: Vec::new(), tensors: BTreeMap::new() };
         match detect(dir)? {
             Layouts::Safetensors(path) | Layouts::Bin(path) => checkpoint.load_file(&path)?,
             Layouts::SafetensorsIndex(index) | Layouts::BinIndex(index) => checkpoint.load_index(&index)?,
@@ -124,7 +132,57 @@ impl Checkpoint {
             Layout::Contiguous(range) => Ok(Cow::Borrowed(&map[range.clone()])),
             Layout::Strided { storage, offset, stride } => {
                 let es = stored.info.dtype.size_in_bytes();
-                Ok(Cow::Owned(gather(&map[storage.clone()], es, *offset, &stored.info.shape, stride)))
+                let numel = stored.info.numel();
+                let mut out = vec![0u8; numel * es];
+                gather(&map[storage.clone()], es, *offset, &stored.info.shape, stride, 0..numel, &mut out);
+                Ok(Cow::Owned(out))
+            }
+        }
+    }
+
+    /// Copies bytes `offset .. offset + out.len()` of the tensor's data (as [`Checkpoint::bytes`]
+    /// returns it: row-major, little-endian) into `out`.
+    ///
+    /// Contiguous tensors are read with positioned reads (`pread`), not through the memory map,
+    /// so streaming a whole model leaves no file pages in this process's resident set. A strided
+    /// view is gathered through the map, whose pages are then released again (`MADV_DONTNEED`;
+    /// the file is only read, so they are simply re-read should they be needed again).
+    pub fn read_bytes_at(&self, name: &str, offset: usize, out: &mut [u8]) -> Result<()> {
+        let stored = self.stored(name)?;
+        let info = &stored.info;
+        let es = info.dtype.size_in_bytes();
+        let len = info.numel() * es;
+        let end = offset.checked_add(out.len()).filter(|&end| end <= len);
+        let Some(end) = end else {
+            bail!(
+                "cannot read bytes {offset}..{} of tensor {name} in {}: it holds {len} bytes",
+                offset.saturating_add(out.len()),
+                info.file.display()
+            );
+        };
+        match &stored.layout {
+            Layout::Contiguous(range) => {
+                self.files[stored.map].read_exact_at(out, (range.start + offset) as u64).map_err(|e| {
+                    Error::new(format!(
+                        "cannot read tensor {name} from {}: {e}; the file changed or is damaged — download it again",
+                        info.file.display()
+                    ))
+                })
+            }
+            Layout::Strided { storage, offset: first, stride } => {
+                if !offset.is_multiple_of(es) || !end.is_multiple_of(es) {
+                    bail!(
+                        "cannot read bytes {offset}..{end} of tensor {name}: not a whole number of {} elements",
+                        info.dtype
+                    );
+                }
+                let map = &self.maps[stored.map];
+                gather(&map[storage.clone()], es, *first, &info.shape, stride, offset / es..end / es, out);
+                // SAFETY: the map is a read-only file mapping that nothing writes through, so its
+                // pages only ever hold the file's bytes: dropping them loses nothing, and any later
+                // access (including through slices `bytes` handed out) re-reads them from the file.
+                unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, storage.start, storage.len()) }
+                    .map_err(|e| Error::new(format!("cannot release pages of {}: {e}", info.file.display())))
             }
         }
     }
@@ -238,7 +296,7 @@ impl Checkpoint {
 
     /// Maps one weight file and adds its tensors.
     fn load_file(&mut self, path: &Path) -> Result<()> {
-        let map = map_file(path)?;
+        let (file, map) = map_file(path)?;
         let index = self.maps.len();
         let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
         let found = if is_safetensors {
@@ -261,6 +319,7 @@ impl Checkpoint {
             self.tensors.insert(name, Stored { info, map: index, layout });
         }
         self.maps.push(map);
+        self.files.push(file);
         Ok(())
     }
 }
@@ -309,16 +368,19 @@ fn file_name(path: &Path) -> String {
     path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
 
-fn map_file(path: &Path) -> Result<Mmap> {
+fn map_file(path: &Path) -> Result<(File, Mmap)> {
     let file = File::open(path).map_err(|e| Error::new(format!("cannot open {}: {e}", path.display())))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     if len == 0 {
         bail!("{} is empty; the download is incomplete — download it again", path.display());
     }
     // SAFETY: the map is only read. As with every mmap-based loader (safetensors, candle),
-    // another process truncating the file while it is mapped would fault; vicuna does not
-    // write model files, and copying 26 GB into memory instead is not an option.
-    unsafe { Mmap::map(&file) }.map_err(|e| Error::new(format!("cannot memory-map {}: {e}", path.display())))
+    // another process truncating the file while it is mapped would fault; vicuna writes model
+    // files only into a fresh folder, never over files it reads, and copying 26 GB into memory
+    // instead is not an option.
+    let map =
+        unsafe { Mmap::map(&file) }.map_err(|e| Error::new(format!("cannot memory-map {}: {e}", path.display())))?;
+    Ok((file, map))
 }
 
 type Found = Vec<(String, DType, Vec<usize>, Layout)>;
@@ -401,10 +463,12 @@ fn read_pytorch(map: &[u8], path: &Path) -> Result<Found> {
                 shape.iter().zip(&stride).try_fold(offset, |acc, (&d, &s)| acc.checked_add((d - 1).checked_mul(s)?));
             match last {
                 Some(last) if (last as u64) < storage.numel => {}
-                _ => return Err(damaged(format!(
+                _ => {
+                    return Err(damaged(format!(
                     "(shape {shape:?}, stride {stride:?}, offset {offset}) reaches past the {} elements of storage {}",
                     storage.numel, storage.key
-                ))),
+                )))
+                }
             }
             let es = es as usize;
             if is_row_major(&shape, &stride) {
@@ -431,24 +495,33 @@ fn is_row_major(shape: &[usize], stride: &[usize]) -> bool {
     true
 }
 
-/// Copies a strided view into row-major order. Bounds were checked when the file was opened.
-fn gather(storage: &[u8], es: usize, offset: usize, shape: &[usize], stride: &[usize]) -> Vec<u8> {
-    let numel: usize = shape.iter().product();
-    let mut out = Vec::with_capacity(numel * es);
-    if numel == 0 {
-        return out;
+/// Copies row-major elements `elements` of a strided view into `out` (which holds exactly
+/// those elements). Bounds were checked when the file was opened.
+fn gather(
+    storage: &[u8],
+    es: usize,
+    offset: usize,
+    shape: &[usize],
+    stride: &[usize],
+    elements: Range<usize>,
+    out: &mut [u8],
+) {
+    debug_assert_eq!(out.len(), elements.len() * es);
+    if elements.is_empty() {
+        return;
     }
+    // The multi-index of the first element, last dimension fastest.
     let mut index = vec![0usize; shape.len()];
-    loop {
+    let mut rest = elements.start;
+    for dim in (0..shape.len()).rev() {
+        index[dim] = rest % shape[dim];
+        rest /= shape[dim];
+    }
+    for dst in out.chunks_exact_mut(es) {
         let element = offset + index.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
-        out.extend_from_slice(&storage[element * es..(element + 1) * es]);
+        dst.copy_from_slice(&storage[element * es..(element + 1) * es]);
         // Advance the multi-index like an odometer, last dimension fastest.
-        let mut dim = shape.len();
-        loop {
-            if dim == 0 {
-                return out;
-            }
-            dim -= 1;
+        for dim in (0..shape.len()).rev() {
             index[dim] += 1;
             if index[dim] < shape[dim] {
                 break;

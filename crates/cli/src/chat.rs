@@ -1,0 +1,203 @@
+//! `vicuna chat`: a conversation in the terminal, in the StableVicuna format the server's chat route
+//! uses (`vicuna_server::template`). On a terminal: line editing, history, streamed replies. With
+//! stdin from a pipe or file: each line is one user turn and only the replies are printed.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use clap::Args;
+use rustyline::error::ReadlineError;
+use vicuna_engine::{generate, random_seed, GenerationConfig, SamplingParams};
+use vicuna_model::Llama;
+use vicuna_server::template::{fit_to_context, ChatMessage, ReplyText, Role, STOP_SEQUENCES};
+use vicuna_tokenizer::Tokenizer;
+
+use crate::common::ModelArgs;
+use crate::Result;
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A system message put before the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Longest reply, in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Locally typical sampling mass (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub typical_p: f32,
+    /// Penalize tokens already present (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Random seed for every reply (default: a new one each time).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Always pick the most likely token (no sampling).
+    #[arg(long)]
+    pub greedy: bool,
+}
+
+/// What a line of input asks for.
+enum Input {
+    Turn(String),
+    Reset,
+    Exit,
+    Nothing,
+}
+
+fn parse(line: &str) -> Input {
+    match line.trim() {
+        "" => Input::Nothing,
+        "/exit" | "/quit" => Input::Exit,
+        "/reset" => Input::Reset,
+        text => Input::Turn(text.to_string()),
+    }
+}
+
+struct Conversation<'a> {
+    model: &'a Llama,
+    tokenizer: &'a Tokenizer,
+    config: GenerationConfig,
+    seed: Option<u64>,
+    system: Option<String>,
+    messages: Vec<ChatMessage>,
+}
+
+impl Conversation<'_> {
+    fn reset(&mut self) {
+        self.messages.clear();
+        if let Some(system) = &self.system {
+            self.messages.push(ChatMessage::new(Role::System, system.clone()));
+        }
+    }
+
+    /// Answer `text`, streaming the reply to `out`; the oldest turns are dropped when the
+    /// conversation outgrows the context. On failure the turn is forgotten.
+    fn turn(&mut self, text: String, out: &mut impl Write) -> Result<()> {
+        self.messages.push(ChatMessage::new(Role::User, text));
+        let context = self.model.config.max_position_embeddings;
+        let max_prompt = context - self.config.max_new_tokens;
+        let prompt = match fit_to_context(self.tokenizer, &mut self.messages, max_prompt) {
+            Ok(prompt) => prompt,
+            Err(message) => {
+                self.messages.pop();
+                return Err(message.into());
+            }
+        };
+        self.config.seed = self.seed.unwrap_or_else(random_seed);
+        let mut reply = ReplyText::default();
+        let generation = generate(self.model, Some(self.tokenizer), &prompt, &self.config, |piece| {
+            // A closed stdout (e.g. `| head`) only means nobody reads the rest.
+            let _ = out.write_all(reply.push(piece).as_bytes()).and_then(|_| out.flush());
+        });
+        let generation = match generation {
+            Ok(generation) => generation,
+            Err(e) => {
+                self.messages.pop();
+                return Err(e.into());
+            }
+        };
+        writeln!(out)?;
+        out.flush()?;
+        let text = ReplyText::trim(&generation.text.unwrap_or_default());
+        self.messages.push(ChatMessage::new(Role::Assistant, text));
+        Ok(())
+    }
+}
+
+pub fn run_chat(args: ChatArgs) -> Result<()> {
+    let sampling = SamplingParams {
+        do_sample: !args.greedy,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        typical_p: args.typical_p,
+        repetition_penalty: args.repetition_penalty,
+    };
+    sampling.validate()?;
+    let tokenizer = args.model.require_tokenizer()?;
+    let model = args.model.load_model()?;
+    let context = model.config.max_position_embeddings;
+    if args.max_new_tokens == 0 || args.max_new_tokens >= context {
+        return Err(format!(
+            "--max-new-tokens {} must be between 1 and the model's context of {context} tokens minus the prompt",
+            args.max_new_tokens
+        )
+        .into());
+    }
+    let mut conversation = Conversation {
+        model: &model,
+        tokenizer: &tokenizer,
+        config: GenerationConfig {
+            sampling,
+            max_new_tokens: args.max_new_tokens,
+            stop: STOP_SEQUENCES.iter().map(|s| s.to_string()).collect(),
+            ..GenerationConfig::default()
+        },
+        seed: args.seed,
+        system: args.system,
+        messages: Vec::new(),
+    };
+    conversation.reset();
+    if std::io::stdin().is_terminal() {
+        interactive(&mut conversation)
+    } else {
+        scripted(&mut conversation)
+    }
+}
+
+fn interactive(conversation: &mut Conversation) -> Result<()> {
+    let mut editor = rustyline::DefaultEditor::new()?;
+    eprintln!("Chat with the model. /reset starts a new conversation, /exit (or Ctrl-D) quits.");
+    let mut stdout = std::io::stdout();
+    loop {
+        let line = match editor.readline(">>> ") {
+            Ok(line) => line,
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        match parse(&line) {
+            Input::Nothing => continue,
+            Input::Exit => return Ok(()),
+            Input::Reset => {
+                conversation.reset();
+                eprintln!("(new conversation)");
+            }
+            Input::Turn(text) => {
+                let _ = editor.add_history_entry(line.trim());
+                if let Err(e) = conversation.turn(text, &mut stdout) {
+                    eprintln!("error: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Lines from a pipe or file: one user turn each, replies on stdout, nothing else. A failed turn
+/// is reported on stderr and the conversation goes on.
+fn scripted(conversation: &mut Conversation) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        match parse(&line?) {
+            Input::Nothing => {}
+            Input::Exit => break,
+            Input::Reset => conversation.reset(),
+            Input::Turn(text) => {
+                if let Err(e) = conversation.turn(text, &mut stdout) {
+                    eprintln!("error: {e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}

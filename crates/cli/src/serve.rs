@@ -1,0 +1,85 @@
+//! `vicuna serve`: the TGI- and OpenAI-compatible HTTP server (crate `vicuna-server`).
+
+use std::time::Duration;
+
+use clap::Args;
+use vicuna_server::ServerOptions;
+
+use crate::common::ModelArgs;
+use crate::Result;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (loopback by default: pass 0.0.0.0 to open it to the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one. The address is printed on stdout once ready.
+    #[arg(long, default_value_t = 3000)]
+    pub port: u16,
+    /// Requests in flight (queued or running) before new ones get 429.
+    #[arg(long, default_value_t = 128)]
+    pub max_concurrent_requests: usize,
+    /// Most requests in one batch (default: as many as the KV budget allows).
+    #[arg(long)]
+    pub max_batch_size: Option<usize>,
+    /// Longest prompt, in tokens (default: --max-total-tokens minus 1).
+    #[arg(long)]
+    pub max_input_tokens: Option<usize>,
+    /// Longest prompt plus generated tokens of one request.
+    #[arg(long, default_value_t = 2048)]
+    pub max_total_tokens: usize,
+    /// KV-cache budget in tokens across the batch; a request reserves its prompt plus
+    /// max_new_tokens and waits until that fits (default: 4 GiB of cache, at most
+    /// max-concurrent-requests × max-total-tokens).
+    #[arg(long)]
+    pub max_batch_total_tokens: Option<usize>,
+    /// Prompt tokens read per step: longer prompts are read in chunks of this size between the
+    /// decoding steps of the other requests.
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_prefill_tokens: usize,
+    /// Most stop sequences one request may give.
+    #[arg(long, default_value_t = 4)]
+    pub max_stop_sequences: usize,
+    /// Require `Authorization: Bearer KEY` on every route but /health and the chat page
+    /// (default: the VICUNA_API_KEY environment variable, if set).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub payload_limit: usize,
+    /// Seconds running requests get to finish after SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
+    /// The model name the API reports (default: the model folder's name).
+    #[arg(long)]
+    pub model_id: Option<String>,
+}
+
+pub fn run_serve(args: ServeArgs) -> Result<()> {
+    let listener = vicuna_server::bind(&args.host, args.port).map_err(|e| e.to_string())?;
+    let tokenizer = args.model.require_tokenizer()?;
+    let model = args.model.load_model()?;
+    let model_id = args.model_id.unwrap_or_else(|| {
+        let folder = args.model.model.canonicalize().unwrap_or_else(|_| args.model.model.clone());
+        folder.file_name().map_or_else(|| "vicuna".into(), |name| name.to_string_lossy().into_owned())
+    });
+    let api_key = args.api_key.or_else(|| std::env::var("VICUNA_API_KEY").ok()).filter(|k| !k.is_empty());
+    let options = ServerOptions {
+        model_id,
+        max_concurrent_requests: args.max_concurrent_requests,
+        max_batch_size: args.max_batch_size,
+        max_input_tokens: args.max_input_tokens,
+        max_total_tokens: args.max_total_tokens,
+        max_batch_total_tokens: args.max_batch_total_tokens,
+        max_batch_prefill_tokens: args.max_batch_prefill_tokens,
+        max_stop_sequences: args.max_stop_sequences,
+        api_key,
+        payload_limit: args.payload_limit,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+    };
+    vicuna_server::serve_on(listener, model, tokenizer, options, vicuna_server::shutdown_signal())
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

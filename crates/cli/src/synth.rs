@@ -1,0 +1,80 @@
+//! `vicuna synth`: a LLaMA folder of a real shape with random weights, for testing and
+//! benchmarking the tools without downloading a model.
+//!
+//! Today it writes Hugging Face folders (`--dtype`, `--out DIR`); GGUF output will come as
+//! `--type q4_0 --out FILE.gguf`, the output kind following from `--type`.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use vicuna_weights::{run_synth, DType, SynthRequest, SynthShape};
+
+use crate::output::{run_job, threads, WriteArgs};
+use crate::Result;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ShapeArg {
+    /// hidden 64, intermediate 172, 2 layers, 4 heads, vocab 32000 (a few MB).
+    Tiny,
+    /// TinyLlama-1.1B: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 key/value heads, vocab 32000 (2.2 GB in f16).
+    #[value(name = "1b")]
+    OneB,
+    /// LLaMA-7B: hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32000 (13.5 GB in f16).
+    #[value(name = "7b")]
+    SevenB,
+    /// LLaMA-13B as StableVicuna: hidden 5120, intermediate 13824, 40 layers, 40 heads, vocab 32001 (26 GB in f16).
+    #[value(name = "13b")]
+    ThirteenB,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DTypeArg {
+    F16,
+    F32,
+    Bf16,
+}
+
+#[derive(Args)]
+pub struct SynthArgs {
+    #[arg(long, value_enum)]
+    pub shape: ShapeArg,
+    /// Element type of the weights.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub dtype: DTypeArg,
+    /// Vocabulary size instead of the shape's own (e.g. 32001 for a delta with [PAD]).
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Random seed: the same seed gives the same weights, whatever the thread count.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The folder to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+pub fn run_synth_command(args: SynthArgs, threads_flag: Option<usize>) -> Result<()> {
+    let shape = match args.shape {
+        ShapeArg::Tiny => SynthShape::Tiny,
+        ShapeArg::OneB => SynthShape::OneB,
+        ShapeArg::SevenB => SynthShape::SevenB,
+        ShapeArg::ThirteenB => SynthShape::ThirteenB,
+    };
+    let dtype = match args.dtype {
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::Bf16 => DType::BF16,
+    };
+    let request = SynthRequest {
+        shape,
+        dtype,
+        vocab: args.vocab,
+        seed: args.seed,
+        out: args.out,
+        force: args.write.force,
+        shard_size: args.write.shard_size,
+        threads: threads(threads_flag),
+    };
+    run_job(args.write.quiet, |control| run_synth(&request, control))
+}

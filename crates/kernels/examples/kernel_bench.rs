@@ -1,0 +1,202 @@
+//! Throughput of the matmul kernels on 13B-shaped matrices (LLaMA-13B: hidden 5120, intermediate 13824).
+//!
+//! ```sh
+//! cargo run --release -p vicuna-kernels --example kernel_bench -- [--types q4_0,q8_0,q4_K,q6_K] [--threads 1,2]
+//!     [--shapes 13824x5120,5120x5120] [--batch 512] [--isa avx512|avx2|scalar] [--seconds 2]
+//! ```
+//!
+//! * matvec (one activation row, the decode step): GB/s of weights streamed. Several copies of the matrix, together
+//!   well beyond the last-level cache, are used in turn so that every call reads its weights from DRAM, as a decode
+//!   step over a whole model does. Compare with the STREAM roof of the machine.
+//! * matmat (`--batch` activation rows, prompt processing): GOPS, counting a multiply-add as two operations.
+//!
+//! The `cpu` columns (one thread only) divide by the time the calling thread actually ran, from
+//! `/proc/thread-self/schedstat`: on a machine shared with other work they show what the kernel costs when it is not
+//! waiting for a CPU.
+//!
+//! Weights are random bytes with every scale field set to a moderate f16, so the kernels do their real work on
+//! them; the values do not matter for speed.
+
+use std::time::{Duration, Instant};
+
+use vicuna_kernels::{matmul_with, row_size, GgmlType, Half, Isa, QuantMatrix, ThreadPoolBuilder};
+
+struct Options {
+    types: Vec<GgmlType>,
+    threads: Vec<usize>,
+    shapes: Vec<(usize, usize)>,
+    batch: usize,
+    isa: Isa,
+    seconds: f64,
+}
+
+fn parse() -> Options {
+    let mut o = Options {
+        types: vec![GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K],
+        threads: vec![1, 2],
+        shapes: vec![(13824, 5120), (5120, 5120)],
+        batch: 512,
+        isa: Isa::detect(),
+        seconds: 2.0,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for pair in args.chunks(2) {
+        let value = pair.get(1).map(String::as_str).unwrap_or_else(|| panic!("{} needs a value", pair[0]));
+        match pair[0].as_str() {
+            "--types" => {
+                o.types = value
+                    .split(',')
+                    .map(|name| {
+                        GgmlType::ALL.into_iter().find(|t| t.name() == name).unwrap_or_else(|| panic!("type {name}"))
+                    })
+                    .collect()
+            }
+            "--threads" => o.threads = value.split(',').map(|t| t.parse().unwrap()).collect(),
+            "--shapes" => {
+                o.shapes = value
+                    .split(',')
+                    .map(|s| {
+                        let (r, c) = s.split_once('x').expect("shape as ROWSxCOLS");
+                        (r.parse().unwrap(), c.parse().unwrap())
+                    })
+                    .collect()
+            }
+            "--batch" => o.batch = value.parse().unwrap(),
+            "--seconds" => o.seconds = value.parse().unwrap(),
+            "--isa" => {
+                o.isa = match value {
+                    "avx512" => Isa::Avx512,
+                    "avx2" => Isa::Avx2,
+                    "scalar" => Isa::Scalar,
+                    other => panic!("isa {other}"),
+                }
+            }
+            other => panic!("unknown option {other}"),
+        }
+    }
+    assert!(o.isa.is_available(), "{:?} is not available on this CPU", o.isa);
+    o
+}
+
+/// Byte offsets of the f16 scale fields in a block.
+fn half_fields(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q5_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+        GgmlType::Q2_K => &[80, 82],
+        GgmlType::Q3_K => &[108],
+        GgmlType::Q6_K => &[208],
+        _ => &[],
+    }
+}
+
+fn random_weights(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let bytes = rows * row_size(ty, cols).unwrap();
+    let mut state = seed;
+    let mut data: Vec<u8> = (0..bytes)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let scale = Half::from_f32(0.01).0;
+    if ty.is_quantized() {
+        for block in data.chunks_exact_mut(ty.block_bytes()) {
+            for &at in half_fields(ty) {
+                block[at..at + 2].copy_from_slice(&scale);
+            }
+        }
+    } else if ty == GgmlType::F16 {
+        for v in data.chunks_exact_mut(2) {
+            v.copy_from_slice(&scale);
+        }
+    }
+    data
+}
+
+/// Nanoseconds this thread has run on a CPU (Linux `schedstat`), or `None` elsewhere.
+fn thread_cpu_ns() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    stat.split_whitespace().next()?.parse().ok()
+}
+
+/// Calls `f` until `seconds` have passed (at least 3 times after one warm-up call). Returns the median wall time
+/// per call and, where known, the mean time per call this thread spent on a CPU: on a shared machine the second
+/// tells what a single-threaded call costs when it is not waiting for a CPU.
+fn time(seconds: f64, mut f: impl FnMut()) -> (Duration, Option<Duration>) {
+    f();
+    let start = Instant::now();
+    let cpu_start = thread_cpu_ns();
+    let mut times = Vec::new();
+    while times.len() < 3 || start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed());
+    }
+    let cpu = match (cpu_start, thread_cpu_ns()) {
+        (Some(a), Some(b)) => Some(Duration::from_nanos((b - a) / times.len() as u64)),
+        _ => None,
+    };
+    times.sort();
+    (times[times.len() / 2], cpu)
+}
+
+fn main() {
+    let o = parse();
+    println!("isa {:?}, batch {}, {:.1} s per measurement", o.isa, o.batch, o.seconds);
+    println!(
+        "{:<6} {:>11} {:>7} {:>12} {:>10} {:>12} {:>10}",
+        "type", "shape", "threads", "matvec µs", "GB/s", "matmat ms", "GOPS"
+    );
+    for &ty in &o.types {
+        for &(rows, cols) in &o.shapes {
+            let matrix_bytes = rows * row_size(ty, cols).unwrap();
+            // Enough distinct copies to exceed the last-level cache several times over.
+            let copies = (256usize << 20).div_ceil(matrix_bytes).max(2);
+            let weights: Vec<Vec<u8>> =
+                (0..copies).map(|i| random_weights(ty, rows, cols, 0x9E37 + i as u64)).collect();
+            let matrices: Vec<QuantMatrix> =
+                weights.iter().map(|d| QuantMatrix::new(ty, rows, cols, d).unwrap()).collect();
+            let mut state = 7u64;
+            let x: Vec<f32> = (0..o.batch * cols)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect();
+            let mut out = vec![0f32; o.batch * rows];
+            for &threads in &o.threads {
+                let pool = ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut next = 0;
+                let (matvec, matvec_cpu) = time(o.seconds, || {
+                    next = (next + 1) % matrices.len();
+                    matmul_with(o.isa, &matrices[next], &x[..cols], 1, &mut out[..rows], &pool).unwrap();
+                });
+                let (matmat, matmat_cpu) = time(o.seconds, || {
+                    matmul_with(o.isa, &matrices[0], &x, o.batch, &mut out, &pool).unwrap();
+                });
+                let gbps = |t: Duration| matrix_bytes as f64 / t.as_secs_f64() / 1e9;
+                let gops = |t: Duration| 2.0 * (rows * cols * o.batch) as f64 / t.as_secs_f64() / 1e9;
+                // With one thread all work runs on this thread, so its CPU time is the cost of the call.
+                let on_cpu = |t: Option<Duration>, rate: &dyn Fn(Duration) -> f64| match t {
+                    Some(t) if threads == 1 => format!("{:.1}", rate(t)),
+                    _ => "-".to_string(),
+                };
+                println!(
+                    "{:<6} {:>11} {:>7} {:>11.1} {:>8.1} {:>8} {:>11.2} {:>8.1} {:>8}",
+                    ty.name(),
+                    format!("{rows}x{cols}"),
+                    threads,
+                    matvec.as_secs_f64() * 1e6,
+                    gbps(matvec),
+                    on_cpu(matvec_cpu, &gbps),
+                    matmat.as_secs_f64() * 1e3,
+                    gops(matmat),
+                    on_cpu(matmat_cpu, &gops),
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! AVX-512 row kernels (VNNI `vpdpbusd` for the integer dots, GFNI `vgf2p8affineqb` and VBMI `vpermb` to unpack
+//! the packed weights).
+//!
+//! Decoding streams every weight byte once per token, so these kernels are built to keep up with memory: 64 weights
+//! are unpacked with one or two instructions, their integer dot is one `vpdpbusd`, loads avoid straddling cache
+//! lines where they can, and the activation-side values (scales, sums) were laid out by `acts` so that they are
+//! plain loads.
+
+use std::arch::x86_64::*;
+
+use crate::acts::Q8_0Row;
+use crate::blocks::{scales_mins_k4_words, BlockQ8K};
+use crate::kernels::x86::{half_at, reduce_add_256};
+use crate::types::QK;
+
+/// An 8×8 bit matrix for `vgf2p8affineqb`: output bit `i` of each byte is input bit `sources[i]`, or 0 where
+/// `sources[i]` is negative. (The instruction computes output bit `i` as the parity of `input & matrix.byte[7 - i]`.)
+pub(crate) const fn gf2_bit_select(sources: [i8; 8]) -> i64 {
+    let mut matrix = 0u64;
+    let mut i = 0;
+    while i < 8 {
+        if sources[i] >= 0 {
+            matrix |= (1u64 << sources[i]) << (8 * (7 - i));
+        }
+        i += 1;
+    }
+    matrix as i64
+}
+
+/// Keeps the low nibble of each byte.
+pub(crate) const GF2_LOW_NIBBLE: i64 = gf2_bit_select([0, 1, 2, 3, -1, -1, -1, -1]);
+/// Moves the high nibble of each byte to the low nibble.
+pub(crate) const GF2_HIGH_NIBBLE: i64 = gf2_bit_select([4, 5, 6, 7, -1, -1, -1, -1]);
+/// Bits `s, s + 1` of each byte to bits 4, 5 (the top two bits of a 6-bit q6_K value), others cleared.
+const fn gf2_two_bits_to_4(s: i8) -> i64 {
+    gf2_bit_select([-1, -1, -1, -1, s, s + 1, -1, -1])
+}
+
+/// Per-qword matrices: low nibbles in the first 256 bits, high nibbles in the second.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn low_then_high_nibbles() -> __m512i {
+    _mm512_set_epi64(
+        GF2_HIGH_NIBBLE,
+        GF2_HIGH_NIBBLE,
+        GF2_HIGH_NIBBLE,
+        GF2_HIGH_NIBBLE,
+        GF2_LOW_NIBBLE,
+        GF2_LOW_NIBBLE,
+        GF2_LOW_NIBBLE,
+        GF2_LOW_NIBBLE,
+    )
+}
+
+/// `vpermb` indices gathering the nibble bytes of a pair of q4_0 blocks (as [`load_q4_0_pair`] lays them out) into
+/// the pair-interleaved order of `ActsQ8_0`: output dword `p` holds values `4 * (p / 2) ..` of block `p % 2`, i.e.
+/// the low nibbles of bytes `4 * (p / 2) ..` for `p < 8` and the high nibbles of bytes `4 * (p / 2 - 4) ..` after.
+const fn q4_0_pair_indices() -> [u8; 64] {
+    let mut idx = [0u8; 64];
+    let mut o = 0;
+    while o < 64 {
+        let (p, i) = (o / 4, o % 4);
+        let (block, group) = (p % 2, p / 2);
+        let first_nibble_byte = if block == 0 { 2 } else { 32 };
+        idx[o] = (first_nibble_byte + 4 * (group % 4) + i) as u8;
+        o += 1;
+    }
+    idx
+}
+
+/// The 36 bytes of a pair of q4_0 blocks at `p`: bytes 0..32 of the pair in bytes 0..32 of the vector, the second
+/// block's 16 nibble bytes (pair bytes 20..36) in bytes 32..48.
+///
+/// Two loads of 32 and 16 bytes rather than one of 64: at a 36-byte stride, 64-byte loads nearly always straddle
+/// two cache lines, which costs more than the extra load. A pair with only one block (`full == false`, at the end
+/// of a row of odd length) is loaded with masks, so nothing past its 18 bytes is touched.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn load_q4_0_pair(p: *const u8, full: bool) -> __m512i {
+    if full {
+        let head = _mm512_castsi256_si512(_mm256_loadu_si256(p.cast()));
+        _mm512_inserti32x4::<2>(head, _mm_loadu_si128(p.add(20).cast()))
+    } else {
+        _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8(0x3_FFFF, p.cast()))
+    }
+}
+
+/// `vpermb` indices putting the two f16 scales of a q4_0 pair (bytes 0..2 and 18..20) in alternate words.
+const fn pair_scale_indices(second_block_offset: usize) -> [u8; 64] {
+    let mut idx = [0u8; 64];
+    let mut w = 0;
+    while w < 32 {
+        let base = if w % 2 == 0 { 0 } else { second_block_offset };
+        idx[2 * w] = base as u8;
+        idx[2 * w + 1] = (base + 1) as u8;
+        w += 1;
+    }
+    idx
+}
+
+/// `vpermb` indices taking the quants of two q8_0 blocks (the first block's in bytes 0..32, the second's in
+/// 32..64) into the pair-interleaved order.
+const fn q8_0_pair_indices() -> [u8; 64] {
+    let mut idx = [0u8; 64];
+    let mut o = 0;
+    while o < 64 {
+        let (p, i) = (o / 4, o % 4);
+        let (block, group) = (p % 2, p / 2);
+        idx[o] = (32 * block + 4 * group + i) as u8;
+        o += 1;
+    }
+    idx
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_indices(idx: &[u8; 64]) -> __m512i {
+    _mm512_loadu_si512(idx.as_ptr().cast())
+}
+
+/// The two activation scales of a pair, repeated over the eight even/odd lane pairs.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn pair_scales(d: *const f32) -> __m512 {
+    _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(d.cast::<f64>())))
+}
+
+/// The two activation biases of a pair in lanes 0 and 1, zeros elsewhere: added once per block.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn pair_biases(bias: *const i32) -> __m512i {
+    _mm512_zextsi128_si512(_mm_loadl_epi64(bias.cast()))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
+pub(crate) unsafe fn rows_q4_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
+    const PAIR_BYTES: usize = 36;
+    let blocks = row_bytes / 18;
+    let nibble_idx = load_indices(&q4_0_pair_indices());
+    let scale_idx = load_indices(&pair_scale_indices(18));
+    let nibbles = low_then_high_nibbles();
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        let p = row.as_ptr();
+        let mut acc = _mm512_setzero_ps();
+        for pair in 0..blocks.div_ceil(2) {
+            let raw = load_q4_0_pair(p.add(pair * PAIR_BYTES), 2 * pair + 1 < blocks);
+            let q = _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_permutexvar_epi8(nibble_idx, raw), nibbles);
+            let isum = _mm512_dpbusd_epi32(
+                pair_biases(x.bias.as_ptr().add(2 * pair)),
+                q,
+                _mm512_loadu_si512(x.qs.as_ptr().add(pair * 2 * QK).cast()),
+            );
+            let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(scale_idx, raw)));
+            let scale = _mm512_mul_ps(dw, pair_scales(x.d.as_ptr().add(2 * pair)));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
+        }
+        *o = _mm512_reduce_add_ps(acc);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
+pub(crate) unsafe fn rows_q8_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
+    const BLOCK_BYTES: usize = 34;
+    let blocks = row_bytes / BLOCK_BYTES;
+    let quant_idx = load_indices(&q8_0_pair_indices());
+    let sign_flip = _mm512_set1_epi8(-128);
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        let p = row.as_ptr();
+        let mut acc = _mm512_setzero_ps();
+        for pair in 0..blocks.div_ceil(2) {
+            let first = p.add(2 * pair * BLOCK_BYTES);
+            // 32-byte loads of each block's quants (see `load_q4_0_pair` on why not 64-byte ones).
+            let (second_quants, second_scale) = if 2 * pair + 1 < blocks {
+                (
+                    _mm256_loadu_si256(first.add(BLOCK_BYTES + 2).cast()),
+                    u16::from_le_bytes([*first.add(34), *first.add(35)]),
+                )
+            } else {
+                (_mm256_setzero_si256(), 0)
+            };
+            let quants =
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_loadu_si256(first.add(2).cast())), second_quants);
+            // Signed weights + 128 are the unsigned bytes vpdpbusd wants; the bias (-128 · Σx) undoes the offset.
+            let q = _mm512_xor_si512(_mm512_permutexvar_epi8(quant_idx, quants), sign_flip);
+            let isum = _mm512_dpbusd_epi32(
+                pair_biases(x.bias.as_ptr().add(2 * pair)),
+                q,
+                _mm512_loadu_si512(x.qs.as_ptr().add(pair * 2 * QK).cast()),
+            );
+            let scales = u16::from_le_bytes([*first, *first.add(1)]) as u32 | (second_scale as u32) << 16;
+            let dw = _mm512_cvtph_ps(_mm256_set1_epi32(scales as i32));
+            let scale = _mm512_mul_ps(dw, pair_scales(x.d.as_ptr().add(2 * pair)));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
+        }
+        *o = _mm512_reduce_add_ps(acc);
+    }
+}
+
+/// `vpermb` indices spreading scale bytes over dword lanes: lane `l` gets byte `first + l / 8` (the rest of the
+/// dword is zeroed by the mask [`LOW_BYTE_OF_DWORD`]), matching a `vpdpbusd` result whose lanes 0..8 sum one
+/// group of 32 values and lanes 8..16 the next.
+const fn dword_spread_indices(first: usize, lanes_per_value: usize) -> [u8; 64] {
+    let mut idx = [0u8; 64];
+    let mut lane = 0;
+    while lane < 16 {
+        idx[4 * lane] = (first + lane / lanes_per_value) as u8;
+        lane += 1;
+    }
+    idx
+}
+
+const LOW_BYTE_OF_DWORD: __mmask64 = 0x1111_1111_1111_1111;
+
+/// `vpternlogd` immediate for `(a & c) | b`, written with the operands' truth-table columns.
+const A_AND_C_OR_B: i32 = (0xF0 & 0xAA) | 0xCC;
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
+pub(crate) unsafe fn rows_q4_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
+    const BLOCK_BYTES: usize = 144;
+    let blocks = row_bytes / BLOCK_BYTES;
+    let nibbles = low_then_high_nibbles();
+    let spread: [__m512i; 4] = std::array::from_fn(|c| load_indices(&dword_spread_indices(2 * c, 8)));
+    // Word w of the mins vector gets min byte w / 2 (bytes 8.. of the scales/mins vector); odd bytes are zeroed.
+    let min_idx = {
+        let mut idx = [0u8; 32];
+        for (i, v) in idx.iter_mut().enumerate() {
+            *v = (8 + i / 4) as u8;
+        }
+        _mm256_loadu_si256(idx.as_ptr().cast())
+    };
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        let p = row.as_ptr();
+        let mut acc = _mm512_setzero_ps();
+        let mut acc_mins = _mm256_setzero_ps();
+        for (i, y) in x[..blocks].iter().enumerate() {
+            let b = p.add(i * BLOCK_BYTES);
+            let (scales, mins) = scales_mins_k4_words(&*b.add(4).cast::<[u8; 12]>());
+            let scale_bytes = _mm512_castsi128_si512(_mm_set_epi64x(mins as i64, scales as i64));
+            let mut isum = _mm512_setzero_si512();
+            for (c, spread) in spread.iter().enumerate() {
+                // 32 bytes hold 64 values: the low nibbles the first 32, the high nibbles the next 32. Repeating
+                // them in both halves and taking low nibbles left, high nibbles right gives the 64 in order.
+                let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(16 + 32 * c).cast()));
+                let q = _mm512_gf2p8affine_epi64_epi8::<0>(packed, nibbles);
+                let dot = _mm512_dpbusd_epi32(
+                    _mm512_setzero_si512(),
+                    q,
+                    _mm512_loadu_si512(y.qs.as_ptr().add(64 * c).cast()),
+                );
+                // Each lane sums 4 products below 15·127, so it fits an i16: vpmaddwd with (scale, 0) multiplies.
+                let group_scales = _mm512_maskz_permutexvar_epi8(LOW_BYTE_OF_DWORD, *spread, scale_bytes);
+                isum = _mm512_add_epi32(isum, _mm512_madd_epi16(dot, group_scales));
+            }
+            let min_words = _mm256_maskz_permutexvar_epi8(0x5555_5555, min_idx, _mm512_castsi512_si256(scale_bytes));
+            let imins = _mm256_madd_epi16(_mm256_loadu_si256(y.bsums.as_ptr().cast()), min_words);
+            let d = half_at(b) * y.d;
+            let dmin = half_at(b.add(2)) * y.d;
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d), acc);
+            acc_mins = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imins), _mm256_set1_ps(dmin), acc_mins);
+        }
+        *o = _mm512_reduce_add_ps(acc) - reduce_add_256(acc_mins);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
+pub(crate) unsafe fn rows_q6_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
+    const BLOCK_BYTES: usize = 210;
+    let blocks = row_bytes / BLOCK_BYTES;
+    let low_nibble = _mm512_set1_epi8(0x0F);
+    let high_nibble = _mm512_set1_epi64(GF2_HIGH_NIBBLE);
+    // For values l (first 256 bits) and l + 32 (second): top bits 0,1 resp. 2,3 of qh[l]; then 4,5 resp. 6,7.
+    let top_bits_first = _mm512_set_epi64(
+        gf2_two_bits_to_4(2),
+        gf2_two_bits_to_4(2),
+        gf2_two_bits_to_4(2),
+        gf2_two_bits_to_4(2),
+        gf2_two_bits_to_4(0),
+        gf2_two_bits_to_4(0),
+        gf2_two_bits_to_4(0),
+        gf2_two_bits_to_4(0),
+    );
+    let top_bits_second = _mm512_set_epi64(
+        gf2_two_bits_to_4(6),
+        gf2_two_bits_to_4(6),
+        gf2_two_bits_to_4(6),
+        gf2_two_bits_to_4(6),
+        gf2_two_bits_to_4(4),
+        gf2_two_bits_to_4(4),
+        gf2_two_bits_to_4(4),
+        gf2_two_bits_to_4(4),
+    );
+    // Lane l of the scale vector for values 64u.. gets group scale 4u + l / 4 in its low word.
+    let spread: [__m512i; 4] = std::array::from_fn(|u| {
+        let mut idx = [0u16; 32];
+        for lane in 0..16 {
+            idx[2 * lane] = (4 * u + lane / 4) as u16;
+        }
+        _mm512_loadu_si512(idx.as_ptr().cast())
+    });
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        let p = row.as_ptr();
+        let mut acc = _mm512_setzero_ps();
+        for (i, y) in x[..blocks].iter().enumerate() {
+            let b = p.add(i * BLOCK_BYTES);
+            let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192).cast()));
+            let scales_wide = _mm512_zextsi256_si512(scales16);
+            let mut isum = _mm512_setzero_si512();
+            for half in 0..2 {
+                let ql = _mm512_loadu_si512(b.add(64 * half).cast());
+                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(128 + 32 * half).cast()));
+                // (ql & 15) | top bits, in one ternary-logic op.
+                let first = _mm512_ternarylogic_epi32::<{ A_AND_C_OR_B }>(
+                    ql,
+                    _mm512_gf2p8affine_epi64_epi8::<0>(qh, top_bits_first),
+                    low_nibble,
+                );
+                let second = _mm512_or_si512(
+                    _mm512_gf2p8affine_epi64_epi8::<0>(ql, high_nibble),
+                    _mm512_gf2p8affine_epi64_epi8::<0>(qh, top_bits_second),
+                );
+                for (t, q) in [first, second].into_iter().enumerate() {
+                    let u = 2 * half + t;
+                    let dot = _mm512_dpbusd_epi32(
+                        _mm512_setzero_si512(),
+                        q,
+                        _mm512_loadu_si512(y.qs.as_ptr().add(64 * u).cast()),
+                    );
+                    // Lanes sum 4 products below 64·127: they fit an i16, as the scales do.
+                    let group_scales = _mm512_maskz_permutexvar_epi16(0x5555_5555, spread[u], scales_wide);
+                    isum = _mm512_add_epi32(isum, _mm512_madd_epi16(dot, group_scales));
+                }
+            }
+            // The stored values are q + 32: subtract 32 · Σ scale · (group sum of x).
+            let offset = _mm256_madd_epi16(scales16, _mm256_loadu_si256(y.bsums.as_ptr().cast()));
+            isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(_mm256_slli_epi32::<5>(offset)));
+            let d = half_at(b.add(208)) * y.d;
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d), acc);
+        }
+        *o = _mm512_reduce_add_ps(acc);
+    }
+}
+
+/// Dot products of float rows with `x`, four accumulators deep: `$load(ptr)` widens 16 elements starting at byte
+/// pointer `ptr` to f32, `$load_masked(ptr, mask)` the first elements selected by `mask`.
+macro_rules! float_rows {
+    ($w:expr, $row_bytes:expr, $x:expr, $out:expr, $element_bytes:expr, $load:expr, $load_masked:expr) => {{
+        let k = $row_bytes / $element_bytes;
+        let xp = $x.as_ptr();
+        for (row, o) in $w.chunks_exact($row_bytes).zip($out) {
+            let p = row.as_ptr();
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 64 <= k {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let e = i + 16 * a;
+                    *acc = _mm512_fmadd_ps($load(p.add(e * $element_bytes)), _mm512_loadu_ps(xp.add(e)), *acc);
+                }
+                i += 64;
+            }
+            while i < k {
+                let mask: __mmask16 = if k - i >= 16 { !0 } else { (1u16 << (k - i)) - 1 };
+                let xv = _mm512_maskz_loadu_ps(mask, xp.add(i));
+                acc[0] = _mm512_fmadd_ps($load_masked(p.add(i * $element_bytes), mask), xv, acc[0]);
+                i += 16;
+            }
+            let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            *o = _mm512_reduce_add_ps(sum);
+        }
+    }};
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn load_f16x16(p: *const u8) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn load_f16x16_masked(p: *const u8, mask: __mmask16) -> __m512 {
+    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast()))
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn load_bf16x16(p: *const u8) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()))))
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn load_bf16x16_masked(p: *const u8, mask: __mmask16) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p.cast()))))
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_f32x16(p: *const u8) -> __m512 {
+    _mm512_loadu_ps(p.cast())
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_f32x16_masked(p: *const u8, mask: __mmask16) -> __m512 {
+    _mm512_maskz_loadu_ps(mask, p.cast())
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+pub(crate) unsafe fn rows_f32(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+    float_rows!(w, row_bytes, x, out, 4, load_f32x16, load_f32x16_masked)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub(crate) unsafe fn rows_f16(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+    float_rows!(w, row_bytes, x, out, 2, load_f16x16, load_f16x16_masked)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+pub(crate) unsafe fn rows_bf16(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+    float_rows!(w, row_bytes, x, out, 2, load_bf16x16, load_bf16x16_masked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_select_matrices_do_what_they_say() {
+        if !crate::isa::Isa::Avx512.is_available() {
+            return;
+        }
+        let bytes: [u8; 64] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11));
+        let apply = |matrix: i64| -> [u8; 64] {
+            let mut out = [0u8; 64];
+            // SAFETY: AVX-512 with GFNI is available (checked above).
+            unsafe {
+                let v = _mm512_gf2p8affine_epi64_epi8::<0>(
+                    _mm512_loadu_si512(bytes.as_ptr().cast()),
+                    _mm512_set1_epi64(matrix),
+                );
+                _mm512_storeu_si512(out.as_mut_ptr().cast(), v);
+            }
+            out
+        };
+        let low = apply(GF2_LOW_NIBBLE);
+        let high = apply(GF2_HIGH_NIBBLE);
+        let top = apply(gf2_two_bits_to_4(6));
+        for i in 0..64 {
+            assert_eq!(low[i], bytes[i] & 15);
+            assert_eq!(high[i], bytes[i] >> 4);
+            assert_eq!(top[i], (bytes[i] >> 6) << 4);
+        }
+    }
+}

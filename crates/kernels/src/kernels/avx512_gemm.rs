@@ -1,0 +1,410 @@
+//! AVX-512 VNNI matrix × matrix for prompt processing: many activation rows against the same weights.
+//!
+//! With many activation rows the work is compute bound, and unpacking each weight block again for every activation
+//! row (what the row kernels do) would dominate. So each chunk of weight rows is unpacked once into signed bytes
+//! (the "panel"), and a register-blocked micro-kernel multiplies it with the activations of 16 rows at a time
+//! ("tiles"), one activation row per 32-bit lane:
+//!
+//! * tiles hold the activations as unsigned bytes `x + 128`, transposed so that one 64-byte load gives four
+//!   consecutive values of 16 activation rows; `vpdpbusd` takes them against a broadcast of four weights;
+//! * the `+ 128` is undone by starting each group's sum at `-128 · Σ w` (the panel stores that per row and group);
+//! * per group (32 values; 16 for q6_K) the integer sums are scaled by the activation scales (a vector over the 16
+//!   activation rows) and the weight scale (a broadcast), and for q4_K the group minimum is subtracted.
+//!
+//! Each weight byte is read from memory once per call; the panel of a chunk (32 rows) stays in L2 while every
+//! activation tile passes over it, eight weight rows at a time.
+
+use std::arch::x86_64::*;
+
+use crate::acts::interleaved_index;
+use crate::blocks::scales_mins_k4_words;
+use crate::kernels::avx512::{low_then_high_nibbles, GF2_HIGH_NIBBLE, GF2_LOW_NIBBLE};
+use crate::kernels::x86::half_at;
+use crate::kernels::Activations;
+use crate::matmul::{QuantMatrix, SharedOut};
+use crate::types::{GgmlType, QK, QK_K};
+use std::ops::Range;
+
+/// Weight rows unpacked together; a multiple of [`KERNEL_ROWS`].
+pub(crate) const CHUNK_ROWS: usize = 32;
+/// Weight rows per micro-kernel call (eight accumulators of 16 activation rows each).
+const KERNEL_ROWS: usize = 8;
+/// Activation rows per tile: one per 32-bit lane.
+const TILE: usize = 16;
+/// From this many activation rows on, unpacking weights once beats the row kernels.
+const MIN_ROWS: usize = 8;
+
+pub(crate) fn use_gemm(ty: GgmlType, n: usize) -> bool {
+    n >= MIN_ROWS && matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K)
+}
+
+/// Values per scale group: the unit whose integer sum gets one weight scale and one activation scale.
+fn group_len(ty: GgmlType) -> usize {
+    if ty == GgmlType::Q6_K {
+        16
+    } else {
+        32
+    }
+}
+
+/// The activations of one call, transposed into tiles of 16 rows.
+pub(crate) struct ActTiles {
+    quads: usize,
+    groups: usize,
+    /// `tiles × quads × 64` bytes: for each run of four values, those values `+ 128` of 16 activation rows.
+    xq: Vec<u8>,
+    /// `tiles × scales × 16`: the activation scales per activation row, one per q8_0 block or q8_K super-block.
+    scale: Vec<f32>,
+    /// q4_K only, `tiles × groups × 16`: each group's sum of activation quants (what the minimum multiplies).
+    sum: Vec<f32>,
+}
+
+impl ActTiles {
+    pub fn new(ty: GgmlType, acts: &Activations, n: usize, k: usize) -> ActTiles {
+        let tiles = n.div_ceil(TILE);
+        let quads = k / 4;
+        let group = group_len(ty);
+        let groups = k / group;
+        let scales = match acts {
+            Activations::Q8_0(_) => k / QK,
+            _ => k / QK_K,
+        };
+        let mut t = ActTiles {
+            quads,
+            groups,
+            xq: vec![0x80; tiles * quads * 64],
+            scale: vec![0.0; tiles * scales * TILE],
+            sum: if ty == GgmlType::Q4_K { vec![0.0; tiles * groups * TILE] } else { Vec::new() },
+        };
+        for c in 0..n {
+            let (tile, lane) = (c / TILE, c % TILE);
+            let xq = &mut t.xq[tile * quads * 64..(tile + 1) * quads * 64];
+            let scale = &mut t.scale[tile * scales * TILE..(tile + 1) * scales * TILE];
+            match acts {
+                Activations::Q8_0(a) => {
+                    let row = a.row(c);
+                    for quad in 0..quads {
+                        let (j, e) = (quad / 8, 4 * (quad % 8));
+                        let at = interleaved_index(j, e);
+                        for i in 0..4 {
+                            xq[quad * 64 + 4 * lane + i] = (row.qs[at + i] as u8) ^ 0x80;
+                        }
+                    }
+                    for j in 0..scales {
+                        scale[j * TILE + lane] = row.d[j];
+                    }
+                }
+                Activations::Q8K(a) => {
+                    let row = a.row(c);
+                    for quad in 0..quads {
+                        let (b, e) = (quad / 64, 4 * (quad % 64));
+                        for i in 0..4 {
+                            xq[quad * 64 + 4 * lane + i] = (row[b].qs[e + i] as u8) ^ 0x80;
+                        }
+                    }
+                    for (b, block) in row.iter().enumerate() {
+                        scale[b * TILE + lane] = block.d;
+                    }
+                    if ty == GgmlType::Q4_K {
+                        for g in 0..groups {
+                            let block = &row[g * group / QK_K];
+                            let first = (g * group % QK_K) / 16;
+                            let bsum = block.bsums[first] as i32 + block.bsums[first + 1] as i32;
+                            t.sum[(tile * groups + g) * TILE + lane] = bsum as f32;
+                        }
+                    }
+                }
+                Activations::F32 { .. } => unreachable!("the GEMM path runs only on quantized activations"),
+            }
+        }
+        t
+    }
+}
+
+/// One chunk of weight rows unpacked to signed bytes in value order, with per-group constants.
+#[derive(Default)]
+pub(crate) struct GemmScratch {
+    /// `CHUNK_ROWS × k` signed weights.
+    q: Vec<i8>,
+    /// `CHUNK_ROWS × groups` weight scales (`d`, or `d · scale` for the k-quants).
+    scale: Vec<f32>,
+    /// `CHUNK_ROWS × groups`: `-128 · Σ w`, the start of each group sum.
+    corr: Vec<i32>,
+    /// q4_K only, `CHUNK_ROWS × groups`: `-dmin · min`.
+    min: Vec<f32>,
+}
+
+/// Computes the outputs of weight rows `rows` (at most [`CHUNK_ROWS`]) for all `n` activation rows.
+///
+/// # Safety
+/// AVX-512 (the `Isa::Avx512` set) must be available; `out` must be exclusively this chunk's for `rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
+pub(crate) unsafe fn gemm(
+    w: &QuantMatrix,
+    rows: Range<usize>,
+    tiles: &ActTiles,
+    n: usize,
+    out: SharedOut,
+    scratch: &mut GemmScratch,
+) {
+    let k = w.cols();
+    let groups = tiles.groups;
+    scratch.q.resize(CHUNK_ROWS * k, 0);
+    scratch.scale.resize(CHUNK_ROWS * groups, 0.0);
+    scratch.corr.resize(CHUNK_ROWS * groups, 0);
+    if w.ty() == GgmlType::Q4_K {
+        scratch.min.resize(CHUNK_ROWS * groups, 0.0);
+    }
+    for i in 0..CHUNK_ROWS {
+        let (q, scale) = (&mut scratch.q[i * k..(i + 1) * k], &mut scratch.scale[i * groups..(i + 1) * groups]);
+        let corr = &mut scratch.corr[i * groups..(i + 1) * groups];
+        let r = rows.start + i;
+        if r >= rows.end {
+            // Rows past the matrix: zeros, whose outputs are never stored.
+            q.fill(0);
+            scale.fill(0.0);
+            corr.fill(0);
+            continue;
+        }
+        let src = w.rows_data(r..r + 1).as_ptr();
+        match w.ty() {
+            GgmlType::Q4_0 => unpack_q4_0(src, k / QK, q, scale, corr),
+            GgmlType::Q8_0 => unpack_q8_0(src, k / QK, q, scale, corr),
+            GgmlType::Q4_K => {
+                unpack_q4_k(src, k / QK_K, q, scale, corr, &mut scratch.min[i * groups..(i + 1) * groups])
+            }
+            GgmlType::Q6_K => unpack_q6_k(src, k / QK_K, q, scale, corr),
+            ty => unreachable!("no GEMM unpacking for {ty}"),
+        }
+    }
+    for tile in 0..n.div_ceil(TILE) {
+        for first in (0..rows.len()).step_by(KERNEL_ROWS) {
+            let acc = match w.ty() {
+                GgmlType::Q6_K => kernel::<4, 16, false>(scratch, first, k, tiles, tile),
+                GgmlType::Q4_K => kernel::<8, 8, true>(scratch, first, k, tiles, tile),
+                _ => kernel::<8, 1, false>(scratch, first, k, tiles, tile),
+            };
+            let mut lanes = [0f32; TILE];
+            for (i, acc) in acc.iter().enumerate() {
+                let r = rows.start + first + i;
+                if r >= rows.end {
+                    break;
+                }
+                _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
+                for (lane, &v) in lanes.iter().enumerate().take(n - tile * TILE) {
+                    out.column(tile * TILE + lane, r..r + 1)[0] = v;
+                }
+            }
+        }
+    }
+}
+
+/// Eight weight rows (from `first` in the panel) against one tile of 16 activation rows over all of `k`:
+/// `QUADS` runs of four values per group, `GROUPS_PER_SCALE` groups per activation scale (1 for q8_0 activations,
+/// 8 or 16 for q8_K's super-blocks), `MINS` to subtract q4_K's group minimums.
+///
+/// With one activation scale per super-block, the groups' contributions are summed scaled by the weight scale
+/// only, and the activation scale is applied once per super-block: one multiply fewer per group.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+unsafe fn kernel<const QUADS: usize, const GROUPS_PER_SCALE: usize, const MINS: bool>(
+    panel: &GemmScratch,
+    first: usize,
+    k: usize,
+    tiles: &ActTiles,
+    tile: usize,
+) -> [__m512; KERNEL_ROWS] {
+    let groups = tiles.groups;
+    let scales = groups / GROUPS_PER_SCALE;
+    let xq = tiles.xq.as_ptr().add(tile * tiles.quads * 64);
+    let xscale = tiles.scale.as_ptr().add(tile * scales * TILE);
+    let xsum = if MINS { tiles.sum.as_ptr().add(tile * groups * TILE) } else { std::ptr::null() };
+    let wq = panel.q.as_ptr().add(first * k);
+    let wscale = panel.scale.as_ptr().add(first * groups);
+    let wcorr = panel.corr.as_ptr().add(first * groups);
+    let wmin = if MINS { panel.min.as_ptr().add(first * groups) } else { std::ptr::null() };
+    let mut acc = [_mm512_setzero_ps(); KERNEL_ROWS];
+    for s in 0..scales {
+        let mut part = [_mm512_setzero_ps(); KERNEL_ROWS];
+        for g in s * GROUPS_PER_SCALE..(s + 1) * GROUPS_PER_SCALE {
+            let mut isum: [__m512i; KERNEL_ROWS] =
+                std::array::from_fn(|r| _mm512_set1_epi32(*wcorr.add(r * groups + g)));
+            for t in 0..QUADS {
+                let quad = g * QUADS + t;
+                let x = _mm512_loadu_si512(xq.add(quad * 64).cast());
+                for (r, isum) in isum.iter_mut().enumerate() {
+                    let four = std::ptr::read_unaligned(wq.add(r * k + 4 * quad).cast::<i32>());
+                    *isum = _mm512_dpbusd_epi32(*isum, x, _mm512_set1_epi32(four));
+                }
+            }
+            if GROUPS_PER_SCALE == 1 {
+                let xs = _mm512_loadu_ps(xscale.add(s * TILE));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(isum[r]), xs);
+                    *acc = _mm512_fmadd_ps(scaled, _mm512_set1_ps(*wscale.add(r * groups + g)), *acc);
+                }
+            } else {
+                for (r, part) in part.iter_mut().enumerate() {
+                    let ws = _mm512_set1_ps(*wscale.add(r * groups + g));
+                    *part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), ws, *part);
+                    if MINS {
+                        let sums = _mm512_loadu_ps(xsum.add(g * TILE));
+                        *part = _mm512_fmadd_ps(_mm512_set1_ps(*wmin.add(r * groups + g)), sums, *part);
+                    }
+                }
+            }
+        }
+        if GROUPS_PER_SCALE > 1 {
+            let xs = _mm512_loadu_ps(xscale.add(s * TILE));
+            for (acc, part) in acc.iter_mut().zip(part) {
+                *acc = _mm512_fmadd_ps(part, xs, *acc);
+            }
+        }
+    }
+    acc
+}
+
+/// The byte sums of each 8-byte run of `v` (`vpsadbw` against zero).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn sums_of_8(v: __m512i) -> [u64; 8] {
+    std::mem::transmute(_mm512_sad_epu8(v, _mm512_setzero_si512()))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,gfni,f16c")]
+unsafe fn unpack_q4_0(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [f32], corr: &mut [i32]) {
+    // Block b of the pair: bytes 0..16 of its values are the low nibbles of its 16 quant bytes, 16..32 the high.
+    let idx: [u8; 64] = std::array::from_fn(|o| (18 * (o / 32) + 2 + o % 16) as u8);
+    let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+    let nibbles = _mm512_set_epi64(
+        GF2_HIGH_NIBBLE,
+        GF2_HIGH_NIBBLE,
+        GF2_LOW_NIBBLE,
+        GF2_LOW_NIBBLE,
+        GF2_HIGH_NIBBLE,
+        GF2_HIGH_NIBBLE,
+        GF2_LOW_NIBBLE,
+        GF2_LOW_NIBBLE,
+    );
+    for pair in 0..blocks.div_ceil(2) {
+        let in_pair = (blocks - 2 * pair).min(2);
+        let raw = _mm512_maskz_loadu_epi8(mask(18 * in_pair), row.add(36 * pair).cast());
+        let u = _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_permutexvar_epi8(idx, raw), nibbles);
+        _mm512_mask_storeu_epi8(
+            q.as_mut_ptr().add(64 * pair).cast(),
+            mask(32 * in_pair),
+            _mm512_sub_epi8(u, _mm512_set1_epi8(8)),
+        );
+        let sums = sums_of_8(u);
+        for b in 0..in_pair {
+            let j = 2 * pair + b;
+            let unsigned: u64 = sums[4 * b..4 * b + 4].iter().sum();
+            corr[j] = -128 * (unsigned as i32 - 8 * 32);
+            scale[j] = half_at(row.add(18 * j));
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,f16c")]
+unsafe fn unpack_q8_0(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [f32], corr: &mut [i32]) {
+    for j in 0..blocks {
+        let b = row.add(34 * j);
+        let v = _mm256_loadu_si256(b.add(2).cast());
+        _mm256_storeu_si256(q.as_mut_ptr().add(32 * j).cast(), v);
+        let offset = _mm512_zextsi256_si512(_mm256_xor_si256(v, _mm256_set1_epi8(-128)));
+        let unsigned: u64 = sums_of_8(offset)[..4].iter().sum();
+        corr[j] = -128 * (unsigned as i32 - 128 * 32);
+        scale[j] = half_at(b);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,gfni,f16c")]
+unsafe fn unpack_q4_k(
+    row: *const u8,
+    blocks: usize,
+    q: &mut [i8],
+    scale: &mut [f32],
+    corr: &mut [i32],
+    min: &mut [f32],
+) {
+    let nibbles = low_then_high_nibbles();
+    for i in 0..blocks {
+        let b = row.add(144 * i);
+        let (d, dmin) = (half_at(b), half_at(b.add(2)));
+        let (scales, mins) = scales_mins_k4_words(&*b.add(4).cast::<[u8; 12]>());
+        for c in 0..4 {
+            let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(16 + 32 * c).cast()));
+            let u = _mm512_gf2p8affine_epi64_epi8::<0>(packed, nibbles);
+            _mm512_storeu_si512(q.as_mut_ptr().add(QK_K * i + 64 * c).cast(), u);
+            let sums = sums_of_8(u);
+            for h in 0..2 {
+                let g = 8 * i + 2 * c + h;
+                let sub = 2 * c + h;
+                let total: u64 = sums[4 * h..4 * h + 4].iter().sum();
+                corr[g] = -128 * total as i32;
+                scale[g] = d * ((scales >> (8 * sub)) & 0xFF) as f32;
+                min[g] = -dmin * ((mins >> (8 * sub)) & 0xFF) as f32;
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,gfni,f16c")]
+unsafe fn unpack_q6_k(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [f32], corr: &mut [i32]) {
+    let low_nibble = _mm512_set1_epi8(0x0F);
+    let high_nibble = _mm512_set1_epi64(GF2_HIGH_NIBBLE);
+    let two_bits = |s: i8| crate::kernels::avx512::gf2_bit_select([-1, -1, -1, -1, s, s + 1, -1, -1]);
+    let top_first = _mm512_set_epi64(
+        two_bits(2),
+        two_bits(2),
+        two_bits(2),
+        two_bits(2),
+        two_bits(0),
+        two_bits(0),
+        two_bits(0),
+        two_bits(0),
+    );
+    let top_second = _mm512_set_epi64(
+        two_bits(6),
+        two_bits(6),
+        two_bits(6),
+        two_bits(6),
+        two_bits(4),
+        two_bits(4),
+        two_bits(4),
+        two_bits(4),
+    );
+    for i in 0..blocks {
+        let b = row.add(210 * i);
+        let d = half_at(b.add(208));
+        for half in 0..2 {
+            let ql = _mm512_loadu_si512(b.add(64 * half).cast());
+            let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(128 + 32 * half).cast()));
+            let first =
+                _mm512_or_si512(_mm512_and_si512(ql, low_nibble), _mm512_gf2p8affine_epi64_epi8::<0>(qh, top_first));
+            let second = _mm512_or_si512(
+                _mm512_gf2p8affine_epi64_epi8::<0>(ql, high_nibble),
+                _mm512_gf2p8affine_epi64_epi8::<0>(qh, top_second),
+            );
+            for (t, u) in [first, second].into_iter().enumerate() {
+                let at = QK_K * i + 128 * half + 64 * t;
+                _mm512_storeu_si512(q.as_mut_ptr().add(at).cast(), _mm512_sub_epi8(u, _mm512_set1_epi8(32)));
+                let sums = sums_of_8(u);
+                for s in 0..4 {
+                    let g = at / 16 + s;
+                    let unsigned = sums[2 * s] + sums[2 * s + 1];
+                    corr[g] = -128 * (unsigned as i32 - 32 * 16);
+                    scale[g] = d * *b.add(192 + g % 16).cast::<i8>() as f32;
+                }
+            }
+        }
+    }
+}
+
+fn mask(bytes: usize) -> __mmask64 {
+    if bytes >= 64 {
+        !0
+    } else {
+        (1u64 << bytes) - 1
+    }
+}

@@ -1,0 +1,94 @@
+//! The reference kernels: plain Rust, the definition of what every SIMD kernel computes.
+//!
+//! Each computes `out[r] = dot(row r, x)` for a run of consecutive weight rows and one activation row. Integer parts
+//! are exact; the float accumulation follows ggml's scalar `ggml_vec_dot_*_generic` (one product per block, summed
+//! in block order), so for q4_0 and q8_0 the result is ggml's bit for bit.
+
+use crate::acts::{interleaved_index, Q8_0Row};
+use crate::blocks::*;
+use crate::dequant::{bf16_to_f32, q6k_values};
+use crate::types::{QK, QK_K};
+
+pub(crate) fn rows_q4_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        let blocks: &[BlockQ4_0] = as_blocks(row).unwrap();
+        let mut sum = 0.0f32;
+        for (j, b) in blocks.iter().enumerate() {
+            let mut isum = 0i32;
+            for e in 0..QK / 2 {
+                let (lo, hi) = ((b.qs[e] & 0xF) as i32 - 8, (b.qs[e] >> 4) as i32 - 8);
+                isum += lo * x.qs[interleaved_index(j, e)] as i32 + hi * x.qs[interleaved_index(j, e + QK / 2)] as i32;
+            }
+            sum += isum as f32 * b.d.to_f32() * x.d[j];
+        }
+        *o = sum;
+    }
+}
+
+pub(crate) fn rows_q8_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        let blocks: &[BlockQ8_0] = as_blocks(row).unwrap();
+        let mut sum = 0.0f32;
+        for (j, b) in blocks.iter().enumerate() {
+            let isum: i32 = (0..QK).map(|e| b.qs[e] as i32 * x.qs[interleaved_index(j, e)] as i32).sum();
+            sum += isum as f32 * b.d.to_f32() * x.d[j];
+        }
+        *o = sum;
+    }
+}
+
+pub(crate) fn rows_q4_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        let blocks: &[BlockQ4K] = as_blocks(row).unwrap();
+        let mut sum = 0.0f32;
+        for (b, y) in blocks.iter().zip(x) {
+            let (scales, mins) = unpack_scales_mins_k4(&b.scales);
+            let mut isum = 0i32;
+            for quarter in 0..4 {
+                let q = &b.qs[32 * quarter..32 * quarter + 32];
+                let ys = &y.qs[64 * quarter..64 * quarter + 64];
+                let lo: i32 = (0..32).map(|l| (q[l] & 0xF) as i32 * ys[l] as i32).sum();
+                let hi: i32 = (0..32).map(|l| (q[l] >> 4) as i32 * ys[32 + l] as i32).sum();
+                isum += scales[2 * quarter] as i32 * lo + scales[2 * quarter + 1] as i32 * hi;
+            }
+            let imin: i32 = (0..8).map(|g| mins[g] as i32 * (y.bsums[2 * g] as i32 + y.bsums[2 * g + 1] as i32)).sum();
+            sum += b.d.to_f32() * y.d * isum as f32 - b.dmin.to_f32() * y.d * imin as f32;
+        }
+        *o = sum;
+    }
+}
+
+pub(crate) fn rows_q6_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        let blocks: &[BlockQ6K] = as_blocks(row).unwrap();
+        let mut sum = 0.0f32;
+        for (b, y) in blocks.iter().zip(x) {
+            let q = q6k_values(b);
+            let mut isum = 0i32;
+            for g in 0..QK_K / 16 {
+                let group: i32 = (16 * g..16 * g + 16).map(|i| (q[i] as i32 - 32) * y.qs[i] as i32).sum();
+                isum += b.scales[g] as i32 * group;
+            }
+            sum += b.d.to_f32() * y.d * isum as f32;
+        }
+        *o = sum;
+    }
+}
+
+pub(crate) fn rows_f32(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        *o = row.chunks_exact(4).zip(x).map(|(b, &x)| f32::from_le_bytes(b.try_into().unwrap()) * x).sum();
+    }
+}
+
+pub(crate) fn rows_f16(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        *o = row.chunks_exact(2).zip(x).map(|(b, &x)| Half([b[0], b[1]]).to_f32() * x).sum();
+    }
+}
+
+pub(crate) fn rows_bf16(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        *o = row.chunks_exact(2).zip(x).map(|(b, &x)| bf16_to_f32(u16::from_le_bytes([b[0], b[1]])) * x).sum();
+    }
+}

@@ -1,0 +1,49 @@
+//! The quantized CPU compute core: ggml's block formats bit for bit, their reference (de)quantizers, and
+//! `y = W x` kernels (AVX-512 VNNI, AVX2, scalar) over weights borrowed in place from GGUF data.
+//!
+//! # Formats
+//! [`GgmlType`] numbers the element types as ggml and GGUF do; [`row_size`] gives the bytes of a row. The block
+//! structs ([`BlockQ4_0`], [`BlockQ8_0`], [`BlockQ4K`], [`BlockQ6K`], …) are ggml's layouts field for field, with
+//! byte alignment, so [`as_blocks`] can view any byte slice (say, a memory-mapped tensor) as blocks in place.
+//!
+//! # Converting rows
+//! * [`quantize_row`]: f32 → every type above, exactly as ggml's reference quantizers (`quantize_row_*_ref`, what
+//!   `llama-quantize` runs without an importance matrix): byte for byte the same output.
+//! * [`dequantize_row`]: any type → f32, bit for bit as ggml's `dequantize_row_*`.
+//!
+//! # Multiplying
+//! [`matmul()`]`(w, x, n, out, pool)` computes `out[c][r] = Σ_k w[r][k] · x[c][k]` for a [`QuantMatrix`] `w`
+//! (`rows × cols`, borrowed), `n` activation rows `x` (`n × cols` f32) and `out` (`n × rows` f32). Like ggml, it
+//! first quantizes the activations: to q8_0 for q4_0/q8_0 weights, to q8_K for q4_K/q6_K. Those four types, and
+//! f32/f16/bf16, have dedicated kernels; the other types are dequantized a row at a time (correct, not fast).
+//!
+//! * One activation row (decoding): each weight row is streamed once through a row kernel that unpacks and
+//!   multiplies 64 weights per step. This is bound by memory bandwidth.
+//! * Eight activation rows or more on AVX-512 (prompt processing): chunks of 32 weight rows are unpacked once to
+//!   bytes, and a register-blocked VNNI kernel multiplies them with 16 activation rows at a time. Every weight byte
+//!   is read from memory once per call.
+//!
+//! Threads: the caller owns a rayon [`ThreadPool`] (re-exported, with [`ThreadPoolBuilder`]) and passes it in; a
+//! call splits the output rows into chunks that the pool's threads take from a shared counter, and returns when
+//! all are done. A one-thread pool, or a product too small to be worth waking the pool, runs on the calling thread.
+//! Results never depend on the number of threads.
+//!
+//! The instruction set is detected once ([`Isa::detect`]); [`matmul_with`] takes an explicit [`Isa`] (tests,
+//! measurements). The scalar level is the reference that the others are tested against.
+
+mod acts;
+pub mod blocks;
+pub mod dequant;
+pub mod isa;
+mod kernels;
+pub mod matmul;
+pub mod quant;
+pub mod types;
+
+pub use blocks::*;
+pub use dequant::dequantize_row;
+pub use isa::Isa;
+pub use matmul::{matmul, matmul_with, QuantMatrix};
+pub use quant::quantize_row;
+pub use rayon::{ThreadPool, ThreadPoolBuilder};
+pub use types::{row_size, Error, GgmlType, Result, QK, QK_K};

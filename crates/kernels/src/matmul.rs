@@ -1,0 +1,242 @@
+//! `out = x Wᵀ` for weights borrowed in place (e.g. from a memory-mapped GGUF file), split over a caller-owned
+//! rayon pool.
+
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rayon::ThreadPool;
+
+use crate::dequant::dequantize_row;
+use crate::isa::Isa;
+use crate::kernels::{self, ActKind, Activations};
+use crate::types::{check_len, row_size, Error, GgmlType, Result};
+
+/// A `rows × cols` weight matrix of type `ty`, stored row after row in `data` exactly as in a GGUF tensor
+/// (`rows * row_size(ty, cols)` bytes). Borrowed, never copied.
+#[derive(Clone, Copy, Debug)]
+pub struct QuantMatrix<'a> {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: &'a [u8],
+}
+
+impl<'a> QuantMatrix<'a> {
+    /// Checks that `cols` is a whole number of blocks and that `data` holds exactly `rows` rows.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<QuantMatrix<'a>> {
+        let row_bytes = row_size(ty, cols)?;
+        check_len("weight data", rows * row_bytes, data.len())?;
+        if ty == GgmlType::Q8_K {
+            // Only activations are ever q8_K; ggml has no q8_K weights either.
+            return Err(Error::Unsupported { op: "a weight matrix", ty });
+        }
+        Ok(QuantMatrix { ty, rows, cols, row_bytes, data })
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes per row, `row_size(ty, cols)`.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+    /// The bytes of rows `rows`.
+    pub fn rows_data(&self, rows: Range<usize>) -> &'a [u8] {
+        &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes]
+    }
+}
+
+/// `out[c][r] = Σ_k W[r][k] · x[c][k]` for `n` activation rows `x` (`n × cols`, row-major) into `out`
+/// (`n × rows`, row-major), at the fastest instruction-set level of this CPU ([`Isa::detect`]).
+///
+/// The activations are first quantized as ggml does for each weight type (q8_0 for q4_0/q8_0, q8_K for
+/// q4_K/q6_K); f32/f16/bf16 weights use them as they are, and the other types are dequantized row by row.
+///
+/// Work is split over `pool`'s threads in chunks of output rows claimed from a shared counter (long chunks first,
+/// shrinking towards the end), so threads that run slower (or are preempted) simply claim fewer. A pool of one thread, or a small product, runs on the
+/// calling thread. Results do not depend on the number of threads: each output is computed by the same code in the
+/// same order whichever thread computes it.
+pub fn matmul(w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPool) -> Result<()> {
+    matmul_with(Isa::detect(), w, x, n, out, pool)
+}
+
+/// [`matmul`] at a chosen instruction-set level (for tests and measurements); `isa` must be available.
+pub fn matmul_with(isa: Isa, w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPool) -> Result<()> {
+    check_len("activations", n * w.cols, x.len())?;
+    check_len("output", n * w.rows, out.len())?;
+    assert!(isa.is_available(), "{isa:?} kernels requested on a CPU without them");
+    if n == 0 || w.rows == 0 {
+        return Ok(());
+    }
+    let acts = Activations::new(ActKind::for_weights(w.ty), x, n, w.cols, isa);
+    let shared_out = SharedOut { ptr: out.as_mut_ptr(), rows: w.rows };
+
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && kernels::avx512_gemm::use_gemm(w.ty, n) {
+        let tiles = kernels::avx512_gemm::ActTiles::new(w.ty, &acts, n, w.cols);
+        let schedule = Schedule::Fixed(kernels::avx512_gemm::CHUNK_ROWS);
+        run_rows(pool, w.rows, schedule, true, |rows, scratch: &mut Scratch| {
+            // SAFETY: AVX-512 is available (asserted above); chunks cover disjoint row ranges of `out`.
+            unsafe { kernels::avx512_gemm::gemm(w, rows, &tiles, n, shared_out, &mut scratch.gemm) };
+        });
+        return Ok(());
+    }
+
+    let min_rows = min_chunk_rows(w.row_bytes);
+    let parallel = w.data.len().saturating_mul(n) >= PARALLEL_MIN_BYTES;
+    run_rows(pool, w.rows, Schedule::Guided { min_rows }, parallel, |rows, scratch: &mut Scratch| {
+        if kernels::has_row_kernel(w.ty) {
+            // A chunk may be larger than L2: take it in L2-sized pieces, each for every activation row, so that
+            // the weights come from memory once.
+            for start in rows.clone().step_by(min_rows) {
+                let piece = start..(start + min_rows).min(rows.end);
+                let data = w.rows_data(piece.clone());
+                for c in 0..n {
+                    // SAFETY: chunks cover disjoint row ranges, so no two threads write the same outputs.
+                    let out = unsafe { shared_out.column(c, piece.clone()) };
+                    kernels::rows(isa, w.ty, data, w.row_bytes, acts.row(c), out);
+                }
+            }
+        } else {
+            // No dedicated kernel: each row is dequantized once and used for every activation row.
+            let row_f32 = &mut scratch.row_f32;
+            row_f32.resize(w.cols, 0.0);
+            for r in rows {
+                dequantize_row(w.ty, w.rows_data(r..r + 1), row_f32).expect("shapes checked in QuantMatrix::new");
+                let bytes = f32_bytes(row_f32);
+                for c in 0..n {
+                    // SAFETY: as above.
+                    let out = unsafe { shared_out.column(c, r..r + 1) };
+                    kernels::rows(isa, GgmlType::F32, bytes, bytes.len(), acts.row(c), out);
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Below this many weight bytes times activation rows, a product runs on the calling thread: waking the pool
+/// would cost more than it saves.
+const PARALLEL_MIN_BYTES: usize = 1 << 20;
+
+/// The smallest chunk on the row-kernel path, and the piece of a chunk done for all activation rows at once: about
+/// 64 KiB of weights (still in L2 when the next activation row comes), in multiples of 16 rows.
+fn min_chunk_rows(row_bytes: usize) -> usize {
+    ((64 << 10) / row_bytes.max(1)).clamp(1, 1 << 12).next_multiple_of(16)
+}
+
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: any f32 is 4 initialized bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Per-thread buffers. Each thread keeps its own between calls (see [`with_scratch`]), so a decode step does not
+/// allocate (and page-fault in) fresh ones for every matrix.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    row_f32: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
+    gemm: kernels::avx512_gemm::GemmScratch,
+}
+
+/// The output matrix, shared by the threads of one call; each writes only the rows of the chunks it took.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut {
+    ptr: *mut f32,
+    rows: usize,
+}
+
+// SAFETY: `SharedOut` is only handed to the chunks of one call, which write disjoint parts of the output.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The outputs of activation row `c` for weight rows `rows`.
+    ///
+    /// # Safety
+    /// No other live slice may overlap it: callers hand out each (column, row range) to one chunk only.
+    pub(crate) unsafe fn column<'o>(self, c: usize, rows: Range<usize>) -> &'o mut [f32] {
+        std::slice::from_raw_parts_mut(self.ptr.add(c * self.rows + rows.start), rows.len())
+    }
+}
+
+/// How the output rows of a call are cut into chunks for the threads.
+#[derive(Clone, Copy)]
+enum Schedule {
+    /// Chunks of this many rows (the GEMM path, whose chunks are its unpacking unit).
+    Fixed(usize),
+    /// "Guided": each chunk is the remaining rows over twice the thread count, but at least `min_rows` (and a
+    /// multiple of 16). Decoding streams weights from memory, and a long run of rows per chunk keeps the hardware
+    /// prefetcher on one stream; the chunks shrink towards the end so that the threads finish together.
+    Guided { min_rows: usize },
+}
+
+/// Runs `work(rows, scratch)` over chunks covering `0..total_rows`, on all threads of `pool` when `parallel`.
+fn run_rows(
+    pool: &ThreadPool,
+    total_rows: usize,
+    schedule: Schedule,
+    parallel: bool,
+    work: impl Fn(Range<usize>, &mut Scratch) + Sync,
+) {
+    let threads = if parallel { pool.current_num_threads() } else { 1 };
+    let chunk_len = |start: usize| -> usize {
+        let remaining = total_rows - start;
+        let len = match schedule {
+            Schedule::Fixed(rows) => rows,
+            Schedule::Guided { min_rows } => (remaining / (2 * threads)).next_multiple_of(16).max(min_rows),
+        };
+        len.min(remaining)
+    };
+    if threads <= 1 || total_rows <= chunk_len(0) {
+        with_scratch(|scratch| {
+            let mut start = 0;
+            while start < total_rows {
+                let len = chunk_len(start);
+                work(start..start + len, scratch);
+                start += len;
+            }
+        });
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    pool.broadcast(|_| {
+        with_scratch(|scratch| {
+            let mut start = next.load(Ordering::Relaxed);
+            while start < total_rows {
+                let len = chunk_len(start);
+                match next.compare_exchange_weak(start, start + len, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => {
+                        work(start..start + len, scratch);
+                        start = next.load(Ordering::Relaxed);
+                    }
+                    Err(current) => start = current,
+                }
+            }
+        })
+    });
+}
+
+/// Runs `f` with this thread's scratch buffers.
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    thread_local! {
+        static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    }
+    // A matmul never calls another from inside its work, so the buffers are never borrowed twice; if that ever
+    // changed, the inner call would get fresh buffers rather than fail.
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => f(&mut scratch),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}

@@ -1,0 +1,266 @@
+//! The HTTP front: shared state, the router, the API-key guard, request bodies, and the glue from a
+//! validated request to the scheduler and back (plain JSON or server-sent events).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::Semaphore;
+use vicuna_tokenizer::Tokenizer;
+
+use crate::error::ApiError;
+use crate::metrics::{Metrics, Rejection};
+use crate::scheduler::{Event, Job, Scheduler};
+use crate::validation::{validate, DefaultLength, GenerateParameters, Limits, ValidRequest};
+use crate::{openai, tgi};
+
+/// The chat page, built into the binary.
+const CHAT_PAGE: &str = include_str!("chat.html");
+
+pub struct AppState {
+    pub tokenizer: Arc<Tokenizer>,
+    pub scheduler: Scheduler,
+    pub limits: Limits,
+    /// One permit per request in flight (queued or running): `max_concurrent_requests`.
+    pub permits: Arc<Semaphore>,
+    pub metrics: Arc<Metrics>,
+    /// The body of `GET /info`.
+    pub info: serde_json::Value,
+    pub model_id: String,
+    pub api_key: Option<String>,
+    pub payload_limit: usize,
+    /// Set on SIGTERM: new generation requests get 503 while the running ones finish.
+    pub draining: AtomicBool,
+    /// Unix time the server started (OpenAI's `created` for the model).
+    pub started: u64,
+}
+
+pub type SharedState = Arc<AppState>;
+
+pub fn router(state: SharedState) -> Router {
+    Router::new()
+        .route("/", get(chat_page).post(tgi::compat))
+        .route("/generate", post(tgi::generate))
+        .route("/generate_stream", post(tgi::generate_stream))
+        .route("/tokenize", post(tgi::tokenize))
+        .route("/info", get(tgi::info))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
+        .with_state(state)
+}
+
+/// With `--api-key`, everything but `/health` and the page itself needs `Authorization: Bearer KEY`.
+/// The page is static HTML with no data in it; every call it makes carries the key.
+async fn require_api_key(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let path = request.uri().path();
+        let open = path == "/health" || (path == "/" && request.method() == Method::GET);
+        if !open && !bearer_matches(request.headers(), key) {
+            state.metrics.rejected(Rejection::Unauthorized);
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn bearer_matches(headers: &HeaderMap, key: &str) -> bool {
+    let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(token) = given.strip_prefix("Bearer ").or_else(|| given.strip_prefix("bearer ")) else {
+        return false;
+    };
+    // Compare in time independent of where the first difference is.
+    token.len() == key.len() && token.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+async fn chat_page() -> Html<&'static str> {
+    Html(CHAT_PAGE)
+}
+
+async fn health(State(state): State<SharedState>) -> Response {
+    if state.scheduler.is_alive() {
+        StatusCode::OK.into_response()
+    } else {
+        ApiError::unavailable("the model thread has stopped").into_response()
+    }
+}
+
+async fn metrics(State(state): State<SharedState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+}
+
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
+}
+
+/// The body as JSON of type `T`: at most `payload_limit` bytes (413), UTF-8 and the right shape (422).
+pub async fn read_json<T: DeserializeOwned>(state: &AppState, body: Body) -> Result<T, ApiError> {
+    let result = read_json_inner(state.payload_limit, body).await;
+    if result.is_err() {
+        state.metrics.rejected(Rejection::Validation);
+    }
+    result
+}
+
+async fn read_json_inner<T: DeserializeOwned>(limit: usize, body: Body) -> Result<T, ApiError> {
+    let mut bytes = Vec::new();
+    let mut too_large = false;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
+        if bytes.len() + chunk.len() > limit {
+            // Read on (up to a bound) before answering, so the client gets the answer rather
+            // than a connection reset for the bytes it is still sending.
+            too_large = true;
+            if bytes.len() + chunk.len() > 4 * limit {
+                break;
+            }
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    if too_large {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        ApiError::validation(format!("the request body is not valid UTF-8 (bad byte at offset {})", e.valid_up_to()))
+    })?;
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::validation(format!("the request body is not valid JSON: {inner}"))
+        } else if path == "." {
+            ApiError::validation(format!("invalid request: {inner}"))
+        } else {
+            ApiError::validation(format!("invalid request: `{path}`: {inner}"))
+        }
+    })?;
+    deserializer.end().map_err(|e| ApiError::validation(format!("the request body is not valid JSON: {e}")))?;
+    Ok(value)
+}
+
+/// [`validate`] with the server's tokenizer and limits; failures are 422s (and counted).
+pub fn validate_request(
+    state: &AppState,
+    inputs: &str,
+    parameters: &GenerateParameters,
+    default_length: DefaultLength,
+    internal_stops: &[&str],
+    stream: bool,
+) -> Result<ValidRequest, ApiError> {
+    validate(&state.limits, &state.tokenizer, inputs, parameters, default_length, internal_stops, stream).map_err(
+        |message| {
+            state.metrics.rejected(Rejection::Validation);
+            ApiError::validation(message)
+        },
+    )
+}
+
+/// Queue a validated request; its events arrive on the returned receiver. Dropping the receiver
+/// cancels the request.
+pub fn submit(state: &AppState, request: &ValidRequest) -> Result<UnboundedReceiver<Event>, ApiError> {
+    if state.draining.load(Ordering::SeqCst) {
+        state.metrics.rejected(Rejection::Unavailable);
+        return Err(ApiError::unavailable("the server is shutting down"));
+    }
+    let permit = state.permits.clone().try_acquire_owned().map_err(|_| {
+        state.metrics.rejected(Rejection::Overloaded);
+        ApiError::overloaded()
+    })?;
+    let (events, receiver) = unbounded_channel();
+    let job = Job {
+        prompt: request.prompt.clone(),
+        config: request.config.clone(),
+        prompt_logprobs: request.prompt_logprobs,
+        events,
+        permit,
+        arrived: Instant::now(),
+    };
+    state.scheduler.submit(job).map_err(|_| {
+        state.metrics.rejected(Rejection::Unavailable);
+        ApiError::unavailable("the model thread has stopped")
+    })?;
+    Ok(receiver)
+}
+
+/// A stream of server-sent events: `convert` turns each scheduler event into the `data:` payloads
+/// to send, and says when the stream is complete. A scheduler that stops without an end sends
+/// one error payload.
+pub fn sse_response<F>(receiver: UnboundedReceiver<Event>, convert: F) -> Response
+where
+    F: FnMut(Event) -> (Vec<String>, bool) + Send + 'static,
+{
+    struct State<F> {
+        receiver: Option<UnboundedReceiver<Event>>,
+        queued: VecDeque<String>,
+        convert: F,
+    }
+    let state = State { receiver: Some(receiver), queued: VecDeque::new(), convert };
+    let stream = futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(data) = s.queued.pop_front() {
+                return Some((Ok::<_, Infallible>(SseEvent::default().data(data)), s));
+            }
+            let receiver = s.receiver.as_mut()?;
+            match receiver.recv().await {
+                Some(event) => {
+                    let (payloads, done) = (s.convert)(event);
+                    s.queued.extend(payloads);
+                    if done {
+                        s.receiver = None;
+                    }
+                }
+                None => {
+                    s.receiver = None;
+                    s.queued.push_back(ApiError::generation("the generation stopped unexpectedly").body().to_string());
+                }
+            }
+        }
+    });
+    Sse::new(stream).into_response()
+}
+
+/// Wait for a request's end; returns its tokens and how it ended.
+pub async fn collect(
+    mut receiver: UnboundedReceiver<Event>,
+) -> Result<(Vec<crate::scheduler::GeneratedToken>, crate::scheduler::End), ApiError> {
+    let mut tokens = Vec::new();
+    while let Some(event) = receiver.recv().await {
+        match event {
+            Event::Token { token, end } => {
+                tokens.push(token);
+                if let Some(end) = end {
+                    return Ok((tokens, *end));
+                }
+            }
+            Event::Stopped(stop) => return Err(stop.into()),
+        }
+    }
+    Err(ApiError::generation("the generation stopped unexpectedly"))
+}
+
+/// Unix time in seconds.
+pub fn unix_time() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

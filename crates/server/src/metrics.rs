@@ -1,0 +1,204 @@
+//! Counters, gauges and histograms in Prometheus' text format, kept with atomics (and a lock per
+//! histogram) so the scheduler thread and the HTTP tasks update them without coordination.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Why a request was turned away before it reached the queue.
+#[derive(Clone, Copy, Debug)]
+pub enum Rejection {
+    Validation,
+    Overloaded,
+    Unauthorized,
+    Unavailable,
+}
+
+/// How a queued request ended (the first three are `FinishReason`s).
+#[derive(Clone, Copy, Debug)]
+pub enum Outcome {
+    Length,
+    EosToken,
+    StopSequence,
+    Cancelled,
+    Failed,
+}
+
+impl From<vicuna_engine::FinishReason> for Outcome {
+    fn from(reason: vicuna_engine::FinishReason) -> Self {
+        match reason {
+            vicuna_engine::FinishReason::Length => Outcome::Length,
+            vicuna_engine::FinishReason::EosToken => Outcome::EosToken,
+            vicuna_engine::FinishReason::StopSequence => Outcome::StopSequence,
+        }
+    }
+}
+
+const REJECTION_LABELS: [&str; 4] = ["validation", "overloaded", "unauthorized", "unavailable"];
+const OUTCOME_LABELS: [&str; 5] = ["length", "eos_token", "stop_sequence", "cancelled", "error"];
+
+/// Latency buckets from 1 ms to 60 s, in seconds.
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    requests_queued: AtomicU64,
+    rejected: [AtomicU64; 4],
+    finished: [AtomicU64; 5],
+    prompt_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    queue_size: AtomicU64,
+    batch_size: AtomicU64,
+    kv_blocks_in_use: AtomicU64,
+    kv_blocks_total: AtomicU64,
+    kv_block_tokens: AtomicU64,
+    time_to_first_token: Histogram,
+    inter_token_latency: Histogram,
+    step_duration: Histogram,
+}
+
+#[derive(Default)]
+struct Histogram {
+    inner: Mutex<HistogramData>,
+}
+
+#[derive(Default)]
+struct HistogramData {
+    /// Per bucket (not cumulative); one more than `LATENCY_BUCKETS` for +Inf.
+    counts: [u64; LATENCY_BUCKETS.len() + 1],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&self, seconds: f64) {
+        let mut data = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = LATENCY_BUCKETS.iter().position(|&b| seconds <= b).unwrap_or(LATENCY_BUCKETS.len());
+        data.counts[bucket] += 1;
+        data.sum += seconds;
+        data.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let data = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&data.counts) {
+            cumulative += count;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", data.count);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", data.sum, data.count);
+    }
+}
+
+fn set(gauge: &AtomicU64, value: usize) {
+    gauge.store(value as u64, Ordering::Relaxed);
+}
+
+impl Metrics {
+    pub fn rejected(&self, why: Rejection) {
+        self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn queued(&self, prompt_tokens: usize) {
+        self.requests_queued.fetch_add(1, Ordering::Relaxed);
+        self.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+    }
+
+    pub fn finished(&self, outcome: Outcome) {
+        self.finished[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn token_generated(&self, since_previous: Option<Duration>, since_arrival: Option<Duration>) {
+        self.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        if let Some(d) = since_previous {
+            self.inter_token_latency.observe(d.as_secs_f64());
+        }
+        if let Some(d) = since_arrival {
+            self.time_to_first_token.observe(d.as_secs_f64());
+        }
+    }
+
+    pub fn step(&self, duration: Duration) {
+        self.step_duration.observe(duration.as_secs_f64());
+    }
+
+    /// The scheduler's state after a step or a change of its queue.
+    pub fn scheduler_state(&self, queue_size: usize, batch_size: usize, kv_blocks_in_use: usize) {
+        set(&self.queue_size, queue_size);
+        set(&self.batch_size, batch_size);
+        set(&self.kv_blocks_in_use, kv_blocks_in_use);
+    }
+
+    pub fn kv_capacity(&self, blocks: usize, block_tokens: usize) {
+        set(&self.kv_blocks_total, blocks);
+        set(&self.kv_block_tokens, block_tokens);
+    }
+
+    pub fn kv_blocks_in_use(&self) -> u64 {
+        self.kv_blocks_in_use.load(Ordering::Relaxed)
+    }
+
+    /// Everything, in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut scalar = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        scalar("vicuna_requests_total", "counter", "Requests accepted into the queue.", get(&self.requests_queued));
+        scalar("vicuna_queue_size", "gauge", "Requests waiting for a place in the batch.", get(&self.queue_size));
+        scalar("vicuna_batch_size", "gauge", "Requests in the running batch.", get(&self.batch_size));
+        scalar(
+            "vicuna_prompt_tokens_total",
+            "counter",
+            "Prompt tokens of accepted requests.",
+            get(&self.prompt_tokens),
+        );
+        scalar("vicuna_generated_tokens_total", "counter", "Tokens generated.", get(&self.generated_tokens));
+        scalar(
+            "vicuna_kv_cache_blocks_in_use",
+            "gauge",
+            "KV-cache blocks reserved by running requests.",
+            get(&self.kv_blocks_in_use),
+        );
+        scalar("vicuna_kv_cache_blocks_total", "gauge", "KV-cache blocks in the budget.", get(&self.kv_blocks_total));
+        scalar(
+            "vicuna_kv_cache_block_tokens",
+            "gauge",
+            "Token positions per KV-cache block.",
+            get(&self.kv_block_tokens),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vicuna_requests_rejected_total Requests refused before queueing.\n\
+             # TYPE vicuna_requests_rejected_total counter"
+        );
+        for (label, value) in REJECTION_LABELS.iter().zip(&self.rejected) {
+            let _ = writeln!(out, "vicuna_requests_rejected_total{{reason=\"{label}\"}} {}", get(value));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP vicuna_requests_finished_total Queued requests that ended, by how.\n\
+             # TYPE vicuna_requests_finished_total counter"
+        );
+        for (label, value) in OUTCOME_LABELS.iter().zip(&self.finished) {
+            let _ = writeln!(out, "vicuna_requests_finished_total{{reason=\"{label}\"}} {}", get(value));
+        }
+        self.time_to_first_token.render(
+            &mut out,
+            "vicuna_time_to_first_token_seconds",
+            "From a request's arrival to its first generated token.",
+        );
+        self.inter_token_latency.render(
+            &mut out,
+            "vicuna_inter_token_latency_seconds",
+            "Between consecutive tokens of one request.",
+        );
+        self.step_duration.render(&mut out, "vicuna_batch_step_seconds", "One forward pass of the running batch.");
+        out
+    }
+}

@@ -1,0 +1,449 @@
+//! Continuous batching: one thread owns the model and runs the batch a step at a time.
+//!
+//! The HTTP side validates a request and hands a [`Job`] to [`Scheduler::submit`]; it lands in the
+//! thread's inbox (a channel) and then:
+//! - **queue**: jobs wait in arrival order;
+//! - **batcher**: between two steps, waiting jobs join the batch in order while the batch has room
+//!   (`max_batch_size`) and the KV budget has the blocks the job may need — its prompt plus
+//!   `max_new_tokens`, reserved up front so a running request never runs out; what does not fit
+//!   waits, and later arrivals do not overtake it;
+//! - **infer**: one `forward_ragged` call reads one new token for every decoding sequence and the
+//!   next chunk of every prefilling prompt (chunks of at most `max_prefill_tokens`, and no more than
+//!   that many prompt tokens per step), so a long prompt never stalls the streams already running.
+//!   Each sequence whose input is all read gets its logits handed to its own [`Sequence`] (its own
+//!   sampler, seed and stop rules), and the token goes back to the client as an [`Event`].
+//!
+//! A client that goes away drops its event receiver; the scheduler sees the closed channel before
+//! the next step and frees that request's cache and blocks.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::OwnedSemaphorePermit;
+use vicuna_engine::{score, FinishReason, GenerationConfig, Sequence};
+use vicuna_model::{KvCache, Llama};
+use vicuna_tokenizer::Tokenizer;
+
+use crate::metrics::{Metrics, Outcome};
+use crate::tokens::{is_special, token_texts};
+
+/// Token positions per KV-cache block: the unit of the memory budget.
+pub const BLOCK_TOKENS: usize = 16;
+
+pub struct SchedulerConfig {
+    /// Most requests in the running batch.
+    pub max_batch_size: usize,
+    /// The KV budget, in blocks of [`BLOCK_TOKENS`] positions.
+    pub kv_blocks: usize,
+    /// Largest prompt chunk, and most prompt tokens read in one step.
+    pub max_prefill_tokens: usize,
+}
+
+/// A validated request on its way to the model.
+pub struct Job {
+    /// Prompt ids as the model reads them (BOS included when the text got one).
+    pub prompt: Vec<u32>,
+    pub config: GenerationConfig,
+    /// Also report the log-probability of every prompt token (TGI's `decoder_input_details`).
+    pub prompt_logprobs: bool,
+    pub events: UnboundedSender<Event>,
+    /// A place among `max_concurrent_requests`, given back when the job is dropped.
+    pub permit: OwnedSemaphorePermit,
+    pub arrived: Instant,
+}
+
+impl Job {
+    /// Blocks reserved for this job: everything it may ever hold in its cache.
+    fn blocks(&self) -> usize {
+        (self.prompt.len() + self.config.max_new_tokens).div_ceil(BLOCK_TOKENS)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GeneratedToken {
+    pub id: u32,
+    /// Text that became final with this token (see `vicuna_engine::Step::text`): the texts of all
+    /// tokens add up to the generated text.
+    pub text: String,
+    pub logprob: f32,
+    pub special: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptToken {
+    pub id: u32,
+    pub text: String,
+    /// None for the first token, which has no prefix.
+    pub logprob: Option<f32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct End {
+    pub finish_reason: FinishReason,
+    /// The whole generated text, stop sequence trimmed.
+    pub generated_text: String,
+    pub generated_tokens: usize,
+    pub prompt_tokens: usize,
+    /// The seed, when the request sampled.
+    pub seed: Option<u64>,
+    /// Prompt tokens with their log-probabilities, when asked for.
+    pub prefill: Vec<PromptToken>,
+}
+
+/// What a request's client receives, in order.
+#[derive(Debug)]
+pub enum Event {
+    /// One generated token; the last one also carries how the generation ended.
+    Token { token: GeneratedToken, end: Option<Box<End>> },
+    /// The request ended without finishing.
+    Stopped(Stop),
+}
+
+#[derive(Debug)]
+pub enum Stop {
+    /// The forward pass failed.
+    ModelFailed(String),
+    /// The server is shutting down and the grace period is over.
+    ShuttingDown(String),
+}
+
+enum Message {
+    Submit(Job),
+    /// End every waiting and running request with this message (shutdown).
+    CancelAll(String),
+}
+
+/// The HTTP side's handle on the scheduler thread.
+#[derive(Clone)]
+pub struct Scheduler {
+    inbox: mpsc::Sender<Message>,
+    alive: Arc<AtomicBool>,
+}
+
+impl Scheduler {
+    /// Start the thread. It runs until every `Scheduler` handle is dropped and its work is done.
+    pub fn spawn(
+        model: Llama,
+        tokenizer: Arc<Tokenizer>,
+        config: SchedulerConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Scheduler, JoinHandle<()>)> {
+        let (inbox, receiver) = mpsc::channel();
+        let alive = Arc::new(AtomicBool::new(true));
+        let flag = alive.clone();
+        metrics.kv_capacity(config.kv_blocks, BLOCK_TOKENS);
+        let thread = std::thread::Builder::new().name("scheduler".into()).spawn(move || {
+            // Cleared however the thread ends, a panic included, so /health can tell.
+            struct ClearOnExit(Arc<AtomicBool>);
+            impl Drop for ClearOnExit {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::SeqCst);
+                }
+            }
+            let _alive = ClearOnExit(flag);
+            run(&model, &tokenizer, &config, &metrics, receiver);
+        })?;
+        Ok((Scheduler { inbox, alive }, thread))
+    }
+
+    /// Queue a job; gives it back if the scheduler thread is gone.
+    pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
+        self.inbox.send(Message::Submit(job)).map_err(|e| match e.0 {
+            Message::Submit(job) => Box::new(job),
+            Message::CancelAll(_) => unreachable!("sent a Submit"),
+        })
+    }
+
+    pub fn cancel_all(&self, reason: &str) {
+        let _ = self.inbox.send(Message::CancelAll(reason.to_string()));
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+}
+
+/// A request in the running batch.
+struct Active<'t> {
+    sequence: Sequence<'t>,
+    cache: KvCache,
+    /// What the model has yet to read: the prompt, then each sampled token in turn.
+    pending: Vec<u32>,
+    /// How much of `pending` is already in the cache.
+    read: usize,
+    job: Job,
+    blocks: usize,
+    prefill: Vec<PromptToken>,
+    last_token_at: Option<Instant>,
+}
+
+struct Batch<'m> {
+    model: &'m Llama,
+    tokenizer: &'m Tokenizer,
+    config: &'m SchedulerConfig,
+    metrics: &'m Metrics,
+    waiting: VecDeque<Job>,
+    running: Vec<Active<'m>>,
+    free_blocks: usize,
+}
+
+fn run(model: &Llama, tokenizer: &Tokenizer, config: &SchedulerConfig, metrics: &Metrics, inbox: Receiver<Message>) {
+    let mut batch = Batch {
+        model,
+        tokenizer,
+        config,
+        metrics,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        free_blocks: config.kv_blocks,
+    };
+    loop {
+        if batch.waiting.is_empty() && batch.running.is_empty() {
+            // Nothing to run: sleep until a request comes, or stop once no handle is left.
+            match inbox.recv() {
+                Ok(message) => batch.receive(message),
+                Err(_) => return,
+            }
+        }
+        // Whatever else arrived joins before this step (with no handle left, the work in hand
+        // still finishes).
+        while let Ok(message) = inbox.try_recv() {
+            batch.receive(message);
+        }
+        batch.drop_cancelled();
+        batch.admit();
+        if !batch.running.is_empty() {
+            batch.step();
+        }
+        batch.report();
+    }
+}
+
+impl<'m> Batch<'m> {
+    fn receive(&mut self, message: Message) {
+        match message {
+            Message::Submit(job) => {
+                self.metrics.queued(job.prompt.len());
+                self.waiting.push_back(job);
+            }
+            Message::CancelAll(reason) => {
+                for job in self.waiting.drain(..) {
+                    let _ = job.events.send(Event::Stopped(Stop::ShuttingDown(reason.clone())));
+                    self.metrics.finished(Outcome::Cancelled);
+                }
+                for active in self.running.drain(..) {
+                    let _ = active.job.events.send(Event::Stopped(Stop::ShuttingDown(reason.clone())));
+                    self.free_blocks += active.blocks;
+                    self.metrics.finished(Outcome::Cancelled);
+                }
+            }
+        }
+        self.report();
+    }
+
+    /// Forget requests whose client went away, freeing their caches and blocks.
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len() + self.running.len();
+        self.waiting.retain(|job| !job.events.is_closed());
+        let free = &mut self.free_blocks;
+        self.running.retain(|active| {
+            let open = !active.job.events.is_closed();
+            if !open {
+                *free += active.blocks;
+            }
+            open
+        });
+        for _ in self.waiting.len() + self.running.len()..before {
+            self.metrics.finished(Outcome::Cancelled);
+        }
+    }
+
+    /// Move waiting jobs into the batch, in order, while they fit.
+    fn admit(&mut self) {
+        while let Some(job) = self.waiting.front() {
+            let blocks = job.blocks();
+            if self.running.len() >= self.config.max_batch_size || blocks > self.free_blocks {
+                break;
+            }
+            let job = self.waiting.pop_front().expect("front exists");
+            let prefill = if job.prompt_logprobs { self.prompt_logprobs(&job.prompt) } else { Ok(Vec::new()) };
+            let prefill = match prefill {
+                Ok(prefill) => prefill,
+                Err(message) => {
+                    let _ = job.events.send(Event::Stopped(Stop::ModelFailed(message)));
+                    self.metrics.finished(Outcome::Failed);
+                    continue;
+                }
+            };
+            let sequence = Sequence::new(&job.prompt, job.config.clone(), Some(self.tokenizer), self.model);
+            if sequence.finish_reason().is_some() {
+                // Validation rules this out (max_new_tokens ≥ 1, prompts shorter than the context).
+                let _ = job.events.send(Event::Stopped(Stop::ModelFailed("nothing to generate".into())));
+                self.metrics.finished(Outcome::Failed);
+                continue;
+            }
+            self.free_blocks -= blocks;
+            self.running.push(Active {
+                sequence,
+                cache: KvCache::new(&self.model.config),
+                pending: job.prompt.clone(),
+                read: 0,
+                job,
+                blocks,
+                prefill,
+                last_token_at: None,
+            });
+        }
+        if self.running.is_empty() {
+            // An empty batch has the whole budget, so the head can never run (validation and
+            // the startup checks rule this out); fail it rather than wait forever.
+            if let Some(job) = self.waiting.pop_front() {
+                let message = format!("the request needs {} KV blocks, more than the budget", job.blocks());
+                let _ = job.events.send(Event::Stopped(Stop::ModelFailed(message)));
+                self.metrics.finished(Outcome::Failed);
+            }
+        }
+    }
+
+    /// TGI's prefill details: each prompt token with its log-probability given the ones before.
+    /// `forward_ragged` keeps only last positions, so this is a separate full pass over the prompt.
+    fn prompt_logprobs(&self, prompt: &[u32]) -> Result<Vec<PromptToken>, String> {
+        let scored = score(self.model, prompt).map_err(|e| e.to_string())?;
+        let texts = token_texts(self.tokenizer, prompt);
+        Ok(prompt
+            .iter()
+            .zip(texts)
+            .zip(scored.logprobs)
+            .map(|((&id, text), logprob)| PromptToken { id, text, logprob: logprob.map(|l| l as f32) })
+            .collect())
+    }
+
+    /// One forward pass over the batch, then one token for each sequence whose input is all read.
+    fn step(&mut self) {
+        // Each sequence's input this step: a decoding one reads its last token; a prefilling one its
+        // next chunk. Chunks are cut at fixed offsets of the prompt whatever else runs, so a
+        // request's numbers do not depend on its neighbours.
+        let mut prefill_budget = self.config.max_prefill_tokens;
+        let chunks: Vec<usize> = self
+            .running
+            .iter()
+            .map(|a| {
+                let chunk = (a.pending.len() - a.read).min(self.config.max_prefill_tokens);
+                if chunk == 1 {
+                    1
+                } else if chunk <= prefill_budget {
+                    prefill_budget -= chunk;
+                    chunk
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let start = Instant::now();
+        let mut inputs: Vec<(&[u32], &mut KvCache)> = self
+            .running
+            .iter_mut()
+            .zip(&chunks)
+            .filter(|(_, &chunk)| chunk > 0)
+            .map(|(a, &chunk)| (&a.pending[a.read..a.read + chunk], &mut a.cache))
+            .collect();
+        let result = self.model.forward_ragged(&mut inputs);
+        drop(inputs);
+        self.metrics.step(start.elapsed());
+        let mut logits = match result {
+            Ok(logits) => logits.into_iter(),
+            Err(e) => {
+                // Their caches may be half written: everyone in this step fails.
+                tracing::error!("forward pass failed: {e}");
+                let message = format!("the model failed: {e}");
+                let mut index = 0;
+                let free = &mut self.free_blocks;
+                let metrics = self.metrics;
+                self.running.retain(|active| {
+                    let stepped = chunks[index] > 0;
+                    index += 1;
+                    if stepped {
+                        let _ = active.job.events.send(Event::Stopped(Stop::ModelFailed(message.clone())));
+                        *free += active.blocks;
+                        metrics.finished(Outcome::Failed);
+                    }
+                    !stepped
+                });
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut finished = Vec::new();
+        for (index, (active, &chunk)) in self.running.iter_mut().zip(&chunks).enumerate() {
+            if chunk == 0 {
+                continue;
+            }
+            let mut row = logits.next().expect("one row per stepped sequence");
+            active.read += chunk;
+            if active.read < active.pending.len() {
+                continue; // more prompt to read first
+            }
+            let step = active.sequence.advance(&mut row);
+            let token = GeneratedToken {
+                id: step.id,
+                text: step.text,
+                logprob: step.logprob,
+                special: is_special(self.tokenizer, step.id),
+            };
+            let since_previous = active.last_token_at.map(|t| now - t);
+            let since_arrival = active.last_token_at.is_none().then(|| now - active.job.arrived);
+            self.metrics.token_generated(since_previous, since_arrival);
+            active.last_token_at = Some(now);
+            active.pending = vec![step.id];
+            active.read = 0;
+            if step.finish_reason.is_some() {
+                finished.push((index, token));
+            } else {
+                // A closed channel is noticed before the next step (`drop_cancelled`).
+                let _ = active.job.events.send(Event::Token { token, end: None });
+            }
+        }
+        // Free the finished requests' blocks and publish the new state before their clients hear
+        // of the end, so what a client sees next in /metrics already counts it.
+        let mut ended = Vec::with_capacity(finished.len());
+        for (index, token) in finished.into_iter().rev() {
+            let active = self.running.remove(index);
+            self.free_blocks += active.blocks;
+            let Active { sequence, job, prefill, .. } = active;
+            let prompt_tokens = sequence.prompt().len();
+            let generation = sequence.into_generation();
+            self.metrics.finished(generation.finish_reason.into());
+            tracing::info!(
+                "request done: {prompt_tokens} prompt + {} generated tokens in {:.3}s ({})",
+                generation.ids.len(),
+                job.arrived.elapsed().as_secs_f64(),
+                generation.finish_reason.as_str()
+            );
+            let end = End {
+                finish_reason: generation.finish_reason,
+                generated_text: generation.text.unwrap_or_default(),
+                generated_tokens: generation.ids.len(),
+                prompt_tokens,
+                seed: job.config.sampling.do_sample.then_some(job.config.seed),
+                prefill,
+            };
+            ended.push((job, token, end));
+        }
+        self.report();
+        for (job, token, end) in ended {
+            // The place among max_concurrent_requests is free before the client can ask again.
+            let Job { events, permit, .. } = job;
+            drop(permit);
+            let _ = events.send(Event::Token { token, end: Some(Box::new(end)) });
+        }
+    }
+
+    fn report(&self) {
+        self.metrics.scheduler_state(self.waiting.len(), self.running.len(), self.config.kv_blocks - self.free_blocks);
+    }
+}

@@ -1,0 +1,144 @@
+//! Text Generation Inference's routes: `POST /` (what the official clients post to), `/generate`,
+//! `/generate_stream`, `/tokenize` and `/info`, with TGI's request and response shapes.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::http::{collect, json_response, read_json, sse_response, submit, validate_request, SharedState};
+use crate::scheduler::{End, Event, GeneratedToken, PromptToken};
+use crate::tokens::{is_special, token_texts};
+use crate::validation::{GenerateParameters, ValidRequest, TGI_DEFAULT_MAX_NEW_TOKENS};
+
+#[derive(Deserialize)]
+pub struct GenerateRequest {
+    pub inputs: String,
+    #[serde(default)]
+    pub parameters: Option<GenerateParameters>,
+    /// Only read by `POST /`, which serves both kinds.
+    #[serde(default)]
+    pub stream: Option<bool>,
+}
+
+/// `POST /`: a stream when `"stream": true`, else a list holding one generate response.
+pub async fn compat(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
+    let request: GenerateRequest = read_json(&state, body).await?;
+    if request.stream == Some(true) {
+        start_stream(&state, request)
+    } else {
+        let response = generate_json(&state, request).await?;
+        Ok(json_response(StatusCode::OK, &json!([response])))
+    }
+}
+
+pub async fn generate(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
+    let request: GenerateRequest = read_json(&state, body).await?;
+    Ok(json_response(StatusCode::OK, &generate_json(&state, request).await?))
+}
+
+pub async fn generate_stream(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
+    let request: GenerateRequest = read_json(&state, body).await?;
+    start_stream(&state, request)
+}
+
+fn validate_tgi(state: &SharedState, request: &GenerateRequest, stream: bool) -> Result<ValidRequest, ApiError> {
+    let parameters = request.parameters.clone().unwrap_or_default();
+    validate_request(state, &request.inputs, &parameters, TGI_DEFAULT_MAX_NEW_TOKENS, &[], stream)
+}
+
+async fn generate_json(state: &SharedState, request: GenerateRequest) -> Result<Value, ApiError> {
+    let valid = validate_tgi(state, &request, false)?;
+    let (tokens, end) = collect(submit(state, &valid)?).await?;
+    let generated_text = full_text(&request.inputs, &valid, &end);
+    let mut response = json!({ "generated_text": generated_text });
+    if valid.details {
+        response["details"] = json!({
+            "finish_reason": end.finish_reason.as_str(),
+            "generated_tokens": end.generated_tokens,
+            "seed": end.seed,
+            "prefill": end.prefill.iter().map(prompt_token_json).collect::<Vec<_>>(),
+            "tokens": tokens.iter().map(token_json).collect::<Vec<_>>(),
+        });
+    }
+    Ok(response)
+}
+
+/// One event per token; the last also carries `generated_text` and, if asked, `details`.
+fn start_stream(state: &SharedState, request: GenerateRequest) -> Result<Response, ApiError> {
+    let valid = validate_tgi(state, &request, true)?;
+    let receiver = submit(state, &valid)?;
+    let mut index = 0;
+    Ok(sse_response(receiver, move |event| match event {
+        Event::Token { token, end } => {
+            index += 1;
+            let mut data = json!({
+                "index": index,
+                "token": token_json(&token),
+                "top_tokens": null,
+                "generated_text": null,
+                "details": null,
+            });
+            let done = end.is_some();
+            if let Some(end) = end {
+                data["generated_text"] = json!(full_text(&request.inputs, &valid, &end));
+                if valid.details {
+                    data["details"] = json!({
+                        "finish_reason": end.finish_reason.as_str(),
+                        "generated_tokens": end.generated_tokens,
+                        "seed": end.seed,
+                        "input_length": end.prompt_tokens,
+                    });
+                }
+            }
+            (vec![data.to_string()], done)
+        }
+        Event::Stopped(stop) => (vec![ApiError::from(stop).body().to_string()], true),
+    }))
+}
+
+fn full_text(inputs: &str, valid: &ValidRequest, end: &End) -> String {
+    if valid.return_full_text {
+        format!("{inputs}{}", end.generated_text)
+    } else {
+        end.generated_text.clone()
+    }
+}
+
+fn token_json(token: &GeneratedToken) -> Value {
+    json!({ "id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special })
+}
+
+fn prompt_token_json(token: &PromptToken) -> Value {
+    json!({ "id": token.id, "text": token.text, "logprob": token.logprob })
+}
+
+/// `POST /tokenize`: the ids of `inputs` (with BOS, as generation sees them), each with its text and
+/// its character offsets in the text; special tokens have no offsets.
+pub async fn tokenize(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
+    let request: GenerateRequest = read_json(&state, body).await?;
+    let tokenizer = &state.tokenizer;
+    let ids = tokenizer.encode(&request.inputs, true);
+    let mut offset = 0;
+    let tokens: Vec<Value> = ids
+        .iter()
+        .zip(token_texts(tokenizer, &ids))
+        .map(|(&id, text)| {
+            if is_special(tokenizer, id) {
+                let piece = tokenizer.id_to_piece(id).unwrap_or_default();
+                return json!({ "id": id, "text": piece, "special": true, "start": null, "stop": null });
+            }
+            let start = offset;
+            offset += text.chars().count();
+            json!({ "id": id, "text": text, "special": false, "start": start, "stop": offset })
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &Value::Array(tokens)))
+}
+
+pub async fn info(State(state): State<SharedState>) -> Response {
+    json_response(StatusCode::OK, &state.info).into_response()
+}
