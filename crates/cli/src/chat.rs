@@ -6,44 +6,26 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use clap::Args;
 use rustyline::error::ReadlineError;
-use vicuna_engine::{generate, random_seed, GenerationConfig, SamplingParams};
+use vicuna_engine::{generate, random_seed, GenerationConfig};
 use vicuna_model::Llama;
 use vicuna_server::template::{fit_to_context, ChatMessage, ReplyText, Role, STOP_SEQUENCES};
 use vicuna_tokenizer::Tokenizer;
 
-use crate::common::ModelArgs;
+use crate::common::{ModelArgs, SamplingArgs};
 use crate::Result;
 
+/// Chat samples cooler and answers longer than `generate` by default (FastChat's settings).
 #[derive(Args)]
+#[command(mut_arg("max_new_tokens", |a| a.default_value("512")))]
+#[command(mut_arg("temperature", |a| a.default_value("0.7")))]
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// A system message put before the conversation.
     #[arg(long)]
     pub system: Option<String>,
-    /// Longest reply, in tokens.
-    #[arg(long, default_value_t = 512)]
-    pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 0.7)]
-    pub temperature: f32,
-    /// Keep only the K most likely tokens (0 = off).
-    #[arg(long, default_value_t = 50)]
-    pub top_k: usize,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Locally typical sampling mass (1.0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub typical_p: f32,
-    /// Penalize tokens already present (1.0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
-    /// Random seed for every reply (default: a new one each time).
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Always pick the most likely token (no sampling).
-    #[arg(long)]
-    pub greedy: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 /// What a line of input asks for.
@@ -115,22 +97,14 @@ impl Conversation<'_> {
 }
 
 pub fn run_chat(args: ChatArgs) -> Result<()> {
-    let sampling = SamplingParams {
-        do_sample: !args.greedy,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        typical_p: args.typical_p,
-        repetition_penalty: args.repetition_penalty,
-    };
-    sampling.validate()?;
+    let sampling = args.sampling.to_params()?;
+    let max_new_tokens = args.sampling.max_new_tokens;
     let tokenizer = args.model.require_tokenizer()?;
     let model = args.model.load_model()?;
     let context = model.config.max_position_embeddings;
-    if args.max_new_tokens == 0 || args.max_new_tokens >= context {
+    if max_new_tokens == 0 || max_new_tokens >= context {
         return Err(format!(
-            "--max-new-tokens {} must be between 1 and the model's context of {context} tokens minus the prompt",
-            args.max_new_tokens
+            "--max-new-tokens {max_new_tokens} must be between 1 and the model's context of {context} tokens minus the prompt"
         )
         .into());
     }
@@ -139,11 +113,11 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
         tokenizer: &tokenizer,
         config: GenerationConfig {
             sampling,
-            max_new_tokens: args.max_new_tokens,
+            max_new_tokens,
             stop: STOP_SEQUENCES.iter().map(|s| s.to_string()).collect(),
             ..GenerationConfig::default()
         },
-        seed: args.seed,
+        seed: args.sampling.seed,
         system: args.system,
         messages: Vec::new(),
     };

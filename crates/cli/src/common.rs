@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use vicuna_engine::SamplingParams;
 use vicuna_model::candle_core::Device;
 use vicuna_model::Llama;
 use vicuna_tokenizer::Tokenizer;
@@ -75,5 +76,51 @@ pub fn input_ids(
             None => Err(missing_tokenizer(model)),
         },
         (None, None) => Err("give the input as text or as --ids".into()),
+    }
+}
+
+/// The sampling flags of `generate` and `chat`. The defaults written here are `generate`'s; a
+/// command that wants others overrides them on its own struct, e.g.
+/// `#[command(mut_arg("temperature", |a| a.default_value("0.7")))]`, so `--help` shows them too.
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// Longest output, in new tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Locally typical sampling mass (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub typical_p: f32,
+    /// Penalize tokens already present (1.0 = off), as transformers does.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Random seed; the same seed gives the same output (default: a new one each time).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Always pick the most likely token (no sampling).
+    #[arg(long)]
+    pub greedy: bool,
+}
+
+impl SamplingArgs {
+    /// The engine's sampling parameters, checked (a bad value names its flag's setting).
+    pub fn to_params(&self) -> Result<SamplingParams> {
+        let params = SamplingParams {
+            do_sample: !self.greedy,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            typical_p: self.typical_p,
+            repetition_penalty: self.repetition_penalty,
+        };
+        params.validate()?;
+        Ok(params)
     }
 }

@@ -4,9 +4,9 @@ use std::io::Write;
 
 use clap::Args;
 use serde_json::json;
-use vicuna_engine::{generate, random_seed, score, GenerationConfig, SamplingParams};
+use vicuna_engine::{generate, random_seed, score, GenerationConfig};
 
-use crate::common::{input_ids, InputArgs, ModelArgs};
+use crate::common::{input_ids, InputArgs, ModelArgs, SamplingArgs};
 use crate::Result;
 
 #[derive(Args)]
@@ -18,34 +18,14 @@ pub struct GenerateArgs {
     pub prompt: Option<String>,
     #[command(flatten)]
     pub input: InputArgs,
-    #[arg(long, default_value_t = 256)]
-    pub max_new_tokens: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// EOS cannot end the text before this many new tokens.
     #[arg(long, default_value_t = 0)]
     pub min_new_tokens: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
-    /// Keep only the K most likely tokens (0 = off).
-    #[arg(long, default_value_t = 50)]
-    pub top_k: usize,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Locally typical sampling mass (1.0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub typical_p: f32,
-    /// Penalize tokens already present (1.0 = off), as transformers does.
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
     /// Stop when this text appears (may be repeated); it is trimmed from the output.
     #[arg(long)]
     pub stop: Vec<String>,
-    /// Random seed; the same seed gives the same output.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Always pick the most likely token (no sampling).
-    #[arg(long)]
-    pub greedy: bool,
     /// Do not stop at EOS.
     #[arg(long)]
     pub ignore_eos: bool,
@@ -73,22 +53,13 @@ pub struct ScoreArgs {
 pub fn run_generate(args: GenerateArgs) -> Result<()> {
     let tokenizer = args.model.tokenizer()?;
     let prompt = input_ids(args.prompt.as_deref(), args.input.ids, tokenizer.as_ref(), &args.model.model)?;
-    let sampling = SamplingParams {
-        do_sample: !args.greedy,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        typical_p: args.typical_p,
-        repetition_penalty: args.repetition_penalty,
-    };
-    sampling.validate()?;
     let config = GenerationConfig {
-        sampling,
-        max_new_tokens: args.max_new_tokens,
+        sampling: args.sampling.to_params()?,
+        max_new_tokens: args.sampling.max_new_tokens,
         min_new_tokens: args.min_new_tokens,
         stop: args.stop,
         ignore_eos: args.ignore_eos,
-        seed: args.seed.unwrap_or_else(random_seed),
+        seed: args.sampling.seed.unwrap_or_else(random_seed),
     };
     let model = args.model.load_model()?;
     let mut stdout = std::io::stdout().lock();

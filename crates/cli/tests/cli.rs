@@ -343,3 +343,67 @@ fn pickle_that_names_os_system_is_refused_and_nothing_runs() {
     assert_bad_input(&out, &[&format!("refusing to load pickle global os.system from {}", shard.display())]);
     assert!(!witness.exists(), "the pickled command ran");
 }
+
+// ------------------------------------------------------------------------- shared sampling flags
+
+/// `vicuna chat` with `args`, one turn piped in: the reply.
+fn chat_reply(args: &[&str]) -> String {
+    use std::io::Write;
+    let model = fixture(TINY_V32001);
+    let tokenizer = fixture("tokenizer/tokenizer.model");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vicuna"))
+        .args(["chat", "--model", path_str(&model), "--tokenizer", path_str(&tokenizer), "--seed", "7"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"What is a llama?\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `vicuna generate --json` text of a seeded prompt with `args`.
+fn generated(args: &[&str]) -> Value {
+    let model = fixture(TINY_V32001);
+    let tokenizer = fixture("tokenizer/tokenizer.model");
+    let base = ["generate", "--model", path_str(&model), "--tokenizer", path_str(&tokenizer), "--prompt", "Llamas"];
+    stdout_json(&vicuna(&[&base[..], &["--seed", "7", "--ignore-eos", "--json"], args].concat()))
+}
+
+/// One set of sampling flags; chat samples at 0.7 for up to 512 tokens unless told otherwise,
+/// generate at 1.0 for 256. The defaults are checked by what the commands do, not by their help.
+#[test]
+fn generate_and_chat_share_sampling_flags_with_their_own_defaults() {
+    let flags = ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--typical-p", "--repetition-penalty"];
+    for command in ["generate", "chat"] {
+        let help = String::from_utf8(vicuna(&[command, "--help"]).stdout).unwrap();
+        for flag in flags.iter().chain(&["--seed", "--greedy"]) {
+            assert!(help.contains(flag), "{command} --help lacks {flag}");
+        }
+    }
+
+    let chat_default = chat_reply(&[]);
+    assert_eq!(chat_default, chat_reply(&["--temperature", "0.7", "--max-new-tokens", "512"]));
+    assert_ne!(chat_default, chat_reply(&["--temperature", "1.0", "--max-new-tokens", "512"]));
+
+    let generate_default = generated(&[]);
+    assert_eq!(generate_default["ids"].as_array().unwrap().len(), 256);
+    assert_eq!(generate_default, generated(&["--temperature", "1.0", "--max-new-tokens", "256"]));
+    assert_ne!(generate_default, generated(&["--temperature", "0.7", "--max-new-tokens", "256"]));
+
+    // Both validate the same way.
+    let model = fixture(TINY_V32001);
+    let chat = vicuna(&[
+        "chat",
+        "--model",
+        path_str(&model),
+        "--tokenizer",
+        path_str(&fixture("tokenizer/tokenizer.model")),
+        "--top-p",
+        "0",
+    ]);
+    assert_bad_input(&chat, &["top_p"]);
+}

@@ -225,8 +225,14 @@ impl TrainableLlama {
     }
 }
 
+/// Back into the model crate's error, keeping the wrapped error where it has a variant for it.
 fn to_model_error(e: Error) -> vicuna_model::Error {
-    vicuna_model::Error::msg(e.to_string())
+    match e {
+        Error::Model(e) => e,
+        Error::Weights(e) => e.into(),
+        Error::Tensor(e) => e.into(),
+        other => vicuna_model::Error::msg(other.to_string()),
+    }
 }
 
 /// Copy `config.json`, declaring float32 weights and optionally replacing fields.

@@ -46,30 +46,28 @@ impl RewardModel {
         Ok(RewardModel { trunk, score })
     }
 
-    /// Load a saved reward model folder (every weight trainable).
+    /// Load a saved reward model folder (every weight trainable), checked like any model folder:
+    /// every trunk tensor and `score.weight` `[1, hidden]` with its shape, nothing else.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let config = LlamaConfig::from_dir(dir)?;
         let checkpoint = Checkpoint::open(dir)?;
-        let h = config.hidden_size;
+        if checkpoint.info(SCORE_WEIGHT).is_none() {
+            bail!("{}: no tensor {SCORE_WEIGHT}, so no reward model (`vicuna train rm` makes one)", dir.display());
+        }
+        checkpoint.check_against_score_head(&config, 1)?;
         let read = |name: &str| -> Result<Tensor> {
-            let info = checkpoint.info(name).ok_or_else(|| {
-                Error::new(format!("{}: no tensor {name}; is this a reward model folder?", dir.display()))
-            })?;
-            Ok(Tensor::from_vec(checkpoint.to_f32(name)?, info.shape.clone(), device)?)
+            let shape = checkpoint.info(name).map(|info| info.shape.clone()).unwrap_or_default();
+            Ok(Tensor::from_vec(checkpoint.to_f32(name)?, shape, device)?)
         };
         let score = read(SCORE_WEIGHT)?;
-        if score.dims() != [1, h] {
-            bail!("{}: {SCORE_WEIGHT} has shape {:?}, expected [1, {h}]", dir.display(), score.dims());
-        }
         let mut weights = HashMap::new();
         for (name, _) in config.expected_shapes() {
-            if name == LM_HEAD && checkpoint.info(LM_HEAD).is_none() {
-                continue;
+            if name != LM_HEAD {
+                weights.insert(name.clone(), read(&name)?);
             }
-            weights.insert(name.clone(), read(&name)?);
         }
         // The head is never used; the trunk API wants one, so the embedding stands in.
-        if !weights.contains_key(LM_HEAD) && !config.tie_word_embeddings {
+        if !config.tie_word_embeddings {
             let embed = weights["model.embed_tokens.weight"].clone();
             weights.insert(LM_HEAD.to_string(), embed);
         }

@@ -65,6 +65,8 @@ pub struct SftReport {
     pub dropped_examples: usize,
     pub eval_loss_before: Option<f64>,
     pub eval_loss_after: Option<f64>,
+    /// Real (unpadded) tokens of every training step, for throughput figures.
+    pub train_tokens: usize,
 }
 
 /// In-place Fisher–Yates shuffle driven by the engine's seeded generator.
@@ -136,6 +138,7 @@ pub fn train_sft(
     let mut rng = Rng::new(opts.seed);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut step = 0;
+    let mut train_tokens = 0;
     for epoch in 0..opts.epochs {
         shuffle(&mut order, &mut rng);
         for group in order.chunks(per_step) {
@@ -144,6 +147,7 @@ pub fn train_sft(
                 group.chunks(opts.batch_size).map(|c| c.iter().map(|&i| &train[i]).collect()).collect();
             let batches = micro.iter().map(|m| lm_batch(m, pad, model.device())).collect::<Result<Vec<_>>>()?;
             let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
+            train_tokens += micro.iter().flatten().map(|e| e.ids.len()).sum::<usize>();
             let lm = model.model()?;
             let mut grads = None;
             let mut loss_sum = 0.0;
@@ -166,5 +170,6 @@ pub fn train_sft(
         dropped_examples: dropped,
         eval_loss_before,
         eval_loss_after: eval_loss(model)?,
+        train_tokens,
     })
 }

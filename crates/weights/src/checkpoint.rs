@@ -22,6 +22,21 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+/// The output head of transformers' `LlamaForSequenceClassification` (a reward model's).
+const SCORE_WEIGHT: &str = "score.weight";
+const LM_HEAD_WEIGHT: &str = "lm_head.weight";
+const SEQUENCE_CLASSIFIER: &str = "LlamaForSequenceClassification";
+
+/// What a LLaMA trunk ends in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Head {
+    /// `LlamaForCausalLM`: `lm_head.weight` `[vocab, hidden]`, absent when tied to the embedding.
+    LanguageModel,
+    /// `LlamaForSequenceClassification`: `score.weight` `[labels, hidden]` read at the last token, no
+    /// `lm_head` (a reward model has one label).
+    Score { labels: usize },
+}
+
 /// Name, element type, shape and file of one tensor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorInfo {
@@ -193,10 +208,33 @@ impl Checkpoint {
         Ok(to_f32_vec(dtype, &self.bytes(name)?))
     }
 
-    /// Checks that every tensor `config` implies exists with its shape, and that nothing
-    /// else is there; every problem is listed in the one error.
+    /// Checks that every tensor `config` implies for a causal LM (`LlamaForCausalLM`: the trunk and
+    /// `lm_head.weight`) exists with its shape, and that nothing else is there; every problem is
+    /// listed in the one error.
     pub fn check_against(&self, config: &LlamaConfig) -> Result<()> {
-        let expected = config.expected_shapes();
+        self.check_with_head(config, Head::LanguageModel)
+    }
+
+    /// [`Checkpoint::check_against`] for transformers' `LlamaForSequenceClassification` with
+    /// `labels` outputs (a reward model has one): `score.weight` `[labels, hidden]` instead of `lm_head`.
+    pub fn check_against_score_head(&self, config: &LlamaConfig, labels: usize) -> Result<()> {
+        self.check_with_head(config, Head::Score { labels })
+    }
+
+    fn check_with_head(&self, config: &LlamaConfig, head: Head) -> Result<()> {
+        // A reward model has no lm_head to generate with; saying so beats listing the two tensors.
+        if head == Head::LanguageModel && self.is_score_head_folder(config) {
+            bail!(
+                "{} is a reward model (LlamaForSequenceClassification, with {SCORE_WEIGHT} instead of {LM_HEAD_WEIGHT}) and cannot \
+                 generate or score text; read it with `vicuna reward`",
+                self.dir.display()
+            );
+        }
+        let mut expected = config.expected_shapes();
+        if let Head::Score { labels } = head {
+            expected.retain(|(name, _)| name != LM_HEAD_WEIGHT);
+            expected.push((SCORE_WEIGHT.to_string(), vec![labels, config.hidden_size]));
+        }
         let mut problems = Vec::new();
         for (name, shape) in &expected {
             match self.info(name) {
@@ -212,7 +250,7 @@ impl Checkpoint {
         let known: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
         for info in self.tensors.values().map(|t| &t.info) {
             // A tied model may still carry lm_head.weight; transformers ignores it too.
-            let tolerated = config.tie_word_embeddings && info.name == "lm_head.weight";
+            let tolerated = config.tie_word_embeddings && info.name == LM_HEAD_WEIGHT;
             if !known.contains(info.name.as_str()) && !tolerated {
                 problems.push(format!(
                     "unexpected tensor {} in {} (config.json describes {} layers)",
@@ -232,6 +270,11 @@ impl Checkpoint {
             if problems.len() == 1 { "" } else { "s" },
             problems.join("; ")
         )))
+    }
+
+    /// Whether config and weights are transformers' `LlamaForSequenceClassification`.
+    fn is_score_head_folder(&self, config: &LlamaConfig) -> bool {
+        config.architectures.iter().any(|a| a == SEQUENCE_CLASSIFIER) && self.info(SCORE_WEIGHT).is_some()
     }
 
     fn stored(&self, name: &str) -> Result<&Stored> {
