@@ -54,7 +54,7 @@ fn reward_model_folder_is_checked_for_its_own_head() {
     );
     for err in [
         checkpoint.check_against(&config).unwrap_err().to_string(),
-        Llama::load(&out, &Device::Cpu).unwrap_err().to_string(),
+        Llama::load(&out, &Device::Cpu).err().unwrap().to_string(),
     ] {
         assert!(err.contains("is a reward model") && err.contains("vicuna reward") && !err.contains('\n'), "{err}");
     }
