@@ -55,12 +55,16 @@ if ! "$PYTHON" -c "import torch, transformers" 2>/dev/null; then
 fi
 "$PYTHON" - "$MODEL" "$TOKENIZER" "$WORK/chat.jsonl" "$BATCH" "$THREADS" <<'PY'
 import json, sys, time
+
 import torch
-from transformers import LlamaForCausalLM, LlamaTokenizer
+import sentencepiece
+from transformers import LlamaForCausalLM
 model_dir, tok_file, data, batch, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
-tok = LlamaTokenizer(vocab_file=tok_file, legacy=True)
+# SentencePiece itself: the reference vicuna's tokenizer matches (transformers 5's LlamaTokenizer
+# no longer reads a tokenizer.model given alone).
+sp = sentencepiece.SentencePieceProcessor(model_file=tok_file)
 model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 model.train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
@@ -69,7 +73,7 @@ texts = [f"### Human: {r['prompt']}\n### Assistant: {r['response']}\n" for r in 
 start = time.time()
 steps = tokens = 0
 for i in range(0, len(texts), batch):
-    enc = [[tok.bos_token_id] + tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts[i:i + batch]]
+    enc = [[sp.bos_id()] + sp.encode(t) + [sp.eos_id()] for t in texts[i:i + batch]]
     width = max(map(len, enc))
     ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
     mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
