@@ -326,7 +326,7 @@ pub fn run_reward(args: RewardArgs) -> Result<()> {
         }
         _ => return Err("give --text, or --prompt with --response".into()),
     };
-    let score = rm.score_ids(&[ids.clone()], 1, pad_id(&tokenizer))?[0];
+    let score = rm.score_ids(std::slice::from_ref(&ids), 1, pad_id(&tokenizer))?[0];
     if args.json {
         println!("{}", json!({"score": score, "tokens": ids.len()}));
     } else {
