@@ -76,8 +76,12 @@ impl QuantizeTarget {
 /// * q4_k_m: `attn_v.weight` and `ffn_down` of the layers where `use_more_bits(layer, n_layer)`
 ///   (the first and last eighth, and every third in between) get q6_K.
 /// * a row length that is not a whole number of blocks falls back as llama.cpp's
-///   `convert_incompatible_tensor` does: q4_K → q5_0, q6_K → q8_0, then f16 if still ragged. Where
-///   llama.cpp gives up ("Unsupported tensor size", q4_0 / q8_0 targets), vicuna writes f16.
+///   `convert_incompatible_tensor` does: q4_K → q5_0, q6_K → q8_0, then f16 if still ragged; q4_0
+///   and q8_0 go to f16 directly (the llama.cpp bundled with llama-cpp-python 0.3.36 does so, "must
+///   use F16 due to unusual shape"; some older versions refused such tensors instead).
+///
+/// `bench/gguf_interop.sh` checks the result against that llama.cpp's own quantizer: same type and
+/// same bytes for every tensor.
 pub fn tensor_type(target: QuantizeTarget, name: &str, dims: &[usize], n_layer: usize, has_output: bool) -> GgmlType {
     if dims.len() < 2 || name.ends_with("_norm.weight") {
         return GgmlType::F32;
@@ -93,24 +97,25 @@ pub fn tensor_type(target: QuantizeTarget, name: &str, dims: &[usize], n_layer: 
     };
     let mut ty = base;
     if name == "output.weight" || (!has_output && name == "token_embd.weight") {
-        if row_len % base.block_size() != 0 {
+        if !row_len.is_multiple_of(base.block_size()) {
             ty = GgmlType::Q8_0;
         } else if base != GgmlType::Q8_0 {
             ty = GgmlType::Q6_K;
         }
-    } else if target == QuantizeTarget::Q4KM && (name.contains("attn_v.weight") || name.contains("ffn_down")) {
-        if layer.is_some_and(more_bits) {
-            ty = GgmlType::Q6_K;
-        }
+    } else if target == QuantizeTarget::Q4KM
+        && (name.contains("attn_v.weight") || name.contains("ffn_down"))
+        && layer.is_some_and(more_bits)
+    {
+        ty = GgmlType::Q6_K;
     }
-    if row_len % ty.block_size() != 0 {
+    if !row_len.is_multiple_of(ty.block_size()) {
         ty = match ty {
             GgmlType::Q4_K => GgmlType::Q5_0,
             GgmlType::Q5_K => GgmlType::Q5_1,
             GgmlType::Q6_K => GgmlType::Q8_0,
             _ => GgmlType::F16,
         };
-        if row_len % ty.block_size() != 0 {
+        if !row_len.is_multiple_of(ty.block_size()) {
             ty = GgmlType::F16;
         }
     }
@@ -233,6 +238,7 @@ pub fn run_quantize(request: &QuantizeRequest, control: &mut JobControl) -> Resu
         let planned = plan_from_config(&config, request.target);
         write_gguf(
             &Source::Folder(checkpoint),
+            "quantize",
             planned,
             &metadata,
             &request.out,
@@ -261,7 +267,8 @@ pub fn run_quantize(request: &QuantizeRequest, control: &mut JobControl) -> Resu
         }
         metadata.push(("general.file_type".into(), GgufValue::U32(request.target.file_type())));
         metadata.push(("general.quantization_version".into(), GgufValue::U32(2)));
-        write_gguf(&Source::Gguf(file), planned, &metadata, &request.out, request.force, request.threads, control)
+        let source = Source::Gguf(file);
+        write_gguf(&source, "quantize", planned, &metadata, &request.out, request.force, request.threads, control)
     } else {
         bail!("--model {} does not exist; pass a Hugging Face model folder or a .gguf file", model.display())
     }
@@ -281,7 +288,7 @@ pub fn run_synth_gguf(
     let metadata = llama_metadata(&config, &name, target, vocab, "synth")?;
     let planned = plan_from_config(&config, target);
     let source = Source::Synth(request.seed);
-    write_gguf(&source, planned, &metadata, &request.out, request.force, request.threads, control)
+    write_gguf(&source, "synth", planned, &metadata, &request.out, request.force, request.threads, control)
 }
 
 fn display_name(path: &Path) -> String {
@@ -406,8 +413,12 @@ fn plan_from_gguf(file: &GgufFile, config: &LlamaConfig, target: QuantizeTarget)
 /// Elements converted per chunk: small enough to bound memory, large enough to keep threads busy.
 const CHUNK_ELEMENTS: usize = 1 << 20;
 
+/// Writes the planned tensors, converted from `source`, into the GGUF file `out`; `phase` names the
+/// job in the progress display.
+#[allow(clippy::too_many_arguments)] // one private call per job kind
 fn write_gguf(
     source: &Source,
+    phase: &str,
     planned: Vec<Planned>,
     metadata: &[(String, GgufValue)],
     out: &Path,
@@ -420,7 +431,7 @@ fn write_gguf(
     let plans: Vec<GgufTensorPlan> = planned.iter().map(|p| p.plan.clone()).collect();
     let total: u64 = plans.iter().map(|p| p.byte_len() as u64).sum();
     let writer = GgufWriter::create(dir, name, metadata, plans)?;
-    control.progress.phase("quantize", total);
+    control.progress.phase(phase, total);
     let mut bytes_read = 0u64;
     let written = write_in_background(writer, |sink| {
         for p in &planned {

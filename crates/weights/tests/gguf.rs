@@ -180,6 +180,14 @@ fn writer_round_trips_every_metadata_and_tensor_type() {
         assert_eq!((t.data.as_ptr() as usize - file.tensors().next().unwrap().data.as_ptr() as usize) % 32, 0);
     }
     assert!(file.tensor("missing").is_none());
+    // Version 2 has the same layout (64-bit counts and lengths): the same bytes read the same.
+    let mut v2 = std::fs::read(&path).unwrap();
+    v2[4..8].copy_from_slice(&2u32.to_le_bytes());
+    let v2_path = dir.join("v2.gguf");
+    std::fs::write(&v2_path, &v2).unwrap();
+    let old = GgufFile::open(&v2_path).unwrap();
+    assert_eq!((old.version(), old.metadata()), (2, metadata.as_slice()));
+    assert_eq!(old.tensor("g.q6_K").unwrap().data, bytes[6].as_slice());
     expect_err(file.get_str("t.u8"), &["t.u8", "must be a string"]);
     assert_eq!(file.get_usize("t.u16").unwrap(), Some(65535));
     expect_err(file.get_usize("t.i8"), &["t.i8", "non-negative integer"]);
@@ -368,7 +376,7 @@ fn absurd_headers_are_refused_before_allocating() {
 
     let tensor = |dims: &[u64], ty: u32, offset: u64| {
         let mut body = tensor_info("w", dims, ty, offset);
-        body.extend_from_slice(&vec![0u8; 64]);
+        body.extend_from_slice(&[0u8; 64]);
         header(3, 1, 0, &body)
     };
     open_err(&dir, &tensor(&[1 << 20, 1 << 20], 0, 0), &["tensor w", "past the end"]);
@@ -385,7 +393,7 @@ fn absurd_headers_are_refused_before_allocating() {
     // Two tensors of the same name.
     let mut body = tensor_info("w", &[4], 0, 0);
     body.extend_from_slice(&tensor_info("w", &[4], 0, 32));
-    body.extend_from_slice(&vec![0u8; 128]);
+    body.extend_from_slice(&[0u8; 128]);
     open_err(&dir, &header(3, 2, 0, &body), &["tensor w appears twice"]);
 }
 

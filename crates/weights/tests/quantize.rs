@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{expect_err, fixture, TempDir};
+use common::{expect_err, fixture, write_safetensors, TempDir};
 use half::f16;
 use std::sync::atomic::AtomicBool;
 use vicuna_kernels::{dequantize_row, quantize_row, row_size};
@@ -304,4 +304,48 @@ fn bad_requests_leave_nothing_behind() {
     );
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, [std::ffi::OsString::from("m.gguf")]);
+}
+
+/// A tiny model with grouped-query attention (4 query heads, 2 key/value heads), written here: k must
+/// be permuted with the key/value head count, as `LlamaModel.modify_tensors` does.
+#[test]
+fn grouped_query_attention_permutes_k_with_the_kv_heads() {
+    let dir = TempDir::new("quant-gqa");
+    let model = dir.join("gqa");
+    std::fs::create_dir(&model).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": false
+    });
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let parsed = LlamaConfig::from_dir(&model).unwrap();
+    let mut counter = 0u32;
+    let tensors: Vec<(String, &str, Vec<usize>, Vec<u8>)> = parsed
+        .expected_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            // Every element distinct, so any misplaced row shows.
+            let bytes = (0..n)
+                .flat_map(|_| {
+                    counter += 1;
+                    (counter as f32).to_le_bytes()
+                })
+                .collect();
+            (name, "F32", shape, bytes)
+        })
+        .collect();
+    write_safetensors(&model.join("model.safetensors"), &tensors);
+    let out = dir.join("gqa.gguf");
+    quantize(&model, QuantizeTarget::F32, Some(GgufVocab::synthetic(300).unwrap()), &out).unwrap();
+    let file = GgufFile::open(&out).unwrap();
+    let checkpoint = Checkpoint::open(&model).unwrap();
+    assert_eq!(file.tensor("blk.0.attn_k.weight").unwrap().dims, [64, 32]);
+    for t in file.tensors() {
+        assert_eq!(dequantize(&t), hf_in_gguf_order(&checkpoint, &parsed, t.name), "{}", t.name);
+    }
+    let back = file.llama_config().unwrap();
+    assert_eq!((back.num_key_value_heads, back.rope_theta, back.max_position_embeddings), (2, 500000.0, 4096));
+    assert_eq!(file.get_u32("llama.attention.head_count_kv").unwrap(), Some(2));
 }
