@@ -1,6 +1,6 @@
 """Runs llama.cpp's quantizer (llama_model_quantize) on SRC to TYPE and compares every tensor's type
 and bytes, and the tensor order, with vicuna's file OURS."""
-import ctypes, sys
+import ctypes, os, sys
 import llama_cpp
 from gguf import GGUFReader
 
@@ -8,7 +8,7 @@ FTYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}
 src, ty, dst, ours = sys.argv[1:5]
 p = llama_cpp.llama_model_quantize_default_params()
 p.ftype = FTYPES[ty]
-p.nthread = 1
+p.nthread = int(os.environ.get("LLAMA_THREADS", "1"))
 if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p)) != 0:
     sys.exit(f"llama_model_quantize failed on {src}")
 a, b = GGUFReader(dst), GGUFReader(ours)

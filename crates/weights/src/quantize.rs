@@ -155,33 +155,27 @@ fn llama_quantize_order(name: &str) -> (i64, String) {
     (layer.unwrap_or(-1), name.to_string())
 }
 
-/// Rows `rows` of a q or k projection with `heads` heads, from Hugging Face order (each head's first
-/// rotary halves, then its second) to GGUF's interleaved order: `convert_hf_to_gguf.py`'s
-/// `permute`, `w.reshape(heads, 2, head_dim / 2, cols).swapaxes(1, 2)`. `rows` covers whole heads.
+/// The rows of a q or k projection (whole heads of `head_dim` rows of `cols`), from Hugging Face
+/// order (each head's first rotary halves, then its second) to GGUF's interleaved order:
+/// `convert_hf_to_gguf.py`'s `permute`, `w.reshape(heads, 2, head_dim / 2, cols).swapaxes(1, 2)`.
 pub fn permute_rows_for_gguf(hf_rows: &[f32], cols: usize, head_dim: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; hf_rows.len()];
-    let half = head_dim / 2;
-    for (head_in, head_out) in hf_rows.chunks_exact(head_dim * cols).zip(out.chunks_exact_mut(head_dim * cols)) {
-        for i in 0..half {
-            for j in 0..2 {
-                let from = (j * half + i) * cols;
-                let to = (2 * i + j) * cols;
-                head_out[to..to + cols].copy_from_slice(&head_in[from..from + cols]);
-            }
-        }
-    }
-    out
+    reorder_rows_within_heads(hf_rows, cols, head_dim, true)
 }
 
 /// The inverse of [`permute_rows_for_gguf`]: GGUF's interleaved rows back to Hugging Face order.
 pub fn unpermute_rows_from_gguf(gguf_rows: &[f32], cols: usize, head_dim: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; gguf_rows.len()];
+    reorder_rows_within_heads(gguf_rows, cols, head_dim, false)
+}
+
+/// Row `j * head_dim / 2 + i` of each Hugging Face head is row `2 * i + j` of the GGUF head.
+fn reorder_rows_within_heads(rows: &[f32], cols: usize, head_dim: usize, to_gguf: bool) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows.len()];
     let half = head_dim / 2;
-    for (head_in, head_out) in gguf_rows.chunks_exact(head_dim * cols).zip(out.chunks_exact_mut(head_dim * cols)) {
+    for (head_in, head_out) in rows.chunks_exact(head_dim * cols).zip(out.chunks_exact_mut(head_dim * cols)) {
         for i in 0..half {
             for j in 0..2 {
-                let to = (j * half + i) * cols;
-                let from = (2 * i + j) * cols;
+                let (hf, gguf) = ((j * half + i) * cols, (2 * i + j) * cols);
+                let (from, to) = if to_gguf { (hf, gguf) } else { (gguf, hf) };
                 head_out[to..to + cols].copy_from_slice(&head_in[from..from + cols]);
             }
         }
@@ -489,6 +483,7 @@ fn read_rows(source: &Source, p: &Planned, rows: std::ops::Range<usize>) -> Resu
                 dequantize_row(t.ty, src, dst)
                     .map_err(|e| Error::new(format!("{}: tensor {}: {e}", file.path().display(), t.name)))?;
             }
+            file.release(data)?;
             (values, data.len() as u64)
         }
     };

@@ -349,3 +349,14 @@ fn grouped_query_attention_permutes_k_with_the_kv_heads() {
     assert_eq!((back.num_key_value_heads, back.rope_theta, back.max_position_embeddings), (2, 500000.0, 4096));
     assert_eq!(file.get_u32("llama.attention.head_count_kv").unwrap(), Some(2));
 }
+
+#[test]
+fn permutation_helpers_match_the_converter() {
+    let (heads, head_dim, cols) = (3, 8, 5);
+    let w: Vec<f32> = (0..heads * head_dim * cols).map(|i| i as f32).collect();
+    let want = reference_permute(&w, heads * head_dim, cols, heads);
+    let permuted = vicuna_weights::permute_rows_for_gguf(&w, cols, head_dim);
+    assert_eq!(permuted, want);
+    assert_ne!(permuted, w);
+    assert_eq!(vicuna_weights::unpermute_rows_from_gguf(&permuted, cols, head_dim), w);
+}

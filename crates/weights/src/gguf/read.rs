@@ -5,7 +5,7 @@
 use super::{tensor_bytes, GgmlType, GgufValue, GgufValueType, DEFAULT_ALIGNMENT, MAGIC, MAX_DIMS};
 use crate::config::LlamaConfig;
 use crate::error::{bail, Error, Result};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::fs::File;
@@ -302,6 +302,20 @@ impl GgufFile {
                 self.path.display()
             ))
         })
+    }
+
+    /// Drops this process's pages of `data` (a slice of this file's tensor data, e.g. rows just
+    /// converted), so that streaming through a model does not leave the whole file resident. Only a
+    /// hint about memory: the slices stay valid and are read from the file again if touched.
+    pub fn release(&self, data: &[u8]) -> Result<()> {
+        let start = (data.as_ptr() as usize).wrapping_sub(self.map.as_ptr() as usize);
+        if data.is_empty() || start >= self.map.len() || data.len() > self.map.len() - start {
+            return Ok(()); // not ours: nothing to release
+        }
+        // SAFETY: the map is a read-only file mapping that nothing writes through, so its pages only
+        // ever hold the file's bytes: dropping them loses nothing, and any later access re-reads them.
+        unsafe { self.map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, data.len()) }
+            .map_err(|e| Error::new(format!("cannot release pages of {}: {e}", self.path.display())))
     }
 
     /// Every tensor, in file order.
