@@ -423,8 +423,8 @@ fn write_gguf(
     let staged = StagedFile::create(out, force)?;
     let (dir, name) = staged.dir_and_name();
     let plans: Vec<GgufTensorPlan> = planned.iter().map(|p| p.plan.clone()).collect();
-    let total: u64 = plans.iter().map(|p| p.byte_len() as u64).sum();
-    let writer = GgufWriter::create(dir, name, metadata, plans)?;
+    let writer = GgufWriter::create(dir, name, metadata, plans)?; // checks every plan's size first
+    let total: u64 = planned.iter().map(|p| p.plan.byte_len() as u64).sum();
     control.progress.phase(phase, total);
     let mut bytes_read = 0u64;
     let written = write_in_background(writer, |sink| {

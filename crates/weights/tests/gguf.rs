@@ -405,6 +405,11 @@ fn llama_metadata_is_checked() {
     write_test_file(&path, &metadata, &[]);
     expect_err(GgufFile::open(&path).unwrap().llama_config(), &["general.architecture", "gpt2", "not llama"]);
     metadata[0].1 = GgufValue::String("llama".into());
+    metadata.push(("llama.block_count".into(), GgufValue::U64(1 << 40)));
+    write_test_file(&path, &metadata, &[("t", GgmlType::F32, vec![4])]);
+    expect_err(GgufFile::open(&path).unwrap().llama_config(), &["llama.block_count is 1099511627776", "1 tensors"]);
+    metadata.pop();
+    metadata.push(("llama.block_count".into(), GgufValue::U32(0)));
     metadata.push(("llama.embedding_length".into(), GgufValue::U32(64)));
     write_test_file(&path, &metadata, &[]);
     expect_err(GgufFile::open(&path).unwrap().llama_config(), &["llama.attention.head_count", "missing"]);

@@ -360,3 +360,54 @@ fn permutation_helpers_match_the_converter() {
     assert_ne!(permuted, w);
     assert_eq!(vicuna_weights::unpermute_rows_from_gguf(&permuted, cols, head_dim), w);
 }
+
+/// Seeded corruptions of a real LLaMA GGUF (hyper-parameters, vocabulary, tensor infos): opening,
+/// reading the config and the vocabulary, and requantizing each damaged file that still opens give
+/// errors or results, never a panic, and never an output file when they fail.
+#[test]
+fn corrupted_llama_files_never_panic() {
+    let dir = TempDir::new("quant-fuzz");
+    let base = dir.join("base.gguf");
+    quantize(&fixture(TINY_A), QuantizeTarget::F16, Some(GgufVocab::synthetic(512).unwrap()), &base).unwrap();
+    let bytes = std::fs::read(&base).unwrap();
+    let header_end = GgufFile::open(&base).unwrap().data_offset();
+    let mut state = 0x0DDB_A11C_0FFE_E123u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let damaged_path = dir.join("damaged.gguf");
+    let out = dir.join("out.gguf");
+    let (mut refused, mut requantized) = (0, 0);
+    for round in 0..600 {
+        let mut damaged = bytes.clone();
+        for _ in 0..1 + next() % 3 {
+            // Half of the hits in the first 2 KB (counts, hyper-parameters, start of the vocabulary),
+            // the rest anywhere in the header (the vocabulary, the tensor infos at its end).
+            let span = if next() % 2 == 0 { 2048.min(header_end) } else { header_end };
+            let at = (next() as usize) % span;
+            damaged[at] = if next() % 2 == 0 { next() as u8 } else { damaged[at] ^ (1 << (next() % 8)) };
+        }
+        std::fs::write(&damaged_path, &damaged).unwrap();
+        let Ok(file) = GgufFile::open(&damaged_path) else {
+            refused += 1;
+            continue;
+        };
+        let _ = file.llama_config();
+        let _ = file.vocab();
+        drop(file);
+        match quantize(&damaged_path, QuantizeTarget::Q8_0, None, &out) {
+            Ok(_) => {
+                requantized += 1;
+                std::fs::remove_file(&out).unwrap();
+            }
+            Err(e) => {
+                assert!(!e.to_string().contains('\n'));
+                assert!(!out.exists(), "round {round}: a failed run left {}", out.display());
+            }
+        }
+    }
+    assert!(refused > 100 && requantized > 10, "refused {refused}, requantized {requantized}");
+}

@@ -342,6 +342,15 @@ impl GgufFile {
                 arch.map(|a| format!("{a:?}")).unwrap_or_else(|| "missing".to_string())
             );
         }
+        let blocks = self.required_usize("llama.block_count")?;
+        // Every block has several tensors: a count past the file's tensors is damage, and must not
+        // reach code that makes a list entry per block.
+        if blocks > self.tensors.len() {
+            bail!(
+                "{shown}: llama.block_count is {blocks} but the file holds only {} tensors; the file is damaged",
+                self.tensors.len()
+            );
+        }
         let hidden = self.required_usize("llama.embedding_length")?;
         let heads = self.required_usize("llama.attention.head_count")?;
         let kv_heads = self.get_usize("llama.attention.head_count_kv")?.unwrap_or(heads);
@@ -377,7 +386,7 @@ impl GgufFile {
             "vocab_size": vocab,
             "hidden_size": hidden,
             "intermediate_size": self.required_usize("llama.feed_forward_length")?,
-            "num_hidden_layers": self.required_usize("llama.block_count")?,
+            "num_hidden_layers": blocks,
             "num_attention_heads": heads,
             "num_key_value_heads": kv_heads,
             "head_dim": head_dim,
