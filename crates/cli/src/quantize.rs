@@ -49,7 +49,7 @@ pub struct QuantizeArgs {
     #[arg(long, conflicts_with = "tokenizer")]
     pub synthetic_vocab: bool,
     /// Tensor type of the output.
-    #[arg(long = "type", value_enum)]
+    #[arg(long = "type", value_enum, value_name = "TYPE")]
     pub ty: GgufTypeArg,
     /// The GGUF file to write (it appears only once complete).
     #[arg(long)]

@@ -53,7 +53,7 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write a GGUF file with tensors of this type instead of a folder.
-    #[arg(long = "type", value_enum)]
+    #[arg(long = "type", value_enum, value_name = "TYPE")]
     pub ty: Option<GgufTypeArg>,
     /// For GGUF: the tokenizer.model (or its folder) to embed instead of a made-up vocabulary.
     #[arg(long)]
