@@ -22,7 +22,7 @@ use crate::dtype::DType;
 use crate::error::{bail, Error, Result};
 use crate::gguf::{llama_file_type, GgmlType, GgufFile, GgufTensorPlan, GgufValue, GgufVocab, GgufWriter};
 use crate::output::{write_in_background, JobControl, Manifest, StagedFile};
-use crate::synth::{random_range, SynthRequest};
+use crate::synth::{random_range_parallel, SynthRequest};
 use std::path::{Path, PathBuf};
 use vicuna_kernels::{dequantize_row, quantize_row, row_size};
 
@@ -438,7 +438,7 @@ fn write_gguf(
             while start < rows {
                 control.check_cancel(out)?;
                 let end = (start + chunk_rows).min(rows);
-                let (values, read) = read_rows(source, p, start..end)?;
+                let (values, read) = read_rows(source, p, start..end, threads)?;
                 bytes_read += read;
                 let mut buffer = sink.buffer((end - start) * row_bytes);
                 quantize_rows(p.plan.ty, &values, row_len, &mut buffer, threads)
@@ -457,7 +457,7 @@ fn write_gguf(
 }
 
 /// Rows `rows` of a planned tensor as f32, in GGUF order, and the bytes read for them.
-fn read_rows(source: &Source, p: &Planned, rows: std::ops::Range<usize>) -> Result<(Vec<f32>, u64)> {
+fn read_rows(source: &Source, p: &Planned, rows: std::ops::Range<usize>, threads: usize) -> Result<(Vec<f32>, u64)> {
     let row_len = p.plan.dims[0];
     let numel: usize = p.plan.dims.iter().product();
     let (values, read) = match source {
@@ -472,7 +472,8 @@ fn read_rows(source: &Source, p: &Planned, rows: std::ops::Range<usize>) -> Resu
         }
         Source::Synth(seed) => {
             let is_norm = p.source_name.ends_with("norm.weight");
-            (random_range(*seed, p.source_index, is_norm, numel, rows.start * row_len..rows.end * row_len), 0)
+            let elements = rows.start * row_len..rows.end * row_len;
+            (random_range_parallel(*seed, p.source_index, is_norm, numel, elements, threads), 0)
         }
         Source::Gguf(file) => {
             let t = file.tensor(&p.source_name).expect("checked when planned");

@@ -210,14 +210,31 @@ pub(crate) fn random_values(seed: u64, tensor: u64, block: u64, is_norm: bool, n
 }
 
 /// Elements `range` of tensor `tensor` (its index in the folder's natural name order), as f32: the
-/// values a synthetic folder holds before rounding to its dtype.
-pub(crate) fn random_range(
+/// values a synthetic folder holds before rounding to its dtype. Split among `threads` threads; every
+/// value depends on its position only, so the result does not depend on the thread count.
+pub(crate) fn random_range_parallel(
     seed: u64,
     tensor: u64,
     is_norm: bool,
     numel: usize,
     range: std::ops::Range<usize>,
+    threads: usize,
 ) -> Vec<f32> {
+    let per_thread = range.len().div_ceil(threads.max(1)).next_multiple_of(BLOCK);
+    let mut out = vec![0f32; range.len()];
+    std::thread::scope(|scope| {
+        for (i, part) in out.chunks_mut(per_thread).enumerate() {
+            let start = range.start + i * per_thread;
+            scope.spawn(move || {
+                part.copy_from_slice(&random_range(seed, tensor, is_norm, numel, start..start + part.len()));
+            });
+        }
+    });
+    out
+}
+
+/// [`random_range_parallel`] on the calling thread.
+fn random_range(seed: u64, tensor: u64, is_norm: bool, numel: usize, range: std::ops::Range<usize>) -> Vec<f32> {
     let mut out = Vec::with_capacity(range.len());
     let mut at = range.start;
     while at < range.end {
