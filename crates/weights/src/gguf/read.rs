@@ -114,7 +114,10 @@ impl GgufFile {
         if tensor_count > (r.remaining() / 24) as u64 {
             bail!("{shown} is truncated or damaged: it claims {tensor_count} tensors, more than its size allows");
         }
-        let mut metadata = Vec::with_capacity(metadata_count as usize);
+        // Counts are checked against the file's size, but an entry in memory is larger than its
+        // smallest encoding: lists grow with what is actually parsed instead of being sized from the
+        // file's claims.
+        let mut metadata = Vec::with_capacity(capacity_hint(metadata_count));
         let mut metadata_index = HashMap::new();
         for i in 0..metadata_count {
             let key = r.string(&format!("the key of metadata entry {i}"))?;
@@ -140,7 +143,7 @@ impl GgufFile {
             dims: Vec<usize>,
             offset: u64,
         }
-        let mut infos = Vec::with_capacity(tensor_count as usize);
+        let mut infos = Vec::with_capacity(capacity_hint(tensor_count));
         for i in 0..tensor_count {
             let name = r.string(&format!("the name of tensor {i}"))?;
             let n_dims = r.u32(&format!("the dimension count of tensor {name}"))? as usize;
@@ -434,6 +437,12 @@ fn ggml_type_name(id: u32) -> String {
     format!("{name} (id {id})")
 }
 
+/// A capacity to reserve for `count` entries claimed by the file: the count itself when small, else
+/// a bound (the vector grows past it only as real entries are parsed).
+fn capacity_hint(count: u64) -> usize {
+    count.min(1 << 12) as usize
+}
+
 /// A bounds-checked cursor over the file's bytes.
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -525,7 +534,7 @@ impl<'a> Reader<'a> {
                         element.name()
                     );
                 }
-                let mut items = Vec::with_capacity(count as usize);
+                let mut items = Vec::with_capacity(capacity_hint(count));
                 for _ in 0..count {
                     items.push(self.value(element, key, depth + 1)?);
                 }
