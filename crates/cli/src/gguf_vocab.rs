@@ -73,6 +73,7 @@ pub fn vocab_from_tokenizer(path: &Path, vocab_size: usize) -> Result<GgufVocab>
         pad_id: tokenizer.pad_id(),
         add_bos,
         add_eos,
+        add_space_prefix: bpe.add_dummy_prefix(),
     })
 }
 

@@ -73,13 +73,14 @@ fn tokenizer_from_gguf_encodes_like_tokenizer_model() {
     // tokenizer.model has 32000 pieces: the converter pads to the model's 32001 with an unused piece.
     assert_eq!((vocab.tokens[32000].as_str(), vocab.token_types[32000]), ("[PAD0]", 5));
     assert_eq!((vocab.bos_id, vocab.eos_id, vocab.unk_id), (Some(1), Some(2), Some(0)));
-    assert!(vocab.add_bos && !vocab.add_eos);
+    assert!(vocab.add_bos && !vocab.add_eos && vocab.add_space_prefix);
     let rebuilt = Tokenizer::from_vocab_parts(
         vocab.tokens.clone(),
         vocab.scores.clone(),
         &vocab.token_types,
         [vocab.unk_id.unwrap(), vocab.bos_id.unwrap(), vocab.eos_id.unwrap()],
         vocab.pad_id,
+        vocab.add_space_prefix,
     )
     .unwrap();
     let original = Tokenizer::from_file(&fixture("tokenizer/tokenizer.model")).unwrap();
@@ -122,7 +123,8 @@ fn added_tokens_become_user_defined_pieces() {
     assert_eq!((vocab.tokens[32000].as_str(), vocab.token_types[32000], vocab.scores[32000]), ("[PAD]", 4, -1000.0));
     assert_eq!(vocab.pad_id, Some(32000));
     let rebuilt =
-        Tokenizer::from_vocab_parts(vocab.tokens, vocab.scores, &vocab.token_types, [0, 1, 2], vocab.pad_id).unwrap();
+        Tokenizer::from_vocab_parts(vocab.tokens, vocab.scores, &vocab.token_types, [0, 1, 2], vocab.pad_id, true)
+            .unwrap();
     // A user-defined piece is matched whole, as the original tokenizer with added_tokens.json does.
     let original = Tokenizer::from_file(&tok.join("tokenizer.model")).unwrap();
     for text in ["Hello[PAD]world", "[PAD] [PAD]x"] {

@@ -139,7 +139,7 @@ impl Tokenizer {
     /// A SentencePiece (LLaMA) tokenizer from a vocabulary given as plain vectors, as a GGUF file's
     /// `tokenizer.ggml.*` metadata holds it: `pieces[i]`, `scores[i]` and `type_codes[i]` (GGUF's and
     /// SentencePiece's numbering) describe id `i`. Byte fallback is on when the vocabulary has byte
-    /// pieces.
+    /// pieces; `add_dummy_prefix` (GGUF's `add_space_prefix`) puts a `▁` before the text.
     ///
     /// The user-defined pieces at the end of the vocabulary are what llama.cpp's converter makes of
     /// `added_tokens.json` (StableVicuna's `[PAD]`); they are handled as added tokens, the text split
@@ -151,6 +151,7 @@ impl Tokenizer {
         type_codes: &[i32],
         [unk_id, bos_id, eos_id]: [u32; 3],
         pad_id: Option<u32>,
+        add_dummy_prefix: bool,
     ) -> Result<Tokenizer> {
         let types = type_codes
             .iter()
@@ -170,7 +171,16 @@ impl Tokenizer {
         let added = pieces.split_off(base.min(pieces.len()));
         scores.truncate(base);
         types.truncate(base);
-        let bpe = SentencePieceBpe::from_parts(pieces, scores, types, true, byte_fallback, unk_id, bos_id, eos_id)?;
+        let bpe = SentencePieceBpe::from_parts(
+            pieces,
+            scores,
+            types,
+            add_dummy_prefix,
+            byte_fallback,
+            unk_id,
+            bos_id,
+            eos_id,
+        )?;
         let mut tokenizer = Tokenizer::from_sentencepiece(bpe);
         for text in added {
             if text.is_empty() || tokenizer.added.contains_key(&text) {

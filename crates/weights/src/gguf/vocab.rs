@@ -23,6 +23,9 @@ pub struct GgufVocab {
     pub add_bos: bool,
     /// Whether an EOS token ends every encoded text (LLaMA: no).
     pub add_eos: bool,
+    /// `tokenizer.ggml.add_space_prefix`: whether text gets a leading `▁` (SentencePiece's
+    /// `add_dummy_prefix`; llama.cpp's default, and LLaMA's, is yes).
+    pub add_space_prefix: bool,
 }
 
 /// The token type code of user-defined pieces (added tokens such as `[PAD]`).
@@ -59,6 +62,7 @@ impl GgufVocab {
             pad_id: None,
             add_bos: true,
             add_eos: false,
+            add_space_prefix: true,
         })
     }
 
@@ -108,6 +112,10 @@ impl GgufVocab {
         }
         out.push(("tokenizer.ggml.add_bos_token".to_string(), GgufValue::Bool(self.add_bos)));
         out.push(("tokenizer.ggml.add_eos_token".to_string(), GgufValue::Bool(self.add_eos)));
+        if !self.add_space_prefix {
+            // Written only where it differs from llama.cpp's default, as its converter does.
+            out.push(("tokenizer.ggml.add_space_prefix".to_string(), GgufValue::Bool(false)));
+        }
         out
     }
 }
@@ -157,6 +165,7 @@ impl GgufFile {
             pad_id: self.get_u32("tokenizer.ggml.padding_token_id")?,
             add_bos: self.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(true),
             add_eos: self.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+            add_space_prefix: self.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true),
         };
         vocab.validate(&shown)?;
         Ok(vocab)
