@@ -5,8 +5,10 @@
 mod chat;
 mod common;
 mod delta;
+mod gguf_vocab;
 mod inference;
 mod output;
+mod quantize;
 mod serve;
 mod synth;
 mod tokens;
@@ -44,6 +46,8 @@ enum Command {
     MakeDelta(delta::MakeDeltaArgs),
     /// Write a LLaMA folder of a real shape with random weights, for tests and benchmarks.
     Synth(synth::SynthArgs),
+    /// Write a GGUF file (f32, f16, q8_0, q4_0, q4_k_m) that llama.cpp loads.
+    Quantize(quantize::QuantizeArgs),
     /// Serve the model over HTTP: TGI and OpenAI APIs with continuous batching, and a chat page.
     Serve(serve::ServeArgs),
     /// Chat with the model in the terminal (one reply per input line when stdin is not a terminal).
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Command::ApplyDelta(args) => delta::run_apply_delta(args, cli.threads),
         Command::MakeDelta(args) => delta::run_make_delta(args, cli.threads),
         Command::Synth(args) => synth::run_synth_command(args, cli.threads),
+        Command::Quantize(args) => quantize::run_quantize_command(args, cli.threads),
         Command::Serve(args) => serve::run_serve(args),
         Command::Chat(args) => chat::run_chat(args),
         Command::Train(args) => train::run_train(args),

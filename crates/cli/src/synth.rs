@@ -1,15 +1,20 @@
 //! `vicuna synth`: a LLaMA folder of a real shape with random weights, for testing and
 //! benchmarking the tools without downloading a model.
 //!
-//! Today it writes Hugging Face folders (`--dtype`, `--out DIR`); GGUF output will come as
-//! `--type q4_0 --out FILE.gguf`, the output kind following from `--type`.
+//! It writes Hugging Face folders (`--dtype`, `--out DIR`), or GGUF files (`--type q4_0`, or an
+//! `--out` ending in `.gguf`) holding the same random weights, with a made-up vocabulary that
+//! llama.cpp accepts unless `--tokenizer` gives a real one.
 
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use vicuna_weights::{run_synth, DType, SynthRequest, SynthShape};
+use vicuna_weights::{
+    run_synth, run_synth_gguf, DType, GgufVocab, LlamaConfig, QuantizeTarget, SynthRequest, SynthShape,
+};
 
+use crate::gguf_vocab::vocab_from_tokenizer;
 use crate::output::{run_job, threads, WriteArgs};
+use crate::quantize::GgufTypeArg;
 use crate::Result;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -47,7 +52,13 @@ pub struct SynthArgs {
     /// Random seed: the same seed gives the same weights, whatever the thread count.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// The folder to write.
+    /// Write a GGUF file with tensors of this type instead of a folder.
+    #[arg(long = "type", value_enum, value_name = "TYPE")]
+    pub ty: Option<GgufTypeArg>,
+    /// For GGUF: the tokenizer.model (or its folder) to embed instead of a made-up vocabulary.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The folder to write (or the file, for GGUF).
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]
@@ -66,6 +77,7 @@ pub fn run_synth_command(args: SynthArgs, threads_flag: Option<usize>) -> Result
         DTypeArg::F32 => DType::F32,
         DTypeArg::Bf16 => DType::BF16,
     };
+    let is_gguf = args.ty.is_some() || args.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     let request = SynthRequest {
         shape,
         dtype,
@@ -76,5 +88,24 @@ pub fn run_synth_command(args: SynthArgs, threads_flag: Option<usize>) -> Result
         shard_size: args.write.shard_size,
         threads: threads(threads_flag),
     };
-    run_job(args.write.quiet, |control| run_synth(&request, control))
+    if !is_gguf {
+        if args.tokenizer.is_some() {
+            return Err("--tokenizer applies to GGUF output (--type, or --out FILE.gguf)".into());
+        }
+        return run_job(args.write.quiet, |control| run_synth(&request, control));
+    }
+    let target = match (args.ty, dtype) {
+        (Some(ty), _) => QuantizeTarget::from(ty),
+        (None, DType::F32) => QuantizeTarget::F32,
+        (None, DType::F16) => QuantizeTarget::F16,
+        (None, DType::BF16) => {
+            return Err("GGUF output in bf16 is not offered; pass --type f16 or another --type".into())
+        }
+    };
+    let config = LlamaConfig::from_json_value(&shape.config_json(request.vocab, dtype), "synth config")?;
+    let vocab = match &args.tokenizer {
+        Some(path) => vocab_from_tokenizer(path, config.vocab_size)?,
+        None => GgufVocab::synthetic(config.vocab_size)?,
+    };
+    run_job(args.write.quiet, |control| run_synth_gguf(&request, target, &vocab, control))
 }

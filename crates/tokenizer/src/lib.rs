@@ -41,6 +41,13 @@ use side_files::SideFiles;
 /// The file names [`Tokenizer::from_dir`] looks for, in order of preference.
 pub const TOKENIZER_FILES: [&str; 2] = ["tokenizer.model", "tokenizer.json"];
 
+/// Appends an added token (split off the text before BPE, decoded literally) as the next id.
+fn push_added(table: &mut DecodeTable, added: &mut HashMap<String, u32>, text: String) {
+    let id = table.len() as u32;
+    table.push(text.clone(), TokenKind::Literal);
+    added.insert(text, id);
+}
+
 /// A LLaMA tokenizer: text ↔ token ids.
 pub struct Tokenizer {
     backend: Backend,
@@ -129,6 +136,68 @@ impl Tokenizer {
         }
     }
 
+    /// A SentencePiece (LLaMA) tokenizer from a vocabulary given as plain vectors, as a GGUF file's
+    /// `tokenizer.ggml.*` metadata holds it: `pieces[i]`, `scores[i]` and `type_codes[i]` (GGUF's and
+    /// SentencePiece's numbering) describe id `i`. Byte fallback is on when the vocabulary has byte
+    /// pieces; `add_dummy_prefix` (GGUF's `add_space_prefix`) puts a `▁` before the text.
+    ///
+    /// The user-defined pieces at the end of the vocabulary are what llama.cpp's converter makes of
+    /// `added_tokens.json` (StableVicuna's `[PAD]`); they are handled as added tokens, the text split
+    /// on them before BPE, as transformers and llama.cpp do (each part then gets its own leading `▁`),
+    /// so that the result encodes exactly like `tokenizer.model` with its side files.
+    pub fn from_vocab_parts(
+        mut pieces: Vec<String>,
+        mut scores: Vec<f32>,
+        type_codes: &[i32],
+        [unk_id, bos_id, eos_id]: [u32; 3],
+        pad_id: Option<u32>,
+        add_dummy_prefix: bool,
+    ) -> Result<Tokenizer> {
+        let types = type_codes
+            .iter()
+            .enumerate()
+            .map(|(id, &code)| {
+                u32::try_from(code).ok().and_then(PieceType::from_code).ok_or_else(|| {
+                    Error::invalid(
+                        format_args!("token {id} has type {code}"),
+                        "token types must be 1 to 6 (SentencePiece's)",
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut types = types;
+        let byte_fallback = types.contains(&PieceType::Byte);
+        let base = types.iter().rposition(|&t| t != PieceType::UserDefined).map_or(0, |i| i + 1);
+        let added = pieces.split_off(base.min(pieces.len()));
+        scores.truncate(base);
+        types.truncate(base);
+        let bpe = SentencePieceBpe::from_parts(
+            pieces,
+            scores,
+            types,
+            add_dummy_prefix,
+            byte_fallback,
+            unk_id,
+            bos_id,
+            eos_id,
+        )?;
+        let mut tokenizer = Tokenizer::from_sentencepiece(bpe);
+        for text in added {
+            if text.is_empty() || tokenizer.added.contains_key(&text) {
+                return Err(Error::invalid(
+                    format_args!("added token {text:?} is empty or repeated"),
+                    "fix the vocabulary",
+                ));
+            }
+            push_added(&mut tokenizer.table, &mut tokenizer.added, text);
+        }
+        tokenizer.added_matcher = UserDefinedMatcher::new(tokenizer.added.keys().cloned());
+        if let Some(pad) = pad_id.filter(|&id| (id as usize) < tokenizer.vocab_size()) {
+            tokenizer.pad_id = Some(pad);
+        }
+        Ok(tokenizer)
+    }
+
     fn load_json(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
         let fix = "re-download tokenizer.json (a Hugging Face tokenizers file)";
         let text =
@@ -186,8 +255,7 @@ impl Tokenizer {
                             "added token ids must follow the vocabulary without gaps",
                         ));
                     }
-                    self.table.push(text.clone(), TokenKind::Literal);
-                    self.added.insert(text.clone(), *id);
+                    push_added(&mut self.table, &mut self.added, text.clone());
                 }
                 self.added_matcher = UserDefinedMatcher::new(self.added.keys().cloned());
             }

@@ -14,8 +14,10 @@ mod config;
 mod delta;
 mod dtype;
 mod error;
+mod gguf;
 mod output;
 mod pickle;
+mod quantize;
 mod safetensors;
 mod safetensors_writer;
 mod synth;
@@ -26,6 +28,15 @@ pub use config::LlamaConfig;
 pub use delta::{combine, plan_delta, run_delta, DeltaOp, DeltaRequest, PlannedTensor, TOKENIZER_FILES};
 pub use dtype::{extend_f32_from_le_bytes, to_f32_vec, DType};
 pub use error::{Error, Result};
+pub use gguf::{
+    llama_file_type, GgmlType, GgufFile, GgufTensor, GgufTensorPlan, GgufValue, GgufValueType, GgufVocab, GgufWriter,
+    DEFAULT_ALIGNMENT, TOKEN_TYPE_USER_DEFINED,
+};
+pub use output::StagedFile;
 pub use output::{JobControl, Manifest, NoProgress, Progress, StagedDir};
+pub use quantize::{
+    gguf_tensor_name, permute_rows_for_gguf, run_quantize, run_synth_gguf, tensor_type, unpermute_rows_from_gguf,
+    QuantizeRequest, QuantizeTarget,
+};
 pub use safetensors_writer::{ShardedWriter, ShardsWritten, TensorSpec, WrittenFile, INDEX_FILE};
 pub use synth::{run_synth, SynthRequest, SynthShape};

@@ -81,6 +81,55 @@ pub struct StagedDir {
     committed: bool,
 }
 
+/// What a staged target is: a folder, or one file (written inside the temporary folder and moved out
+/// of it when complete).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Staged {
+    Folder,
+    File,
+}
+
+/// One output file (a GGUF model) written so that it is either complete or absent: it is written into
+/// a [`StagedDir`]'s temporary folder beside the target, so it gets the same locking and clean-up of
+/// killed runs, and renamed onto the target (atomically replacing an old file) once complete.
+pub struct StagedFile {
+    dir: StagedDir,
+    name: String,
+}
+
+impl StagedFile {
+    /// Prepares to write the file `target`; see [`StagedDir::create`].
+    pub fn create(target: &Path, force: bool) -> Result<StagedFile> {
+        let dir = StagedDir::create_for(target, force, Staged::File)?;
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).expect("create_for checked the name");
+        Ok(StagedFile { dir, name })
+    }
+
+    /// The temporary folder the file is written into, and its name there.
+    pub fn dir_and_name(&self) -> (&Path, &str) {
+        (self.dir.path(), &self.name)
+    }
+
+    /// The final path.
+    pub fn target(&self) -> &Path {
+        self.dir.target()
+    }
+
+    /// Moves the finished file onto the target.
+    pub fn commit(mut self) -> Result<()> {
+        let t = self.dir.target.display().to_string();
+        let temp = self.dir.temp.join(&self.name);
+        std::fs::rename(&temp, &self.dir.target)
+            .map_err(|e| Error::new(format!("cannot rename {} to {t}: {e}", temp.display())))?;
+        self.dir.committed = true;
+        let _ = std::fs::remove_dir_all(&self.dir.temp);
+        if let Some(parent) = self.dir.target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        Ok(())
+    }
+}
+
 /// Infix of the temporary folders: `.NAME.vicuna-partial-PID` beside target NAME.
 const PARTIAL: &str = "vicuna-partial-";
 
@@ -88,6 +137,10 @@ impl StagedDir {
     /// Prepares to write `target`: refuses an existing target unless `force`, removes stale
     /// temporary folders of earlier killed runs, and creates a fresh, locked temporary folder.
     pub fn create(target: &Path, force: bool) -> Result<StagedDir> {
+        StagedDir::create_for(target, force, Staged::Folder)
+    }
+
+    fn create_for(target: &Path, force: bool, kind: Staged) -> Result<StagedDir> {
         let t = target.display();
         let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
             bail!("{t} is not a usable folder name for the output; give a path such as models/stable-vicuna-13b");
@@ -100,11 +153,17 @@ impl StagedDir {
             bail!("cannot write {t}: its parent folder {} does not exist; create it first", parent.display());
         }
         if let Ok(meta) = std::fs::symlink_metadata(target) {
-            if !meta.is_dir() {
-                bail!("{t} exists and is not a folder; remove it or choose another output path");
+            match kind {
+                Staged::Folder if !meta.is_dir() => {
+                    bail!("{t} exists and is not a folder; remove it or choose another output path")
+                }
+                Staged::File if !meta.is_file() => {
+                    bail!("{t} exists and is not a file; remove it or choose another output path")
+                }
+                _ => {}
             }
             if !force {
-                bail!("{t} already exists; pass --force to replace it, or choose another output folder");
+                bail!("{t} already exists; pass --force to replace it, or choose another output path");
             }
         }
         remove_stale(&parent, &name)?;
@@ -237,18 +296,37 @@ impl ChunkSink {
     }
 }
 
+/// A writer that takes a stream of bytes and reports what it wrote when finished: the sharded
+/// safetensors writer and the GGUF writer.
+pub(crate) trait StreamWriter: Send {
+    type Written: Send;
+    fn write(&mut self, bytes: &[u8]) -> Result<()>;
+    fn finish(self) -> Result<Self::Written>;
+}
+
+impl StreamWriter for ShardedWriter {
+    type Written = ShardsWritten;
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        ShardedWriter::write(self, bytes)
+    }
+    fn finish(self) -> Result<ShardsWritten> {
+        ShardedWriter::finish(self)
+    }
+}
+
 /// Runs `writer` on a thread of its own, fed with chunks by `produce` through a short queue, so
 /// the next chunk is computed while the previous one is written. At most `QUEUE` chunks wait,
 /// which bounds the memory in flight.
-pub(crate) fn write_in_background<F>(writer: ShardedWriter, produce: F) -> Result<ShardsWritten>
+pub(crate) fn write_in_background<W, F>(writer: W, produce: F) -> Result<W::Written>
 where
+    W: StreamWriter,
     F: FnOnce(&mut ChunkSink) -> Result<()>,
 {
     const QUEUE: usize = 2;
     let (tx, rx) = mpsc::sync_channel::<Message>(QUEUE);
     let (give_back, returned) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|scope| {
-        let handle = scope.spawn(move || -> Result<Option<ShardsWritten>> {
+        let handle = scope.spawn(move || -> Result<Option<W::Written>> {
             let mut writer = writer;
             for message in rx {
                 match message {

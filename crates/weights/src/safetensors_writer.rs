@@ -56,7 +56,7 @@ pub struct ShardedWriter {
     tensors: Vec<TensorSpec>,
     /// For each shard, the index of its first tensor; one more entry marks the end.
     shard_starts: Vec<usize>,
-    shard: Option<OpenShard>,
+    shard: Option<HashedFile>,
     next_shard: usize,
     /// The tensor now being written, and how many of its bytes are still due.
     tensor: usize,
@@ -66,13 +66,14 @@ pub struct ShardedWriter {
     written: Vec<WrittenFile>,
 }
 
-struct OpenShard {
+/// A file being written whose sha256 is computed on the way (shards, GGUF files).
+pub(crate) struct HashedFile {
     name: String,
     path: PathBuf,
     file: File,
     hasher: Sha256,
     bytes: u64,
-    /// Bytes handed to the disk's writeback so far (see [`OpenShard::start_writeback`]).
+    /// Bytes handed to the disk's writeback so far (see [`HashedFile::start_writeback`]).
     writeback_started: u64,
 }
 
@@ -209,38 +210,48 @@ impl ShardedWriter {
 
     fn open_shard(&mut self, shard: usize) -> Result<()> {
         let tensors = &self.tensors[self.shard_starts[shard]..self.shard_starts[shard + 1]];
-        let name = shard_name(shard, self.shard_count());
-        let path = self.dir.join(&name);
-        let file = File::create(&path).map_err(|e| Error::new(format!("cannot create {}: {e}", path.display())))?;
-        let mut open = OpenShard { name, path, file, hasher: Sha256::new(), bytes: 0, writeback_started: 0 };
+        let mut open = HashedFile::create(&self.dir, &shard_name(shard, self.shard_count()))?;
         open.write(&header(tensors), None)?;
         self.shard = Some(open);
         Ok(())
     }
 
-    /// Flushes the open shard to the disk (a folder renamed into place must not hold files the
-    /// kernel has not written yet) and records its checksum.
+    /// Flushes the open shard to the disk and records its checksum.
     fn close_shard(&mut self) -> Result<()> {
         if let Some(shard) = self.shard.take() {
-            shard.file.sync_all().map_err(|e| write_error(&shard.path, &e))?;
-            self.written.push(WrittenFile {
-                name: shard.name,
-                bytes: shard.bytes,
-                sha256: hex(&shard.hasher.finalize()),
-            });
+            self.written.push(shard.close()?);
         }
         Ok(())
     }
 }
 
-impl OpenShard {
+impl HashedFile {
+    /// Creates (or truncates) `dir/name`.
+    pub(crate) fn create(dir: &Path, name: &str) -> Result<HashedFile> {
+        let path = dir.join(name);
+        let file = File::create(&path).map_err(|e| Error::new(format!("cannot create {}: {e}", path.display())))?;
+        Ok(HashedFile { name: name.to_string(), path, file, hasher: Sha256::new(), bytes: 0, writeback_started: 0 })
+    }
+
+    /// Bytes written so far.
+    pub(crate) fn len(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Syncs the file to the disk (a file renamed into place must not hold pages the kernel has not
+    /// written yet) and reports its name, size and checksum.
+    pub(crate) fn close(self) -> Result<WrittenFile> {
+        self.file.sync_all().map_err(|e| write_error(&self.path, &e))?;
+        Ok(WrittenFile { name: self.name, bytes: self.bytes, sha256: hex(&self.hasher.finalize()) })
+    }
+
     /// Writes `bytes` and hashes them into the shard's checksum and `also` (a tensor's). For
     /// large pieces the write runs on a second thread while this one hashes: sha256 and the
     /// kernel's copy into the page cache are a job's two largest costs and need not wait for each
     /// other (on the 1b bench, hashing after writing made apply-delta about a third slower).
-    fn write(&mut self, bytes: &[u8], also: Option<&mut Sha256>) -> Result<()> {
+    pub(crate) fn write(&mut self, bytes: &[u8], also: Option<&mut Sha256>) -> Result<()> {
         const IN_PARALLEL_FROM: usize = 256 << 10;
-        let OpenShard { file, hasher, path, .. } = self;
+        let HashedFile { file, hasher, path, .. } = self;
         let hash = || {
             hasher.update(bytes);
             if let Some(also) = also {

@@ -163,24 +163,7 @@ fn fill_parallel(seed: u64, tensor: u64, first: usize, is_norm: bool, dtype: DTy
 /// generator keyed by (seed, tensor, block).
 fn fill_block(seed: u64, tensor: u64, block: u64, is_norm: bool, dtype: DType, out: &mut [u8]) {
     let n = out.len() / dtype.size_in_bytes();
-    let mut values = vec![1.0f32; n];
-    if !is_norm {
-        let mut state = splitmix64(splitmix64(seed ^ splitmix64(tensor)) ^ block);
-        let mut next_unit = || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            // 24 random bits → (0, 1]: never 0, so the logarithm below is finite.
-            ((splitmix64(state) >> 40) as f32 + 1.0) * (1.0 / (1u32 << 24) as f32)
-        };
-        // Box–Muller: two independent normals from two uniforms.
-        for pair in values.chunks_mut(2) {
-            let radius = STD * (-2.0 * next_unit().ln()).sqrt();
-            let (sin, cos) = (std::f32::consts::TAU * next_unit()).sin_cos();
-            pair[0] = radius * cos;
-            if let Some(second) = pair.get_mut(1) {
-                *second = radius * sin;
-            }
-        }
-    }
+    let values = random_values(seed, tensor, block, is_norm, n);
     match dtype {
         DType::F32 => {
             for (dst, v) in out.chunks_exact_mut(4).zip(&values) {
@@ -200,6 +183,70 @@ fn fill_block(seed: u64, tensor: u64, block: u64, is_norm: bool, dtype: DType, o
             }
         }
     }
+}
+
+/// The first `n` (at most [`BLOCK`]) values of block `block` of tensor `tensor`: all 1 for a norm,
+/// else normal(0, [`STD`]) drawn from the generator keyed by (seed, tensor, block).
+pub(crate) fn random_values(seed: u64, tensor: u64, block: u64, is_norm: bool, n: usize) -> Vec<f32> {
+    let mut values = vec![1.0f32; n];
+    if !is_norm {
+        let mut state = splitmix64(splitmix64(seed ^ splitmix64(tensor)) ^ block);
+        let mut next_unit = || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            // 24 random bits → (0, 1]: never 0, so the logarithm below is finite.
+            ((splitmix64(state) >> 40) as f32 + 1.0) * (1.0 / (1u32 << 24) as f32)
+        };
+        // Box–Muller: two independent normals from two uniforms.
+        for pair in values.chunks_mut(2) {
+            let radius = STD * (-2.0 * next_unit().ln()).sqrt();
+            let (sin, cos) = (std::f32::consts::TAU * next_unit()).sin_cos();
+            pair[0] = radius * cos;
+            if let Some(second) = pair.get_mut(1) {
+                *second = radius * sin;
+            }
+        }
+    }
+    values
+}
+
+/// Elements `range` of tensor `tensor` (its index in the folder's natural name order), as f32: the
+/// values a synthetic folder holds before rounding to its dtype. Split among `threads` threads; every
+/// value depends on its position only, so the result does not depend on the thread count.
+pub(crate) fn random_range_parallel(
+    seed: u64,
+    tensor: u64,
+    is_norm: bool,
+    numel: usize,
+    range: std::ops::Range<usize>,
+    threads: usize,
+) -> Vec<f32> {
+    let per_thread = range.len().div_ceil(threads.max(1)).next_multiple_of(BLOCK);
+    let mut out = vec![0f32; range.len()];
+    std::thread::scope(|scope| {
+        for (i, part) in out.chunks_mut(per_thread).enumerate() {
+            let start = range.start + i * per_thread;
+            scope.spawn(move || {
+                part.copy_from_slice(&random_range(seed, tensor, is_norm, numel, start..start + part.len()));
+            });
+        }
+    });
+    out
+}
+
+/// [`random_range_parallel`] on the calling thread.
+fn random_range(seed: u64, tensor: u64, is_norm: bool, numel: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+    let mut out = Vec::with_capacity(range.len());
+    let mut at = range.start;
+    while at < range.end {
+        let block = at / BLOCK;
+        let block_start = block * BLOCK;
+        let block_len = BLOCK.min(numel - block_start);
+        let values = random_values(seed, tensor, block as u64, is_norm, block_len);
+        let end = range.end.min(block_start + block_len);
+        out.extend_from_slice(&values[at - block_start..end - block_start]);
+        at = end;
+    }
+    out
 }
 
 /// SplitMix64's output function: a strong 64-bit mix, used as a counter-based generator.
