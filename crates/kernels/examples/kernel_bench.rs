@@ -2,8 +2,15 @@
 //!
 //! ```sh
 //! cargo run --release -p vicuna-kernels --example kernel_bench -- [--types q4_0,q8_0,q4_K,q6_K] [--threads 1,2]
-//!     [--shapes 13824x5120,5120x5120] [--batch 512] [--isa avx512|avx2|scalar] [--seconds 2]
+//!     [--shapes 13824x5120,5120x5120|13b] [--batch 512] [--isa avx512|avx2|scalar] [--seconds 2]
+//!     [--hot 1]
 //! ```
+//!
+//! `--hot 1` keeps one copy of each matrix, so that a small one is read from cache: the kernels' compute speed.
+//!
+//! `--shapes 13b` measures the four matrix shapes of a LLaMA-13B step (5120x5120 q/k/v/o, 13824x5120 gate/up,
+//! 5120x13824 down, 32001x5120 output) and adds what they make per token: a decode step is 40 × (4 + 2 + 1) of
+//! the layer matrices plus the output matrix; a 512-token prompt the same per token, with the output matrix once.
 //!
 //! * matvec (one activation row, the decode step): GB/s of weights streamed. Several copies of the matrix, together
 //!   well beyond the last-level cache, are used in turn so that every call reads its weights from DRAM, as a decode
@@ -21,6 +28,10 @@ use std::time::{Duration, Instant};
 
 use vicuna_kernels::{matmul_with, row_size, GgmlType, Half, Isa, QuantMatrix, ThreadPoolBuilder};
 
+/// LLaMA-13B's matrices: rows, columns and how many of them one decode step multiplies.
+const THIRTEEN_B: [(usize, usize, usize); 4] =
+    [(5120, 5120, 4 * 40), (13824, 5120, 2 * 40), (5120, 13824, 40), (32001, 5120, 1)];
+
 struct Options {
     types: Vec<GgmlType>,
     threads: Vec<usize>,
@@ -28,6 +39,8 @@ struct Options {
     batch: usize,
     isa: Isa,
     seconds: f64,
+    /// One copy of each matrix, so that matvec reads it from cache: the kernel's compute speed, not memory's.
+    hot: bool,
 }
 
 fn parse() -> Options {
@@ -38,6 +51,7 @@ fn parse() -> Options {
         batch: 512,
         isa: Isa::detect(),
         seconds: 2.0,
+        hot: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -52,6 +66,7 @@ fn parse() -> Options {
                     .collect()
             }
             "--threads" => o.threads = value.split(',').map(|t| t.parse().unwrap()).collect(),
+            "--shapes" if value == "13b" => o.shapes = THIRTEEN_B.iter().map(|&(r, c, _)| (r, c)).collect(),
             "--shapes" => {
                 o.shapes = value
                     .split(',')
@@ -61,6 +76,7 @@ fn parse() -> Options {
                     })
                     .collect()
             }
+            "--hot" => o.hot = value == "1",
             "--batch" => o.batch = value.parse().unwrap(),
             "--seconds" => o.seconds = value.parse().unwrap(),
             "--isa" => {
@@ -151,10 +167,12 @@ fn main() {
         "type", "shape", "threads", "matvec µs", "GB/s", "matmat ms", "GOPS"
     );
     for &ty in &o.types {
+        // Per thread count: seconds per decode step and per prompt token, summed over the 13B shapes.
+        let mut step = vec![(0.0f64, 0.0f64, 0.0f64); o.threads.len()];
         for &(rows, cols) in &o.shapes {
             let matrix_bytes = rows * row_size(ty, cols).unwrap();
             // Enough distinct copies to exceed the last-level cache several times over.
-            let copies = (256usize << 20).div_ceil(matrix_bytes).max(2);
+            let copies = if o.hot { 1 } else { (256usize << 20).div_ceil(matrix_bytes).max(2) };
             let weights: Vec<Vec<u8>> =
                 (0..copies).map(|i| random_weights(ty, rows, cols, 0x9E37 + i as u64)).collect();
             let matrices: Vec<QuantMatrix> =
@@ -167,7 +185,7 @@ fn main() {
                 })
                 .collect();
             let mut out = vec![0f32; o.batch * rows];
-            for &threads in &o.threads {
+            for (ti, &threads) in o.threads.iter().enumerate() {
                 let pool = ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let mut next = 0;
                 let (matvec, matvec_cpu) = time(o.seconds, || {
@@ -195,6 +213,25 @@ fn main() {
                     matmat.as_secs_f64() * 1e3,
                     gops(matmat),
                     on_cpu(matmat_cpu, &gops),
+                );
+                if let Some(&(_, _, count)) = THIRTEEN_B.iter().find(|s| (s.0, s.1) == (rows, cols)) {
+                    let s = &mut step[ti];
+                    s.0 += count as f64 * matvec.as_secs_f64();
+                    s.1 += count as f64 * matrix_bytes as f64;
+                    // The prompt computes the output matrix for its last token only.
+                    let per_token = if count == 1 { 0.0 } else { matmat.as_secs_f64() / o.batch as f64 };
+                    s.2 += count as f64 * per_token;
+                }
+            }
+        }
+        if o.shapes.len() == THIRTEEN_B.len() && THIRTEEN_B.iter().all(|s| o.shapes.contains(&(s.0, s.1))) {
+            for (&threads, &(decode, bytes, prompt)) in o.threads.iter().zip(&step) {
+                println!(
+                    "{:<6} 13b step, {threads} threads: decode {:.2} tok/s ({:.1} GB/s), prompt {:.2} tok/s",
+                    ty.name(),
+                    1.0 / decode,
+                    bytes / decode / 1e9,
+                    1.0 / prompt
                 );
             }
         }
