@@ -182,7 +182,8 @@ enum Schedule {
     Guided { min_rows: usize },
 }
 
-/// Runs `work(rows, scratch)` over chunks covering `0..total_rows`, on all threads of `pool` when `parallel`.
+/// Runs `work(rows, scratch)` over chunks covering `0..total_rows`, on the calling thread and, when `parallel`, on
+/// `pool`'s threads (as many threads in all as the pool has).
 fn run_rows(
     pool: &ThreadPool,
     total_rows: usize,
@@ -211,7 +212,7 @@ fn run_rows(
         return;
     }
     let next = AtomicUsize::new(0);
-    pool.broadcast(|_| {
+    let take_chunks = || {
         with_scratch(|scratch| {
             let mut start = next.load(Ordering::Relaxed);
             while start < total_rows {
@@ -225,6 +226,16 @@ fn run_rows(
                 }
             }
         })
+    };
+    // The calling thread takes chunks too, beside `threads - 1` jobs on the pool: it would otherwise sleep while
+    // the pool works and be woken at the end, two thread switches per call on top of the workers' wake-ups, and a
+    // decode step makes some 280 calls. (Called from a worker of `pool`, the jobs go to its own queue and the other
+    // workers steal them; a job that starts after the rows are gone returns at once.)
+    pool.in_place_scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(|_| take_chunks());
+        }
+        take_chunks();
     });
 }
 
