@@ -137,6 +137,21 @@ fn quantize_q8_0_row_scalar(x: &[f32], zero_point: i32, qs: &mut [i8], d: &mut [
     }
 }
 
+/// One row quantized to q8_0 in natural order: `qs[32 j + e]` is value `e` of block `j`, `d[j]` its scale (the same
+/// values as [`ActsQ8_0`]). For the AVX-512 GEMM tiles, which lay the values out themselves.
+///
+/// # Safety
+/// AVX-512 (`Isa::Avx512`) must be available.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn quantize_q8_0_natural(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+    assert!(x.len() == qs.len() && d.len() * QK == x.len());
+    for (j, (q, d)) in qs.chunks_exact_mut(QK).zip(d.iter_mut()).enumerate() {
+        let (bytes, scale, _) = avx512::quantize_q8_0_block(x.as_ptr().add(j * QK));
+        std::arch::x86_64::_mm256_storeu_si256(q.as_mut_ptr().cast(), bytes);
+        *d = scale;
+    }
+}
+
 /// `n` activation rows of `k` values quantized to q8_K (ggml's `block_q8_K`, natural order).
 pub(crate) struct ActsQ8K {
     /// Super-blocks per row.
@@ -189,7 +204,7 @@ mod avx512 {
     /// One block of 32 values → its 32 quants (as a 256-bit vector), f16-rounded scale and quant sum.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn quantize_q8_0_block(x: *const f32) -> (__m256i, f32, i32) {
+    pub(super) unsafe fn quantize_q8_0_block(x: *const f32) -> (__m256i, f32, i32) {
         let a = _mm512_loadu_ps(x);
         let b = _mm512_loadu_ps(x.add(16));
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));

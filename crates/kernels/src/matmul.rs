@@ -79,12 +79,11 @@ pub fn matmul_with(isa: Isa, w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f3
     if n == 0 || w.rows == 0 {
         return Ok(());
     }
-    let acts = Activations::new(ActKind::for_weights(w.ty), x, n, w.cols, isa);
     let shared_out = SharedOut { ptr: out.as_mut_ptr(), rows: w.rows };
 
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && kernels::avx512_gemm::use_gemm(w.ty, n) {
-        let tiles = kernels::avx512_gemm::ActTiles::new(w.ty, &acts, n, w.cols);
+        let tiles = kernels::avx512_gemm::ActTiles::new(w.ty, x, n, w.cols, pool);
         let schedule = Schedule::Fixed(kernels::avx512_gemm::CHUNK_ROWS);
         run_rows(pool, w.rows, schedule, true, |rows, scratch: &mut Scratch| {
             // SAFETY: AVX-512 is available (asserted above); chunks cover disjoint row ranges of `out`.
@@ -93,6 +92,7 @@ pub fn matmul_with(isa: Isa, w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f3
         return Ok(());
     }
 
+    let acts = Activations::new(ActKind::for_weights(w.ty), x, n, w.cols, isa);
     let min_rows = min_chunk_rows(w.row_bytes);
     let parallel = w.data.len().saturating_mul(n) >= PARALLEL_MIN_BYTES;
     run_rows(pool, w.rows, Schedule::Guided { min_rows }, parallel, |rows, scratch: &mut Scratch| {
@@ -173,7 +173,7 @@ impl SharedOut {
 
 /// How the output rows of a call are cut into chunks for the threads.
 #[derive(Clone, Copy)]
-enum Schedule {
+pub(crate) enum Schedule {
     /// Chunks of this many rows (the GEMM path, whose chunks are its unpacking unit).
     Fixed(usize),
     /// "Guided": each chunk is the remaining rows over twice the thread count, but at least `min_rows` (and a
@@ -184,7 +184,7 @@ enum Schedule {
 
 /// Runs `work(rows, scratch)` over chunks covering `0..total_rows`, on the calling thread and, when `parallel`, on
 /// `pool`'s threads (as many threads in all as the pool has).
-fn run_rows(
+pub(crate) fn run_rows(
     pool: &ThreadPool,
     total_rows: usize,
     schedule: Schedule,
