@@ -63,9 +63,10 @@ impl<'a> QuantMatrix<'a> {
 /// The activations are first quantized as ggml does for each weight type (q8_0 for q4_0/q8_0, q8_K for
 /// q4_K/q6_K); f32/f16/bf16 weights use them as they are, and the other types are dequantized row by row.
 ///
-/// Work is split over `pool`'s threads in chunks of output rows claimed from a shared counter (long chunks first,
-/// shrinking towards the end), so threads that run slower (or are preempted) simply claim fewer. A pool of one thread, or a small product, runs on the
-/// calling thread. Results do not depend on the number of threads: each output is computed by the same code in the
+/// Work is split in chunks of output rows claimed from a shared counter (long chunks first, shrinking towards the
+/// end) by the calling thread and `pool`'s threads, as many threads in all as the pool has, so threads that run
+/// slower (or are preempted) simply claim fewer. A pool of one thread, or a small product, runs on the calling
+/// thread alone. Results do not depend on the number of threads: each output is computed by the same code in the
 /// same order whichever thread computes it.
 pub fn matmul(w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPool) -> Result<()> {
     matmul_with(Isa::detect(), w, x, n, out, pool)
