@@ -27,9 +27,10 @@ pub(crate) struct ActsQ8_0 {
     /// `n * blocks` times `-zero_point * sum(q)`: what turns a dot with the offset weights back into one with the
     /// signed weights.
     pub bias: Vec<i32>,
-    /// The same values by quads of blocks, for the AVX-512 q4_0 row kernel (filled only for few activation rows on
-    /// AVX-512, the decode path; empty otherwise). Per row, `quads = ceil(k / 128)` quads, the last zero-padded:
-    /// `natural` has 128 bytes per quad, values 0..16 of its four blocks (16 bytes each), then values 16..32;
+    /// The same values by quads of blocks, for the AVX-512 q4_0 row kernel (filled only for q4_0's zero point and
+    /// few activation rows on AVX-512, the decode path; empty otherwise). Per row, `quads = ceil(k / 128)` quads,
+    /// the last zero-padded: `natural` has 128 bytes per quad, values 0..16 of its four blocks (16 bytes each), then
+    /// values 16..32;
     pub natural: Vec<i8>,
     /// 4 biases per quad;
     pub natural_bias: Vec<i32>,
@@ -62,9 +63,9 @@ impl ActsQ8_0 {
     pub fn new(x: &[f32], n: usize, k: usize, zero_point: i32, isa: Isa) -> ActsQ8_0 {
         debug_assert!(k.is_multiple_of(QK) && x.len() == n * k);
         let blocks = (k / QK).div_ceil(2) * 2;
-        // Only the row kernels read the natural order, and they run for few activation rows.
+        // Only the AVX-512 q4_0 row kernel (zero point 8) reads the quads, and row kernels run for few activation rows.
         let quads = (k / QK).div_ceil(4);
-        let rows_natural = if isa == Isa::Avx512 && n < NATURAL_MAX_ROWS { n } else { 0 };
+        let rows_natural = if isa == Isa::Avx512 && n < NATURAL_MAX_ROWS && zero_point == 8 { n } else { 0 };
         let mut acts = ActsQ8_0 {
             blocks,
             qs: vec![0; n * blocks * QK],
