@@ -19,7 +19,9 @@
 //!
 //! The `cpu` columns (one thread only) divide by the time the calling thread actually ran, from
 //! `/proc/thread-self/schedstat`: on a machine shared with other work they show what the kernel costs when it is not
-//! waiting for a CPU.
+//! waiting for a CPU. The last column gives the CPUs the process had on average during the matvec and matmat
+//! measurements: with two threads on a busy machine it can be near 1, and the two-thread figures are then
+//! one-CPU figures.
 //!
 //! Weights are random bytes with every scale field set to a moderate f16, so the kernels do their real work on
 //! them; the values do not matter for speed.
@@ -138,13 +140,25 @@ fn thread_cpu_ns() -> Option<u64> {
     stat.split_whitespace().next()?.parse().ok()
 }
 
+/// Nanoseconds all threads of this process have run on a CPU (the sum of their `schedstat`s), or `None`.
+fn process_cpu_ns() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
 /// Calls `f` until `seconds` have passed (at least 3 times after one warm-up call). Returns the median wall time
-/// per call and, where known, the mean time per call this thread spent on a CPU: on a shared machine the second
-/// tells what a single-threaded call costs when it is not waiting for a CPU.
-fn time(seconds: f64, mut f: impl FnMut()) -> (Duration, Option<Duration>) {
+/// per call; where known, the mean time per call this thread spent on a CPU (on a shared machine it tells what a
+/// single-threaded call costs when it is not waiting for a CPU); and how many CPUs the process had on average
+/// (on a shared machine, two threads may get only one CPU's worth between them).
+fn time(seconds: f64, mut f: impl FnMut()) -> (Duration, Option<Duration>, Option<f64>) {
     f();
     let start = Instant::now();
     let cpu_start = thread_cpu_ns();
+    let process_start = process_cpu_ns();
     let mut times = Vec::new();
     while times.len() < 3 || start.elapsed().as_secs_f64() < seconds {
         let t = Instant::now();
@@ -155,16 +169,20 @@ fn time(seconds: f64, mut f: impl FnMut()) -> (Duration, Option<Duration>) {
         (Some(a), Some(b)) => Some(Duration::from_nanos((b - a) / times.len() as u64)),
         _ => None,
     };
+    let cpus = match (process_start, process_cpu_ns()) {
+        (Some(a), Some(b)) => Some((b - a) as f64 / 1e9 / start.elapsed().as_secs_f64()),
+        _ => None,
+    };
     times.sort();
-    (times[times.len() / 2], cpu)
+    (times[times.len() / 2], cpu, cpus)
 }
 
 fn main() {
     let o = parse();
     println!("isa {:?}, batch {}, {:.1} s per measurement", o.isa, o.batch, o.seconds);
     println!(
-        "{:<6} {:>11} {:>7} {:>12} {:>10} {:>12} {:>10}",
-        "type", "shape", "threads", "matvec µs", "GB/s", "matmat ms", "GOPS"
+        "{:<6} {:>11} {:>7} {:>12} {:>10} {:>12} {:>10} {:>12}",
+        "type", "shape", "threads", "matvec µs", "GB/s", "matmat ms", "GOPS", "CPUs v/m"
     );
     for &ty in &o.types {
         // Per thread count: seconds per decode step and per prompt token, summed over the 13B shapes.
@@ -188,11 +206,11 @@ fn main() {
             for (ti, &threads) in o.threads.iter().enumerate() {
                 let pool = ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let mut next = 0;
-                let (matvec, matvec_cpu) = time(o.seconds, || {
+                let (matvec, matvec_cpu, matvec_cpus) = time(o.seconds, || {
                     next = (next + 1) % matrices.len();
                     matmul_with(o.isa, &matrices[next], &x[..cols], 1, &mut out[..rows], &pool).unwrap();
                 });
-                let (matmat, matmat_cpu) = time(o.seconds, || {
+                let (matmat, matmat_cpu, matmat_cpus) = time(o.seconds, || {
                     matmul_with(o.isa, &matrices[0], &x, o.batch, &mut out, &pool).unwrap();
                 });
                 let gbps = |t: Duration| matrix_bytes as f64 / t.as_secs_f64() / 1e9;
@@ -203,7 +221,7 @@ fn main() {
                     _ => "-".to_string(),
                 };
                 println!(
-                    "{:<6} {:>11} {:>7} {:>11.1} {:>8.1} {:>8} {:>11.2} {:>8.1} {:>8}",
+                    "{:<6} {:>11} {:>7} {:>11.1} {:>8.1} {:>8} {:>11.2} {:>8.1} {:>8} {:>12}",
                     ty.name(),
                     format!("{rows}x{cols}"),
                     threads,
@@ -213,6 +231,10 @@ fn main() {
                     matmat.as_secs_f64() * 1e3,
                     gops(matmat),
                     on_cpu(matmat_cpu, &gops),
+                    match (matvec_cpus, matmat_cpus) {
+                        (Some(v), Some(m)) => format!("{v:.2}/{m:.2}"),
+                        _ => "-".to_string(),
+                    },
                 );
                 if let Some(&(_, _, count)) = THIRTEEN_B.iter().find(|s| (s.0, s.1) == (rows, cols)) {
                     let s = &mut step[ti];
