@@ -9,8 +9,10 @@
 //! `--hot 1` keeps one copy of each matrix, so that a small one is read from cache: the kernels' compute speed.
 //!
 //! `--shapes 13b` measures the four matrix shapes of a LLaMA-13B step (5120x5120 q/k/v/o, 13824x5120 gate/up,
-//! 5120x13824 down, 32001x5120 output) and adds what they make per token: a decode step is 40 × (4 + 2 + 1) of
-//! the layer matrices plus the output matrix; a 512-token prompt the same per token, with the output matrix once.
+//! 5120x13824 down, 32001x5120 output) and adds what they make per token (matrix multiplications only: no
+//! attention, norms or activations): a decode step is 40 × (4 + 2 + 1) layer matrices plus the output matrix, at
+//! the matvec times; a `--batch`-token prompt the same layer matrices at the matmat times divided by the batch,
+//! the output matrix (needed for the last token only) left out.
 //!
 //! * matvec (one activation row, the decode step): GB/s of weights streamed. Several copies of the matrix, together
 //!   well beyond the last-level cache, are used in turn so that every call reads its weights from DRAM, as a decode
