@@ -99,9 +99,11 @@ pub fn matmul_with(isa: Isa, w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f3
     run_rows(pool, w.rows, Schedule::Guided { min_rows }, parallel, |rows, scratch: &mut Scratch| {
         if kernels::has_row_kernel(w.ty) {
             // A chunk may be larger than L2: take it in L2-sized pieces, each for every activation row, so that
-            // the weights come from memory once.
-            for start in rows.clone().step_by(min_rows) {
-                let piece = start..(start + min_rows).min(rows.end);
+            // the weights come from memory once. One activation row takes the chunk whole: the kernels prefetch
+            // ahead within the rows they are given, and a piece's last 32 KiB would otherwise go unprefetched.
+            let piece_rows = if n == 1 { rows.len().max(1) } else { min_rows };
+            for start in rows.clone().step_by(piece_rows) {
+                let piece = start..(start + piece_rows).min(rows.end);
                 let data = w.rows_data(piece.clone());
                 for c in 0..n {
                     // SAFETY: chunks cover disjoint row ranges, so no two threads write the same outputs.
