@@ -2,8 +2,17 @@
 //!
 //! ```sh
 //! cargo run --release -p vicuna-kernels --example kernel_bench -- [--types q4_0,q8_0,q4_K,q6_K] [--threads 1,2]
-//!     [--shapes 13824x5120,5120x5120] [--batch 512] [--isa avx512|avx2|scalar] [--seconds 2]
+//!     [--shapes 13824x5120,5120x5120|13b] [--batch 512] [--isa avx512|avx2|scalar] [--seconds 2]
+//!     [--hot 1]
 //! ```
+//!
+//! `--hot 1` keeps one copy of each matrix, so that a small one is read from cache: the kernels' compute speed.
+//!
+//! `--shapes 13b` measures the four matrix shapes of a LLaMA-13B step (5120x5120 q/k/v/o, 13824x5120 gate/up,
+//! 5120x13824 down, 32001x5120 output) and adds what they make per token (matrix multiplications only: no
+//! attention, norms or activations): a decode step is 40 × (4 + 2 + 1) layer matrices plus the output matrix, at
+//! the matvec times; a `--batch`-token prompt the same layer matrices at the matmat times divided by the batch,
+//! the output matrix (needed for the last token only) left out.
 //!
 //! * matvec (one activation row, the decode step): GB/s of weights streamed. Several copies of the matrix, together
 //!   well beyond the last-level cache, are used in turn so that every call reads its weights from DRAM, as a decode
@@ -12,7 +21,9 @@
 //!
 //! The `cpu` columns (one thread only) divide by the time the calling thread actually ran, from
 //! `/proc/thread-self/schedstat`: on a machine shared with other work they show what the kernel costs when it is not
-//! waiting for a CPU.
+//! waiting for a CPU. The last column gives the CPUs the process had on average during the matvec and matmat
+//! measurements: with two threads on a busy machine it can be near 1, and the two-thread figures are then
+//! one-CPU figures.
 //!
 //! Weights are random bytes with every scale field set to a moderate f16, so the kernels do their real work on
 //! them; the values do not matter for speed.
@@ -21,6 +32,10 @@ use std::time::{Duration, Instant};
 
 use vicuna_kernels::{matmul_with, row_size, GgmlType, Half, Isa, QuantMatrix, ThreadPoolBuilder};
 
+/// LLaMA-13B's matrices: rows, columns and how many of them one decode step multiplies.
+const THIRTEEN_B: [(usize, usize, usize); 4] =
+    [(5120, 5120, 4 * 40), (13824, 5120, 2 * 40), (5120, 13824, 40), (32001, 5120, 1)];
+
 struct Options {
     types: Vec<GgmlType>,
     threads: Vec<usize>,
@@ -28,6 +43,8 @@ struct Options {
     batch: usize,
     isa: Isa,
     seconds: f64,
+    /// One copy of each matrix, so that matvec reads it from cache: the kernel's compute speed, not memory's.
+    hot: bool,
 }
 
 fn parse() -> Options {
@@ -38,6 +55,7 @@ fn parse() -> Options {
         batch: 512,
         isa: Isa::detect(),
         seconds: 2.0,
+        hot: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -52,6 +70,7 @@ fn parse() -> Options {
                     .collect()
             }
             "--threads" => o.threads = value.split(',').map(|t| t.parse().unwrap()).collect(),
+            "--shapes" if value == "13b" => o.shapes = THIRTEEN_B.iter().map(|&(r, c, _)| (r, c)).collect(),
             "--shapes" => {
                 o.shapes = value
                     .split(',')
@@ -61,6 +80,7 @@ fn parse() -> Options {
                     })
                     .collect()
             }
+            "--hot" => o.hot = value == "1",
             "--batch" => o.batch = value.parse().unwrap(),
             "--seconds" => o.seconds = value.parse().unwrap(),
             "--isa" => {
@@ -122,13 +142,25 @@ fn thread_cpu_ns() -> Option<u64> {
     stat.split_whitespace().next()?.parse().ok()
 }
 
+/// Nanoseconds all threads of this process have run on a CPU (the sum of their `schedstat`s), or `None`.
+fn process_cpu_ns() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
 /// Calls `f` until `seconds` have passed (at least 3 times after one warm-up call). Returns the median wall time
-/// per call and, where known, the mean time per call this thread spent on a CPU: on a shared machine the second
-/// tells what a single-threaded call costs when it is not waiting for a CPU.
-fn time(seconds: f64, mut f: impl FnMut()) -> (Duration, Option<Duration>) {
+/// per call; where known, the mean time per call this thread spent on a CPU (on a shared machine it tells what a
+/// single-threaded call costs when it is not waiting for a CPU); and how many CPUs the process had on average
+/// (on a shared machine, two threads may get only one CPU's worth between them).
+fn time(seconds: f64, mut f: impl FnMut()) -> (Duration, Option<Duration>, Option<f64>) {
     f();
     let start = Instant::now();
     let cpu_start = thread_cpu_ns();
+    let process_start = process_cpu_ns();
     let mut times = Vec::new();
     while times.len() < 3 || start.elapsed().as_secs_f64() < seconds {
         let t = Instant::now();
@@ -139,22 +171,28 @@ fn time(seconds: f64, mut f: impl FnMut()) -> (Duration, Option<Duration>) {
         (Some(a), Some(b)) => Some(Duration::from_nanos((b - a) / times.len() as u64)),
         _ => None,
     };
+    let cpus = match (process_start, process_cpu_ns()) {
+        (Some(a), Some(b)) => Some((b - a) as f64 / 1e9 / start.elapsed().as_secs_f64()),
+        _ => None,
+    };
     times.sort();
-    (times[times.len() / 2], cpu)
+    (times[times.len() / 2], cpu, cpus)
 }
 
 fn main() {
     let o = parse();
     println!("isa {:?}, batch {}, {:.1} s per measurement", o.isa, o.batch, o.seconds);
     println!(
-        "{:<6} {:>11} {:>7} {:>12} {:>10} {:>12} {:>10}",
-        "type", "shape", "threads", "matvec µs", "GB/s", "matmat ms", "GOPS"
+        "{:<6} {:>11} {:>7} {:>12} {:>10} {:>12} {:>10} {:>12}",
+        "type", "shape", "threads", "matvec µs", "GB/s", "matmat ms", "GOPS", "CPUs v/m"
     );
     for &ty in &o.types {
+        // Per thread count: seconds per decode step and per prompt token, summed over the 13B shapes.
+        let mut step = vec![(0.0f64, 0.0f64, 0.0f64); o.threads.len()];
         for &(rows, cols) in &o.shapes {
             let matrix_bytes = rows * row_size(ty, cols).unwrap();
             // Enough distinct copies to exceed the last-level cache several times over.
-            let copies = (256usize << 20).div_ceil(matrix_bytes).max(2);
+            let copies = if o.hot { 1 } else { (256usize << 20).div_ceil(matrix_bytes).max(2) };
             let weights: Vec<Vec<u8>> =
                 (0..copies).map(|i| random_weights(ty, rows, cols, 0x9E37 + i as u64)).collect();
             let matrices: Vec<QuantMatrix> =
@@ -167,14 +205,14 @@ fn main() {
                 })
                 .collect();
             let mut out = vec![0f32; o.batch * rows];
-            for &threads in &o.threads {
+            for (ti, &threads) in o.threads.iter().enumerate() {
                 let pool = ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let mut next = 0;
-                let (matvec, matvec_cpu) = time(o.seconds, || {
+                let (matvec, matvec_cpu, matvec_cpus) = time(o.seconds, || {
                     next = (next + 1) % matrices.len();
                     matmul_with(o.isa, &matrices[next], &x[..cols], 1, &mut out[..rows], &pool).unwrap();
                 });
-                let (matmat, matmat_cpu) = time(o.seconds, || {
+                let (matmat, matmat_cpu, matmat_cpus) = time(o.seconds, || {
                     matmul_with(o.isa, &matrices[0], &x, o.batch, &mut out, &pool).unwrap();
                 });
                 let gbps = |t: Duration| matrix_bytes as f64 / t.as_secs_f64() / 1e9;
@@ -185,7 +223,7 @@ fn main() {
                     _ => "-".to_string(),
                 };
                 println!(
-                    "{:<6} {:>11} {:>7} {:>11.1} {:>8.1} {:>8} {:>11.2} {:>8.1} {:>8}",
+                    "{:<6} {:>11} {:>7} {:>11.1} {:>8.1} {:>8} {:>11.2} {:>8.1} {:>8} {:>12}",
                     ty.name(),
                     format!("{rows}x{cols}"),
                     threads,
@@ -195,6 +233,29 @@ fn main() {
                     matmat.as_secs_f64() * 1e3,
                     gops(matmat),
                     on_cpu(matmat_cpu, &gops),
+                    match (matvec_cpus, matmat_cpus) {
+                        (Some(v), Some(m)) => format!("{v:.2}/{m:.2}"),
+                        _ => "-".to_string(),
+                    },
+                );
+                if let Some(&(_, _, count)) = THIRTEEN_B.iter().find(|s| (s.0, s.1) == (rows, cols)) {
+                    let s = &mut step[ti];
+                    s.0 += count as f64 * matvec.as_secs_f64();
+                    s.1 += count as f64 * matrix_bytes as f64;
+                    // The prompt computes the output matrix for its last token only.
+                    let per_token = if count == 1 { 0.0 } else { matmat.as_secs_f64() / o.batch as f64 };
+                    s.2 += count as f64 * per_token;
+                }
+            }
+        }
+        if o.shapes.len() == THIRTEEN_B.len() && THIRTEEN_B.iter().all(|s| o.shapes.contains(&(s.0, s.1))) {
+            for (&threads, &(decode, bytes, prompt)) in o.threads.iter().zip(&step) {
+                println!(
+                    "{:<6} 13b step, {threads} threads: decode {:.2} tok/s ({:.1} GB/s), prompt {:.2} tok/s",
+                    ty.name(),
+                    1.0 / decode,
+                    bytes / decode / 1e9,
+                    1.0 / prompt
                 );
             }
         }

@@ -27,6 +27,17 @@ pub(crate) struct ActsQ8_0 {
     /// `n * blocks` times `-zero_point * sum(q)`: what turns a dot with the offset weights back into one with the
     /// signed weights.
     pub bias: Vec<i32>,
+    /// The same values by quads of blocks, for the AVX-512 q4_0 row kernel (filled only for q4_0's zero point and
+    /// few activation rows on AVX-512, the decode path; empty otherwise). Per row, `quads = ceil(k / 128)` quads,
+    /// the last zero-padded: `natural` has 128 bytes per quad, values 0..16 of its four blocks (16 bytes each), then
+    /// values 16..32;
+    pub natural: Vec<i8>,
+    /// 4 biases per quad;
+    pub natural_bias: Vec<i32>,
+    /// and 4 scales per quad.
+    pub natural_d: Vec<f32>,
+    /// Quads per row in `natural*`.
+    pub quads: usize,
 }
 
 /// One row of [`ActsQ8_0`].
@@ -35,6 +46,10 @@ pub(crate) struct Q8_0Row<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub bias: &'a [i32],
+    /// Empty unless [`ActsQ8_0::natural`] was filled.
+    pub natural: &'a [i8],
+    pub natural_bias: &'a [i32],
+    pub natural_d: &'a [f32],
 }
 
 /// Where value `e` of block `j` sits in a pair-interleaved row.
@@ -48,16 +63,39 @@ impl ActsQ8_0 {
     pub fn new(x: &[f32], n: usize, k: usize, zero_point: i32, isa: Isa) -> ActsQ8_0 {
         debug_assert!(k.is_multiple_of(QK) && x.len() == n * k);
         let blocks = (k / QK).div_ceil(2) * 2;
-        let mut acts =
-            ActsQ8_0 { blocks, qs: vec![0; n * blocks * QK], d: vec![0.0; n * blocks], bias: vec![0; n * blocks] };
+        // Only the AVX-512 q4_0 row kernel (zero point 8) reads the quads, and row kernels run for few activation rows.
+        let quads = (k / QK).div_ceil(4);
+        let rows_natural = if isa == Isa::Avx512 && n < NATURAL_MAX_ROWS && zero_point == 8 { n } else { 0 };
+        let mut acts = ActsQ8_0 {
+            blocks,
+            qs: vec![0; n * blocks * QK],
+            d: vec![0.0; n * blocks],
+            bias: vec![0; n * blocks],
+            natural: vec![0; rows_natural * quads * 4 * QK],
+            natural_bias: vec![0; rows_natural * quads * 4],
+            natural_d: vec![0.0; rows_natural * quads * 4],
+            quads,
+        };
         for (c, x) in x.chunks_exact(k).enumerate() {
             let qs = &mut acts.qs[c * blocks * QK..(c + 1) * blocks * QK];
             let d = &mut acts.d[c * blocks..(c + 1) * blocks];
             let bias = &mut acts.bias[c * blocks..(c + 1) * blocks];
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx512 {
+                let natural = if rows_natural > 0 {
+                    &mut acts.natural[c * quads * 4 * QK..(c + 1) * quads * 4 * QK]
+                } else {
+                    &mut [][..]
+                };
                 // SAFETY: the caller picked `isa` from what this CPU supports.
-                unsafe { avx512::quantize_q8_0_row(x, zero_point, qs, d, bias) };
+                unsafe { avx512::quantize_q8_0_row(x, zero_point, qs, d, bias, natural) };
+                if rows_natural > 0 {
+                    for j in 0..k / QK {
+                        let at = c * quads * 4 + j;
+                        acts.natural_bias[at] = bias[j];
+                        acts.natural_d[at] = d[j];
+                    }
+                }
                 continue;
             }
             let _ = isa;
@@ -67,14 +105,21 @@ impl ActsQ8_0 {
     }
 
     pub fn row(&self, c: usize) -> Q8_0Row<'_> {
-        let b = self.blocks;
+        let (b, q) = (self.blocks, self.quads);
         Q8_0Row {
             qs: &self.qs[c * b * QK..(c + 1) * b * QK],
             d: &self.d[c * b..(c + 1) * b],
             bias: &self.bias[c * b..(c + 1) * b],
+            natural: if self.natural.is_empty() { &[] } else { &self.natural[c * q * 4 * QK..(c + 1) * q * 4 * QK] },
+            natural_bias: if self.natural.is_empty() { &[] } else { &self.natural_bias[c * q * 4..(c + 1) * q * 4] },
+            natural_d: if self.natural.is_empty() { &[] } else { &self.natural_d[c * q * 4..(c + 1) * q * 4] },
         }
     }
 }
+
+/// Below this many activation rows, AVX-512 activations also get the natural order (the GEMM path, from 8 rows,
+/// has its own layout).
+const NATURAL_MAX_ROWS: usize = 8;
 
 /// The reference: ggml's `quantize_row_q8_0_ref` per block, stored pair-interleaved.
 fn quantize_q8_0_row_scalar(x: &[f32], zero_point: i32, qs: &mut [i8], d: &mut [f32], bias: &mut [i32]) {
@@ -90,6 +135,21 @@ fn quantize_q8_0_row_scalar(x: &[f32], zero_point: i32, qs: &mut [i8], d: &mut [
         }
         d[j] = Half::from_f32(scale).to_f32();
         bias[j] = -zero_point * sum;
+    }
+}
+
+/// One row quantized to q8_0 in natural order: `qs[32 j + e]` is value `e` of block `j`, `d[j]` its scale (the same
+/// values as [`ActsQ8_0`]). For the AVX-512 GEMM tiles, which lay the values out themselves.
+///
+/// # Safety
+/// AVX-512 (`Isa::Avx512`) must be available.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn quantize_q8_0_natural(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+    assert!(x.len() == qs.len() && d.len() * QK == x.len());
+    for (j, (q, d)) in qs.chunks_exact_mut(QK).zip(d.iter_mut()).enumerate() {
+        let (bytes, scale, _) = avx512::quantize_q8_0_block(x.as_ptr().add(j * QK));
+        std::arch::x86_64::_mm256_storeu_si256(q.as_mut_ptr().cast(), bytes);
+        *d = scale;
     }
 }
 
@@ -145,7 +205,7 @@ mod avx512 {
     /// One block of 32 values → its 32 quants (as a 256-bit vector), f16-rounded scale and quant sum.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn quantize_q8_0_block(x: *const f32) -> (__m256i, f32, i32) {
+    pub(super) unsafe fn quantize_q8_0_block(x: *const f32) -> (__m256i, f32, i32) {
         let a = _mm512_loadu_ps(x);
         let b = _mm512_loadu_ps(x.add(16));
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
@@ -160,7 +220,14 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    pub(super) unsafe fn quantize_q8_0_row(x: &[f32], zero_point: i32, qs: &mut [i8], d: &mut [f32], bias: &mut [i32]) {
+    pub(super) unsafe fn quantize_q8_0_row(
+        x: &[f32],
+        zero_point: i32,
+        qs: &mut [i8],
+        d: &mut [f32],
+        bias: &mut [i32],
+        natural: &mut [i8],
+    ) {
         let real_blocks = x.len() / QK;
         // Output dword 2g takes dword g of the first block, dword 2g + 1 dword g of the second.
         let interleave = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -171,6 +238,11 @@ mod avx512 {
                 if j < real_blocks {
                     let (bytes, scale, sum) = quantize_q8_0_block(x.as_ptr().add(j * QK));
                     *half = bytes;
+                    if !natural.is_empty() {
+                        let at = natural.as_mut_ptr().add(4 * QK * (j / 4) + 16 * (j % 4));
+                        _mm_storeu_si128(at.cast(), _mm256_castsi256_si128(bytes));
+                        _mm_storeu_si128(at.add(2 * QK).cast(), _mm256_extracti128_si256::<1>(bytes));
+                    }
                     d[j] = scale;
                     bias[j] = -zero_point * sum;
                 }
@@ -254,6 +326,21 @@ mod tests {
             assert_eq!(scalar.qs, simd.qs, "k = {k}");
             assert_eq!(scalar.d, simd.d, "k = {k}");
             assert_eq!(scalar.bias, simd.bias, "k = {k}");
+            for c in 0..3 {
+                let (row, base) = (simd.row(c), c * simd.blocks);
+                assert_eq!(row.natural.len(), simd.quads * 128);
+                for j in 0..simd.quads * 4 {
+                    let real = j < k / QK;
+                    let (d, bias) = if real { (simd.d[base + j], simd.bias[base + j]) } else { (0.0, 0) };
+                    assert_eq!(row.natural_d[j], d, "k = {k}");
+                    assert_eq!(row.natural_bias[j], bias, "k = {k}");
+                    for e in 0..QK {
+                        let q = if real { simd.qs[base * QK + interleaved_index(j, e)] } else { 0 };
+                        let at = 128 * (j / 4) + 16 * (j % 4) + 64 * (e / 16) + e % 16;
+                        assert_eq!(row.natural[at], q, "k = {k}");
+                    }
+                }
+            }
         }
     }
 

@@ -63,9 +63,10 @@ impl<'a> QuantMatrix<'a> {
 /// The activations are first quantized as ggml does for each weight type (q8_0 for q4_0/q8_0, q8_K for
 /// q4_K/q6_K); f32/f16/bf16 weights use them as they are, and the other types are dequantized row by row.
 ///
-/// Work is split over `pool`'s threads in chunks of output rows claimed from a shared counter (long chunks first,
-/// shrinking towards the end), so threads that run slower (or are preempted) simply claim fewer. A pool of one thread, or a small product, runs on the
-/// calling thread. Results do not depend on the number of threads: each output is computed by the same code in the
+/// Work is split in chunks of output rows claimed from a shared counter (long chunks first, shrinking towards the
+/// end) by the calling thread and `pool`'s threads, as many threads in all as the pool has, so threads that run
+/// slower (or are preempted) simply claim fewer. A pool of one thread, or a small product, runs on the calling
+/// thread alone. Results do not depend on the number of threads: each output is computed by the same code in the
 /// same order whichever thread computes it.
 pub fn matmul(w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPool) -> Result<()> {
     matmul_with(Isa::detect(), w, x, n, out, pool)
@@ -79,12 +80,11 @@ pub fn matmul_with(isa: Isa, w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f3
     if n == 0 || w.rows == 0 {
         return Ok(());
     }
-    let acts = Activations::new(ActKind::for_weights(w.ty), x, n, w.cols, isa);
     let shared_out = SharedOut { ptr: out.as_mut_ptr(), rows: w.rows };
 
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && kernels::avx512_gemm::use_gemm(w.ty, n) {
-        let tiles = kernels::avx512_gemm::ActTiles::new(w.ty, &acts, n, w.cols);
+        let tiles = kernels::avx512_gemm::ActTiles::new(w.ty, x, n, w.cols, pool);
         let schedule = Schedule::Fixed(kernels::avx512_gemm::CHUNK_ROWS);
         run_rows(pool, w.rows, schedule, true, |rows, scratch: &mut Scratch| {
             // SAFETY: AVX-512 is available (asserted above); chunks cover disjoint row ranges of `out`.
@@ -93,14 +93,17 @@ pub fn matmul_with(isa: Isa, w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f3
         return Ok(());
     }
 
+    let acts = Activations::new(ActKind::for_weights(w.ty), x, n, w.cols, isa);
     let min_rows = min_chunk_rows(w.row_bytes);
     let parallel = w.data.len().saturating_mul(n) >= PARALLEL_MIN_BYTES;
     run_rows(pool, w.rows, Schedule::Guided { min_rows }, parallel, |rows, scratch: &mut Scratch| {
         if kernels::has_row_kernel(w.ty) {
             // A chunk may be larger than L2: take it in L2-sized pieces, each for every activation row, so that
-            // the weights come from memory once.
-            for start in rows.clone().step_by(min_rows) {
-                let piece = start..(start + min_rows).min(rows.end);
+            // the weights come from memory once. One activation row takes the chunk whole: the kernels prefetch
+            // ahead within the rows they are given, and a piece's last 32 KiB would otherwise go unprefetched.
+            let piece_rows = if n == 1 { rows.len().max(1) } else { min_rows };
+            for start in rows.clone().step_by(piece_rows) {
+                let piece = start..(start + piece_rows).min(rows.end);
                 let data = w.rows_data(piece.clone());
                 for c in 0..n {
                     // SAFETY: chunks cover disjoint row ranges, so no two threads write the same outputs.
@@ -173,7 +176,7 @@ impl SharedOut {
 
 /// How the output rows of a call are cut into chunks for the threads.
 #[derive(Clone, Copy)]
-enum Schedule {
+pub(crate) enum Schedule {
     /// Chunks of this many rows (the GEMM path, whose chunks are its unpacking unit).
     Fixed(usize),
     /// "Guided": each chunk is the remaining rows over twice the thread count, but at least `min_rows` (and a
@@ -182,8 +185,9 @@ enum Schedule {
     Guided { min_rows: usize },
 }
 
-/// Runs `work(rows, scratch)` over chunks covering `0..total_rows`, on all threads of `pool` when `parallel`.
-fn run_rows(
+/// Runs `work(rows, scratch)` over chunks covering `0..total_rows`, on the calling thread and, when `parallel`, on
+/// `pool`'s threads (as many threads in all as the pool has).
+pub(crate) fn run_rows(
     pool: &ThreadPool,
     total_rows: usize,
     schedule: Schedule,
@@ -211,7 +215,7 @@ fn run_rows(
         return;
     }
     let next = AtomicUsize::new(0);
-    pool.broadcast(|_| {
+    let take_chunks = || {
         with_scratch(|scratch| {
             let mut start = next.load(Ordering::Relaxed);
             while start < total_rows {
@@ -225,6 +229,16 @@ fn run_rows(
                 }
             }
         })
+    };
+    // The calling thread takes chunks too, beside `threads - 1` jobs on the pool: it would otherwise sleep while
+    // the pool works and be woken at the end, two thread switches per call on top of the workers' wake-ups, and a
+    // decode step makes some 280 calls. (Called from a worker of `pool`, the jobs go to its own queue and the other
+    // workers steal them; a job that starts after the rows are gone returns at once.)
+    pool.in_place_scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(|_| take_chunks());
+        }
+        take_chunks();
     });
 }
 

@@ -159,7 +159,8 @@ fn threads_do_not_change_results() {
     let (single, two, three) = (pool(1), pool(2), pool(3));
     let isa = Isa::detect();
     for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::F16, GgmlType::Q5_K] {
-        for (rows, k, n) in [(1201, 2048, 1), (401, 2048, 3), (150, 1024, 20)] {
+        // The last shape is large enough for the activations' tiles to be built on several threads too.
+        for (rows, k, n) in [(1201, 2048, 1), (401, 2048, 3), (150, 1024, 20), (40, 4096, 35)] {
             let data = quantized_matrix(ty, rows, k, &mut rng);
             let x = rng.values(n * k, 1.0);
             let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
