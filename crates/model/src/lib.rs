@@ -1,6 +1,8 @@
-//! The LLaMA model: its forward pass and KV cache on candle tensors.
+//! The LLaMA model: its forward pass and KV cache on candle tensors ([`Llama`], the reference, used for
+//! training), and the native forward pass on quantized GGUF weights with this workspace's kernels ([`native`]).
 
 mod llama;
+pub mod native;
 
 use std::fmt;
 use std::path::Path;
@@ -16,6 +18,8 @@ pub use llama::{linear, rms_norm, softmax, KvCache, Layer, Llama};
 pub enum Error {
     Weights(vicuna_weights::Error),
     Tensor(candle_core::Error),
+    /// A kernel refused its operands (shapes, types).
+    Kernel(vicuna_kernels::Error),
     Input(String),
 }
 
@@ -32,6 +36,7 @@ impl fmt::Display for Error {
         match self {
             Error::Weights(e) => write!(f, "{e}"),
             Error::Tensor(e) => write!(f, "tensor error: {e}"),
+            Error::Kernel(e) => write!(f, "kernel error: {e}"),
             Error::Input(m) => f.write_str(m),
         }
     }
@@ -42,6 +47,12 @@ impl std::error::Error for Error {}
 impl From<vicuna_weights::Error> for Error {
     fn from(e: vicuna_weights::Error) -> Self {
         Error::Weights(e)
+    }
+}
+
+impl From<vicuna_kernels::Error> for Error {
+    fn from(e: vicuna_kernels::Error) -> Self {
+        Error::Kernel(e)
     }
 }
 
