@@ -13,8 +13,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use vicuna_kernels::{row_size, GgmlType};
-use vicuna_model::native::{OwnedTensors, QuantLlama};
+use vicuna_kernels::{matmul, row_size, GgmlType, QuantMatrix, ThreadPoolBuilder};
+use vicuna_model::native::{OwnedTensors, QuantLlama, TensorSource};
 use vicuna_weights::LlamaConfig;
 
 struct Options {
@@ -165,6 +165,36 @@ fn build_source(config: &LlamaConfig, ty: GgmlType, output_ty: GgmlType) -> Owne
     source
 }
 
+/// Seconds per token of only the matrix-vector products of a decoding step (every layer matrix and the output
+/// matrix, one activation row), and the bytes they read: the kernels' share of a step.
+fn matmuls_alone(config: &LlamaConfig, source: &dyn TensorSource, threads: usize, tokens: usize) -> (f64, usize) {
+    let pool = ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+    let mut names: Vec<String> = (0..config.num_hidden_layers)
+        .flat_map(|i| {
+            ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+                .map(|part| format!("blk.{i}.{part}.weight"))
+        })
+        .collect();
+    names.push("output.weight".into());
+    let matrices: Vec<QuantMatrix> = names
+        .iter()
+        .map(|name| {
+            let t = source.tensor(name).expect("present");
+            QuantMatrix::new(t.ty, t.dims[1], t.dims[0], t.data).expect("valid")
+        })
+        .collect();
+    let x = vec![0.01f32; config.intermediate_size.max(config.hidden_size)];
+    let mut out = vec![0.0f32; config.intermediate_size.max(config.vocab_size)];
+    let started = Instant::now();
+    for _ in 0..tokens {
+        for m in &matrices {
+            matmul(m, &x[..m.cols()], 1, &mut out[..m.rows()], &pool).expect("matmul");
+        }
+    }
+    let bytes = matrices.iter().map(|m| m.data().len()).sum();
+    (started.elapsed().as_secs_f64() / tokens as f64, bytes)
+}
+
 fn mean_sd(xs: &[f64]) -> (f64, f64) {
     let mean = xs.iter().sum::<f64>() / xs.len() as f64;
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (xs.len().max(2) - 1) as f64;
@@ -223,6 +253,12 @@ fn main() {
             let (m, s) = mean_sd(&tg);
             let gbs = step_bytes * m / 1e9;
             println!("threads {threads}: tg{} {m:.2} ± {s:.2} tok/s  ({gbs:.1} GB/s of weights)", o.gen);
+            let (per_token, bytes) = matmuls_alone(&config, &*source, threads, o.gen);
+            println!(
+                "threads {threads}: the same matrix-vector products alone: {:.2} tok/s ({:.1} GB/s)",
+                1.0 / per_token,
+                bytes as f64 / per_token / 1e9
+            );
         }
     }
 }

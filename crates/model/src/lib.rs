@@ -62,6 +62,17 @@ impl From<candle_core::Error> for Error {
     }
 }
 
+/// Every id must index the embedding table (of `vocab_size` rows); a bad id is the caller's input error.
+pub(crate) fn check_ids(ids: &[u32], vocab_size: usize) -> Result<()> {
+    if ids.is_empty() {
+        return Err(Error::msg("no input tokens: give at least one token id"));
+    }
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+        return Err(Error::msg(format!("token id {bad} is outside the vocabulary (0..{vocab_size})")));
+    }
+    Ok(())
+}
+
 impl Llama {
     /// Load a Hugging Face model folder: `config.json` plus weights in any format the checkpoint
     /// reader knows. Weights are upcast to f32 (the compute type on CPU).

@@ -34,6 +34,9 @@ fn argmax(row: &[f32]) -> u32 {
     row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32
 }
 
+/// Hugging Face tensors by name: shape (PyTorch order) and values.
+type HfTensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// The GGUF name of a Hugging Face tensor.
 fn gguf_name(hf: &str) -> String {
     let fixed = [
@@ -94,7 +97,7 @@ fn encode(ty: GgmlType, values: &[f32], cols: usize) -> Vec<u8> {
 /// `matrix_type(rows, cols)`, norms in f32. At integration the GGUF converter replaces this.
 fn hf_to_gguf_tensors(
     config: &LlamaConfig,
-    tensors: &HashMap<String, (Vec<usize>, Vec<f32>)>,
+    tensors: &HfTensors,
     matrix_type: impl Fn(usize, usize) -> GgmlType,
 ) -> OwnedTensors {
     let mut out = OwnedTensors::new();
@@ -119,7 +122,7 @@ fn hf_to_gguf_tensors(
     out
 }
 
-fn read_folder(dir: &Path) -> (LlamaConfig, HashMap<String, (Vec<usize>, Vec<f32>)>) {
+fn read_folder(dir: &Path) -> (LlamaConfig, HfTensors) {
     let config = LlamaConfig::from_dir(dir).unwrap();
     let checkpoint = Checkpoint::open(dir).unwrap();
     let tensors = checkpoint
@@ -225,7 +228,7 @@ fn q8_0_stays_close_to_f32() {
     for variant in ["tiny-a", "tiny-b"] {
         let (config, tensors) = read_folder(&fixtures().join(variant).join("safetensors-f32"));
         let f32_model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32), 1);
-        let q8_type = |_, cols: usize| if cols % 32 == 0 { GgmlType::Q8_0 } else { GgmlType::F16 };
+        let q8_type = |_, cols: usize| if cols.is_multiple_of(32) { GgmlType::Q8_0 } else { GgmlType::F16 };
         let q8_model = native(&config, hf_to_gguf_tensors(&config, &tensors, q8_type), 1);
         let expected: Value =
             serde_json::from_str(&std::fs::read_to_string(fixtures().join(variant).join("expected_f32.json")).unwrap())
@@ -297,7 +300,7 @@ impl Rng {
 
 /// A random model with every dimension a multiple of 256 (so each quantized type applies) and grouped-query
 /// attention, as Hugging Face tensors.
-fn synthetic(tie: bool) -> (LlamaConfig, HashMap<String, (Vec<usize>, Vec<f32>)>) {
+fn synthetic(tie: bool) -> (LlamaConfig, HfTensors) {
     let json = format!(
         r#"{{"vocab_size": 300, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 128, "model_type": "llama",
@@ -319,7 +322,7 @@ fn synthetic(tie: bool) -> (LlamaConfig, HashMap<String, (Vec<usize>, Vec<f32>)>
 }
 
 /// The candle reference with each matrix as `ty` would store it (quantized, then widened back to f32).
-fn candle_model(config: &LlamaConfig, tensors: &HashMap<String, (Vec<usize>, Vec<f32>)>, ty: GgmlType) -> Llama {
+fn candle_model(config: &LlamaConfig, tensors: &HfTensors, ty: GgmlType) -> Llama {
     Llama::new(config, &Device::Cpu, |name, shape| {
         let (stored_shape, values) = &tensors[name];
         let values = if stored_shape.len() == 2 {

@@ -16,6 +16,11 @@
 //!     xb = rmsnorm(x)                   x += (silu(xb·Wgateᵀ) * xb·Wupᵀ)·Wdownᵀ
 //! logits = rmsnorm(x)·Woutputᵀ
 //! ```
+//!
+//! Matrix products are `vicuna_kernels::matmul` (activations quantized as ggml does: q8_0 for q4_0/q8_0 weights,
+//! q8_K for the k-quants), attention is `vicuna_kernels::attention` (online softmax over key blocks); both run on the
+//! model's own rayon pool. Norms, SiLU and residuals are plain f32 loops: O(hidden) per row. The cache holds keys
+//! and values in f16 for quantized models (llama.cpp's default) and in f32 for float ones ([`KvType`]).
 
 mod cache;
 mod source;
@@ -202,16 +207,7 @@ impl QuantLlama {
 
     /// Every id must index the embedding table; a bad id is the caller's input error.
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        if ids.is_empty() {
-            return Err(Error::msg("no input tokens: give at least one token id"));
-        }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
-            return Err(Error::msg(format!(
-                "token id {bad} is outside the vocabulary (0..{})",
-                self.config.vocab_size
-            )));
-        }
-        Ok(())
+        crate::check_ids(ids, self.config.vocab_size)
     }
 
     /// Logits of the last position only: the decoding step of one sequence.
@@ -405,10 +401,10 @@ fn config_problems(c: &LlamaConfig) -> Vec<String> {
     if c.hidden_size == 0 || c.num_hidden_layers == 0 || c.vocab_size == 0 || c.intermediate_size == 0 {
         problems.push("hidden_size, intermediate_size, num_hidden_layers and vocab_size must be positive".into());
     }
-    if c.head_dim == 0 || c.head_dim % 2 != 0 {
+    if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
         problems.push(format!("head_dim {} must be positive and even (RoPE turns pairs)", c.head_dim));
     }
-    if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+    if c.num_key_value_heads == 0 || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
         problems.push(format!(
             "num_attention_heads {} must be a multiple of num_key_value_heads {}",
             c.num_attention_heads, c.num_key_value_heads
