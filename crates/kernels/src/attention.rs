@@ -187,8 +187,9 @@ impl SharedRows {
 /// The vector primitives an item is built from. Every method is `unsafe` because the SIMD versions require their
 /// instruction set; all slices of one call have equal lengths.
 trait Lanes {
-    /// `out[j] = q · keys[j]` for the `out.len()` keys of `keys` (each `q.len()` long).
-    unsafe fn scores(q: &[f32], keys: &[f32], out: &mut [f32]);
+    /// `out[j] = (q · keys[j]) · scale` for the `out.len()` keys of `keys` (each `q.len()` long); returns the
+    /// largest.
+    unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32;
     /// `acc += Σ_j weights[j] · values[j]` for the `weights.len()` values of `values` (each `acc.len()` long).
     unsafe fn accumulate(acc: &mut [f32], weights: &[f32], values: &[f32]);
     /// `y *= a`
@@ -248,9 +249,7 @@ unsafe fn attend<L: Lanes>(layout: HeadLayout, seq: &AttentionSeq, item: &Item, 
                 let head = item.kv_head * group + g;
                 let q = &seq.queries[r * q_dim..][head_cols(head)];
                 let i = (r - item.rows.start) * group + g;
-                L::scores(q, &keys[..n * d], &mut scores[..n]);
-                L::scale(&mut scores[..n], scale);
-                let block_max = scores[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let block_max = L::scores(q, &keys[..n * d], scale, &mut scores[..n]);
                 let acc = &mut acc[i * d..(i + 1) * d];
                 if block_max > max[i] {
                     // Everything so far was weighed against a smaller maximum: rescale it to the new one.
@@ -289,8 +288,12 @@ impl Scalar {
 }
 
 impl Lanes for Scalar {
-    unsafe fn scores(q: &[f32], keys: &[f32], out: &mut [f32]) {
-        out.iter_mut().zip(keys.chunks_exact(q.len())).for_each(|(o, k)| *o = Scalar::dot(q, k));
+    unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
+        let scores = out.iter_mut().zip(keys.chunks_exact(q.len()));
+        scores.fold(f32::NEG_INFINITY, |max, (o, k)| {
+            *o = Scalar::dot(q, k) * scale;
+            max.max(*o)
+        })
     }
     unsafe fn accumulate(acc: &mut [f32], weights: &[f32], values: &[f32]) {
         weights.iter().zip(values.chunks_exact(acc.len())).for_each(|(&w, v)| Scalar::axpy(acc, w, v));
@@ -384,11 +387,29 @@ mod x86 {
         })
     }
 
+    /// The lane sums of four vectors, `[Σa, Σb, Σc, Σd]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce4([a, b, c, d]: [__m512; 4]) -> __m128 {
+        // Within each 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], likewise for c and d ...
+        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        // ... then [a, b, c, d] partial sums in each 128-bit lane, and the four lanes added.
+        let abcd = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(ab, cd), _mm512_shuffle_ps::<0xEE>(ab, cd));
+        let halves = _mm256_add_ps(
+            _mm512_castps512_ps256(abcd),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(abcd))),
+        );
+        _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps::<1>(halves))
+    }
+
     impl Lanes for Avx512 {
-        /// Four keys at a time, each with its own accumulator: four independent FMA chains share each load of `q`.
+        /// Four keys at a time, each with its own accumulator: four independent FMA chains share each load of `q`,
+        /// and one transpose-and-add reduces the four accumulators together.
         #[inline(always)]
-        unsafe fn scores(q: &[f32], keys: &[f32], out: &mut [f32]) {
+        unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
             let d = q.len();
+            let mut max = _mm_set1_ps(f32::NEG_INFINITY);
             let mut j = 0;
             while j < out.len() {
                 let keys_here = (out.len() - j).min(4);
@@ -403,11 +424,14 @@ mod x86 {
                     }
                     c += 16;
                 }
-                for (t, acc) in acc.iter().enumerate().take(keys_here) {
-                    out[j + t] = _mm512_reduce_add_ps(*acc);
-                }
+                let sums = _mm_mul_ps(reduce4(acc), _mm_set1_ps(scale));
+                let m = ((1u32 << keys_here) - 1) as __mmask8;
+                _mm_mask_storeu_ps(out.as_mut_ptr().add(j), m, sums);
+                max = _mm_mask_max_ps(max, m, max, sums);
                 j += keys_here;
             }
+            let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
+            _mm_cvtss_f32(_mm_max_ss(max, _mm_movehdup_ps(max)))
         }
 
         /// 64 floats of `acc` held in four registers while every value row streams by.
@@ -532,8 +556,12 @@ mod x86 {
 
     impl Lanes for Avx2 {
         #[inline(always)]
-        unsafe fn scores(q: &[f32], keys: &[f32], out: &mut [f32]) {
-            out.iter_mut().zip(keys.chunks_exact(q.len())).for_each(|(o, k)| *o = Avx2::dot(q, k));
+        unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
+            let scores = out.iter_mut().zip(keys.chunks_exact(q.len()));
+            scores.fold(f32::NEG_INFINITY, |max, (o, k)| {
+                *o = Avx2::dot(q, k) * scale;
+                max.max(*o)
+            })
         }
 
         #[inline(always)]

@@ -13,7 +13,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use vicuna_kernels::{matmul, row_size, GgmlType, QuantMatrix, ThreadPoolBuilder};
+use vicuna_kernels::{
+    attention, matmul, row_size, AttentionSeq, GgmlType, HeadLayout, KvSlice, QuantMatrix, ThreadPoolBuilder,
+};
 use vicuna_model::native::{OwnedTensors, QuantLlama, TensorSource};
 use vicuna_weights::LlamaConfig;
 
@@ -195,6 +197,29 @@ fn matmuls_alone(config: &LlamaConfig, source: &dyn TensorSource, threads: usize
     (started.elapsed().as_secs_f64() / tokens as f64, bytes)
 }
 
+/// Seconds that the attention of a `rows`-token prompt takes over all layers (random f16 keys and values).
+fn attention_alone(config: &LlamaConfig, threads: usize, rows: usize) -> f64 {
+    let pool = ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+    let layout = HeadLayout {
+        n_heads: config.num_attention_heads,
+        n_kv_heads: config.num_key_value_heads,
+        head_dim: config.head_dim,
+    };
+    let mut rng = Rng(7);
+    let mut random =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| (rng.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect() };
+    let queries = random(rows * layout.q_dim());
+    let keys: Vec<half::f16> = random(rows * layout.kv_dim()).into_iter().map(half::f16::from_f32).collect();
+    let values: Vec<half::f16> = random(rows * layout.kv_dim()).into_iter().map(half::f16::from_f32).collect();
+    let seq = AttentionSeq { queries: &queries, keys: KvSlice::F16(&keys), values: KvSlice::F16(&values) };
+    let mut out = vec![0.0f32; rows * layout.q_dim()];
+    let started = Instant::now();
+    for _ in 0..config.num_hidden_layers {
+        attention(layout, &[seq], &mut out, &pool).expect("attention");
+    }
+    started.elapsed().as_secs_f64()
+}
+
 fn mean_sd(xs: &[f64]) -> (f64, f64) {
     let mean = xs.iter().sum::<f64>() / xs.len() as f64;
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (xs.len().max(2) - 1) as f64;
@@ -248,6 +273,12 @@ fn main() {
             let (m, s) = mean_sd(&pp);
             let gflops = 2.0 * model.layer_parameters() as f64 * m / 1e9;
             println!("threads {threads}: pp{} {m:.2} ± {s:.2} tok/s  ({gflops:.0} GFLOP/s in the matrices)", o.prompt);
+            let seconds = attention_alone(&config, threads, o.prompt);
+            println!(
+                "threads {threads}: attention's share of pp{}: {seconds:.2} s of {:.2} s",
+                o.prompt,
+                o.prompt as f64 / m
+            );
         }
         if !tg.is_empty() {
             let (m, s) = mean_sd(&tg);
