@@ -78,6 +78,20 @@ impl KvSlice<'_> {
     }
 }
 
+/// Rounds `src` to f16 into `dst` (nearest, ties to even: what `half::f16::from_f32` does), with F16C where the
+/// CPU has it: writing keys and values into an f16 cache.
+pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) -> Result<()> {
+    check_len("f16 destination", src.len(), dst.len())?;
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() != Isa::Scalar {
+        // SAFETY: AVX2 (with F16C) or better is available.
+        unsafe { x86::f32_to_f16_f16c(src, dst) };
+        return Ok(());
+    }
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f16::from_f32(s));
+    Ok(())
+}
+
 /// Attention of every sequence's new rows; `out` stacks the sequences' output rows in order (`Σ rows × q_dim`), at
 /// the fastest instruction-set level of this CPU.
 pub fn attention(layout: HeadLayout, seqs: &[AttentionSeq], out: &mut [f32], pool: &ThreadPool) -> Result<()> {
@@ -345,6 +359,16 @@ mod x86 {
     const EXP_POLY: [f32; 6] = [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
 
     pub(super) struct Avx512;
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn f32_to_f16_f16c(src: &[f32], dst: &mut [f16]) {
+        let body = src.len() / 8 * 8;
+        for i in (0..body).step_by(8) {
+            let h = _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(_mm256_loadu_ps(src.as_ptr().add(i)));
+            _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), h);
+        }
+        dst[body..].iter_mut().zip(&src[body..]).for_each(|(d, &s)| *d = f16::from_f32(s));
+    }
 
     #[inline]
     #[target_feature(enable = "avx512f")]

@@ -45,7 +45,7 @@ pub mod matmul;
 pub mod quant;
 pub mod types;
 
-pub use attention::{attention, attention_with, AttentionSeq, HeadLayout, KvSlice};
+pub use attention::{attention, attention_with, f32_to_f16, AttentionSeq, HeadLayout, KvSlice};
 pub use blocks::*;
 pub use dequant::dequantize_row;
 pub use isa::Isa;

@@ -4,7 +4,9 @@
 //! bit.
 
 use vicuna_kernels::attention::{KEY_BLOCK, QUERY_BLOCK};
-use vicuna_kernels::{attention_with, AttentionSeq, HeadLayout, Isa, KvSlice, ThreadPool, ThreadPoolBuilder};
+use vicuna_kernels::{
+    attention_with, f32_to_f16, AttentionSeq, HeadLayout, Isa, KvSlice, ThreadPool, ThreadPoolBuilder,
+};
 
 use half::f16;
 
@@ -208,4 +210,27 @@ fn bad_shapes_are_errors() {
     assert!(check(odd, seq.view(), &mut out).contains("heads"));
     // Output of the wrong size.
     assert!(check(layout, seq.view(), &mut out[1..]).contains("output"));
+}
+
+/// The cache's f16 conversion rounds exactly as `half` does (nearest, ties to even), over every length's tail, and
+/// through overflow, subnormals, infinities and NaN.
+#[test]
+fn f16_conversion_matches_half() {
+    let mut rng = Rng(5);
+    let mut values = rng.values(1000, 70000.0);
+    values.extend(rng.values(1000, 1e-5));
+    values.extend([0.0, -0.0, 65504.0, 65520.0, 1e-8, f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE]);
+    for len in [0, 1, 7, 8, 9, 31, values.len()] {
+        let mut got = vec![f16::ZERO; len];
+        f32_to_f16(&values[..len], &mut got).unwrap();
+        let want: Vec<f16> = values[..len].iter().map(|&v| f16::from_f32(v)).collect();
+        assert_eq!(
+            got.iter().map(|h| h.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|h| h.to_bits()).collect::<Vec<_>>()
+        );
+    }
+    let mut nan = [f16::ZERO];
+    f32_to_f16(&[f32::NAN], &mut nan).unwrap();
+    assert!(nan[0].is_nan());
+    assert!(f32_to_f16(&[1.0, 2.0], &mut nan).is_err());
 }

@@ -220,6 +220,17 @@ fn attention_alone(config: &LlamaConfig, threads: usize, rows: usize) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// CPU seconds this process has used (user + system, from /proc; 0 where there is none). On a shared machine it
+/// moves less than wall time when other work takes turns on the cores.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the command name (which is in parentheses and may hold spaces): utime and stime are 12 and 13.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<f64>().ok()).sum();
+    ticks / 100.0
+}
+
 fn mean_sd(xs: &[f64]) -> (f64, f64) {
     let mean = xs.iter().sum::<f64>() / xs.len() as f64;
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (xs.len().max(2) - 1) as f64;
@@ -249,7 +260,7 @@ fn main() {
         let step_bytes = model.weight_bytes_per_step() as f64;
         // Warm-up: pages in the weights, starts the threads.
         model.next_token_logits(&[1], &mut model.new_cache()).expect("forward");
-        let (mut pp, mut tg) = (Vec::new(), Vec::new());
+        let (mut pp, mut tg, mut tg_cpu) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..o.reps {
             if o.prompt > 0 {
                 let mut cache = model.new_cache();
@@ -259,7 +270,7 @@ fn main() {
             }
             if o.gen > 0 {
                 let mut cache = model.new_cache();
-                let t = Instant::now();
+                let (t, cpu) = (Instant::now(), cpu_seconds());
                 let mut token = 1;
                 for _ in 0..o.gen {
                     let logits = model.next_token_logits(&[token], &mut cache).expect("forward");
@@ -267,6 +278,7 @@ fn main() {
                     token = (logits.len() as u32 / 2 + cache.len() as u32) % config.vocab_size as u32;
                 }
                 tg.push(o.gen as f64 / t.elapsed().as_secs_f64());
+                tg_cpu.push((cpu_seconds() - cpu) / o.gen as f64);
             }
         }
         if !pp.is_empty() {
@@ -283,10 +295,16 @@ fn main() {
         if !tg.is_empty() {
             let (m, s) = mean_sd(&tg);
             let gbs = step_bytes * m / 1e9;
-            println!("threads {threads}: tg{} {m:.2} ± {s:.2} tok/s  ({gbs:.1} GB/s of weights)", o.gen);
-            let (per_token, bytes) = matmuls_alone(&config, &*source, threads, o.gen);
+            let cpu_ms = mean_sd(&tg_cpu).0 * 1e3;
             println!(
-                "threads {threads}: the same matrix-vector products alone: {:.2} tok/s ({:.1} GB/s)",
+                "threads {threads}: tg{} {m:.2} ± {s:.2} tok/s  ({gbs:.1} GB/s of weights; {cpu_ms:.0} ms CPU a token)",
+                o.gen
+            );
+            let cpu = cpu_seconds();
+            let (per_token, bytes) = matmuls_alone(&config, &*source, threads, o.gen);
+            let cpu_ms = (cpu_seconds() - cpu) / o.gen as f64 * 1e3;
+            println!(
+                "threads {threads}: the same matrix-vector products alone: {:.2} tok/s ({:.1} GB/s; {cpu_ms:.0} ms CPU a token)",
                 1.0 / per_token,
                 bytes as f64 / per_token / 1e9
             );

@@ -1,8 +1,7 @@
 //! The native model's key/value cache: one pair of growing buffers per layer, in f16 or f32.
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
-use vicuna_kernels::KvSlice;
+use vicuna_kernels::{f32_to_f16, KvSlice};
 
 /// The element type of a cache: f16 halves its memory (llama.cpp's default); f32 stores keys and values exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,7 +67,7 @@ impl KvBuffer {
                 grow(buf, new.len(), min_capacity);
                 let start = buf.len();
                 buf.resize(start + new.len(), f16::ZERO);
-                buf[start..].convert_from_f32_slice(new);
+                f32_to_f16(new, &mut buf[start..]).expect("resized to fit");
             }
             KvBuffer::F32(buf) => {
                 grow(buf, new.len(), min_capacity);
