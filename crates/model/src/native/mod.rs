@@ -38,7 +38,8 @@ use crate::{Error, Result};
 pub use cache::{KvType, QuantCache};
 pub use source::{OwnedTensors, TensorRef, TensorSource};
 
-/// LLaMA over GGUF tensors, computing on a thread pool of its own.
+/// LLaMA over GGUF tensors, computing on a thread pool of its own. Steps of one model run one at a time (they
+/// share its work buffers and threads); concurrent callers wait for each other.
 pub struct QuantLlama {
     config: LlamaConfig,
     source: Arc<dyn TensorSource>,
