@@ -437,18 +437,22 @@ mod x86 {
             let mut j = 0;
             while j < out.len() {
                 let keys_here = (out.len() - j).min(4);
-                let mut acc = [_mm512_setzero_ps(); 4];
+                // A fixed four rows (the last one repeated past the end, its sums not stored), so that the four
+                // accumulators stay in registers.
+                let rows: [*const f32; 4] = std::array::from_fn(|t| keys.as_ptr().add((j + t.min(keys_here - 1)) * d));
+                let (mut a0, mut a1, mut a2, mut a3) =
+                    (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
                 let mut c = 0;
                 while c < d {
                     let m = if c + 16 <= d { 0xffff } else { tail_mask(d - c) };
                     let qv = _mm512_maskz_loadu_ps(m, q.as_ptr().add(c));
-                    for (t, acc) in acc.iter_mut().enumerate().take(keys_here) {
-                        let kv = _mm512_maskz_loadu_ps(m, keys.as_ptr().add((j + t) * d + c));
-                        *acc = _mm512_fmadd_ps(qv, kv, *acc);
-                    }
+                    a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, rows[0].add(c)), a0);
+                    a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, rows[1].add(c)), a1);
+                    a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, rows[2].add(c)), a2);
+                    a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, rows[3].add(c)), a3);
                     c += 16;
                 }
-                let sums = _mm_mul_ps(reduce4(acc), _mm_set1_ps(scale));
+                let sums = _mm_mul_ps(reduce4([a0, a1, a2, a3]), _mm_set1_ps(scale));
                 let m = ((1u32 << keys_here) - 1) as __mmask8;
                 _mm_mask_storeu_ps(out.as_mut_ptr().add(j), m, sums);
                 max = _mm_mask_max_ps(max, m, max, sums);

@@ -8,7 +8,8 @@
 //! cargo run --release -p vicuna-model --example native_bench -- --shape 13b --type q4_0 --threads 1,2
 //! ```
 //! Options: `--shape 13b|7b|small`, `--type q4_0|q8_0|q4_K|q6_K|f16`, `--output-type TYPE` (default: q6_K for
-//! q4_0/q4_K as llama-quantize does, else `--type`), `--threads 1,2`, `--prompt 512`, `--gen 32`, `--reps 1`.
+//! q4_0/q4_K as llama-quantize does, else `--type`), `--threads 1,2`, `--prompt 512`, `--gen 32`, `--reps 1`,
+//! `--attention-only` (time only the prompt's attention, without making weights).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +28,8 @@ struct Options {
     prompt: usize,
     gen: usize,
     reps: usize,
+    /// Only time the attention of a `prompt`-token prompt (no weights are made).
+    attention_only: bool,
 }
 
 fn parse_type(name: &str) -> GgmlType {
@@ -45,8 +48,13 @@ fn options() -> Options {
         prompt: 512,
         gen: 32,
         reps: 1,
+        attention_only: false,
     };
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(at) = args.iter().position(|a| a == "--attention-only") {
+        args.remove(at);
+        o.attention_only = true;
+    }
     for pair in args.chunks(2) {
         let value = pair.get(1).map(String::as_str).unwrap_or_else(|| {
             eprintln!("{} needs a value", pair[0]);
@@ -244,6 +252,13 @@ fn main() {
         GgmlType::Q4_0 | GgmlType::Q4_K => GgmlType::Q6_K,
         other => other,
     });
+    if o.attention_only {
+        for &threads in &o.threads {
+            let seconds = attention_alone(&config, threads, o.prompt);
+            println!("threads {threads}: attention of a {}-token prompt, all layers: {seconds:.2} s", o.prompt);
+        }
+        return;
+    }
     let started = Instant::now();
     let source = Arc::new(build_source(&config, o.ty, output_ty));
     println!(
