@@ -423,15 +423,17 @@ fn bad_input_is_an_error_and_leaves_the_cache_usable() {
     assert_eq!(model.forward_all(&[1, 2, 3], &mut cache).unwrap(), fresh);
 }
 
-/// The candle cache and the native cache agree step by step on the GQA model (f32 weights).
+/// The candle cache and the native cache agree step by step on the GQA model (f32 weights), after a prompt long
+/// enough for the feed-forward activation to be split over the threads.
 #[test]
 fn cached_decoding_matches_candle() {
     let (config, tensors) = synthetic(false);
     let reference = candle_model(&config, &tensors, GgmlType::F32);
     let model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32), 2);
     let (mut candle_cache, mut cache) = (KvCache::new(&config), model.new_cache());
-    let prompt = [1u32, 20, 30, 40, 50];
+    let prompt: Vec<u32> = (0..70).map(|i| (i * 13 + 1) % 300).collect();
     let mut want = reference.next_token_logits(&prompt, &mut candle_cache).unwrap();
+    assert!(prompt.len() * config.intermediate_size > 1 << 15, "the prompt must take the parallel feed-forward path");
     let mut got = model.next_token_logits(&prompt, &mut cache).unwrap();
     for step in 0..10 {
         let diff = max_abs_diff(&got, &want);

@@ -27,6 +27,8 @@ mod source;
 
 use std::sync::{Arc, Mutex};
 
+use rayon::prelude::*;
+
 use vicuna_kernels::{
     attention, dequantize_row, matmul, row_size, AttentionSeq, GgmlType, HeadLayout, QuantMatrix, ThreadPool,
     ThreadPoolBuilder,
@@ -274,6 +276,7 @@ impl QuantLlama {
         let tokens: Vec<u32> = sequences.iter().flat_map(|(ids, _)| ids.iter().copied()).collect();
         let positions: Vec<usize> =
             sequences.iter().flat_map(|(ids, cache)| cache.len()..cache.len() + ids.len()).collect();
+        let turns = self.rope_turns(&positions);
         let n = tokens.len();
         b.resize(n, h, c.num_attention_heads * c.head_dim, self.kv_dim(), c.intermediate_size);
 
@@ -284,8 +287,8 @@ impl QuantLlama {
             self.matmul(&layer.attn_q, &b.xb, n, &mut b.q)?;
             self.matmul(&layer.attn_k, &b.xb, n, &mut b.k)?;
             self.matmul(&layer.attn_v, &b.xb, n, &mut b.v)?;
-            self.rope(&mut b.q, &positions);
-            self.rope(&mut b.k, &positions);
+            rope(&mut b.q, &turns, c.head_dim);
+            rope(&mut b.k, &turns, c.head_dim);
             let mut row = 0;
             for (ids, cache) in sequences.iter_mut() {
                 let rows = row * self.kv_dim()..(row + ids.len()) * self.kv_dim();
@@ -311,7 +314,7 @@ impl QuantLlama {
             rms_norm(&b.x, &layer.ffn_norm, eps, &mut b.xb);
             self.matmul(&layer.ffn_gate, &b.xb, n, &mut b.hb)?;
             self.matmul(&layer.ffn_up, &b.xb, n, &mut b.hb2)?;
-            silu_mul(&mut b.hb, &b.hb2);
+            self.silu_mul(&mut b.hb, &b.hb2);
             self.matmul(&layer.ffn_down, &b.hb, n, &mut b.xb)?;
             add(&mut b.x, &b.xb);
         }
@@ -320,6 +323,16 @@ impl QuantLlama {
         }
         rms_norm(&b.x, &self.output_norm, eps, &mut b.xb);
         Ok(())
+    }
+
+    /// [`silu_mul`] over the pool for a prompt's rows, on this thread for a few rows.
+    fn silu_mul(&self, gate: &mut [f32], up: &[f32]) {
+        if gate.len() <= SILU_PIECE || self.threads() == 1 {
+            return silu_mul(gate, up);
+        }
+        self.pool.install(|| {
+            gate.par_chunks_mut(SILU_PIECE).zip(up.par_chunks(SILU_PIECE)).for_each(|(g, u)| silu_mul(g, u))
+        });
     }
 
     /// Logits `rows × vocab` of normalized hidden states `rows × hidden`.
@@ -356,24 +369,26 @@ impl QuantLlama {
         Ok(QuantMatrix::new(m.ty, m.rows, m.cols, tensor.data)?)
     }
 
-    /// Rotary position embedding in the interleaved (GGUF / Meta) layout: each head's adjacent pairs
-    /// `(x[2i], x[2i+1])` turn by `position · theta^(-2i/head_dim)`. `x` is `rows × (heads · head_dim)`.
-    fn rope(&self, x: &mut [f32], positions: &[usize]) {
-        let d = self.config.head_dim;
-        let row_len = x.len() / positions.len();
-        let mut turns = vec![(0.0f32, 0.0f32); d / 2];
-        for (row, &pos) in x.chunks_exact_mut(row_len).zip(positions) {
-            for (turn, freq) in turns.iter_mut().zip(&self.rope_freqs) {
-                // The angle in f64, rounded once: agrees with transformers' f32 tables to ~1e-7 at any position.
-                let angle = pos as f64 * freq;
-                *turn = (angle.cos() as f32, angle.sin() as f32);
-            }
-            for head in row.chunks_exact_mut(d) {
-                for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(&turns) {
-                    let (a, b) = (pair[0], pair[1]);
-                    pair[0] = a * cos - b * sin;
-                    pair[1] = a * sin + b * cos;
-                }
+    /// `(cos, sin)` of every rotated pair's angle `position · theta^(-2i/head_dim)` at each position: `positions ×
+    /// head_dim/2`, computed once a step for every layer.
+    fn rope_turns(&self, positions: &[usize]) -> Vec<(f32, f32)> {
+        let pairs = positions.iter().flat_map(|&pos| self.rope_freqs.iter().map(move |freq| pos as f64 * freq));
+        // The angle in f64, rounded once: agrees with transformers' f32 tables to ~1e-7 at any position.
+        pairs.map(|angle| (angle.cos() as f32, angle.sin() as f32)).collect()
+    }
+}
+
+/// Rotary position embedding in the interleaved (GGUF / Meta) layout: each head's adjacent pairs
+/// `(x[2i], x[2i+1])` turn by the row's angles `turns` (from [`QuantLlama::rope_turns`]). `x` is
+/// `rows × (heads · head_dim)`.
+fn rope(x: &mut [f32], turns: &[(f32, f32)], head_dim: usize) {
+    let rows = turns.len() / (head_dim / 2);
+    for (row, turns) in x.chunks_exact_mut(x.len() / rows).zip(turns.chunks_exact(head_dim / 2)) {
+        for head in row.chunks_exact_mut(head_dim) {
+            for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(turns) {
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * cos - b * sin;
+                pair[1] = a * sin + b * cos;
             }
         }
     }
@@ -469,6 +484,10 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 fn silu_mul(gate: &mut [f32], up: &[f32]) {
     gate.iter_mut().zip(up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
 }
+
+/// Elements of the feed-forward hidden layer per parallel piece of [`silu_mul`]: one `exp` each, so a prompt's
+/// (rows × intermediate) is worth spreading over the threads, a decoding step's is not.
+const SILU_PIECE: usize = 1 << 15;
 
 /// The residual connection: `x += delta`.
 fn add(x: &mut [f32], delta: &[f32]) {
