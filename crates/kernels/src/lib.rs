@@ -28,10 +28,15 @@
 //! all are done. A one-thread pool, or a product too small to be worth waking the pool, runs on the calling thread.
 //! Results never depend on the number of threads.
 //!
+//! # Attending
+//! [`attention()`] is causal self-attention of new query rows over an f16 (or f32) key/value cache, grouped-query aware,
+//! with an online softmax over key blocks (the score matrix is never built), parallel over the caller's pool.
+//!
 //! The instruction set is detected once ([`Isa::detect`]); [`matmul_with`] takes an explicit [`Isa`] (tests,
 //! measurements). The scalar level is the reference that the others are tested against.
 
 mod acts;
+pub mod attention;
 pub mod blocks;
 pub mod dequant;
 pub mod isa;
@@ -40,6 +45,7 @@ pub mod matmul;
 pub mod quant;
 pub mod types;
 
+pub use attention::{attention, attention_with, f32_to_f16, AttentionSeq, HeadLayout, KvSlice};
 pub use blocks::*;
 pub use dequant::dequantize_row;
 pub use isa::Isa;

@@ -1,6 +1,8 @@
-//! The LLaMA model: its forward pass and KV cache on candle tensors.
+//! The LLaMA model: its forward pass and KV cache on candle tensors ([`Llama`], the reference, used for
+//! training), and the native forward pass on quantized GGUF weights with this workspace's kernels ([`native`]).
 
 mod llama;
+pub mod native;
 
 use std::fmt;
 use std::path::Path;
@@ -16,6 +18,8 @@ pub use llama::{linear, rms_norm, softmax, KvCache, Layer, Llama};
 pub enum Error {
     Weights(vicuna_weights::Error),
     Tensor(candle_core::Error),
+    /// A kernel refused its operands (shapes, types).
+    Kernel(vicuna_kernels::Error),
     Input(String),
 }
 
@@ -32,6 +36,7 @@ impl fmt::Display for Error {
         match self {
             Error::Weights(e) => write!(f, "{e}"),
             Error::Tensor(e) => write!(f, "tensor error: {e}"),
+            Error::Kernel(e) => write!(f, "kernel error: {e}"),
             Error::Input(m) => f.write_str(m),
         }
     }
@@ -45,10 +50,27 @@ impl From<vicuna_weights::Error> for Error {
     }
 }
 
+impl From<vicuna_kernels::Error> for Error {
+    fn from(e: vicuna_kernels::Error) -> Self {
+        Error::Kernel(e)
+    }
+}
+
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
         Error::Tensor(e)
     }
+}
+
+/// Every id must index the embedding table (of `vocab_size` rows); a bad id is the caller's input error.
+pub(crate) fn check_ids(ids: &[u32], vocab_size: usize) -> Result<()> {
+    if ids.is_empty() {
+        return Err(Error::msg("no input tokens: give at least one token id"));
+    }
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+        return Err(Error::msg(format!("token id {bad} is outside the vocabulary (0..{vocab_size})")));
+    }
+    Ok(())
 }
 
 impl Llama {

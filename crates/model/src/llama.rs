@@ -277,16 +277,7 @@ impl Llama {
 
     /// Every id must index the embedding table; a bad id is the caller's input error.
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        if ids.is_empty() {
-            return Err(Error::msg("no input tokens: give at least one token id"));
-        }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
-            return Err(Error::msg(format!(
-                "token id {bad} is outside the vocabulary (0..{})",
-                self.config.vocab_size
-            )));
-        }
-        Ok(())
+        crate::check_ids(ids, self.config.vocab_size)
     }
 
     /// The decoder stack over `x: [batch, rows, hidden]`, whose rows are split into `segments`

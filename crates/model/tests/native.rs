@@ -1,0 +1,446 @@
+//! The native forward pass on GGUF-named tensors against independent references: transformers' logits for the
+//! fixture models (f32 and f16 weights), the candle `Llama` on a random grouped-query model (f32 and every
+//! quantized type with a kernel), and itself run sequence by sequence (ragged batches, chunked prefill).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use vicuna_kernels::{dequantize_row, quantize_row, row_size, GgmlType};
+use vicuna_model::candle_core::{Device, Tensor};
+use vicuna_model::native::{KvType, OwnedTensors, QuantCache, QuantLlama};
+use vicuna_model::{KvCache, Llama};
+use vicuna_weights::{Checkpoint, LlamaConfig};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/models"))
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn floats_of(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32
+}
+
+/// Hugging Face tensors by name: shape (PyTorch order) and values.
+type HfTensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// The GGUF name of a Hugging Face tensor.
+fn gguf_name(hf: &str) -> String {
+    let fixed = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap_or_else(|| panic!("unexpected tensor {hf}"));
+    let (layer, part) = rest.split_once('.').unwrap();
+    let part = match part {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        other => panic!("unexpected tensor {other}"),
+    };
+    format!("blk.{layer}.{part}")
+}
+
+/// Rows of a q/k projection from transformers' rotate_half order to GGUF's interleaved one (what llama.cpp's
+/// converter does: `w.reshape(heads, 2, head_dim/2, dim).swapaxes(1, 2)`): row `(head, i, j)` of the result is
+/// row `(head, j, i)` of the input.
+fn permute_for_interleaved_rope(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let head_dim = w.len() / cols / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0.0; w.len()];
+    for head in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let dst = head * head_dim + i * 2 + j;
+                let src = head * head_dim + j * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// `rows × cols` f32 values stored as `ty` (row by row, as in GGUF).
+fn encode(ty: GgmlType, values: &[f32], cols: usize) -> Vec<u8> {
+    let row_bytes = row_size(ty, cols).unwrap();
+    let mut data = vec![0u8; values.len() / cols * row_bytes];
+    for (src, dst) in values.chunks_exact(cols).zip(data.chunks_exact_mut(row_bytes)) {
+        quantize_row(ty, src, dst).unwrap();
+    }
+    data
+}
+
+/// Hugging Face tensors (name → shape, f32 values) as a GGUF-named source: q/k rows permuted, matrices stored as
+/// `matrix_type(rows, cols)`, norms in f32. At integration the GGUF converter replaces this.
+fn hf_to_gguf_tensors(
+    config: &LlamaConfig,
+    tensors: &HfTensors,
+    matrix_type: impl Fn(usize, usize) -> GgmlType,
+) -> OwnedTensors {
+    let mut out = OwnedTensors::new();
+    for (name, (shape, values)) in tensors {
+        let gguf = gguf_name(name);
+        match shape[..] {
+            [len] => out.insert(gguf, GgmlType::F32, vec![len], encode(GgmlType::F32, values, len)),
+            [rows, cols] => {
+                let values = if name.ends_with("q_proj.weight") {
+                    permute_for_interleaved_rope(values, config.num_attention_heads, cols)
+                } else if name.ends_with("k_proj.weight") {
+                    permute_for_interleaved_rope(values, config.num_key_value_heads, cols)
+                } else {
+                    values.clone()
+                };
+                let ty = matrix_type(rows, cols);
+                out.insert(gguf, ty, vec![cols, rows], encode(ty, &values, cols));
+            }
+            _ => panic!("{name}: unexpected shape {shape:?}"),
+        }
+    }
+    out
+}
+
+fn read_folder(dir: &Path) -> (LlamaConfig, HfTensors) {
+    let config = LlamaConfig::from_dir(dir).unwrap();
+    let checkpoint = Checkpoint::open(dir).unwrap();
+    let tensors = checkpoint
+        .names()
+        .into_iter()
+        .map(|name| {
+            (name.to_string(), (checkpoint.info(name).unwrap().shape.clone(), checkpoint.to_f32(name).unwrap()))
+        })
+        .collect();
+    (config, tensors)
+}
+
+fn native(config: &LlamaConfig, source: OwnedTensors, threads: usize) -> QuantLlama {
+    QuantLlama::new(config.clone(), Arc::new(source), threads).unwrap()
+}
+
+/// Every case of an expected-logits file, through a native model whose matrices are stored as `ty`: all-position
+/// logits by one pass, the same positions one token at a time through the cache, and the greedy continuation.
+fn check_against_transformers(variant: &str, expected_file: &str, ty: GgmlType, kv: Option<KvType>, tolerance: f32) {
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(variant).join(expected_file)).unwrap()).unwrap();
+    let folder = expected["weight_folders"][0].as_str().unwrap();
+    let (config, tensors) = read_folder(&fixtures().join(variant).join(folder));
+    let source = hf_to_gguf_tensors(&config, &tensors, |_, _| ty);
+    let model = QuantLlama::with_kv_type(config.clone(), Arc::new(source), 2, kv).unwrap();
+    let vocab = config.vocab_size;
+    for case in expected["cases"].as_array().unwrap() {
+        let name = format!("{variant}/{folder} as {ty}, {:?} cache, {}", kv, case["name"].as_str().unwrap());
+        let ids = ids_of(&case["input_ids"]);
+        let all = model.forward_all(&ids, &mut model.new_cache()).unwrap();
+        let rows: Vec<&[f32]> = all.chunks_exact(vocab).collect();
+
+        let diff = max_abs_diff(rows.last().unwrap(), &floats_of(&case["last_logits"]));
+        assert!(diff <= tolerance, "{name}: last logits differ by {diff}");
+        let argmaxes: Vec<u32> = rows.iter().map(|r| argmax(r)).collect();
+        assert_eq!(argmaxes, ids_of(&case["all_pos_argmax"]), "{name}: per-position argmax");
+        if let Some(expected_all) = case.get("all_logits_row_major") {
+            let diff = max_abs_diff(&all, &floats_of(expected_all));
+            assert!(diff <= tolerance, "{name}: all-position logits differ by {diff}");
+        }
+
+        let mut cache = model.new_cache();
+        for (pos, &id) in ids.iter().enumerate() {
+            let step = model.next_token_logits(&[id], &mut cache).unwrap();
+            let diff = max_abs_diff(&step, rows[pos]);
+            assert!(diff <= tolerance, "{name}: cached step {pos} differs from the full pass by {diff}");
+        }
+        assert_eq!(cache.len(), ids.len());
+
+        let want = ids_of(&case["greedy_new_tokens"]);
+        let mut cache = model.new_cache();
+        let mut next = argmax(&model.next_token_logits(&ids, &mut cache).unwrap());
+        let mut got = vec![next];
+        while got.len() < want.len() {
+            next = argmax(&model.next_token_logits(&[next], &mut cache).unwrap());
+            got.push(next);
+        }
+        assert_eq!(got, want, "{name}: greedy tokens through the cache");
+    }
+}
+
+/// Float weights get an f32 cache by default: the logits are transformers' to rounding.
+#[test]
+fn f32_matches_transformers() {
+    check_against_transformers("tiny-a", "expected_f32.json", GgmlType::F32, None, 1e-4);
+    check_against_transformers("tiny-b", "expected_f32.json", GgmlType::F32, None, 1e-4);
+}
+
+#[test]
+fn f16_matches_transformers() {
+    check_against_transformers("tiny-a", "expected_f16.json", GgmlType::F16, None, 1e-3);
+    check_against_transformers("tiny-b", "expected_f16.json", GgmlType::F16, None, 1e-3);
+    check_against_transformers("tiny-v32001", "expected_f16.json", GgmlType::F16, None, 1e-3);
+}
+
+/// The f16 cache (what quantized models get) costs the rounding of keys and values to f16, no more.
+#[test]
+fn f16_cache_stays_within_f16_rounding_of_transformers() {
+    check_against_transformers("tiny-a", "expected_f32.json", GgmlType::F32, Some(KvType::F16), 3e-3);
+    check_against_transformers("tiny-b", "expected_f32.json", GgmlType::F32, Some(KvType::F16), 3e-3);
+}
+
+/// Mean KL divergence `KL(p‖q)` of softmax rows and the share of rows with the same argmax.
+fn kld_and_top1(reference: &[f32], candidate: &[f32], vocab: usize) -> (f64, f64) {
+    let log_softmax = |row: &[f32]| -> Vec<f64> {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let log_sum = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        row.iter().map(|&v| v as f64 - max - log_sum).collect()
+    };
+    let (mut kld, mut same, mut rows) = (0.0, 0, 0);
+    for (p, q) in reference.chunks_exact(vocab).zip(candidate.chunks_exact(vocab)) {
+        let (lp, lq) = (log_softmax(p), log_softmax(q));
+        kld += lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+        same += (argmax(p) == argmax(q)) as usize;
+        rows += 1;
+    }
+    (kld / rows as f64, same as f64 / rows as f64)
+}
+
+/// q8_0 weights (where the rows are whole blocks; f16 elsewhere) against the f32 model on the fixture prompts.
+#[test]
+fn q8_0_stays_close_to_f32() {
+    for variant in ["tiny-a", "tiny-b"] {
+        let (config, tensors) = read_folder(&fixtures().join(variant).join("safetensors-f32"));
+        let f32_model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32), 1);
+        let q8_type = |_, cols: usize| if cols.is_multiple_of(32) { GgmlType::Q8_0 } else { GgmlType::F16 };
+        let q8_model = native(&config, hf_to_gguf_tensors(&config, &tensors, q8_type), 1);
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures().join(variant).join("expected_f32.json")).unwrap())
+                .unwrap();
+        let (mut reference, mut candidate) = (Vec::new(), Vec::new());
+        for case in expected["cases"].as_array().unwrap() {
+            let ids = ids_of(&case["input_ids"]);
+            reference.extend(f32_model.forward_all(&ids, &mut f32_model.new_cache()).unwrap());
+            candidate.extend(q8_model.forward_all(&ids, &mut q8_model.new_cache()).unwrap());
+        }
+        let (kld, top1) = kld_and_top1(&reference, &candidate, config.vocab_size);
+        eprintln!("{variant} q8_0 vs f32: mean KLD {kld:.3e}, top-1 agreement {:.1}%", top1 * 100.0);
+        assert!(kld < 1e-3, "{variant}: q8_0 mean KLD {kld}");
+        // Random tiny models have near-ties everywhere; real models reach ≥ 99% (llama.cpp's q8_0 figures).
+        assert!(top1 >= 0.85, "{variant}: q8_0 top-1 agreement {top1}");
+    }
+}
+
+/// Sequences at different points (a decoding step, a prompt chunk after a cached prefix, a fresh prompt) in one
+/// ragged step give each what it gets alone; a prompt fed in chunks gives what it gets in one pass.
+#[test]
+fn ragged_batch_and_chunked_prefill_equal_sequences_alone() {
+    let (config, tensors) = read_folder(&fixtures().join("tiny-b/safetensors-f32"));
+    let model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32), 2);
+    let a: Vec<u32> = vec![1, 17, 250, 3, 999, 42];
+    let b: Vec<u32> = vec![1, 5, 6, 7, 8, 9, 10, 11, 12];
+    let c: Vec<u32> = vec![1, 400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416, 417];
+
+    let alone = |ids: &[u32]| model.forward_all(ids, &mut model.new_cache()).unwrap();
+    let (want_a, want_b, want_c) = (alone(&a), alone(&b), alone(&c));
+    let last = |all: &[f32]| all[all.len() - config.vocab_size..].to_vec();
+
+    let (mut cache_a, mut cache_b, mut cache_c) = (model.new_cache(), model.new_cache(), model.new_cache());
+    model.forward_ragged(&mut [(&a[..5], &mut cache_a)]).unwrap();
+    model.forward_ragged(&mut [(&b[..4], &mut cache_b)]).unwrap();
+    let got =
+        model.forward_ragged(&mut [(&a[5..], &mut cache_a), (&b[4..], &mut cache_b), (&c, &mut cache_c)]).unwrap();
+    for (name, got, want) in [("a", &got[0], &want_a), ("b", &got[1], &want_b), ("c", &got[2], &want_c)] {
+        let diff = max_abs_diff(got, &last(want));
+        assert!(diff <= 1e-5, "ragged {name} differs from alone by {diff}");
+    }
+    assert_eq!((cache_a.len(), cache_b.len(), cache_c.len()), (a.len(), b.len(), c.len()));
+
+    let mut cache = model.new_cache();
+    let mut chunked = Vec::new();
+    for chunk in c.chunks(5) {
+        chunked.extend(model.forward_all(chunk, &mut cache).unwrap());
+    }
+    let diff = max_abs_diff(&chunked, &want_c);
+    assert!(diff <= 1e-5, "chunked prefill differs from one pass by {diff}");
+    cache.clear();
+    assert!(cache.is_empty());
+    assert_eq!(max_abs_diff(&model.forward_all(&c, &mut cache).unwrap(), &want_c), 0.0, "a cleared cache is fresh");
+}
+
+/// A deterministic generator (64-bit LCG).
+struct Rng(u64);
+
+impl Rng {
+    fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+}
+
+/// A random model with every dimension a multiple of 256 (so each quantized type applies) and grouped-query
+/// attention, as Hugging Face tensors.
+fn synthetic(tie: bool) -> (LlamaConfig, HfTensors) {
+    let json = format!(
+        r#"{{"vocab_size": 300, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 128, "model_type": "llama",
+            "tie_word_embeddings": {tie}}}"#
+    );
+    let config = LlamaConfig::from_json_str(&json, "synthetic").unwrap();
+    let mut rng = Rng(7);
+    let mut tensors = HashMap::new();
+    for (name, shape) in config.expected_shapes() {
+        let n: usize = shape.iter().product();
+        let values = if shape.len() == 1 {
+            rng.values(n, 0.2).into_iter().map(|v| 1.0 + v).collect()
+        } else {
+            rng.values(n, 1.5 / (shape[1] as f32).sqrt())
+        };
+        tensors.insert(name, (shape, values));
+    }
+    (config, tensors)
+}
+
+/// The candle reference with each matrix as `ty` would store it (quantized, then widened back to f32).
+fn candle_model(config: &LlamaConfig, tensors: &HfTensors, ty: GgmlType) -> Llama {
+    Llama::new(config, &Device::Cpu, |name, shape| {
+        let (stored_shape, values) = &tensors[name];
+        let values = if stored_shape.len() == 2 {
+            let cols = stored_shape[1];
+            let bytes = encode(ty, values, cols);
+            let mut widened = vec![0.0; values.len()];
+            for (row, out) in bytes.chunks_exact(row_size(ty, cols).unwrap()).zip(widened.chunks_exact_mut(cols)) {
+                dequantize_row(ty, row, out).unwrap();
+            }
+            widened
+        } else {
+            values.clone()
+        };
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+    })
+    .unwrap()
+}
+
+fn candle_all_logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
+    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    model.forward(&input, None).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// The same weights through candle and through the native model. f32 agrees to rounding; the quantized types
+/// differ only by the activations being quantized too (q8_0 / q8_K, as ggml does).
+#[test]
+fn synthetic_gqa_model_matches_candle_for_every_type() {
+    let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 300).collect();
+    for tie in [false, true] {
+        let (config, tensors) = synthetic(tie);
+        for (ty, max_kld) in [
+            (GgmlType::F32, 0.0),
+            (GgmlType::F16, 0.0),
+            (GgmlType::Q8_0, 5e-4),
+            (GgmlType::Q6_K, 5e-4),
+            (GgmlType::Q4_K, 5e-4),
+            (GgmlType::Q4_0, 5e-4),
+        ] {
+            let want = candle_all_logits(&candle_model(&config, &tensors, ty), &ids);
+            let model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| ty), 2);
+            let got = model.forward_all(&ids, &mut model.new_cache()).unwrap();
+            let (kld, top1) = kld_and_top1(&want, &got, config.vocab_size);
+            let diff = max_abs_diff(&got, &want);
+            eprintln!("tie {tie} {ty}: max |Δlogit| {diff:.2e}, mean KLD {kld:.2e}, top-1 {:.1}%", top1 * 100.0);
+            if max_kld == 0.0 {
+                assert!(diff <= 1e-4, "tie {tie} {ty}: logits differ from candle by {diff}");
+            } else {
+                assert!(kld <= max_kld && top1 >= 0.85, "tie {tie} {ty}: KLD {kld}, top-1 {top1}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_weights_are_reported_all_at_once() {
+    let (config, tensors) = synthetic(false);
+    let mut source = hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::Q8_0);
+    source.remove("blk.0.attn_q.weight");
+    source.insert("blk.1.ffn_up.weight", GgmlType::Q8_0, vec![256, 511], vec![0; 511 * 272]);
+    source.insert("blk.1.ffn_down.weight", GgmlType::Q8_0, vec![512, 256], vec![0; 100]);
+    source.insert("output_norm.weight", GgmlType::F32, vec![256], vec![0; 3]);
+    let err =
+        QuantLlama::new(config.clone(), Arc::new(source), 1).err().expect("bad weights must be refused").to_string();
+    for needle in [
+        "4 problem",
+        "blk.0.attn_q.weight is missing",
+        "blk.1.ffn_up.weight has dims [256, 511]",
+        "blk.1.ffn_down.weight",
+        "output_norm.weight",
+    ] {
+        assert!(err.contains(needle), "error {err:?} lacks {needle:?}");
+    }
+
+    let mut gqa = config.clone();
+    gqa.num_key_value_heads = 3;
+    let source = hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32);
+    let err = QuantLlama::new(gqa, Arc::new(source), 1).err().expect("bad config must be refused").to_string();
+    assert!(err.contains("num_key_value_heads"), "{err}");
+}
+
+#[test]
+fn bad_input_is_an_error_and_leaves_the_cache_usable() {
+    let (config, tensors) = synthetic(false);
+    let model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::Q4_0), 1);
+    let mut cache = model.new_cache();
+    assert!(model.next_token_logits(&[], &mut cache).unwrap_err().to_string().contains("no input tokens"));
+    assert!(model.next_token_logits(&[300], &mut cache).unwrap_err().to_string().contains("outside the vocabulary"));
+    let too_long = vec![1u32; config.max_position_embeddings + 1];
+    assert!(model.forward_all(&too_long, &mut cache).unwrap_err().to_string().contains("exceeds"));
+    assert!(cache.is_empty());
+
+    let (other_config, other_tensors) = read_folder(&fixtures().join("tiny-a/safetensors-f32"));
+    let other = native(&other_config, hf_to_gguf_tensors(&other_config, &other_tensors, |_, _| GgmlType::F32), 1);
+    let mut foreign: QuantCache = other.new_cache();
+    assert!(model.next_token_logits(&[1], &mut foreign).unwrap_err().to_string().contains("another shape"));
+
+    let fresh = model.forward_all(&[1, 2, 3], &mut model.new_cache()).unwrap();
+    assert_eq!(model.forward_all(&[1, 2, 3], &mut cache).unwrap(), fresh);
+}
+
+/// The candle cache and the native cache agree step by step on the GQA model (f32 weights), after a prompt long
+/// enough for the feed-forward activation to be split over the threads.
+#[test]
+fn cached_decoding_matches_candle() {
+    let (config, tensors) = synthetic(false);
+    let reference = candle_model(&config, &tensors, GgmlType::F32);
+    let model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32), 2);
+    let (mut candle_cache, mut cache) = (KvCache::new(&config), model.new_cache());
+    let prompt: Vec<u32> = (0..70).map(|i| (i * 13 + 1) % 300).collect();
+    let mut want = reference.next_token_logits(&prompt, &mut candle_cache).unwrap();
+    assert!(prompt.len() * config.intermediate_size > 1 << 15, "the prompt must take the parallel feed-forward path");
+    let mut got = model.next_token_logits(&prompt, &mut cache).unwrap();
+    for step in 0..10 {
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff <= 1e-4, "step {step}: differs from candle by {diff}");
+        let next = argmax(&want);
+        want = reference.next_token_logits(&[next], &mut candle_cache).unwrap();
+        got = model.next_token_logits(&[next], &mut cache).unwrap();
+    }
+    assert!(cache.capacity_bytes() >= cache.len() * 2 * 2 * config.num_hidden_layers * 128);
+}
