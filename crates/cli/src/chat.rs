@@ -7,7 +7,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use clap::Args;
 use rustyline::error::ReadlineError;
 use vicuna_engine::{generate, random_seed, GenerationConfig};
-use vicuna_model::Llama;
+use vicuna_model::QuantLlama;
 use vicuna_server::template::{fit_to_context, ChatMessage, ReplyText, Role, STOP_SEQUENCES};
 use vicuna_tokenizer::Tokenizer;
 
@@ -46,7 +46,7 @@ fn parse(line: &str) -> Input {
 }
 
 struct Conversation<'a> {
-    model: &'a Llama,
+    model: &'a QuantLlama,
     tokenizer: &'a Tokenizer,
     config: GenerationConfig,
     seed: Option<u64>,
@@ -66,7 +66,7 @@ impl Conversation<'_> {
     /// conversation outgrows the context. On failure the turn is forgotten.
     fn turn(&mut self, text: String, out: &mut impl Write) -> Result<()> {
         self.messages.push(ChatMessage::new(Role::User, text));
-        let context = self.model.config.max_position_embeddings;
+        let context = self.model.config().max_position_embeddings;
         let max_prompt = context - self.config.max_new_tokens;
         let prompt = match fit_to_context(self.tokenizer, &mut self.messages, max_prompt) {
             Ok(prompt) => prompt,
@@ -96,12 +96,12 @@ impl Conversation<'_> {
     }
 }
 
-pub fn run_chat(args: ChatArgs) -> Result<()> {
+pub fn run_chat(args: ChatArgs, threads: Option<usize>) -> Result<()> {
     let sampling = args.sampling.to_params()?;
     let max_new_tokens = args.sampling.max_new_tokens;
     let tokenizer = args.model.require_tokenizer()?;
-    let model = args.model.load_model()?;
-    let context = model.config.max_position_embeddings;
+    let model = args.model.load_model(threads)?;
+    let context = model.config().max_position_embeddings;
     if max_new_tokens == 0 || max_new_tokens >= context {
         return Err(format!(
             "--max-new-tokens {max_new_tokens} must be between 1 and the model's context of {context} tokens minus the prompt"

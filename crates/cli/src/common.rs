@@ -4,19 +4,20 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use vicuna_engine::SamplingParams;
-use vicuna_model::candle_core::Device;
-use vicuna_model::Llama;
+use vicuna_model::QuantLlama;
 use vicuna_tokenizer::Tokenizer;
+use vicuna_weights::GgufFile;
 
 use crate::Result;
 
 /// Where the model and its tokenizer come from.
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A Hugging Face model folder (config.json plus safetensors or PyTorch .bin weights).
+    /// A Hugging Face model folder (config.json plus safetensors or PyTorch .bin weights), or a GGUF file
+    /// (f32, f16, q8_0, q4_0, k-quants …, as llama.cpp reads them).
     #[arg(long)]
     pub model: PathBuf,
-    /// A tokenizer file (tokenizer.model or tokenizer.json) to use instead of the folder's.
+    /// A tokenizer file (tokenizer.model or tokenizer.json) to use instead of the model's own.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
 }
@@ -24,12 +25,17 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn tokenizer(&self) -> Result<Option<Tokenizer>> {
         if !self.model.exists() {
-            return Err(
-                format!("--model {}: no such folder; give a Hugging Face model folder", self.model.display()).into()
-            );
+            return Err(format!(
+                "--model {}: no such file or folder; give a Hugging Face model folder or a .gguf file",
+                self.model.display()
+            )
+            .into());
         }
         Ok(match &self.tokenizer {
             Some(file) => Some(Tokenizer::from_file(file)?),
+            None if self.model.is_file() => {
+                Some(crate::gguf_vocab::tokenizer_from_gguf(&GgufFile::open(&self.model)?)?)
+            }
             None => Tokenizer::from_dir(&self.model)?,
         })
     }
@@ -38,12 +44,18 @@ impl ModelArgs {
         self.tokenizer()?.ok_or_else(|| missing_tokenizer(&self.model))
     }
 
-    pub fn load_model(&self) -> Result<Llama> {
+    /// The inference model on `threads` compute threads (default: every core).
+    pub fn load_model(&self, threads: Option<usize>) -> Result<QuantLlama> {
         let start = std::time::Instant::now();
-        let model = Llama::load(&self.model, &Device::Cpu)?;
+        let model = QuantLlama::load(&self.model, compute_threads(threads))?;
         tracing::info!("loaded {} in {:.2?}", self.model.display(), start.elapsed());
         Ok(model)
     }
+}
+
+/// `--threads`, or every core the process may use.
+pub fn compute_threads(threads: Option<usize>) -> usize {
+    threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
 }
 
 /// The input text or ids of a command.

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use vicuna_tokenizer::{SentencePieceBpe, Tokenizer};
-use vicuna_weights::{GgufVocab, TOKEN_TYPE_USER_DEFINED};
+use vicuna_weights::{GgufFile, GgufVocab, TOKEN_TYPE_USER_DEFINED};
 
 use crate::Result;
 
@@ -90,4 +90,33 @@ fn add_special_tokens(path: &Path) -> Result<(bool, bool)> {
         Some(v) => v.as_bool().ok_or_else(|| format!("{}: {key} must be true or false", path.display())),
     };
     Ok((flag("add_bos_token", true)?, flag("add_eos_token", false)?))
+}
+
+/// The tokenizer a GGUF file carries (`tokenizer.ggml.*`): SentencePiece-style vocabularies only (LLaMA's).
+pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer> {
+    let vocab = file.vocab()?;
+    let source = file.path().display();
+    if vocab.model != "llama" {
+        return Err(format!(
+            "{source}: tokenizer.ggml.model is {:?}, but only SentencePiece vocabularies (\"llama\") are supported; pass --tokenizer FILE",
+            vocab.model
+        )
+        .into());
+    }
+    let special = |id: Option<u32>, what: &str, default: u32| {
+        id.unwrap_or_else(|| {
+            tracing::warn!("{source} names no {what} token; using id {default} (LLaMA's)");
+            default
+        })
+    };
+    let ids = [special(vocab.unk_id, "unknown", 0), special(vocab.bos_id, "BOS", 1), special(vocab.eos_id, "EOS", 2)];
+    Tokenizer::from_vocab_parts(
+        vocab.tokens,
+        vocab.scores,
+        &vocab.token_types,
+        ids,
+        vocab.pad_id,
+        vocab.add_space_prefix,
+    )
+    .map_err(|e| format!("{source}: its tokenizer: {e}").into())
 }

@@ -50,7 +50,7 @@ pub struct ScoreArgs {
     pub full_logits: bool,
 }
 
-pub fn run_generate(args: GenerateArgs) -> Result<()> {
+pub fn run_generate(args: GenerateArgs, threads: Option<usize>) -> Result<()> {
     let tokenizer = args.model.tokenizer()?;
     let prompt = input_ids(args.prompt.as_deref(), args.input.ids, tokenizer.as_ref(), &args.model.model)?;
     let config = GenerationConfig {
@@ -61,7 +61,7 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
         seed: args.sampling.seed.unwrap_or_else(random_seed),
     };
-    let model = args.model.load_model()?;
+    let model = args.model.load_model(threads)?;
     let mut stdout = std::io::stdout().lock();
     let start = std::time::Instant::now();
     let stream = !args.json;
@@ -101,10 +101,10 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn run_score(args: ScoreArgs) -> Result<()> {
+pub fn run_score(args: ScoreArgs, threads: Option<usize>) -> Result<()> {
     let tokenizer = args.model.tokenizer()?;
     let ids = input_ids(args.text.as_deref(), args.input.ids, tokenizer.as_ref(), &args.model.model)?;
-    let model = args.model.load_model()?;
+    let model = args.model.load_model(threads)?;
     let scored = score(&model, &ids)?;
     let mut stdout = std::io::stdout().lock();
     if args.json {

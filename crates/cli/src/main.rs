@@ -7,6 +7,7 @@ mod common;
 mod delta;
 mod gguf_vocab;
 mod inference;
+mod measure;
 mod output;
 mod quantize;
 mod serve;
@@ -24,7 +25,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 #[command(name = "vicuna", version, about = "StableVicuna in one binary: run, score and tokenize LLaMA models")]
 struct Cli {
     /// Worker threads for tensor math (default: all cores).
-    #[arg(long, global = true)]
+    #[arg(short = 't', long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -48,6 +49,10 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Write a GGUF file (f32, f16, q8_0, q4_0, q4_k_m) that llama.cpp loads.
     Quantize(quantize::QuantizeArgs),
+    /// Prompt and generation speed, as llama-bench measures them (pp / tg tokens per second).
+    Bench(measure::BenchArgs),
+    /// Perplexity on a text, and with --kl-divergence the divergence from a reference model.
+    Perplexity(measure::PerplexityArgs),
     /// Serve the model over HTTP: TGI and OpenAI APIs with continuous batching, and a chat page.
     Serve(serve::ServeArgs),
     /// Chat with the model in the terminal (one reply per input line when stdin is not a terminal).
@@ -71,16 +76,18 @@ fn main() -> ExitCode {
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
     let result = match cli.command {
-        Command::Generate(args) => inference::run_generate(args),
-        Command::Score(args) => inference::run_score(args),
+        Command::Generate(args) => inference::run_generate(args, cli.threads),
+        Command::Score(args) => inference::run_score(args, cli.threads),
         Command::Tokenize(args) => tokens::run_tokenize(args),
         Command::Detokenize(args) => tokens::run_detokenize(args),
         Command::ApplyDelta(args) => delta::run_apply_delta(args, cli.threads),
         Command::MakeDelta(args) => delta::run_make_delta(args, cli.threads),
         Command::Synth(args) => synth::run_synth_command(args, cli.threads),
         Command::Quantize(args) => quantize::run_quantize_command(args, cli.threads),
-        Command::Serve(args) => serve::run_serve(args),
-        Command::Chat(args) => chat::run_chat(args),
+        Command::Bench(args) => measure::run_bench(args, cli.threads),
+        Command::Perplexity(args) => measure::run_perplexity(args, cli.threads),
+        Command::Serve(args) => serve::run_serve(args, cli.threads),
+        Command::Chat(args) => chat::run_chat(args, cli.threads),
         Command::Train(args) => train::run_train(args),
         Command::Reward(args) => train::run_reward(args),
         Command::Plot(args) => train::run_plot(args),

@@ -1,7 +1,7 @@
 //! The generation loop: prefill the prompt, then one token at a time through the KV cache, with
 //! EOS, min/max new tokens and stop sequences decided the way transformers and TGI decide them.
 
-use vicuna_model::{KvCache, Llama, Result};
+use vicuna_model::{LlamaConfig, QuantLlama, Result};
 use vicuna_tokenizer::Tokenizer;
 
 use crate::sampling::{Sampler, SamplingParams};
@@ -64,15 +64,15 @@ pub struct Generation {
 /// Generate after `prompt` (ids used as given). `on_text` receives the text as it becomes final:
 /// complete UTF-8, and never a part that a stop sequence could still claim.
 pub fn generate(
-    model: &Llama,
+    model: &QuantLlama,
     tokenizer: Option<&Tokenizer>,
     prompt: &[u32],
     config: &GenerationConfig,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     model.check_ids(prompt)?;
-    let mut sequence = Sequence::new(prompt, config.clone(), tokenizer, model);
-    let mut cache = KvCache::new(&model.config);
+    let mut sequence = Sequence::new(prompt, config.clone(), tokenizer, model.config());
+    let mut cache = model.new_cache();
     let mut input = prompt.to_vec();
     while sequence.finish_reason().is_none() {
         let mut logits = model.next_token_logits(&input, &mut cache)?;
@@ -111,10 +111,17 @@ pub struct Step {
 }
 
 impl<'a> Sequence<'a> {
-    pub fn new(prompt: &[u32], config: GenerationConfig, tokenizer: Option<&'a Tokenizer>, model: &Llama) -> Self {
-        let eos = tokenizer.map_or(model.config.eos_token_id, |t| t.eos_id());
+    /// `model` is the config of the model that will compute the logits: its EOS (when there is no tokenizer)
+    /// and context length.
+    pub fn new(
+        prompt: &[u32],
+        config: GenerationConfig,
+        tokenizer: Option<&'a Tokenizer>,
+        model: &LlamaConfig,
+    ) -> Self {
+        let eos = tokenizer.map_or(model.eos_token_id, |t| t.eos_id());
         let text = tokenizer.map(|t| TextState::new(t, prompt));
-        let context_limit = model.config.max_position_embeddings;
+        let context_limit = model.max_position_embeddings;
         // Nothing to generate: finished before the first step (no model call needed).
         let finish_reason =
             (config.max_new_tokens == 0 || prompt.len() >= context_limit).then_some(FinishReason::Length);

@@ -1,11 +1,14 @@
-//! Turning a model into text: sampling controls and the generation loop.
+//! Turning a model into text: sampling controls and the generation loop; and measuring it (scoring,
+//! perplexity, divergence from a reference).
 
 mod generate;
+mod perplexity;
 mod rng;
 mod sampling;
 mod score;
 
 pub use generate::{find_stop, generate, held_back, FinishReason, Generation, GenerationConfig, Sequence, Step};
+pub use perplexity::{kl_divergence, log_softmax, perplexity_chunks, ChunkLogProbs, Divergence, PerplexityStats};
 pub use rng::{random_seed, Rng};
 pub use sampling::{apply_repetition_penalty, argmax, softmax, Sampler, SamplingParams};
 pub use score::{log_softmax_at, score, Score};

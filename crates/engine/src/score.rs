@@ -1,7 +1,6 @@
 //! Teacher-forced scoring: how likely the model finds each token given the ones before it.
 
-use vicuna_model::candle_core::Tensor;
-use vicuna_model::{Llama, Result};
+use vicuna_model::{QuantLlama, Result};
 
 pub struct Score {
     /// `log p(ids[i] | ids[..i])`; None for the first token, which has no prefix.
@@ -12,18 +11,17 @@ pub struct Score {
     pub last_logits: Vec<f32>,
 }
 
-pub fn score(model: &Llama, ids: &[u32]) -> Result<Score> {
+pub fn score(model: &QuantLlama, ids: &[u32]) -> Result<Score> {
     model.check_ids(ids)?;
-    let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
-    let logits = model.forward(&input, None)?.squeeze(0)?;
-    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    let logits = model.forward_all(ids, &mut model.new_cache())?;
+    let rows: Vec<&[f32]> = logits.chunks_exact(model.config().vocab_size).collect();
     let mut logprobs = vec![None];
     for (row, &next) in rows.iter().zip(&ids[1..]) {
         logprobs.push(Some(log_softmax_at(row, next as usize)));
     }
     let scored: Vec<f64> = logprobs.iter().flatten().copied().collect();
     let perplexity = (!scored.is_empty()).then(|| (-scored.iter().sum::<f64>() / scored.len() as f64).exp());
-    let last_logits = rows.last().cloned().unwrap_or_default();
+    let last_logits = rows.last().map(|r| r.to_vec()).unwrap_or_default();
     Ok(Score { logprobs, perplexity, last_logits })
 }
 

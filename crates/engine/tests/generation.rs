@@ -3,20 +3,22 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
 use vicuna_engine::{
     apply_repetition_penalty, argmax, generate, FinishReason, Generation, GenerationConfig, SamplingParams,
 };
-use vicuna_model::candle_core::{Device, Tensor};
-use vicuna_model::Llama;
+
+use vicuna_model::native::OwnedTensors;
+use vicuna_model::{LlamaConfig, QuantLlama};
 use vicuna_tokenizer::Tokenizer;
-use vicuna_weights::{Checkpoint, LlamaConfig};
+use vicuna_weights::Checkpoint;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
 }
 
-fn tiny_v32001() -> (Llama, Tokenizer) {
-    let model = Llama::load(&fixtures().join("models/tiny-v32001/safetensors-f16"), &Device::Cpu).unwrap();
+fn tiny_v32001() -> (QuantLlama, Tokenizer) {
+    let model = QuantLlama::load(&fixtures().join("models/tiny-v32001/safetensors-f16"), 2).unwrap();
     let tokenizer = Tokenizer::from_file(&fixtures().join("tokenizer/tokenizer.model")).unwrap();
     (model, tokenizer)
 }
@@ -30,28 +32,27 @@ fn greedy(max_new_tokens: usize) -> GenerationConfig {
 }
 
 /// tiny-a with EOS's lm_head row replaced so that EOS is always by far the most likely token.
-fn eos_loving_model() -> Llama {
+fn eos_loving_model() -> QuantLlama {
     let dir = fixtures().join("models/tiny-a/safetensors-f32");
     let config = LlamaConfig::from_dir(&dir).unwrap();
-    let checkpoint = Checkpoint::open(&dir).unwrap();
-    Llama::new(&config, &Device::Cpu, |name, shape| {
-        let mut data = checkpoint.to_f32(name)?;
-        if name == "lm_head.weight" {
-            let h = shape[1];
-            let eos = config.eos_token_id as usize;
-            // Scaling EOS's row scales its logit: wherever that logit is positive, EOS wins.
-            data[eos * h..(eos + 1) * h].iter_mut().for_each(|w| *w *= 100.0);
-        }
-        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
-    })
-    .unwrap()
+    let mut tensors = OwnedTensors::from_checkpoint(&config, &Checkpoint::open(&dir).unwrap()).unwrap();
+    let (ty, dims, mut data) = tensors.remove("output.weight").unwrap();
+    // f32 rows of `hidden` values: scaling EOS's row scales its logit; wherever that logit is positive, EOS wins.
+    let row_bytes = config.hidden_size * 4;
+    let eos = config.eos_token_id as usize;
+    for w in data[eos * row_bytes..(eos + 1) * row_bytes].chunks_exact_mut(4) {
+        let scaled = f32::from_le_bytes(w.try_into().unwrap()) * 100.0;
+        w.copy_from_slice(&scaled.to_le_bytes());
+    }
+    tensors.insert("output.weight", ty, dims, data);
+    QuantLlama::new(config, Arc::new(tensors), 2).unwrap()
 }
 
 #[test]
 fn eos_ends_generation_unless_min_new_tokens_or_ignore_eos() {
     let model = eos_loving_model();
     let prompt = [1u32, 10, 20];
-    let eos = model.config.eos_token_id;
+    let eos = model.config().eos_token_id;
     // The doctored model reaches EOS early; that stop is what min_new_tokens must delay.
     let first = generate(&model, None, &prompt, &greedy(30), |_| {}).unwrap();
     assert_eq!(first.finish_reason, FinishReason::EosToken, "{first:?}");
@@ -71,7 +72,7 @@ fn eos_ends_generation_unless_min_new_tokens_or_ignore_eos() {
     assert_eq!(g.finish_reason, FinishReason::Length);
 }
 
-fn run(model: &Llama, tokenizer: &Tokenizer, prompt: &str, config: &GenerationConfig) -> (Generation, String) {
+fn run(model: &QuantLlama, tokenizer: &Tokenizer, prompt: &str, config: &GenerationConfig) -> (Generation, String) {
     let ids = tokenizer.encode(prompt, true);
     let mut streamed = String::new();
     let g = generate(model, Some(tokenizer), &ids, config, |piece| streamed.push_str(piece)).unwrap();
@@ -135,7 +136,7 @@ fn top_k_one_equals_greedy() {
 /// to the full context (prompt and generated) before each argmax — and differs from plain greedy.
 #[test]
 fn repetition_penalty_covers_prompt_and_generated_tokens() {
-    let model = Llama::load(&fixtures().join("models/tiny-a/safetensors-f32"), &Device::Cpu).unwrap();
+    let model = QuantLlama::load(&fixtures().join("models/tiny-a/safetensors-f32"), 2).unwrap();
     let prompt = vec![1u32, 7, 7, 300, 42];
     let penalty = 3.0;
     let config = GenerationConfig {
@@ -147,9 +148,7 @@ fn repetition_penalty_covers_prompt_and_generated_tokens() {
     let got = generate(&model, None, &prompt, &config, |_| {}).unwrap().ids;
     let mut context = prompt.clone();
     for _ in 0..20 {
-        let input = Tensor::new(context.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let rows: Vec<Vec<f32>> = model.forward(&input, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
-        let mut last = rows.last().unwrap().clone();
+        let mut last = model.next_token_logits(&context, &mut model.new_cache()).unwrap();
         apply_repetition_penalty(&mut last, &context, penalty);
         context.push(argmax(&last));
     }

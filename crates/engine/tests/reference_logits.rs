@@ -1,14 +1,15 @@
 //! The forward pass against Hugging Face transformers: every fixture folder (safetensors and
 //! sharded PyTorch .bin, f32 and f16, 2023-style configs) must give transformers' logits within
 //! 1e-4, the same argmax at every position, and the same 20 greedy tokens — by full recompute and
-//! through the KV cache.
+//! through the KV cache. Both forward passes are held to it: the inference model (`QuantLlama`,
+//! what `generate` runs) and the candle one that training builds on (`Llama`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use vicuna_engine::{argmax, generate, GenerationConfig, SamplingParams};
 use vicuna_model::candle_core::{Device, Tensor};
-use vicuna_model::{KvCache, Llama};
+use vicuna_model::{KvCache, Llama, QuantCache, QuantLlama};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -29,25 +30,114 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// All-position logits `[seq][vocab]` by one full pass.
-fn all_logits(model: &Llama, ids: &[u32]) -> Vec<Vec<f32>> {
-    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = model.forward(&input, None).unwrap();
-    logits.squeeze(0).unwrap().to_vec2().unwrap()
+/// What these tests need of a forward pass.
+trait Forward {
+    type Cache;
+    fn new_cache(&self) -> Self::Cache;
+    /// All-position logits `[seq][vocab]` by one full pass.
+    fn all_logits(&self, ids: &[u32]) -> Vec<Vec<f32>>;
+    /// One step of several sequences; each one's last-position logits.
+    fn ragged(&self, sequences: &mut [(&[u32], &mut Self::Cache)]) -> Vec<Vec<f32>>;
+    fn cache_len(cache: &Self::Cache) -> usize;
+    /// `n` greedy tokens after `ids`, through the KV cache.
+    fn greedy(&self, ids: &[u32], n: usize) -> Vec<u32>;
+
+    fn step(&self, ids: &[u32], cache: &mut Self::Cache) -> Vec<f32> {
+        self.ragged(&mut [(ids, cache)]).pop().unwrap()
+    }
+}
+
+impl Forward for Llama {
+    type Cache = KvCache;
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.config)
+    }
+
+    fn all_logits(&self, ids: &[u32]) -> Vec<Vec<f32>> {
+        let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = self.forward(&input, None).unwrap();
+        logits.squeeze(0).unwrap().to_vec2().unwrap()
+    }
+
+    fn ragged(&self, sequences: &mut [(&[u32], &mut KvCache)]) -> Vec<Vec<f32>> {
+        self.forward_ragged(sequences).unwrap()
+    }
+
+    fn cache_len(cache: &KvCache) -> usize {
+        cache.len()
+    }
+
+    fn greedy(&self, ids: &[u32], n: usize) -> Vec<u32> {
+        let mut cache = self.new_cache();
+        let mut input = ids.to_vec();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let next = argmax(&self.step(&input, &mut cache));
+            out.push(next);
+            input = vec![next];
+        }
+        out
+    }
+}
+
+impl Forward for QuantLlama {
+    type Cache = QuantCache;
+
+    fn new_cache(&self) -> QuantCache {
+        QuantLlama::new_cache(self)
+    }
+
+    fn all_logits(&self, ids: &[u32]) -> Vec<Vec<f32>> {
+        let logits = self.forward_all(ids, &mut self.new_cache()).unwrap();
+        logits.chunks_exact(self.config().vocab_size).map(<[f32]>::to_vec).collect()
+    }
+
+    fn ragged(&self, sequences: &mut [(&[u32], &mut QuantCache)]) -> Vec<Vec<f32>> {
+        self.forward_ragged(sequences).unwrap()
+    }
+
+    fn cache_len(cache: &QuantCache) -> usize {
+        cache.len()
+    }
+
+    /// Through `generate`, the loop the CLI and the tests of the engine run.
+    fn greedy(&self, ids: &[u32], n: usize) -> Vec<u32> {
+        let config = GenerationConfig {
+            sampling: SamplingParams { do_sample: false, ..Default::default() },
+            max_new_tokens: n,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        generate(self, None, ids, &config, |_| {}).unwrap().ids
+    }
+}
+
+fn candle(dir: &Path) -> Llama {
+    Llama::load(dir, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+fn native(dir: &Path) -> QuantLlama {
+    QuantLlama::load(dir, 2).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
 fn check_variant(variant: &str, expected_file: &str) {
+    check_forward(variant, expected_file, candle, "candle");
+    check_forward(variant, expected_file, native, "native");
+}
+
+fn check_forward<M: Forward>(variant: &str, expected_file: &str, load: fn(&Path) -> M, kind: &str) {
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join(variant).join(expected_file)).unwrap()).unwrap();
     let folders = expected["weight_folders"].as_array().unwrap();
     assert!(!folders.is_empty());
     for folder in folders {
         let dir = fixtures().join(variant).join(folder.as_str().unwrap());
-        let model = Llama::load(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let model = load(&dir);
         for case in expected["cases"].as_array().unwrap() {
-            let name = format!("{variant}/{} {}", folder.as_str().unwrap(), case["name"].as_str().unwrap());
+            let name = format!("{kind} {variant}/{} {}", folder.as_str().unwrap(), case["name"].as_str().unwrap());
             let ids = ids_of(&case["input_ids"]);
-            let rows = all_logits(&model, &ids);
+            let rows = model.all_logits(&ids);
 
             let diff = max_abs_diff(rows.last().unwrap(), &floats_of(&case["last_logits"]));
             assert!(diff <= TOLERANCE, "{name}: last logits differ by {diff}");
@@ -60,29 +150,20 @@ fn check_variant(variant: &str, expected_file: &str) {
             }
 
             // The same positions one token at a time through the KV cache.
-            let mut cache = KvCache::new(&model.config);
+            let mut cache = model.new_cache();
             for (pos, &id) in ids.iter().enumerate() {
-                let step = model.next_token_logits(&[id], &mut cache).unwrap();
-                let diff = max_abs_diff(&step, &rows[pos]);
+                let diff = max_abs_diff(&model.step(&[id], &mut cache), &rows[pos]);
                 assert!(diff <= TOLERANCE, "{name}: cached step {pos} differs from full pass by {diff}");
             }
 
             let want = ids_of(&case["greedy_new_tokens"]);
             let mut context = ids.clone();
             for _ in 0..want.len() {
-                let next = argmax(all_logits(&model, &context).last().unwrap());
+                let next = argmax(model.all_logits(&context).last().unwrap());
                 context.push(next);
             }
             assert_eq!(&context[ids.len()..], &want[..], "{name}: greedy by full recompute");
-
-            let config = GenerationConfig {
-                sampling: SamplingParams { do_sample: false, ..Default::default() },
-                max_new_tokens: want.len(),
-                ignore_eos: true,
-                ..Default::default()
-            };
-            let generation = generate(&model, None, &ids, &config, |_| {}).unwrap();
-            assert_eq!(generation.ids, want, "{name}: greedy through the KV cache");
+            assert_eq!(model.greedy(&ids, want.len()), want, "{name}: greedy through the KV cache");
         }
     }
 }
@@ -114,40 +195,48 @@ fn tiny_v32001_matches_transformers() {
 
 /// Sequences at different points (a decoding step, a prompt chunk after a cached prefix, a fresh
 /// prompt) batched into one ragged step give each its own full-pass logits.
-#[test]
-fn ragged_batch_equals_each_sequence_alone() {
-    let model = Llama::load(&fixtures().join("tiny-b/safetensors-f32"), &Device::Cpu).unwrap();
+fn check_ragged_batch<M: Forward>(model: &M) {
     let a: Vec<u32> = vec![1, 17, 250, 3, 999, 42];
     let b: Vec<u32> = (0..40).map(|i| (i * 37 % 1000) as u32).collect();
     let c: Vec<u32> = vec![1, 5, 6, 7];
-    let (mut cache_a, mut cache_b, mut cache_c) =
-        (KvCache::new(&model.config), KvCache::new(&model.config), KvCache::new(&model.config));
-    model.next_token_logits(&a[..5], &mut cache_a).unwrap();
-    model.next_token_logits(&b[..30], &mut cache_b).unwrap();
-    let logits =
-        model.forward_ragged(&mut [(&a[5..], &mut cache_a), (&b[30..], &mut cache_b), (&c[..], &mut cache_c)]).unwrap();
+    let (mut cache_a, mut cache_b, mut cache_c) = (model.new_cache(), model.new_cache(), model.new_cache());
+    model.step(&a[..5], &mut cache_a);
+    model.step(&b[..30], &mut cache_b);
+    let logits = model.ragged(&mut [(&a[5..], &mut cache_a), (&b[30..], &mut cache_b), (&c[..], &mut cache_c)]);
     for (got, full) in logits.iter().zip([&a, &b, &c]) {
-        let want = all_logits(&model, full);
+        let want = model.all_logits(full);
         let diff = max_abs_diff(got, want.last().unwrap());
         assert!(diff <= TOLERANCE, "ragged step differs from the full pass by {diff}");
     }
-    assert_eq!((cache_a.len(), cache_b.len(), cache_c.len()), (6, 40, 4));
+    assert_eq!((M::cache_len(&cache_a), M::cache_len(&cache_b), M::cache_len(&cache_c)), (6, 40, 4));
+}
+
+#[test]
+fn ragged_batch_equals_each_sequence_alone() {
+    let dir = fixtures().join("tiny-b/safetensors-f32");
+    check_ragged_batch(&candle(&dir));
+    check_ragged_batch(&native(&dir));
 }
 
 /// The cache grows by doubling; positions written before and after each growth stay right.
-#[test]
-fn cache_growth_keeps_every_position() {
-    let model = Llama::load(&fixtures().join("tiny-a/safetensors-f32"), &Device::Cpu).unwrap();
+fn check_cache_growth<M: Forward>(model: &M) {
     let ids: Vec<u32> = (0..150).map(|i| (i * 7 % 512) as u32).collect();
-    let full = all_logits(&model, &ids);
-    let mut cache = KvCache::new(&model.config);
+    let full = model.all_logits(&ids);
+    let mut cache = model.new_cache();
     // Uneven chunks so that growth happens inside a chunk as well as between steps.
     let mut pos = 0;
     for chunk in [1, 62, 3, 70, 14] {
-        let step = model.next_token_logits(&ids[pos..pos + chunk], &mut cache).unwrap();
+        let step = model.step(&ids[pos..pos + chunk], &mut cache);
         pos += chunk;
         let diff = max_abs_diff(&step, &full[pos - 1]);
         assert!(diff <= TOLERANCE, "after {pos} positions the cached logits differ by {diff}");
     }
-    assert_eq!(cache.len(), 150);
+    assert_eq!(M::cache_len(&cache), 150);
+}
+
+#[test]
+fn cache_growth_keeps_every_position() {
+    let dir = fixtures().join("tiny-a/safetensors-f32");
+    check_cache_growth(&candle(&dir));
+    check_cache_growth(&native(&dir));
 }

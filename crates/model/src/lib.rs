@@ -1,5 +1,7 @@
-//! The LLaMA model: its forward pass and KV cache on candle tensors ([`Llama`], the reference, used for
-//! training), and the native forward pass on quantized GGUF weights with this workspace's kernels ([`native`]).
+//! The LLaMA model, twice: [`QuantLlama`] ([`native`]), the inference model behind `generate`, `score`, `chat`
+//! and `serve`, on GGUF tensors (quantized or float, from a GGUF file or a converted Hugging Face folder) with
+//! this workspace's kernels; and [`Llama`], the same forward pass on candle tensors, which has gradients: the
+//! training code builds on it, and tests use it as a second reference.
 
 mod llama;
 pub mod native;
@@ -8,10 +10,12 @@ use std::fmt;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use vicuna_weights::{Checkpoint, LlamaConfig};
+use vicuna_weights::Checkpoint;
 
 pub use candle_core;
 pub use llama::{linear, rms_norm, softmax, KvCache, Layer, Llama};
+pub use native::{QuantCache, QuantLlama};
+pub use vicuna_weights::LlamaConfig;
 
 /// A model error: bad weights, bad input, or a tensor failure. One line, meant for the user.
 #[derive(Debug)]

@@ -11,7 +11,7 @@ use vicuna_kernels::{dequantize_row, quantize_row, row_size, GgmlType};
 use vicuna_model::candle_core::{Device, Tensor};
 use vicuna_model::native::{KvType, OwnedTensors, QuantCache, QuantLlama};
 use vicuna_model::{KvCache, Llama};
-use vicuna_weights::{Checkpoint, LlamaConfig};
+use vicuna_weights::{gguf_tensor_name, permute_rows_for_gguf, Checkpoint, LlamaConfig};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/models"))
@@ -37,52 +37,6 @@ fn argmax(row: &[f32]) -> u32 {
 /// Hugging Face tensors by name: shape (PyTorch order) and values.
 type HfTensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// The GGUF name of a Hugging Face tensor.
-fn gguf_name(hf: &str) -> String {
-    let fixed = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
-        return g.to_string();
-    }
-    let rest = hf.strip_prefix("model.layers.").unwrap_or_else(|| panic!("unexpected tensor {hf}"));
-    let (layer, part) = rest.split_once('.').unwrap();
-    let part = match part {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        other => panic!("unexpected tensor {other}"),
-    };
-    format!("blk.{layer}.{part}")
-}
-
-/// Rows of a q/k projection from transformers' rotate_half order to GGUF's interleaved one (what llama.cpp's
-/// converter does: `w.reshape(heads, 2, head_dim/2, dim).swapaxes(1, 2)`): row `(head, i, j)` of the result is
-/// row `(head, j, i)` of the input.
-fn permute_for_interleaved_rope(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let head_dim = w.len() / cols / heads;
-    let half = head_dim / 2;
-    let mut out = vec![0.0; w.len()];
-    for head in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let dst = head * head_dim + i * 2 + j;
-                let src = head * head_dim + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
 /// `rows × cols` f32 values stored as `ty` (row by row, as in GGUF).
 fn encode(ty: GgmlType, values: &[f32], cols: usize) -> Vec<u8> {
     let row_bytes = row_size(ty, cols).unwrap();
@@ -93,8 +47,8 @@ fn encode(ty: GgmlType, values: &[f32], cols: usize) -> Vec<u8> {
     data
 }
 
-/// Hugging Face tensors (name → shape, f32 values) as a GGUF-named source: q/k rows permuted, matrices stored as
-/// `matrix_type(rows, cols)`, norms in f32. At integration the GGUF converter replaces this.
+/// Hugging Face tensors (name → shape, f32 values) as a GGUF-named source, as `vicuna quantize` names and orders
+/// them (q/k rows permuted), matrices stored as `matrix_type(rows, cols)`, norms in f32.
 fn hf_to_gguf_tensors(
     config: &LlamaConfig,
     tensors: &HfTensors,
@@ -102,14 +56,12 @@ fn hf_to_gguf_tensors(
 ) -> OwnedTensors {
     let mut out = OwnedTensors::new();
     for (name, (shape, values)) in tensors {
-        let gguf = gguf_name(name);
+        let gguf = gguf_tensor_name(name).unwrap_or_else(|| panic!("unexpected tensor {name}"));
         match shape[..] {
             [len] => out.insert(gguf, GgmlType::F32, vec![len], encode(GgmlType::F32, values, len)),
             [rows, cols] => {
-                let values = if name.ends_with("q_proj.weight") {
-                    permute_for_interleaved_rope(values, config.num_attention_heads, cols)
-                } else if name.ends_with("k_proj.weight") {
-                    permute_for_interleaved_rope(values, config.num_key_value_heads, cols)
+                let values = if name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight") {
+                    permute_rows_for_gguf(values, cols, config.head_dim)
                 } else {
                     values.clone()
                 };

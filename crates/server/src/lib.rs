@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
-use vicuna_model::Llama;
+use vicuna_model::QuantLlama;
 use vicuna_tokenizer::Tokenizer;
 
 use crate::http::{unix_time, AppState};
@@ -79,8 +79,8 @@ struct Plan {
     kv_tokens: usize,
 }
 
-fn plan(model: &Llama, tokenizer: &Tokenizer, options: &ServerOptions) -> Result<Plan, Error> {
-    let context = model.config.max_position_embeddings;
+fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> Result<Plan, Error> {
+    let context = model.config().max_position_embeddings;
     let max_total = options.max_total_tokens;
     if max_total < 2 || max_total > context {
         return Err(format!(
@@ -95,8 +95,8 @@ fn plan(model: &Llama, tokenizer: &Tokenizer, options: &ServerOptions) -> Result
         )
         .into());
     }
-    let c = &model.config;
-    let kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4;
+    let c = model.config();
+    let kv_bytes_per_token = model.kv_bytes_per_token();
     let kv_tokens = options.max_batch_total_tokens.unwrap_or_else(|| {
         (DEFAULT_KV_BUDGET_BYTES / kv_bytes_per_token.max(1))
             .min(options.max_concurrent_requests.saturating_mul(max_total))
@@ -154,7 +154,7 @@ pub fn bind(host: &str, port: u16) -> Result<std::net::TcpListener, Error> {
 /// cancelled); then it returns.
 pub fn serve_on(
     listener: std::net::TcpListener,
-    model: Llama,
+    model: QuantLlama,
     tokenizer: Tokenizer,
     options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,

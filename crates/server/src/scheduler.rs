@@ -26,7 +26,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::OwnedSemaphorePermit;
 use vicuna_engine::{score, FinishReason, GenerationConfig, Sequence};
-use vicuna_model::{KvCache, Llama};
+use vicuna_model::{QuantCache, QuantLlama};
 use vicuna_tokenizer::Tokenizer;
 
 use crate::metrics::{Metrics, Outcome};
@@ -128,7 +128,7 @@ pub struct Scheduler {
 impl Scheduler {
     /// Start the thread. It runs until every `Scheduler` handle is dropped and its work is done.
     pub fn spawn(
-        model: Llama,
+        model: QuantLlama,
         tokenizer: Arc<Tokenizer>,
         config: SchedulerConfig,
         metrics: Arc<Metrics>,
@@ -171,7 +171,7 @@ impl Scheduler {
 /// A request in the running batch.
 struct Active<'t> {
     sequence: Sequence<'t>,
-    cache: KvCache,
+    cache: QuantCache,
     /// What the model has yet to read: the prompt, then each sampled token in turn.
     pending: Vec<u32>,
     /// How much of `pending` is already in the cache.
@@ -183,7 +183,7 @@ struct Active<'t> {
 }
 
 struct Batch<'m> {
-    model: &'m Llama,
+    model: &'m QuantLlama,
     tokenizer: &'m Tokenizer,
     config: &'m SchedulerConfig,
     metrics: &'m Metrics,
@@ -192,7 +192,13 @@ struct Batch<'m> {
     free_blocks: usize,
 }
 
-fn run(model: &Llama, tokenizer: &Tokenizer, config: &SchedulerConfig, metrics: &Metrics, inbox: Receiver<Message>) {
+fn run(
+    model: &QuantLlama,
+    tokenizer: &Tokenizer,
+    config: &SchedulerConfig,
+    metrics: &Metrics,
+    inbox: Receiver<Message>,
+) {
     let mut batch = Batch {
         model,
         tokenizer,
@@ -280,7 +286,7 @@ impl<'m> Batch<'m> {
                     continue;
                 }
             };
-            let sequence = Sequence::new(&job.prompt, job.config.clone(), Some(self.tokenizer), self.model);
+            let sequence = Sequence::new(&job.prompt, job.config.clone(), Some(self.tokenizer), self.model.config());
             if sequence.finish_reason().is_some() {
                 // Validation rules this out (max_new_tokens ≥ 1, prompts shorter than the context).
                 let _ = job.events.send(Event::Stopped(Stop::ModelFailed("nothing to generate".into())));
@@ -290,7 +296,7 @@ impl<'m> Batch<'m> {
             self.free_blocks -= blocks;
             self.running.push(Active {
                 sequence,
-                cache: KvCache::new(&self.model.config),
+                cache: self.model.new_cache(),
                 pending: job.prompt.clone(),
                 read: 0,
                 job,
@@ -345,7 +351,7 @@ impl<'m> Batch<'m> {
             })
             .collect();
         let start = Instant::now();
-        let mut inputs: Vec<(&[u32], &mut KvCache)> = self
+        let mut inputs: Vec<(&[u32], &mut QuantCache)> = self
             .running
             .iter_mut()
             .zip(&chunks)

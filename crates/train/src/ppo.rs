@@ -278,7 +278,12 @@ impl PpoTrainer {
             .iter()
             .enumerate()
             .map(|(k, &p)| {
-                Sequence::new(&self.prompts[p], self.generation_config(first_global + k), Some(&self.tokenizer), model)
+                Sequence::new(
+                    &self.prompts[p],
+                    self.generation_config(first_global + k),
+                    Some(&self.tokenizer),
+                    &model.config,
+                )
             })
             .collect();
         let mut caches: Vec<KvCache> = chunk.iter().map(|_| KvCache::new(&model.config)).collect();

@@ -23,6 +23,7 @@
 //! and values in f16 for quantized models (llama.cpp's default) and in f32 for float ones ([`KvType`]).
 
 mod cache;
+mod load;
 mod source;
 
 use std::sync::{Arc, Mutex};
@@ -201,6 +202,15 @@ impl QuantLlama {
         self.layers
             .iter()
             .flat_map(|l| [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down])
+    }
+
+    /// Bytes one position takes in a cache: keys and values of every layer.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let element = match self.kv_type {
+            KvType::F16 => 2,
+            KvType::F32 => 4,
+        };
+        2 * self.config.num_hidden_layers * self.kv_dim() * element
     }
 
     /// An empty cache for one sequence.

@@ -11,8 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vicuna_model::candle_core::Device;
-use vicuna_model::Llama;
+use vicuna_model::QuantLlama;
 use vicuna_server::ServerOptions;
 use vicuna_tokenizer::Tokenizer;
 
@@ -28,8 +27,8 @@ pub fn tokenizer_file() -> PathBuf {
     repo_root().join("tests/fixtures/tokenizer/tokenizer.model")
 }
 
-pub fn load_model() -> Llama {
-    Llama::load(&model_dir(), &Device::Cpu).expect("load the tiny fixture model")
+pub fn load_model() -> QuantLlama {
+    QuantLlama::load(&model_dir(), 2).expect("load the tiny fixture model")
 }
 
 pub fn load_tokenizer() -> Tokenizer {

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# vicuna against llama.cpp on the same synthetic 13b-shape GGUF files, same thread counts, in one run: prompt
+# tokens/s (pp) and generated tokens/s (tg), mean ± sd, each vicuna figure with its ratio to llama.cpp, and the
+# peak RSS of each process (GNU time). llama.cpp comes from PyPI's llama-cpp-python, which compiles it from source
+# for this CPU, in a virtual environment outside the repository. Not part of CI (needs ~30 GB of disk, ~1 hour).
+#
+# Usage: bench/vs_llamacpp.sh [SHAPE] [TYPES] [THREADS]
+#   SHAPE    tiny | 1b | 7b | 13b            (default 13b)
+#   TYPES    comma-separated GGUF types      (default q4_0,q8_0,q4_k_m)
+#   THREADS  comma-separated thread counts   (default 1,2)
+# Environment: P (prompt tokens, default 512), N (generated tokens, default 128), REPS (default 3),
+#   WORK (where the GGUF files are kept between runs, default /tmp/vicuna-bench-gguf),
+#   VENV (default ~/.cache/vicuna-bench/llamacpp-venv), VICUNA (the binary, default target/release/vicuna).
+# Build first: cargo build --release -p vicuna
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SHAPE=${1:-13b}
+TYPES=${2:-q4_0,q8_0,q4_k_m}
+THREADS=${3:-1,2}
+P=${P:-512}
+N=${N:-128}
+REPS=${REPS:-3}
+WORK=${WORK:-/tmp/vicuna-bench-gguf}
+VENV=${VENV:-$HOME/.cache/vicuna-bench/llamacpp-venv}
+VICUNA=${VICUNA:-${CARGO_TARGET_DIR:-target}/release/vicuna}
+[ -x "$VICUNA" ] || { echo "no binary at $VICUNA: run cargo build --release -p vicuna" >&2; exit 1; }
+[ -x /usr/bin/time ] || { echo "/usr/bin/time is required (apt-get install time)" >&2; exit 1; }
+
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+  echo "installing llama-cpp-python into $VENV (compiles llama.cpp: several minutes)" >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --upgrade pip
+  CMAKE_ARGS="-DGGML_NATIVE=ON" "$VENV/bin/pip" install --quiet llama-cpp-python
+fi
+
+mkdir -p "$WORK"
+peak_mb() { awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$1"; }
+json_field() { "$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], 0))' "$1" "$2"; }
+
+printf '%-8s %-3s %-22s %-22s %-22s %-22s %-7s %-7s %s\n' type thr "vicuna pp$P" "llama.cpp pp$P" "vicuna tg$N" \
+  "llama.cpp tg$N" "pp x" "tg x" "peak RSS MB (vicuna / llama.cpp / file)"
+for TYPE in ${TYPES//,/ }; do
+  FILE="$WORK/synth-$SHAPE-$TYPE.gguf"
+  [ -f "$FILE" ] || "$VICUNA" synth --shape "$SHAPE" --type "$TYPE" --seed 1 --out "$FILE" --quiet >/dev/null
+  FILE_MB=$(( $(stat -c %s "$FILE") / 1048576 ))
+  for T in ${THREADS//,/ }; do
+    # The two engines alternate on the same file, so both see the same page cache and about the same host load.
+    /usr/bin/time -v -o "$WORK/vicuna.time" "$VICUNA" --threads "$T" bench --model "$FILE" -p "$P" -n "$N" \
+      -r "$REPS" --json > "$WORK/vicuna.json"
+    /usr/bin/time -v -o "$WORK/llamacpp.time" "$VENV/bin/python" bench/llamacpp_bench.py "$FILE" -p "$P" -n "$N" \
+      -t "$T" -r "$REPS" > "$WORK/llamacpp.json"
+    read -r VPP VPS VTG VTS < <(for k in pp_tps pp_sd tg_tps tg_sd; do json_field "$WORK/vicuna.json" $k; done | xargs)
+    read -r LPP LPS LTG LTS < <(for k in pp_tps pp_sd tg_tps tg_sd; do json_field "$WORK/llamacpp.json" $k; done | xargs)
+    printf '%-8s %-3s %-22s %-22s %-22s %-22s %-7s %-7s %s / %s / %s\n' "$TYPE" "$T" \
+      "$(printf '%.2f ± %.2f' "$VPP" "$VPS")" "$(printf '%.2f ± %.2f' "$LPP" "$LPS")" \
+      "$(printf '%.2f ± %.2f' "$VTG" "$VTS")" "$(printf '%.2f ± %.2f' "$LTG" "$LTS")" \
+      "$(awk -v a="$VPP" -v b="$LPP" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')" \
+      "$(awk -v a="$VTG" -v b="$LTG" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')" \
+      "$(peak_mb "$WORK/vicuna.time")" "$(peak_mb "$WORK/llamacpp.time")" "$FILE_MB"
+  done
+done
+echo "llama.cpp: llama-cpp-python $("$VENV/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)'); vicuna: $("$VICUNA" --version)"

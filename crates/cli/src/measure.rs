@@ -1,0 +1,252 @@
+//! `vicuna bench` (speed, the way llama-bench measures it) and `vicuna perplexity` (quality, the way
+//! llama-perplexity measures it, with the KL divergence from a reference model).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::json;
+use vicuna_engine::{perplexity_chunks, ChunkLogProbs, PerplexityStats, Rng};
+use vicuna_model::QuantLlama;
+
+use crate::common::{compute_threads, ModelArgs};
+use crate::Result;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A GGUF file or a Hugging Face model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt processing test: tokens evaluated in one batch (0 = skip).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    pub n_prompt: usize,
+    /// Text generation test: tokens generated one at a time (0 = skip).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    pub n_gen: usize,
+    /// Repetitions of each test (after one warm-up run).
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
+    pub repetitions: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Like llama-bench: random tokens; `pp` evaluates `-p` tokens in one step on an empty cache, `tg` evaluates `-n`
+/// tokens one at a time after BOS; each test runs once to warm up, then `-r` times; tokens per second, mean and
+/// sample standard deviation over the runs.
+pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
+    if args.repetitions == 0 {
+        return Err("-r must be at least 1".into());
+    }
+    let threads = compute_threads(threads);
+    let model = QuantLlama::load(&args.model, threads)?;
+    let config = model.config();
+    let context = config.max_position_embeddings;
+    for (flag, tokens) in [("-p", args.n_prompt), ("-n", args.n_gen + 1)] {
+        if tokens > context {
+            return Err(format!("{flag} asks for {tokens} positions but the model's context is {context}").into());
+        }
+    }
+    let mut rng = Rng::new(0);
+    let vocab = config.vocab_size as u64;
+    let mut random_tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| (3 + rng.next_u64() % (vocab - 3)) as u32).collect() };
+    let bos = config.bos_token_id;
+
+    let mut results = Vec::new();
+    if args.n_prompt > 0 {
+        let prompt = random_tokens(args.n_prompt);
+        let run = || -> Result<f64> {
+            let mut cache = model.new_cache();
+            let start = Instant::now();
+            model.next_token_logits(&prompt, &mut cache)?;
+            Ok(args.n_prompt as f64 / start.elapsed().as_secs_f64())
+        };
+        results.push(("pp", args.n_prompt, measure(run, args.repetitions)?));
+    }
+    if args.n_gen > 0 {
+        let tokens = random_tokens(args.n_gen);
+        let run = || -> Result<f64> {
+            let mut cache = model.new_cache();
+            model.next_token_logits(&[bos], &mut cache)?;
+            let start = Instant::now();
+            for &token in &tokens {
+                model.next_token_logits(&[token], &mut cache)?;
+            }
+            Ok(args.n_gen as f64 / start.elapsed().as_secs_f64())
+        };
+        results.push(("tg", args.n_gen, measure(run, args.repetitions)?));
+    }
+
+    let size = std::fs::metadata(&args.model).map(|m| m.len()).unwrap_or(0);
+    let weight_bytes = model.weight_bytes_per_step();
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        let mut out = json!({
+            "model": args.model.display().to_string(),
+            "threads": threads,
+            "reps": args.repetitions,
+            "weight_bytes_per_token": weight_bytes,
+        });
+        for (test, tokens, (mean, sd)) in &results {
+            out[format!("{test}_tps")] = json!(mean);
+            out[format!("{test}_sd")] = json!(sd);
+            out[if *test == "pp" { "p" } else { "n" }] = json!(tokens);
+        }
+        if let Some((_, _, (tg, _))) = results.iter().find(|r| r.0 == "tg") {
+            out["tg_weight_gb_per_s"] = json!(tg * weight_bytes as f64 / 1e9);
+        }
+        writeln!(stdout, "{out}")?;
+        return Ok(());
+    }
+    writeln!(stdout, "| model | size | threads | test | t/s | weights read |")?;
+    writeln!(stdout, "|---|---:|---:|---|---:|---:|")?;
+    let name = args.model.file_name().map_or_else(|| args.model.display().to_string(), |n| n.to_string_lossy().into());
+    for (test, tokens, (mean, sd)) in &results {
+        let read = if *test == "tg" { format!("{:.1} GB/s", mean * weight_bytes as f64 / 1e9) } else { "-".into() };
+        writeln!(
+            stdout,
+            "| {name} | {:.2} GiB | {threads} | {test}{tokens} | {mean:.2} ± {sd:.2} | {read} |",
+            size as f64 / (1u64 << 30) as f64
+        )?;
+    }
+    Ok(())
+}
+
+/// One warm-up run, then `reps` runs of `run` (tokens per second each): mean and sample standard deviation.
+fn measure(run: impl Fn() -> Result<f64>, reps: usize) -> Result<(f64, f64)> {
+    run()?;
+    let rates = (0..reps).map(|_| run()).collect::<Result<Vec<f64>>>()?;
+    let mean = rates.iter().sum::<f64>() / reps as f64;
+    let var = if reps > 1 { rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (reps - 1) as f64 } else { 0.0 };
+    Ok((mean, var.sqrt()))
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to measure on (UTF-8), e.g. wikitext-2's wiki.test.raw.
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Tokens per chunk; the second half of each chunk is scored.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Evaluate at most this many chunks (default: all).
+    #[arg(long)]
+    pub chunks: Option<usize>,
+    /// Also compare with --reference-model: KL divergence and top-1 agreement at every scored token.
+    #[arg(long, requires = "reference_model")]
+    pub kl_divergence: bool,
+    /// The full-precision model to compare with (a GGUF file or a Hugging Face folder). It runs first, alone.
+    #[arg(long, requires = "kl_divergence")]
+    pub reference_model: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_perplexity(args: PerplexityArgs, threads: Option<usize>) -> Result<()> {
+    let tokenizer = args.model.require_tokenizer()?;
+    let text = std::fs::read(&args.file).map_err(|e| format!("cannot read --file {}: {e}", args.file.display()))?;
+    let text = String::from_utf8(text).map_err(|e| {
+        format!(
+            "--file {} is not UTF-8 text (bad byte at offset {})",
+            args.file.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    let tokens = tokenizer.encode(&text, true);
+    let mut chunks = perplexity_chunks(&tokens, args.ctx, tokenizer.bos_id())?;
+    chunks.truncate(args.chunks.unwrap_or(usize::MAX).max(1));
+    let threads = compute_threads(threads);
+
+    // The reference first, on its own: its log-probabilities are kept, and its weights dropped before the
+    // model under test loads.
+    let reference = match &args.reference_model {
+        Some(path) => {
+            let reference = QuantLlama::load(path, threads)?;
+            check_fits(&reference, &tokenizer, args.ctx, &path.display().to_string())?;
+            let mut rows = Vec::with_capacity(chunks.len());
+            for (i, chunk) in chunks.iter().enumerate() {
+                rows.push(ChunkLogProbs::compute(&reference, chunk)?);
+                eprintln!("reference: chunk {}/{}", i + 1, chunks.len());
+            }
+            Some(rows)
+        }
+        None => None,
+    };
+    let model = args.model.load_model(Some(threads))?;
+    check_fits(&model, &tokenizer, args.ctx, &args.model.model.display().to_string())?;
+    let mut stats = PerplexityStats::default();
+    let start = Instant::now();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let scored = ChunkLogProbs::compute(&model, chunk)?;
+        stats.add(&scored, reference.as_ref().map(|r| &r[i]))?;
+        eprintln!("chunk {}/{}: perplexity so far {:.4}", i + 1, chunks.len(), stats.perplexity());
+    }
+    let seconds = start.elapsed().as_secs_f64();
+
+    let mut stdout = std::io::stdout().lock();
+    let divergence = stats.divergence();
+    if args.json {
+        let mut out = json!({
+            "model": args.model.model.display().to_string(),
+            "ctx": args.ctx,
+            "chunks": chunks.len(),
+            "scored_tokens": stats.tokens,
+            "perplexity": stats.perplexity(),
+            "perplexity_error": stats.perplexity_error(),
+            "seconds": seconds,
+        });
+        if let Some(d) = divergence {
+            out["reference_model"] = json!(args.reference_model.as_ref().map(|p| p.display().to_string()));
+            out["reference_perplexity"] = json!(d.reference_perplexity);
+            out["mean_kld"] = json!(d.mean_kld);
+            out["mean_kld_error"] = json!(d.mean_kld_error);
+            out["max_kld"] = json!(d.max_kld);
+            out["top1_agreement"] = json!(d.top1_agreement);
+        }
+        writeln!(stdout, "{out}")?;
+        return Ok(());
+    }
+    writeln!(
+        stdout,
+        "perplexity: {:.4} ± {:.4} ({} scored tokens in {} chunks of {}; {seconds:.1} s)",
+        stats.perplexity(),
+        stats.perplexity_error(),
+        stats.tokens,
+        chunks.len(),
+        args.ctx
+    )?;
+    if let Some(d) = divergence {
+        writeln!(stdout, "reference perplexity: {:.4}", d.reference_perplexity)?;
+        writeln!(
+            stdout,
+            "mean KL divergence: {:.6} ± {:.6} nats (max {:.6})",
+            d.mean_kld, d.mean_kld_error, d.max_kld
+        )?;
+        writeln!(stdout, "same top-1 token: {:.3} %", 100.0 * d.top1_agreement)?;
+    }
+    Ok(())
+}
+
+/// The chunks must fit the model's context, and the tokenizer its vocabulary.
+fn check_fits(model: &QuantLlama, tokenizer: &vicuna_tokenizer::Tokenizer, ctx: usize, name: &str) -> Result<()> {
+    let config = model.config();
+    if ctx > config.max_position_embeddings {
+        return Err(
+            format!("--ctx {ctx} is longer than the context of {name} ({})", config.max_position_embeddings).into()
+        );
+    }
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(format!(
+            "the tokenizer has {} tokens but {name} only {}: use the model's own tokenizer",
+            tokenizer.vocab_size(),
+            config.vocab_size
+        )
+        .into());
+    }
+    Ok(())
+}
