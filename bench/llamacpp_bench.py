@@ -1,8 +1,8 @@
 """llama.cpp's side of bench/vs_llamacpp.sh: the figures of `llama-bench` (pp = prompt tokens/s, tg = generated
 tokens/s, mean and sd over repetitions), measured through llama-cpp-python, which builds llama.cpp from source.
 
-Like llama-bench: one warm-up run, then REPS runs of each test on a fresh context; pp evaluates P random tokens in
-one batch, tg evaluates N tokens one at a time after BOS. Prints one JSON object.
+Like llama-bench: a warm-up (a prompt of up to 32 tokens, one generated token), then REPS runs of each test on a
+fresh context; pp evaluates P random tokens in one batch, tg evaluates N tokens one at a time after BOS. Prints one JSON object.
 Usage: python llamacpp_bench.py MODEL.gguf -p 512 -n 128 -t THREADS -r REPS
 """
 
@@ -39,10 +39,10 @@ def main():
     vocab = llm.n_vocab()
     prompt = [rng.randrange(3, vocab) for _ in range(args.p)]
 
-    def prompt_seconds():
+    def prompt_seconds(tokens=prompt):
         llm.reset()
         start = time.perf_counter()
-        llm.eval(prompt)
+        llm.eval(tokens)
         return time.perf_counter() - start
 
     def generation_seconds():
@@ -55,7 +55,7 @@ def main():
 
     result = {"engine": "llama.cpp", "version": llama_cpp.__version__, "threads": args.t, "reps": args.r}
     if args.p > 0:
-        prompt_seconds()  # warm-up
+        prompt_seconds(prompt[:32])  # warm-up
         pp = [args.p / prompt_seconds() for _ in range(args.r)]
         result.update(pp_tps=statistics.mean(pp), pp_sd=statistics.stdev(pp) if len(pp) > 1 else 0.0, p=args.p)
     if args.n > 0:

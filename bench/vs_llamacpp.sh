@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # vicuna against llama.cpp on the same synthetic 13b-shape GGUF files, same thread counts, in one run: prompt
 # tokens/s (pp) and generated tokens/s (tg), mean ± sd, each vicuna figure with its ratio to llama.cpp, and the
-# peak RSS of each process (GNU time). llama.cpp comes from PyPI's llama-cpp-python, which compiles it from source
+# peak RSS of each process (GNU time), and the weight bytes per second vicuna's decoding reads (tg × the bytes of
+# every layer matrix and the output matrix), to set against the machine's STREAM bandwidth. llama.cpp comes from PyPI's llama-cpp-python, which compiles it from source
 # for this CPU, in a virtual environment outside the repository. Not part of CI (needs ~30 GB of disk, ~1 hour).
 #
 # Usage: bench/vs_llamacpp.sh [SHAPE] [TYPES] [THREADS]
@@ -38,8 +39,8 @@ mkdir -p "$WORK"
 peak_mb() { awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$1"; }
 json_field() { "$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], 0))' "$1" "$2"; }
 
-printf '%-8s %-3s %-22s %-22s %-22s %-22s %-7s %-7s %s\n' type thr "vicuna pp$P" "llama.cpp pp$P" "vicuna tg$N" \
-  "llama.cpp tg$N" "pp x" "tg x" "peak RSS MB (vicuna / llama.cpp / file)"
+printf '%-8s %-3s %-22s %-22s %-22s %-22s %-7s %-7s %-10s %s\n' type thr "vicuna pp$P" "llama.cpp pp$P" "vicuna tg$N" \
+  "llama.cpp tg$N" "pp x" "tg x" "tg GB/s" "peak RSS MB (vicuna / llama.cpp / file)"
 for TYPE in ${TYPES//,/ }; do
   FILE="$WORK/synth-$SHAPE-$TYPE.gguf"
   [ -f "$FILE" ] || "$VICUNA" synth --shape "$SHAPE" --type "$TYPE" --seed 1 --out "$FILE" --quiet >/dev/null
@@ -52,12 +53,13 @@ for TYPE in ${TYPES//,/ }; do
       -t "$T" -r "$REPS" > "$WORK/llamacpp.json"
     read -r VPP VPS VTG VTS < <(for k in pp_tps pp_sd tg_tps tg_sd; do json_field "$WORK/vicuna.json" $k; done | xargs)
     read -r LPP LPS LTG LTS < <(for k in pp_tps pp_sd tg_tps tg_sd; do json_field "$WORK/llamacpp.json" $k; done | xargs)
-    printf '%-8s %-3s %-22s %-22s %-22s %-22s %-7s %-7s %s / %s / %s\n' "$TYPE" "$T" \
+    VGB=$(json_field "$WORK/vicuna.json" tg_weight_gb_per_s)
+    printf '%-8s %-3s %-22s %-22s %-22s %-22s %-7s %-7s %-10s %s / %s / %s\n' "$TYPE" "$T" \
       "$(printf '%.2f ± %.2f' "$VPP" "$VPS")" "$(printf '%.2f ± %.2f' "$LPP" "$LPS")" \
       "$(printf '%.2f ± %.2f' "$VTG" "$VTS")" "$(printf '%.2f ± %.2f' "$LTG" "$LTS")" \
       "$(awk -v a="$VPP" -v b="$LPP" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')" \
       "$(awk -v a="$VTG" -v b="$LTG" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')" \
-      "$(peak_mb "$WORK/vicuna.time")" "$(peak_mb "$WORK/llamacpp.time")" "$FILE_MB"
+      "$(printf '%.1f' "$VGB")" "$(peak_mb "$WORK/vicuna.time")" "$(peak_mb "$WORK/llamacpp.time")" "$FILE_MB"
   done
 done
 echo "llama.cpp: llama-cpp-python $("$VENV/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)'); vicuna: $("$VICUNA" --version)"

@@ -33,8 +33,8 @@ pub struct BenchArgs {
 }
 
 /// Like llama-bench: random tokens; `pp` evaluates `-p` tokens in one step on an empty cache, `tg` evaluates `-n`
-/// tokens one at a time after BOS; each test runs once to warm up, then `-r` times; tokens per second, mean and
-/// sample standard deviation over the runs.
+/// tokens one at a time after BOS; each test first warms up as llama-bench does (a prompt of up to 32 tokens, one
+/// generated token), then runs `-r` times; tokens per second, mean and sample standard deviation over the runs.
 pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
     if args.repetitions == 0 {
         return Err("-r must be at least 1".into());
@@ -57,26 +57,28 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
     let mut results = Vec::new();
     if args.n_prompt > 0 {
         let prompt = random_tokens(args.n_prompt);
-        let run = || -> Result<f64> {
+        let run = |prompt: &[u32]| -> Result<f64> {
             let mut cache = model.new_cache();
             let start = Instant::now();
-            model.next_token_logits(&prompt, &mut cache)?;
-            Ok(args.n_prompt as f64 / start.elapsed().as_secs_f64())
+            model.next_token_logits(prompt, &mut cache)?;
+            Ok(prompt.len() as f64 / start.elapsed().as_secs_f64())
         };
-        results.push(("pp", args.n_prompt, measure(run, args.repetitions)?));
+        run(&prompt[..prompt.len().min(32)])?;
+        results.push(("pp", args.n_prompt, measure(|| run(&prompt), args.repetitions)?));
     }
     if args.n_gen > 0 {
         let tokens = random_tokens(args.n_gen);
-        let run = || -> Result<f64> {
+        let run = |tokens: &[u32]| -> Result<f64> {
             let mut cache = model.new_cache();
             model.next_token_logits(&[bos], &mut cache)?;
             let start = Instant::now();
-            for &token in &tokens {
+            for &token in tokens {
                 model.next_token_logits(&[token], &mut cache)?;
             }
-            Ok(args.n_gen as f64 / start.elapsed().as_secs_f64())
+            Ok(tokens.len() as f64 / start.elapsed().as_secs_f64())
         };
-        results.push(("tg", args.n_gen, measure(run, args.repetitions)?));
+        run(&tokens[..1])?;
+        results.push(("tg", args.n_gen, measure(|| run(&tokens), args.repetitions)?));
     }
 
     let size = std::fs::metadata(&args.model).map(|m| m.len()).unwrap_or(0);
@@ -114,9 +116,8 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// One warm-up run, then `reps` runs of `run` (tokens per second each): mean and sample standard deviation.
+/// `reps` runs of `run` (tokens per second each): mean and sample standard deviation.
 fn measure(run: impl Fn() -> Result<f64>, reps: usize) -> Result<(f64, f64)> {
-    run()?;
     let rates = (0..reps).map(|_| run()).collect::<Result<Vec<f64>>>()?;
     let mean = rates.iter().sum::<f64>() / reps as f64;
     let var = if reps > 1 { rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (reps - 1) as f64 } else { 0.0 };
