@@ -57,8 +57,8 @@ for TYPE in ${TYPES//,/ }; do
     printf '%-8s %-3s %-22s %-22s %-22s %-22s %-7s %-7s %-10s %s / %s / %s\n' "$TYPE" "$T" \
       "$(printf '%.2f ± %.2f' "$VPP" "$VPS")" "$(printf '%.2f ± %.2f' "$LPP" "$LPS")" \
       "$(printf '%.2f ± %.2f' "$VTG" "$VTS")" "$(printf '%.2f ± %.2f' "$LTG" "$LTS")" \
-      "$(awk -v a="$VPP" -v b="$LPP" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')" \
-      "$(awk -v a="$VTG" -v b="$LTG" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')" \
+      "$(awk -v a="$VPP" -v b="$LPP" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')" \
+      "$(awk -v a="$VTG" -v b="$LTG" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')" \
       "$(printf '%.1f' "$VGB")" "$(peak_mb "$WORK/vicuna.time")" "$(peak_mb "$WORK/llamacpp.time")" "$FILE_MB"
   done
 done
