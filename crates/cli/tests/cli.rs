@@ -2,23 +2,16 @@
 //! transformers / SentencePiece reference data, and every bad input giving exit code 2 with one
 //! line on stderr — never a panic.
 
+mod binary;
 #[path = "../../weights/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
 
+use binary::{assert_bad_input, path_str, stdout_json, vicuna};
 use common::{fixture, read_zip, write_zip, TempDir, ZipOptions};
 use serde_json::Value;
-
-fn vicuna(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vicuna")).args(args).output().expect("run vicuna")
-}
-
-fn stdout_json(output: &Output) -> Value {
-    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("stdout is one JSON object")
-}
 
 fn expected(variant: &str, file: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture(&format!("models/{variant}/{file}"))).unwrap()).unwrap()
@@ -26,24 +19,6 @@ fn expected(variant: &str, file: &str) -> Value {
 
 fn csv(v: &Value) -> String {
     v.as_array().unwrap().iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
-}
-
-/// Exit code 2, one `error:` line naming what is wrong, no panic.
-fn assert_bad_input(output: &Output, parts: &[&str]) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    for part in parts {
-        assert!(lines[0].contains(part), "error lacks {part:?}: {stderr}");
-    }
-    assert!(output.stdout.is_empty(), "no partial output on stdout");
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 const TINY_V32001: &str = "models/tiny-v32001/safetensors-f16";

@@ -3,28 +3,15 @@
 //! transformers' logits (f32 within 1e-4, f16 within 1e-3) and its greedy tokens; quantized ones are held to
 //! their KL divergence from the f32 file, measured by `vicuna perplexity --kl-divergence`.
 
+mod binary;
 #[path = "../../weights/tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+use binary::{path_str as s, stdout_json, vicuna};
 use common::{fixture, TempDir};
 use serde_json::Value;
-
-fn vicuna(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vicuna")).args(args).output().expect("run vicuna")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stdout_json(output: Output) -> Value {
-    assert!(output.status.success(), "exit {:?}: {}", output.status.code(), String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
-}
 
 fn ids_of(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
@@ -51,7 +38,7 @@ fn check_against_transformers(gguf: &Path, expected: &str, tolerance: f32) {
         let name = format!("{} {}", gguf.display(), case["name"]);
         let ids = ids_of(&case["input_ids"]);
         let ids_arg = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        let scored = stdout_json(vicuna(&["score", "--model", s(gguf), "--ids", &ids_arg, "--json", "--full-logits"]));
+        let scored = stdout_json(&vicuna(&["score", "--model", s(gguf), "--ids", &ids_arg, "--json", "--full-logits"]));
         let diff = floats_of(&scored["last_logits"])
             .iter()
             .zip(floats_of(&case["last_logits"]))
@@ -61,7 +48,7 @@ fn check_against_transformers(gguf: &Path, expected: &str, tolerance: f32) {
 
         let want = ids_of(&case["greedy_new_tokens"]);
         let n = want.len().to_string();
-        let generated = stdout_json(vicuna(&[
+        let generated = stdout_json(&vicuna(&[
             "generate",
             "--model",
             s(gguf),
@@ -99,10 +86,10 @@ fn gguf_carries_its_tokenizer() {
     check_against_transformers(&file, "models/tiny-v32001/expected_f16.json", 1e-4);
     let prompt = "### Human: What is a llama?\n### Assistant:";
     let args = ["--prompt", prompt, "--greedy", "--max-new-tokens", "8", "--json"];
-    let from_gguf = stdout_json(vicuna(&[&["generate", "--model", s(&file)][..], &args].concat()));
+    let from_gguf = stdout_json(&vicuna(&[&["generate", "--model", s(&file)][..], &args].concat()));
     let folder = fixture("models/tiny-v32001/safetensors-f16");
     let from_folder =
-        stdout_json(vicuna(&[&["generate", "--model", s(&folder), "--tokenizer", s(&tokenizer)][..], &args].concat()));
+        stdout_json(&vicuna(&[&["generate", "--model", s(&folder), "--tokenizer", s(&tokenizer)][..], &args].concat()));
     assert_eq!(from_gguf["ids"], from_folder["ids"]);
     assert_eq!(from_gguf["text"], from_folder["text"]);
 }
@@ -117,7 +104,7 @@ fn quantized_files_stay_close_to_f32() {
     let text = fixture("text/readme_excerpt.txt");
     let measure = |ty: &str| {
         let file = quantize(&dir, "models/tiny-v32001/safetensors-f16", ty, &vocab);
-        let report = stdout_json(vicuna(&[
+        let report = stdout_json(&vicuna(&[
             "perplexity",
             "--model",
             s(&file),
@@ -156,7 +143,7 @@ fn bench_reports_both_tests() {
     let dir = TempDir::new("gguf-bench");
     let file = quantize(&dir, "models/tiny-a/safetensors-f32", "q8_0", &["--synthetic-vocab"]);
     let report =
-        stdout_json(vicuna(&["-t", "1", "bench", "--model", s(&file), "-p", "16", "-n", "4", "-r", "2", "--json"]));
+        stdout_json(&vicuna(&["-t", "1", "bench", "--model", s(&file), "-p", "16", "-n", "4", "-r", "2", "--json"]));
     for key in ["pp_tps", "pp_sd", "tg_tps", "tg_sd", "tg_weight_gb_per_s"] {
         assert!(report[key].as_f64().is_some_and(|v| v.is_finite() && v >= 0.0), "{key}: {report}");
     }

@@ -2,40 +2,17 @@
 //! vocabulary encodes like `tokenizer.model`; bad input exits 2 with one line and leaves no file;
 //! an existing output is kept without `--force`.
 
+mod binary;
 #[path = "../../weights/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
+use binary::{assert_bad_input, assert_ok, path_str as s, vicuna};
 use common::{fixture, TempDir};
 use serde_json::Value;
 use vicuna_tokenizer::Tokenizer;
 use vicuna_weights::{GgmlType, GgufFile};
-
-fn vicuna(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vicuna")).args(args).output().expect("run vicuna")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn assert_ok(output: &Output) {
-    assert!(output.status.success(), "exit {:?}: {}", output.status.code(), String::from_utf8_lossy(&output.stderr));
-}
-
-/// Exit code 2, one `error:` line naming what is wrong, no panic.
-fn assert_bad_input(output: &Output, parts: &[&str]) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
-    for part in parts {
-        assert!(lines[0].contains(part), "error lacks {part:?}: {stderr}");
-    }
-}
 
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> =

@@ -1,0 +1,41 @@
+//! What the tests of the `vicuna` binary share: running it, and judging how it exited.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub fn vicuna(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vicuna")).args(args).output().expect("run vicuna")
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+pub fn assert_ok(output: &Output) {
+    assert!(output.status.success(), "exit {:?}: {}", output.status.code(), String::from_utf8_lossy(&output.stderr));
+}
+
+/// A successful run's stdout, one JSON object.
+pub fn stdout_json(output: &Output) -> Value {
+    assert_ok(output);
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+/// Exit code 2, one `error:` line naming what is wrong, no panic, nothing on stdout.
+pub fn assert_bad_input(output: &Output, parts: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for part in parts {
+        assert!(lines[0].contains(part), "error lacks {part:?}: {stderr}");
+    }
+    assert!(output.stdout.is_empty(), "no partial output on stdout");
+}
