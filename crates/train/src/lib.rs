@@ -3,6 +3,7 @@
 
 pub mod data;
 mod error;
+pub mod fused;
 pub mod io;
 pub mod lm;
 pub mod optim;

@@ -9,6 +9,7 @@ use vicuna_model::Llama;
 
 use crate::data::TokenizedExample;
 use crate::error::{bail, Result};
+use crate::fused::token_logprobs;
 
 /// Token ids `[batch, seq]` (u32, right-padded) and each row's real length.
 pub struct PaddedIds {
@@ -52,6 +53,9 @@ pub struct LmBatch {
     /// `[batch, seq − 1]` f32: 1 where target t + 1 is an assistant token of the row.
     pub target_mask: Tensor,
     pub n_targets: usize,
+    /// The counted targets as (row · seq + position, token): the positions whose hidden state
+    /// predicts an assistant token, in row-major order.
+    pub counted: Vec<(u32, u32)>,
 }
 
 pub fn lm_batch(examples: &[&TokenizedExample], pad_id: u32, device: &Device) -> Result<LmBatch> {
@@ -63,23 +67,37 @@ pub fn lm_batch(examples: &[&TokenizedExample], pad_id: u32, device: &Device) ->
     }
     let targets = padded.ids.narrow(1, 1, s - 1)?.contiguous()?;
     let mut mask = Vec::with_capacity(examples.len() * (s - 1));
-    for e in examples {
+    let mut counted = Vec::new();
+    for (row, e) in examples.iter().enumerate() {
         for t in 1..s {
-            mask.push(if e.loss_mask.get(t).copied().unwrap_or(false) { 1f32 } else { 0.0 });
+            let on = e.loss_mask.get(t).copied().unwrap_or(false);
+            mask.push(if on { 1f32 } else { 0.0 });
+            if on {
+                counted.push(((row * s + t - 1) as u32, e.ids[t]));
+            }
         }
     }
-    let n_targets = mask.iter().filter(|&&m| m != 0.0).count();
+    let n_targets = counted.len();
     let target_mask = Tensor::from_vec(mask, (examples.len(), s - 1), device)?;
-    Ok(LmBatch { ids: padded.ids, targets, target_mask, n_targets })
+    Ok(LmBatch { ids: padded.ids, targets, target_mask, n_targets, counted })
 }
 
 /// Summed negative log-likelihood of the masked targets (divide by `n_targets` for the mean).
+///
+/// The same value and gradients as `gather_logprobs(model.logits(hidden))` masked and summed, but
+/// only the hidden states of counted positions go through the lm_head, and the vocabulary-wide
+/// product, log-softmax and gather run as one fused op (`fused::token_logprobs`).
 pub fn summed_nll(model: &Llama, batch: &LmBatch) -> Result<Tensor> {
     let hidden = model.forward_hidden(&batch.ids, None)?;
-    let s = hidden.dims()[1];
-    let logits = model.logits(&hidden.narrow(1, 0, s - 1)?)?;
-    let logprobs = gather_logprobs(&logits, &batch.targets)?;
-    Ok(logprobs.mul(&batch.target_mask)?.sum_all()?.neg()?)
+    let (b, s, h) = hidden.dims3()?;
+    if batch.counted.is_empty() {
+        return Ok(Tensor::zeros((), DType::F32, hidden.device())?);
+    }
+    let (positions, targets): (Vec<u32>, Vec<u32>) = batch.counted.iter().copied().unzip();
+    let index = Tensor::from_vec(positions, batch.counted.len(), hidden.device())?;
+    let states = hidden.reshape((b * s, h))?.index_select(&index, 0)?;
+    let logprobs = token_logprobs(&states, &model.lm_head, &targets)?;
+    Ok(logprobs.sum_all()?.neg()?)
 }
 
 /// Mean negative log-likelihood per assistant token over many examples, without gradients.

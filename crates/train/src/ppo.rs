@@ -18,8 +18,9 @@ use vicuna_tokenizer::Tokenizer;
 
 use crate::data;
 use crate::error::{bail, Error, Result};
+use crate::fused::token_logprobs;
 use crate::io::{copy_tokenizer_files, read_safetensors, write_bytes_atomic, write_safetensors_atomic};
-use crate::lm::{gather_logprobs, pad_right};
+use crate::lm::pad_right;
 use crate::optim::{clip_grad_norm, cosine_with_warmup, gradients, AdamW};
 use crate::params::TrainableLlama;
 use crate::ppo_config::PpoConfig;
@@ -338,9 +339,10 @@ impl PpoTrainer {
             }
         }
         let index = Tensor::from_vec(positions, b * t_max, device)?;
-        let states = hidden.reshape((b * s, h))?.index_select(&index, 0)?.reshape((b, t_max, h))?;
-        let targets = Tensor::from_vec(targets, (b, t_max), device)?;
-        let logprobs = gather_logprobs(&model.logits(&states)?, &targets)?;
+        let states = hidden.reshape((b * s, h))?.index_select(&index, 0)?;
+        // lm_head, log-softmax and gather fused (the logits are never stored).
+        let logprobs = token_logprobs(&states, &model.lm_head, &targets)?.reshape((b, t_max))?;
+        let states = states.reshape((b, t_max, h))?;
         let values = head.map(|hd| hd.forward(&states)).transpose()?;
         Ok((logprobs, values, Tensor::from_vec(mask, (b, t_max), device)?))
     }

@@ -7,7 +7,7 @@ use vicuna_tokenizer::Tokenizer;
 use crate::data::{tokenize_conversation, Conversation, TokenizedExample};
 use crate::error::{bail, Result};
 use crate::lm::{lm_batch, mean_nll, summed_nll};
-use crate::optim::{accumulate, clip_grad_norm, cosine_with_warmup, gradients, AdamW, AdamWParams};
+use crate::optim::{accumulate, clip_scale, cosine_with_warmup, grad_norm, gradients, AdamW, AdamWParams};
 use crate::params::TrainableLlama;
 
 #[derive(Clone, Debug)]
@@ -156,9 +156,10 @@ pub fn train_sft(
                 loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 accumulate(&mut grads, gradients(&loss.backward()?, &vars)?)?;
             }
-            let mut grads = grads.expect("a step has at least one micro-batch");
-            let grad_norm = clip_grad_norm(&mut grads, opts.max_grad_norm)?;
-            optimizer.step(&vars, &grads, lr)?;
+            let grads = grads.expect("a step has at least one micro-batch");
+            // Clipping is a factor the fused update applies (no scaled copy of the gradients).
+            let grad_norm = grad_norm(&grads)?;
+            optimizer.step_scaled(&vars, &grads, lr, clip_scale(grad_norm, opts.max_grad_norm))?;
             on_step(&SftStep { step, epoch, loss: loss_sum, lr, grad_norm });
             step += 1;
         }
