@@ -14,7 +14,7 @@ use crate::error::ApiError;
 use crate::http::{collect, json_response, read_json, sse_response, submit, unix_time, validate_request, SharedState};
 use crate::scheduler::{End, Event};
 use crate::template::{render_prompt, ChatMessage, ReplyText, Role, STOP_SEQUENCES};
-use crate::validation::{DefaultLength, GenerateParameters};
+use crate::validation::{DefaultLength, GenerateParameters, ValidRequest};
 
 /// OpenAI's default `max_tokens` for completions.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -41,13 +41,14 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-/// The sampling fields both routes share (`top_k` and `repetition_penalty` are the usual
-/// extensions of OpenAI-compatible servers).
+/// The sampling fields both routes share (`top_k`, `repetition_penalty`, `min_tokens` and
+/// `ignore_eos` are the usual extensions of OpenAI-compatible servers).
 #[derive(Default, Deserialize)]
 #[serde(default)]
 struct Sampling {
     temperature: Option<f32>,
     top_p: Option<f32>,
+    /// 0 or less: no top-k filter, as llama.cpp's and vLLM's servers read it.
     top_k: Option<i64>,
     repetition_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
@@ -58,6 +59,10 @@ struct Sampling {
     logit_bias: Option<Value>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    /// At least this many tokens: EOS cannot be chosen before (vLLM's and llama-cpp-python's field).
+    min_tokens: Option<u32>,
+    /// Go on past EOS until `max_tokens` or a stop sequence (vLLM's field).
+    ignore_eos: Option<bool>,
 }
 
 #[derive(Default, Deserialize)]
@@ -136,7 +141,7 @@ impl Sampling {
             do_sample: Some(do_sample),
             temperature,
             top_p: self.top_p.filter(|_| do_sample),
-            top_k: self.top_k.filter(|_| do_sample),
+            top_k: self.top_k.filter(|&k| do_sample && k > 0),
             repetition_penalty: self.repetition_penalty,
             frequency_penalty: self.frequency_penalty,
             max_new_tokens,
@@ -151,6 +156,19 @@ impl Sampling {
 
     fn stream(&self) -> bool {
         self.stream == Some(true)
+    }
+
+    /// The fields TGI's parameters do not have, applied to the validated request.
+    fn extend(&self, valid: &mut ValidRequest) -> Result<(), String> {
+        if let Some(min) = self.min_tokens {
+            let max = valid.config.max_new_tokens;
+            if min as usize > max {
+                return Err(format!("`min_tokens` {min} exceeds `max_tokens` {max}"));
+            }
+            valid.config.min_new_tokens = min as usize;
+        }
+        valid.config.ignore_eos = self.ignore_eos == Some(true);
+        Ok(())
     }
 
     fn include_usage(&self) -> bool {
@@ -240,7 +258,7 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
     let echo = request.echo == Some(true);
     parameters.return_full_text = Some(echo);
     let stream = request.sampling.stream();
-    let valid = validate_request(
+    let mut valid = validate_request(
         &state,
         &prompt,
         &parameters,
@@ -248,6 +266,7 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
         &[],
         stream,
     )?;
+    request.sampling.extend(&mut valid).map_err(|m| invalid(&state, m))?;
     let receiver = submit(&state, &valid)?;
     let envelope = Envelope::new(&state, "cmpl", "text_completion");
     if !stream {
@@ -329,7 +348,9 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
     let parameters = request.sampling.parameters(max_tokens).map_err(|m| invalid(&state, m))?;
     let stream = request.sampling.stream();
     let prompt = render_prompt(&messages);
-    let valid = validate_request(&state, &prompt, &parameters, DefaultLength::RestOfContext, &STOP_SEQUENCES, stream)?;
+    let mut valid =
+        validate_request(&state, &prompt, &parameters, DefaultLength::RestOfContext, &STOP_SEQUENCES, stream)?;
+    request.sampling.extend(&mut valid).map_err(|m| invalid(&state, m))?;
     let receiver = submit(&state, &valid)?;
     if !stream {
         let (_, end) = collect(receiver).await?;

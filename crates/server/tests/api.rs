@@ -404,6 +404,47 @@ fn openai_completions_plain_and_streamed() {
 }
 
 #[test]
+fn openai_completions_take_min_tokens_ignore_eos_and_top_k_zero() {
+    // The fields llama.cpp's and vLLM's servers take, so one load test speaks to them all.
+    let server = TestServer::with_defaults();
+    let completion = |extra: Value| {
+        let mut body = json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        post_json(server.addr, "/v1/completions", &body)
+    };
+    for (extra, min_new_tokens, ignore_eos) in
+        [(json!({"min_tokens": 40}), 40, false), (json!({"ignore_eos": true}), 0, true), (json!({}), 0, false)]
+    {
+        let mut config = greedy(40);
+        config.min_new_tokens = min_new_tokens;
+        config.ignore_eos = ignore_eos;
+        let (want_ids, want_text) = reference(PROMPT, &config);
+        let body = completion(extra.clone()).json();
+        assert_eq!(body["choices"][0]["text"], want_text, "{extra}");
+        assert_eq!(body["usage"]["completion_tokens"], want_ids.len(), "{extra}");
+        if min_new_tokens == 40 || ignore_eos {
+            assert_eq!(want_ids.len(), 40, "{extra}");
+            assert_eq!(body["choices"][0]["finish_reason"], "length", "{extra}");
+        }
+    }
+    let message = completion(json!({"min_tokens": 41})).expect_error(422, "validation");
+    assert!(message.contains("min_tokens"), "{message}");
+    // top_k 0 (or -1) means no top-k filter there, as sampling at temperature 1 with top_k 0 shows.
+    for top_k in [0, -1] {
+        let body = post_json(
+            server.addr,
+            "/v1/completions",
+            &json!({"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "top_k": top_k, "seed": 7}),
+        );
+        assert_eq!(body.status, 200, "{}", body.text());
+        let mut config = greedy(8);
+        config.sampling = SamplingParams { do_sample: true, top_k: 0, ..Default::default() };
+        config.seed = 7;
+        assert_eq!(body.json()["choices"][0]["text"], reference(PROMPT, &config).1);
+    }
+}
+
+#[test]
 fn openai_chat_uses_the_stable_vicuna_template() {
     let server = TestServer::with_defaults();
     let messages = [
