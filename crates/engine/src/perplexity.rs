@@ -15,6 +15,7 @@
 use vicuna_model::{Error, QuantLlama, Result};
 
 use crate::argmax;
+use crate::score::log_normalizer;
 
 /// The chunks of `tokens` that get evaluated: every whole `ctx` tokens (a short tail is left out, as llama.cpp
 /// does), each with `bos` in place of its first token.
@@ -146,9 +147,8 @@ pub fn kl_divergence(log_p: &[f32], log_q: &[f32]) -> f64 {
 
 /// Turns a row of logits into log-probabilities, in place.
 pub fn log_softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = row.iter().map(|&l| f64::from(l - max).exp()).sum::<f64>().ln() as f32;
-    row.iter_mut().for_each(|l| *l = *l - max - log_sum);
+    let (max, log_sum) = log_normalizer(row);
+    row.iter_mut().for_each(|l| *l = (f64::from(*l - max) - log_sum) as f32);
 }
 
 /// Standard error of the mean of `n` values with this sum and sum of squares.

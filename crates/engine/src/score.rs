@@ -25,10 +25,16 @@ pub fn score(model: &QuantLlama, ids: &[u32]) -> Result<Score> {
     Ok(Score { logprobs, perplexity, last_logits })
 }
 
-/// `log softmax(row)[index]`: f32 exponentials (fast, and exact to ~1e-7 relative after the max
-/// is subtracted) summed in f64.
+/// `log softmax(row)[index]`.
 pub fn log_softmax_at(row: &[f32], index: usize) -> f64 {
+    let (max, log_sum) = log_normalizer(row);
+    (row[index] - max) as f64 - log_sum
+}
+
+/// The row's maximum and `ln Σ exp(l − max)`, so that `log softmax(row)[i] = (row[i] − max) − log_sum`: f32
+/// exponentials (fast, and exact to ~1e-7 relative after the max is subtracted) summed in f64.
+pub(crate) fn log_normalizer(row: &[f32]) -> (f32, f64) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_sum = row.iter().map(|&l| (l - max).exp() as f64).sum::<f64>().ln();
-    (row[index] - max) as f64 - log_sum
+    (max, log_sum)
 }
