@@ -175,10 +175,26 @@ pub struct PlotArgs {
 }
 
 pub fn run_train(args: TrainArgs) -> Result<()> {
+    keep_freed_memory();
     match args.stage {
         Stage::Sft(a) => run_sft(a),
         Stage::Rm(a) => run_rm(a),
         Stage::Ppo(a) => run_ppo(a),
+    }
+}
+
+/// Training allocates and frees tensors of tens to hundreds of megabytes at every step (logits over a 32000-token
+/// vocabulary, activations, gradients). glibc hands blocks that large to `mmap` and returns them to the kernel
+/// when freed, and trims the heap top the same way, so every step page-faults its memory back in: on a tiny model
+/// that was more than half the run's time, in the kernel. Keeping freed memory for reuse costs some peak memory
+/// (a hidden-64 model: 2.7 → 3.4 GB) and halves the time (`vicuna train sft` on 40 chat rows: 22 s → 10 s).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's thresholds; called before any training allocation.
+    unsafe {
+        const ONE_GIB: libc::c_int = 1 << 30;
+        libc::mallopt(libc::M_MMAP_THRESHOLD, ONE_GIB);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, ONE_GIB);
     }
 }
 
