@@ -8,6 +8,7 @@ use vicuna_model::QuantLlama;
 use vicuna_tokenizer::Tokenizer;
 use vicuna_weights::GgufFile;
 
+use crate::gguf_vocab::tokenizer_from_gguf;
 use crate::Result;
 
 /// Where the model and its tokenizer come from.
@@ -23,19 +24,13 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The tokenizer alone: `--tokenizer`, else the model's own (a GGUF file's `tokenizer.ggml.*`, a folder's
+    /// tokenizer.model / tokenizer.json); `None` if a folder has none.
     pub fn tokenizer(&self) -> Result<Option<Tokenizer>> {
-        if !self.model.exists() {
-            return Err(format!(
-                "--model {}: no such file or folder; give a Hugging Face model folder or a .gguf file",
-                self.model.display()
-            )
-            .into());
-        }
+        self.check_exists()?;
         Ok(match &self.tokenizer {
             Some(file) => Some(Tokenizer::from_file(file)?),
-            None if self.model.is_file() => {
-                Some(crate::gguf_vocab::tokenizer_from_gguf(&GgufFile::open(&self.model)?)?)
-            }
+            None if self.model.is_file() => Some(tokenizer_from_gguf(&GgufFile::open(&self.model)?)?),
             None => Tokenizer::from_dir(&self.model)?,
         })
     }
@@ -44,13 +39,58 @@ impl ModelArgs {
         self.tokenizer()?.ok_or_else(|| missing_tokenizer(&self.model))
     }
 
-    /// The inference model on `threads` compute threads (default: every core).
-    pub fn load_model(&self, threads: Option<usize>) -> Result<QuantLlama> {
+    /// The inference model on `threads` compute threads (default: every core), and its tokenizer (as
+    /// [`ModelArgs::tokenizer`]), checked to belong together. A GGUF file is opened once for both.
+    pub fn load(&self, threads: Option<usize>) -> Result<(QuantLlama, Option<Tokenizer>)> {
+        self.check_exists()?;
         let start = std::time::Instant::now();
-        let model = QuantLlama::load(&self.model, compute_threads(threads))?;
+        let threads = compute_threads(threads);
+        let (model, tokenizer) = match (&self.tokenizer, self.model.is_file()) {
+            (None, true) => {
+                let file = GgufFile::open(&self.model)?;
+                let tokenizer = tokenizer_from_gguf(&file)?;
+                (QuantLlama::from_gguf(file, threads)?, Some(tokenizer))
+            }
+            _ => (QuantLlama::load(&self.model, threads)?, self.tokenizer()?),
+        };
         tracing::info!("loaded {} in {:.2?}", self.model.display(), start.elapsed());
-        Ok(model)
+        if let Some(tokenizer) = &tokenizer {
+            check_tokenizer_fits(&model, tokenizer, &self.model)?;
+        }
+        Ok((model, tokenizer))
     }
+
+    /// [`ModelArgs::load`], for commands that cannot run without text.
+    pub fn load_with_tokenizer(&self, threads: Option<usize>) -> Result<(QuantLlama, Tokenizer)> {
+        let (model, tokenizer) = self.load(threads)?;
+        Ok((model, tokenizer.ok_or_else(|| missing_tokenizer(&self.model))?))
+    }
+
+    fn check_exists(&self) -> Result<()> {
+        if !self.model.exists() {
+            return Err(format!(
+                "--model {}: no such file or folder; give a Hugging Face model folder or a .gguf file",
+                self.model.display()
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// A tokenizer with more tokens than the model has embedding rows would feed it ids it has no row for.
+pub fn check_tokenizer_fits(model: &QuantLlama, tokenizer: &Tokenizer, model_path: &Path) -> Result<()> {
+    let vocab_size = model.config().vocab_size;
+    if tokenizer.vocab_size() > vocab_size {
+        return Err(format!(
+            "the tokenizer has {} tokens but the model {} only {vocab_size}: they do not belong together; use the \
+             model's own tokenizer",
+            tokenizer.vocab_size(),
+            model_path.display()
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// `--threads`, or every core the process may use.

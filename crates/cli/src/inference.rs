@@ -51,7 +51,7 @@ pub struct ScoreArgs {
 }
 
 pub fn run_generate(args: GenerateArgs, threads: Option<usize>) -> Result<()> {
-    let tokenizer = args.model.tokenizer()?;
+    let (model, tokenizer) = args.model.load(threads)?;
     let prompt = input_ids(args.prompt.as_deref(), args.input.ids, tokenizer.as_ref(), &args.model.model)?;
     let config = GenerationConfig {
         sampling: args.sampling.to_params()?,
@@ -61,7 +61,6 @@ pub fn run_generate(args: GenerateArgs, threads: Option<usize>) -> Result<()> {
         ignore_eos: args.ignore_eos,
         seed: args.sampling.seed.unwrap_or_else(random_seed),
     };
-    let model = args.model.load_model(threads)?;
     let mut stdout = std::io::stdout().lock();
     let start = std::time::Instant::now();
     let stream = !args.json;
@@ -102,9 +101,8 @@ pub fn run_generate(args: GenerateArgs, threads: Option<usize>) -> Result<()> {
 }
 
 pub fn run_score(args: ScoreArgs, threads: Option<usize>) -> Result<()> {
-    let tokenizer = args.model.tokenizer()?;
+    let (model, tokenizer) = args.model.load(threads)?;
     let ids = input_ids(args.text.as_deref(), args.input.ids, tokenizer.as_ref(), &args.model.model)?;
-    let model = args.model.load_model(threads)?;
     let scored = score(&model, &ids)?;
     let mut stdout = std::io::stdout().lock();
     if args.json {

@@ -2,7 +2,7 @@
 //! llama-perplexity measures it, with the KL divergence from a reference model).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
@@ -10,7 +10,7 @@ use serde_json::json;
 use vicuna_engine::{perplexity_chunks, ChunkLogProbs, PerplexityStats, Rng};
 use vicuna_model::QuantLlama;
 
-use crate::common::{compute_threads, ModelArgs};
+use crate::common::{check_tokenizer_fits, compute_threads, ModelArgs};
 use crate::Result;
 
 #[derive(Args)]
@@ -168,7 +168,7 @@ pub fn run_perplexity(args: PerplexityArgs, threads: Option<usize>) -> Result<()
     let reference = match &args.reference_model {
         Some(path) => {
             let reference = QuantLlama::load(path, threads)?;
-            check_fits(&reference, &tokenizer, args.ctx, &path.display().to_string())?;
+            check_fits(&reference, &tokenizer, args.ctx, path)?;
             let mut rows = Vec::with_capacity(chunks.len());
             for (i, chunk) in chunks.iter().enumerate() {
                 rows.push(ChunkLogProbs::compute(&reference, chunk)?);
@@ -178,8 +178,8 @@ pub fn run_perplexity(args: PerplexityArgs, threads: Option<usize>) -> Result<()
         }
         None => None,
     };
-    let model = args.model.load_model(Some(threads))?;
-    check_fits(&model, &tokenizer, args.ctx, &args.model.model.display().to_string())?;
+    let model = QuantLlama::load(&args.model.model, threads)?;
+    check_fits(&model, &tokenizer, args.ctx, &args.model.model)?;
     let mut stats = PerplexityStats::default();
     let start = Instant::now();
     for (i, chunk) in chunks.iter().enumerate() {
@@ -234,20 +234,10 @@ pub fn run_perplexity(args: PerplexityArgs, threads: Option<usize>) -> Result<()
 }
 
 /// The chunks must fit the model's context, and the tokenizer its vocabulary.
-fn check_fits(model: &QuantLlama, tokenizer: &vicuna_tokenizer::Tokenizer, ctx: usize, name: &str) -> Result<()> {
-    let config = model.config();
-    if ctx > config.max_position_embeddings {
-        return Err(
-            format!("--ctx {ctx} is longer than the context of {name} ({})", config.max_position_embeddings).into()
-        );
+fn check_fits(model: &QuantLlama, tokenizer: &vicuna_tokenizer::Tokenizer, ctx: usize, path: &Path) -> Result<()> {
+    let context = model.config().max_position_embeddings;
+    if ctx > context {
+        return Err(format!("--ctx {ctx} is longer than the context of {} ({context})", path.display()).into());
     }
-    if tokenizer.vocab_size() > config.vocab_size {
-        return Err(format!(
-            "the tokenizer has {} tokens but {name} only {}: use the model's own tokenizer",
-            tokenizer.vocab_size(),
-            config.vocab_size
-        )
-        .into());
-    }
-    Ok(())
+    check_tokenizer_fits(model, tokenizer, path)
 }

@@ -59,8 +59,7 @@ pub struct ServeArgs {
 
 pub fn run_serve(args: ServeArgs, threads: Option<usize>) -> Result<()> {
     let listener = vicuna_server::bind(&args.host, args.port).map_err(|e| e.to_string())?;
-    let tokenizer = args.model.require_tokenizer()?;
-    let model = args.model.load_model(threads)?;
+    let (model, tokenizer) = args.model.load_with_tokenizer(threads)?;
     let model_id = args.model_id.unwrap_or_else(|| {
         let folder = args.model.model.canonicalize().unwrap_or_else(|_| args.model.model.clone());
         folder.file_name().map_or_else(|| "vicuna".into(), |name| name.to_string_lossy().into_owned())

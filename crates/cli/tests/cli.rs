@@ -265,6 +265,17 @@ fn unknown_dtype() {
 }
 
 #[test]
+fn a_tokenizer_larger_than_the_model_is_refused() {
+    // tiny-a has 512 embedding rows; the LLaMA tokenizer has 32000 tokens.
+    let tiny_a = fixture("models/tiny-a/safetensors-f32");
+    let tokenizer = fixture("tokenizer/tokenizer.model");
+    for command in ["generate", "score"] {
+        let flags = [command, "--model", path_str(&tiny_a), "--tokenizer", path_str(&tokenizer), "--ids", "1"];
+        assert_bad_input(&vicuna(&flags), &["32000 tokens", "only 512", "own tokenizer"]);
+    }
+}
+
+#[test]
 fn token_ids_outside_the_vocabulary() {
     assert_bad_input(&generate_ids(&fixture("models/tiny-a/safetensors-f32"), "1,512"), &["512", "vocabulary"]);
     let out = vicuna(&[

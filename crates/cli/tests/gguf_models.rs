@@ -6,20 +6,15 @@
 mod binary;
 #[path = "../../weights/tests/common/mod.rs"]
 mod common;
+#[path = "../../model/tests/expected/mod.rs"]
+mod expected;
 
 use std::path::{Path, PathBuf};
 
 use binary::{path_str as s, stdout_json, vicuna};
 use common::{fixture, TempDir};
+use expected::{floats_of, ids_of};
 use serde_json::Value;
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn floats_of(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
 
 /// `vicuna quantize --type ty` of a fixture folder into `dir`.
 fn quantize(dir: &TempDir, model: &str, ty: &str, vocab: &[&str]) -> PathBuf {

@@ -4,31 +4,18 @@
 //! through the KV cache. Both forward passes are held to it: the inference model (`QuantLlama`,
 //! what `generate` runs) and the candle one that training builds on (`Llama`).
 
+#[path = "../../model/tests/expected/mod.rs"]
+mod expected;
+
 use std::path::{Path, PathBuf};
 
+use expected::{floats_of, ids_of, max_abs_diff, models_dir, read_expected};
 use serde_json::Value;
 use vicuna_engine::{argmax, generate, GenerationConfig, SamplingParams};
 use vicuna_model::candle_core::{Device, Tensor};
 use vicuna_model::{KvCache, Llama, QuantCache, QuantLlama};
 
 const TOLERANCE: f32 = 1e-4;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/models"))
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn floats_of(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
 
 /// What these tests need of a forward pass.
 trait Forward {
@@ -127,12 +114,11 @@ fn check_variant(variant: &str, expected_file: &str) {
 }
 
 fn check_forward<M: Forward>(variant: &str, expected_file: &str, load: fn(&Path) -> M, kind: &str) {
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(variant).join(expected_file)).unwrap()).unwrap();
+    let expected = read_expected(variant, expected_file);
     let folders = expected["weight_folders"].as_array().unwrap();
     assert!(!folders.is_empty());
     for folder in folders {
-        let dir = fixtures().join(variant).join(folder.as_str().unwrap());
+        let dir = models_dir().join(variant).join(folder.as_str().unwrap());
         let model = load(&dir);
         for case in expected["cases"].as_array().unwrap() {
             let name = format!("{kind} {variant}/{} {}", folder.as_str().unwrap(), case["name"].as_str().unwrap());
@@ -213,7 +199,7 @@ fn check_ragged_batch<M: Forward>(model: &M) {
 
 #[test]
 fn ragged_batch_equals_each_sequence_alone() {
-    let dir = fixtures().join("tiny-b/safetensors-f32");
+    let dir = models_dir().join("tiny-b/safetensors-f32");
     check_ragged_batch(&candle(&dir));
     check_ragged_batch(&native(&dir));
 }
@@ -236,7 +222,7 @@ fn check_cache_growth<M: Forward>(model: &M) {
 
 #[test]
 fn cache_growth_keeps_every_position() {
-    let dir = fixtures().join("tiny-a/safetensors-f32");
+    let dir = models_dir().join("tiny-a/safetensors-f32");
     check_cache_growth(&candle(&dir));
     check_cache_growth(&native(&dir));
 }

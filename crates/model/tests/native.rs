@@ -2,33 +2,19 @@
 //! fixture models (f32 and f16 weights), the candle `Llama` on a random grouped-query model (f32 and every
 //! quantized type with a kernel), and itself run sequence by sequence (ragged batches, chunked prefill).
 
+mod expected;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use expected::{floats_of, ids_of, max_abs_diff, models_dir, read_expected};
 use serde_json::Value;
 use vicuna_kernels::{dequantize_row, quantize_row, row_size, GgmlType};
 use vicuna_model::candle_core::{Device, Tensor};
 use vicuna_model::native::{KvType, OwnedTensors, QuantCache, QuantLlama};
 use vicuna_model::{KvCache, Llama};
 use vicuna_weights::{gguf_tensor_name, permute_rows_for_gguf, Checkpoint, LlamaConfig};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/models"))
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn floats_of(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
 
 fn argmax(row: &[f32]) -> u32 {
     row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32
@@ -94,10 +80,9 @@ fn native(config: &LlamaConfig, source: OwnedTensors, threads: usize) -> QuantLl
 /// Every case of an expected-logits file, through a native model whose matrices are stored as `ty`: all-position
 /// logits by one pass, the same positions one token at a time through the cache, and the greedy continuation.
 fn check_against_transformers(variant: &str, expected_file: &str, ty: GgmlType, kv: Option<KvType>, tolerance: f32) {
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(variant).join(expected_file)).unwrap()).unwrap();
+    let expected = read_expected(variant, expected_file);
     let folder = expected["weight_folders"][0].as_str().unwrap();
-    let (config, tensors) = read_folder(&fixtures().join(variant).join(folder));
+    let (config, tensors) = read_folder(&models_dir().join(variant).join(folder));
     let source = hf_to_gguf_tensors(&config, &tensors, |_, _| ty);
     let model = QuantLlama::with_kv_type(config.clone(), Arc::new(source), 2, kv).unwrap();
     let vocab = config.vocab_size;
@@ -178,13 +163,11 @@ fn kld_and_top1(reference: &[f32], candidate: &[f32], vocab: usize) -> (f64, f64
 #[test]
 fn q8_0_stays_close_to_f32() {
     for variant in ["tiny-a", "tiny-b"] {
-        let (config, tensors) = read_folder(&fixtures().join(variant).join("safetensors-f32"));
+        let (config, tensors) = read_folder(&models_dir().join(variant).join("safetensors-f32"));
         let f32_model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32), 1);
         let q8_type = |_, cols: usize| if cols.is_multiple_of(32) { GgmlType::Q8_0 } else { GgmlType::F16 };
         let q8_model = native(&config, hf_to_gguf_tensors(&config, &tensors, q8_type), 1);
-        let expected: Value =
-            serde_json::from_str(&std::fs::read_to_string(fixtures().join(variant).join("expected_f32.json")).unwrap())
-                .unwrap();
+        let expected = read_expected(variant, "expected_f32.json");
         let (mut reference, mut candidate) = (Vec::new(), Vec::new());
         for case in expected["cases"].as_array().unwrap() {
             let ids = ids_of(&case["input_ids"]);
@@ -203,7 +186,7 @@ fn q8_0_stays_close_to_f32() {
 /// ragged step give each what it gets alone; a prompt fed in chunks gives what it gets in one pass.
 #[test]
 fn ragged_batch_and_chunked_prefill_equal_sequences_alone() {
-    let (config, tensors) = read_folder(&fixtures().join("tiny-b/safetensors-f32"));
+    let (config, tensors) = read_folder(&models_dir().join("tiny-b/safetensors-f32"));
     let model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32), 2);
     let a: Vec<u32> = vec![1, 17, 250, 3, 999, 42];
     let b: Vec<u32> = vec![1, 5, 6, 7, 8, 9, 10, 11, 12];
@@ -366,7 +349,7 @@ fn bad_input_is_an_error_and_leaves_the_cache_usable() {
     assert!(model.forward_all(&too_long, &mut cache).unwrap_err().to_string().contains("exceeds"));
     assert!(cache.is_empty());
 
-    let (other_config, other_tensors) = read_folder(&fixtures().join("tiny-a/safetensors-f32"));
+    let (other_config, other_tensors) = read_folder(&models_dir().join("tiny-a/safetensors-f32"));
     let other = native(&other_config, hf_to_gguf_tensors(&other_config, &other_tensors, |_, _| GgmlType::F32), 1);
     let mut foreign: QuantCache = other.new_cache();
     assert!(model.next_token_logits(&[1], &mut foreign).unwrap_err().to_string().contains("another shape"));

@@ -58,8 +58,13 @@ impl QuantLlama {
                 path.display()
             )));
         }
-        let file = GgufFile::open(path)?;
+        QuantLlama::from_gguf(GgufFile::open(path)?, threads)
+    }
+
+    /// A model whose weights are the tensors of an opened GGUF file, used in place.
+    pub fn from_gguf(file: GgufFile, threads: usize) -> Result<QuantLlama> {
         let config = file.llama_config()?;
+        let path = file.path().to_owned();
         QuantLlama::new(config, Arc::new(file), threads).map_err(|e| Error::msg(format!("{}: {e}", path.display())))
     }
 }
