@@ -25,7 +25,8 @@ use crate::optim::{clip_grad_norm, cosine_with_warmup, gradients, AdamW};
 use crate::params::TrainableLlama;
 use crate::ppo_config::PpoConfig;
 use crate::ppo_math::{
-    gae, kl_penalized_rewards, ppo_loss, whiten, KlController, PpoLossParams, PpoLossStats, PpoLossTensors, ScoreStats,
+    gae, kl_penalized_rewards, ppo_loss, response_kl, whiten, KlController, PpoLossParams, PpoLossStats,
+    PpoLossTensors, ScoreStats,
 };
 use crate::reward::{reward_input_text, RewardModel};
 use crate::sft::{pad_id, shuffle};
@@ -93,7 +94,8 @@ pub struct CycleMetrics {
     /// Mean raw reward-model score of this cycle's rollouts (made before its updates).
     pub mean_score: f64,
     pub std_score: f64,
-    /// Mean over rollouts of Σ_t k3(logp − logp_ref): trlX's `mean_kl`.
+    /// Mean over rollouts of the estimated KL(policy ‖ reference) of the response, in nats
+    /// ([`response_kl`]; trlX's `mean_kl`, with its estimator's ratio turned the right way up).
     pub mean_kl: f64,
     /// β used for this cycle's rewards, and after its updates.
     pub kl_coef: f64,
@@ -376,15 +378,10 @@ impl PpoTrainer {
             let to_rows = |t: &Tensor| -> Result<Vec<Vec<f64>>> { Ok(t.detach().to_dtype(DType::F64)?.to_vec2()?) };
             let (lp, ref_lp, mask) = (to_rows(&lp)?, to_rows(&ref_lp)?, to_rows(&mask)?);
             let values = to_rows(&values.expect("policy rows have values"))?;
-            // KL estimate for the controller (k3 per token, summed per rollout).
-            for b in 0..size {
-                kl_sum += (0..mask[b].len())
-                    .filter(|&t| mask[b][t] != 0.0)
-                    .map(|t| {
-                        let r = lp[b][t] - ref_lp[b][t];
-                        r.exp() - 1.0 - r
-                    })
-                    .sum::<f64>();
+            // KL estimate for the controller and the metrics, over each response's real tokens.
+            for (b, (response, _)) in samples.iter().enumerate() {
+                let len = response.len();
+                kl_sum += response_kl(&lp[b][..len], &ref_lp[b][..len]);
             }
             let scores =
                 self.score_stats.clip_and_scale(&raw_scores, self.config.cliprange_reward, self.config.scale_reward);

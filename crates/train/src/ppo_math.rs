@@ -44,6 +44,26 @@ impl KlController {
     }
 }
 
+/// KL(π ‖ π_ref) of one sampled response, estimated from its tokens' log-probs under the policy π
+/// (which sampled it) and the reference: Σ_t k3, with Schulman's k3 = (ρ − 1) − log ρ and
+/// ρ = π_ref(token) / π(token) — never negative, and unbiased for samples from π.
+///
+/// trlX's `make_experience` turns ρ upside down (`log_ratio.exp() - 1 - log_ratio` with
+/// `log_ratio = logprobs - ref_logprobs`): that estimates χ²(π ‖ π_ref) − KL, which agrees with the
+/// KL while π stays close to π_ref but grows exponentially once π puts its mass on tokens the
+/// reference finds unlikely (a response at KL 6 reads as 200). It is logged as `mean_kl` and fed to
+/// the adaptive KL controller, so both would see a number that is not the KL.
+pub fn response_kl(logprobs: &[f64], ref_logprobs: &[f64]) -> f64 {
+    logprobs
+        .iter()
+        .zip(ref_logprobs)
+        .map(|(lp, ref_lp)| {
+            let log_rho = ref_lp - lp;
+            log_rho.exp_m1() - log_rho
+        })
+        .sum()
+}
+
 /// Per-token rewards of a batch of rollouts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PenalizedRewards {

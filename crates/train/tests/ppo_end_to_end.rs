@@ -1,7 +1,13 @@
 //! The whole recipe on a tiny LLaMA: SFT a policy on fruit answers, train a reward model that
-//! prefers "banana", then PPO. The mean reward rises by a clear margin while the KL to the
-//! reference stays bounded; the same seed gives the same metrics; a run resumed from its
-//! checkpoint continues exactly like one that never stopped.
+//! prefers "banana", then PPO from several seeds. Every run raises the mean reward by a clear
+//! margin and turns the policy to "banana" while the KL to the reference stays bounded; the same
+//! seed gives the same metrics; a run resumed from its checkpoint continues exactly like one that
+//! never stopped.
+//!
+//! `VICUNA_PPO_SEEDS=1-32` (a range or a comma list) runs the same checks over other seeds: a
+//! sweep. Seeds 1–32 all pass, the weakest by a clear margin: fresh-sample gain ≥ 1.57 where 1.0
+//! is asked, rollout rise ≥ 1.69 where 1.0 is asked, banana share after ≥ 0.69 (up ≥ 0.47) where
+//! 0.5 (up 0.3) is asked, KL ≤ 9.3 where 12 is the bound.
 
 mod common;
 
@@ -22,7 +28,11 @@ fn prepare(root: &Path) -> PpoConfig {
     let tokenizer_dir = tokenizer_path().parent().unwrap().to_path_buf();
     let policy_dir = root.join("sft");
     let policy = TrainableLlama::load(&model_dir(), None, 0, &Device::Cpu).unwrap();
-    let opts = SftOptions { epochs: 12, lr: 5e-3, batch_size: 8, eval_fraction: 0.0, seed: 1, ..Default::default() };
+    // Long enough that the policy answers with a fruit, "banana" about one time in five: PPO then
+    // meets the reward in every rollout batch and has a short way up. After 12 epochs it mostly
+    // babbled ("banana" in ~3% of samples), a reward came by once a batch or less, and how far PPO
+    // got in 10 cycles was down to the seed (fresh-sample gains 0.2 to 2.7 over seeds 1–8).
+    let opts = SftOptions { epochs: 24, lr: 5e-3, batch_size: 8, eval_fraction: 0.0, seed: 1, ..Default::default() };
     train_sft(&policy, &tok, &fruit_chats(40), &opts, |_| {}).unwrap();
     policy.save(&policy_dir, &model_dir().join("config.json"), false).unwrap();
     copy_tokenizer_files(&tokenizer_dir, &policy_dir).unwrap();
@@ -39,14 +49,8 @@ fn prepare(root: &Path) -> PpoConfig {
         writeln!(f, "{}", serde_json::json!({"prompt": p, "response": ""})).unwrap();
     }
     let mut config = PpoConfig::default();
-    // One PPO run on this tiny model is a chaotic process: a change in the last bits of the
-    // arithmetic (a fused op that sums in another order) sends the sampled rollouts elsewhere, and
-    // only about one PPO seed in eight meets all the bounds below (gain, rising rollouts, bounded
-    // KL): 1 of seeds 3–12 with the unfused ops, 5 of seeds 3–42 with `fused.rs` (before, seed 3
-    // passed; now 7, 31, 37, 39, 42). Seed 31 passes by a margin like seed 3's did (fresh-sample
-    // gain 1.53, max KL 2.9); the run repeats exactly on any thread count, as resuming needs.
     let yaml =
-        "train:\n  seed: 31\n  epochs: 10\n  batch_size: 8\n  seq_length: 64\nmethod:\n  num_rollouts: 32\n  chunk_size: 16\n  \
+        "train:\n  seed: 1\n  epochs: 10\n  batch_size: 8\n  seq_length: 64\nmethod:\n  num_rollouts: 32\n  chunk_size: 16\n  \
          ppo_epochs: 4\n  init_kl_coef: 0.1\n  target: 6\n  horizon: 10000\n  scale_reward: null\ngen_kwargs:\n  \
          max_new_tokens: 6\n  top_k: 0\n  top_p: 1.0\n  temperature: 1.0\n  do_sample: true\noptimizer:\n  lr: 5.0e-4\n  max_grad_norm: 1.0\n";
     config.apply_yaml(yaml, "test.yaml").unwrap();
@@ -56,45 +60,98 @@ fn prepare(root: &Path) -> PpoConfig {
     config
 }
 
+/// The PPO seeds to run: `VICUNA_PPO_SEEDS` ("1-32" or "4,7,9"), else three.
+fn seeds() -> Vec<u64> {
+    let Ok(spec) = std::env::var("VICUNA_PPO_SEEDS") else {
+        return vec![1, 2, 3];
+    };
+    let bad = || panic!("VICUNA_PPO_SEEDS={spec:?}: want a range such as 1-32 or a list such as 4,7,9");
+    let num = |s: &str| s.trim().parse::<u64>().unwrap_or_else(|_| bad());
+    match spec.split_once('-') {
+        Some((first, last)) => (num(first)..=num(last)).collect(),
+        None => spec.split(',').map(num).collect(),
+    }
+}
+
+/// Share of "banana" answers and mean reward-model score of 64 fresh samples (4 prompts × 16),
+/// drawn with the same random streams before and after training.
+fn fresh_samples(trainer: &PpoTrainer) -> (f64, f64) {
+    let samples = trainer.sample_and_score(64, 1 << 40).unwrap();
+    let share = samples.iter().filter(|(text, _)| text.contains(TARGET)).count() as f64 / samples.len() as f64;
+    let mean = samples.iter().map(|s| s.1).sum::<f64>() / samples.len() as f64;
+    (share, mean)
+}
+
+/// One PPO run from `seed`: a line saying how it went, and the checks it failed.
+fn ppo_run(base: &PpoConfig, seed: u64, dir: &Path) -> (String, Vec<String>) {
+    let mut config = base.clone();
+    config.seed = seed;
+    config.checkpoint_dir = dir.to_path_buf();
+    let started = std::time::Instant::now();
+    let mut trainer = PpoTrainer::new(config.clone()).unwrap();
+    let before = fresh_samples(&trainer);
+    trainer.run(|_| {}).unwrap();
+    let after = fresh_samples(&trainer);
+    let metrics = read_metrics(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.len(), config.epochs);
+    let n = metrics.len();
+    let (first, last) = (metrics[0].mean_score, (metrics[n - 2].mean_score + metrics[n - 1].mean_score) / 2.0);
+    let max_kl = metrics.iter().map(|m| m.mean_kl).fold(0.0, f64::max);
+    let kl_bound = 2.0 * config.target.expect("the test's config has a KL target");
+    let line = format!(
+        "seed {seed}: fresh samples: banana {:.2} -> {:.2}, mean score {:.2} -> {:.2}; rollouts' mean score {first:.2} \
+         -> {last:.2}; max KL {max_kl:.2} ({:.1?})",
+        before.0,
+        after.0,
+        before.1,
+        after.1,
+        started.elapsed()
+    );
+    let mut failed = Vec::new();
+    // The reward model separates its training pairs by about 3.5 (banana +1.7, the rest −1.7):
+    // PPO must gain a good part of that on fresh samples, and its own rollouts must show the rise.
+    if after.1 <= before.1 + 1.0 {
+        failed.push("fresh-sample mean score gained 1.0 or less".to_string());
+    }
+    if last <= first + 1.0 {
+        failed.push("rollouts' mean score (last two cycles vs the first) rose 1.0 or less".to_string());
+    }
+    // It gets there by saying "banana", which about one fresh answer in five did before (the
+    // reward model would also take "ana" alone, from "b|an|ana", but from a policy that answers
+    // with fruits the short way up is the fruit).
+    if after.0 <= 0.5 || after.0 <= before.0 + 0.3 {
+        failed.push("banana is not most fresh answers, or its share rose 0.3 or less".to_string());
+    }
+    // Answering "banana" always costs about ln 5 = 1.6 nats against a reference that names five
+    // fruits alike; the card's target is 6. Twice the target means the policy ran off.
+    if max_kl >= kl_bound {
+        failed.push(format!("KL to the reference reached {kl_bound}"));
+    }
+    (line, failed)
+}
+
 #[test]
 fn ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly() {
     let root = temp_dir("ppo");
     let base = prepare(&root);
+    let seeds = seeds();
 
-    let started = std::time::Instant::now();
-    let mut full = base.clone();
-    full.checkpoint_dir = root.join("full");
-    let mut trainer = PpoTrainer::new(full.clone()).unwrap();
-    let fresh_samples = |t: &PpoTrainer| {
-        let samples = t.sample_and_score(64, 1 << 40).unwrap();
-        let share = samples.iter().filter(|(text, _)| text.contains(TARGET)).count() as f64 / samples.len() as f64;
-        let mean = samples.iter().map(|s| s.1).sum::<f64>() / samples.len() as f64;
-        (share, mean)
-    };
-    let before = fresh_samples(&trainer);
-    trainer
-        .run(|m| {
-            eprintln!(
-                "cycle {} score {:.3} kl {:.3} len {:.2} beta {:.4} loss {:.3}",
-                m.iteration, m.mean_score, m.mean_kl, m.mean_response_len, m.kl_coef, m.loss.loss
-            )
-        })
-        .unwrap();
-    eprintln!("PPO took {:.1?}", started.elapsed());
-    let after = fresh_samples(&trainer);
-    eprintln!("banana share and mean score {before:?} -> {after:?}");
-    let metrics = read_metrics(&full.checkpoint_dir.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.len(), 10);
-    // The reward model separates its training pairs by about 3.5; PPO must gain a good part of
-    // that on fresh samples, and its own rollouts must show the rise too. (It is a learned proxy:
-    // on this tiny model PPO also finds that the token "ana" alone, from "b|an|ana", pleases it —
-    // reward hacking in miniature; the banana share is printed, not asserted.)
-    assert!(after.1 > before.1 + 0.75, "mean score of fresh samples {} -> {}", before.1, after.1);
-    let (first, last) = (metrics[0].mean_score, (metrics[8].mean_score + metrics[9].mean_score) / 2.0);
-    assert!(last > first + 0.3, "rollout mean score {first} -> {last}");
-    // The card's KL target is 6 nats per response: the controller keeps it in that range.
-    assert!(metrics.iter().all(|m| m.mean_kl < 12.0), "KL to the reference must stay bounded");
-    assert!(PpoTrainer::new(full.clone()).is_ok());
+    // Every seed's checks, all reported before the verdict (a sweep shows the whole table).
+    let mut failures = Vec::new();
+    for &seed in &seeds {
+        let (line, failed) = ppo_run(&base, seed, &root.join(format!("seed-{seed}")));
+        eprintln!("{line}");
+        failures.extend(failed.into_iter().map(|f| format!("seed {seed}: {f}")));
+    }
+    assert!(failures.is_empty(), "PPO failed: {failures:#?}");
+
+    let seed = seeds[0];
+    let full = root.join(format!("seed-{seed}"));
+    let metrics = read_metrics(&full.join("metrics.jsonl")).unwrap();
+    let mut config = base.clone();
+    config.seed = seed;
+    config.checkpoint_dir = full;
+    let trainer = PpoTrainer::resume(config.clone()).unwrap();
     let policy_dir = root.join("policy");
     trainer.save_policy(&policy_dir).unwrap();
     assert!(vicuna_model::Llama::load(&policy_dir, &Device::Cpu).is_ok());
@@ -102,7 +159,7 @@ fn ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly() {
 
     // Interrupted after 3 cycles, then resumed to 5: the first 5 metrics of the long run, line for
     // line (the same seed gives the same run; resuming loses nothing).
-    let mut part = base.clone();
+    let mut part = config.clone();
     part.checkpoint_dir = root.join("resumed");
     part.epochs = 3;
     PpoTrainer::new(part.clone()).unwrap().run(|_| {}).unwrap();
@@ -111,6 +168,6 @@ fn ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly() {
     let resumed = read_metrics(&part.checkpoint_dir.join("metrics.jsonl")).unwrap();
     assert_eq!(resumed[..], metrics[..5], "resume must continue exactly");
     let mut other_seed = part.clone();
-    other_seed.seed = 4;
+    other_seed.seed = seed + 1;
     assert!(PpoTrainer::resume(other_seed).is_err(), "a changed setting must refuse to resume");
 }
