@@ -11,7 +11,9 @@
 #   THREADS  comma-separated thread counts   (default 1,2)
 # Environment: P (prompt tokens, default 512), N (generated tokens, default 128), REPS (default 3),
 #   WORK (where the GGUF files are kept between runs, default /tmp/vicuna-bench-gguf),
-#   VENV (default ~/.cache/vicuna-bench/llamacpp-venv), VICUNA (the binary, default target/release/vicuna).
+#   VENV (default ~/.cache/vicuna-bench/llamacpp-venv), VICUNA (the binary, default target/release/vicuna),
+#   LLAMACPP (what pip installs into a new VENV, default llama-cpp-python: the latest; e.g. llama-cpp-python==0.3.8,
+#   which vendors llama.cpp 7841fc7 of March 2025, near the build b4748 the issue quotes).
 # Build first: cargo build --release -p vicuna
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import llama_cpp' 2>/
   echo "installing llama-cpp-python into $VENV (compiles llama.cpp: several minutes)" >&2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
-  CMAKE_ARGS="-DGGML_NATIVE=ON" "$VENV/bin/pip" install --quiet llama-cpp-python
+  CMAKE_ARGS="-DGGML_NATIVE=ON" "$VENV/bin/pip" install --quiet "${LLAMACPP:-llama-cpp-python}"
 fi
 
 mkdir -p "$WORK"
