@@ -3,7 +3,7 @@
 //! ```sh
 //! cargo run --release -p vicuna-kernels --example kernel_bench -- [--types q4_0,q8_0,q4_K,q6_K] [--threads 1,2]
 //!     [--shapes 13824x5120,5120x5120|13b] [--batch 512] [--isa avx512|avx2|scalar] [--seconds 2]
-//!     [--hot 1]
+//!     [--hot 1] [--rows 1,2,3,4,6,8,12,16 [--repeat 3]]
 //! ```
 //!
 //! `--hot 1` keeps one copy of each matrix, so that a small one is read from cache: the kernels' compute speed.
@@ -25,12 +25,21 @@
 //! measurements: with two threads on a busy machine it can be near 1, and the two-thread figures are then
 //! one-CPU figures.
 //!
+//! `--rows N,N,...` measures instead the time of one product with each of those numbers of activation rows (a
+//! server decoding N sequences together), weights from DRAM as for matvec, by every path `matmul_path` offers:
+//! `before` is what `matmul` did before the multi-row kernels (the one-row kernel per activation row below 8 rows,
+//! the GEMM from 8 on AVX-512), `row`, `multi` and `gemm` force one path, `auto` is what `matmul` does now. The
+//! paths are measured in turn, `--repeat` rounds, and each gets its best round's median (a shared machine's noise
+//! only ever adds time). With one thread the calling thread's CPU time is used instead of the wall time.
+//!
 //! Weights are random bytes with every scale field set to a moderate f16, so the kernels do their real work on
 //! them; the values do not matter for speed.
 
 use std::time::{Duration, Instant};
 
-use vicuna_kernels::{matmul_with, row_size, GgmlType, Half, Isa, QuantMatrix, ThreadPoolBuilder};
+use vicuna_kernels::{
+    matmul_path, matmul_with, row_size, GgmlType, Half, Isa, MatmulPath, QuantMatrix, ThreadPoolBuilder,
+};
 
 /// LLaMA-13B's matrices: rows, columns and how many of them one decode step multiplies.
 const THIRTEEN_B: [(usize, usize, usize); 4] =
@@ -45,6 +54,9 @@ struct Options {
     seconds: f64,
     /// One copy of each matrix, so that matvec reads it from cache: the kernel's compute speed, not memory's.
     hot: bool,
+    /// Activation-row counts for the per-path table (`--rows`); empty: the matvec/matmat table.
+    rows: Vec<usize>,
+    repeat: usize,
 }
 
 fn parse() -> Options {
@@ -56,6 +68,8 @@ fn parse() -> Options {
         isa: Isa::detect(),
         seconds: 2.0,
         hot: false,
+        rows: Vec::new(),
+        repeat: 3,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -81,6 +95,8 @@ fn parse() -> Options {
                     .collect()
             }
             "--hot" => o.hot = value == "1",
+            "--rows" => o.rows = value.split(',').map(|n| n.parse().unwrap()).collect(),
+            "--repeat" => o.repeat = value.parse().unwrap(),
             "--batch" => o.batch = value.parse().unwrap(),
             "--seconds" => o.seconds = value.parse().unwrap(),
             "--isa" => {
@@ -181,6 +197,9 @@ fn time(seconds: f64, mut f: impl FnMut()) -> (Duration, Option<Duration>, Optio
 
 fn main() {
     let o = parse();
+    if !o.rows.is_empty() {
+        return rows_table(&o);
+    }
     println!("isa {:?}, batch {}, {:.1} s per measurement", o.isa, o.batch, o.seconds);
     println!(
         "{:<6} {:>11} {:>7} {:>12} {:>10} {:>12} {:>10} {:>12}",
@@ -257,6 +276,71 @@ fn main() {
                     bytes / decode / 1e9,
                     1.0 / prompt
                 );
+            }
+        }
+    }
+}
+
+/// The `--rows` table: per type, shape, thread count and number of activation rows, the milliseconds of one product
+/// by each path (see the top of this file).
+fn rows_table(o: &Options) {
+    const PATHS: [(&str, Option<MatmulPath>); 5] = [
+        ("before", None),
+        ("row", Some(MatmulPath::RowByRow)),
+        ("multi", Some(MatmulPath::MultiRow)),
+        ("gemm", Some(MatmulPath::Gemm)),
+        ("auto", Some(MatmulPath::Auto)),
+    ];
+    println!("isa {:?}; ms per product, best of {} rounds of {:.1} s per path", o.isa, o.repeat, o.seconds);
+    print!("{:<6} {:>11} {:>7} {:>4}", "type", "shape", "threads", "n");
+    for (name, _) in PATHS {
+        print!(" {name:>8}");
+    }
+    println!(" {:>14}", "before/auto");
+    for &ty in &o.types {
+        for &(rows, cols) in &o.shapes {
+            let matrix_bytes = rows * row_size(ty, cols).unwrap();
+            let copies = if o.hot { 1 } else { (256usize << 20).div_ceil(matrix_bytes).max(2) };
+            let weights: Vec<Vec<u8>> =
+                (0..copies).map(|i| random_weights(ty, rows, cols, 0x9E37 + i as u64)).collect();
+            let matrices: Vec<QuantMatrix> =
+                weights.iter().map(|d| QuantMatrix::new(ty, rows, cols, d).unwrap()).collect();
+            let max_n = o.rows.iter().copied().max().unwrap();
+            let mut state = 7u64;
+            let x: Vec<f32> = (0..max_n * cols)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect();
+            let mut out = vec![0f32; max_n * rows];
+            for &threads in &o.threads {
+                let pool = ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                for &n in &o.rows {
+                    let mut best = [f64::INFINITY; PATHS.len()];
+                    for _ in 0..o.repeat {
+                        for (i, &(_, path)) in PATHS.iter().enumerate() {
+                            // Before the multi-row kernels: row by row below 8 rows, the GEMM (on AVX-512) from 8.
+                            let path = path.unwrap_or(if n < 8 { MatmulPath::RowByRow } else { MatmulPath::Gemm });
+                            let mut next = 0;
+                            let (wall, cpu, _) = time(o.seconds / o.repeat as f64, || {
+                                next = (next + 1) % matrices.len();
+                                let (x, out) = (&x[..n * cols], &mut out[..n * rows]);
+                                matmul_path(o.isa, path, &matrices[next], x, n, out, &pool).unwrap();
+                            });
+                            let t = match cpu {
+                                Some(cpu) if threads == 1 => cpu,
+                                _ => wall,
+                            };
+                            best[i] = best[i].min(t.as_secs_f64() * 1e3);
+                        }
+                    }
+                    print!("{:<6} {:>11} {:>7} {:>4}", ty.name(), format!("{rows}x{cols}"), threads, n);
+                    for t in best {
+                        print!(" {t:>8.3}");
+                    }
+                    println!(" {:>14.2}", best[0] / best[4]);
+                }
             }
         }
     }

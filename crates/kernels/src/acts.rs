@@ -117,9 +117,9 @@ impl ActsQ8_0 {
     }
 }
 
-/// Below this many activation rows, AVX-512 activations also get the natural order (the GEMM path, from 8 rows,
-/// has its own layout).
-const NATURAL_MAX_ROWS: usize = 8;
+/// Below this many activation rows, AVX-512 activations also get the natural order, for the q4_0 row and multi-row
+/// kernels (the GEMM path, which takes over well before, has its own layout).
+const NATURAL_MAX_ROWS: usize = 32;
 
 /// The reference: ggml's `quantize_row_q8_0_ref` per block, stored pair-interleaved.
 fn quantize_q8_0_row_scalar(x: &[f32], zero_point: i32, qs: &mut [i8], d: &mut [f32], bias: &mut [i32]) {

@@ -19,9 +19,16 @@
 //!
 //! * One activation row (decoding): each weight row is streamed once through a row kernel that unpacks and
 //!   multiplies 64 weights per step. This is bound by memory bandwidth.
-//! * Eight activation rows or more on AVX-512 (prompt processing): chunks of 32 weight rows are unpacked once to
-//!   bytes, and a register-blocked VNNI kernel multiplies them with 16 activation rows at a time. Every weight byte
-//!   is read from memory once per call.
+//! * A few activation rows (a server decoding several sequences in one step): multi-row kernels load and unpack
+//!   each weight block once and multiply it with up to 8 activation rows, each with its own accumulators (more rows
+//!   go in passes of at most 8, each over the same L2-sized piece of weights). Per activation row they do the
+//!   one-row kernel's integer sums and float operations in its order, so every output is bit for bit what that row
+//!   alone would give.
+//! * Many activation rows on AVX-512 (prompt processing; from 11 rows for q4_0, 10 for q8_0, 14 for q4_K, 17 for
+//!   q6_K, where it overtakes the multi-row kernels): chunks of 32 weight rows are unpacked once to bytes, and a
+//!   register-blocked VNNI kernel multiplies them with 16 activation rows at a time.
+//!
+//! On every path each weight byte is read from memory once per call.
 //!
 //! Threads: the caller owns a rayon [`ThreadPool`] (re-exported, with [`ThreadPoolBuilder`]) and passes it in; a
 //! call splits the output rows into chunks that the pool's threads take from a shared counter, and returns when
@@ -49,7 +56,7 @@ pub use attention::{attention, attention_with, f32_to_f16, AttentionSeq, HeadLay
 pub use blocks::*;
 pub use dequant::dequantize_row;
 pub use isa::Isa;
-pub use matmul::{matmul, matmul_with, QuantMatrix};
+pub use matmul::{matmul, matmul_path, matmul_with, MatmulPath, QuantMatrix};
 pub use quant::quantize_row;
 pub use rayon::{ThreadPool, ThreadPoolBuilder};
 pub use types::{row_size, Error, GgmlType, Result, QK, QK_K};

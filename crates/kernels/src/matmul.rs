@@ -9,7 +9,7 @@ use rayon::ThreadPool;
 
 use crate::dequant::dequantize_row;
 use crate::isa::Isa;
-use crate::kernels::{self, ActKind, Activations};
+use crate::kernels::{self, ActKind, ActRow, Activations};
 use crate::types::{check_len, row_size, Error, GgmlType, Result};
 
 /// A `rows × cols` weight matrix of type `ty`, stored row after row in `data` exactly as in a GGUF tensor
@@ -68,12 +68,59 @@ impl<'a> QuantMatrix<'a> {
 /// slower (or are preempted) simply claim fewer. A pool of one thread, or a small product, runs on the calling
 /// thread alone. Results do not depend on the number of threads: each output is computed by the same code in the
 /// same order whichever thread computes it.
+///
+/// Nor, until the GEMM takes over (AVX-512, from 10 to 17 activation rows by type), on the number of activation
+/// rows: the multi-row kernels that multiply a few rows together give each row's outputs bit for bit as a product
+/// of that row alone. (The GEMM sums in another order: its results differ in the last bits.)
 pub fn matmul(w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPool) -> Result<()> {
     matmul_with(Isa::detect(), w, x, n, out, pool)
 }
 
 /// [`matmul`] at a chosen instruction-set level (for tests and measurements); `isa` must be available.
+///
+/// `VICUNA_KERNELS_MULTI_ROW=0` in the environment (read once) turns the multi-row kernels off: products take the
+/// path they took before them, one activation row at a time below 8 rows and the GEMM from 8 (for measuring the
+/// difference on a whole model).
 pub fn matmul_with(isa: Isa, w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPool) -> Result<()> {
+    static MULTI_ROW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let multi_row = *MULTI_ROW.get_or_init(|| std::env::var("VICUNA_KERNELS_MULTI_ROW").map_or(true, |v| v != "0"));
+    let path = match (multi_row, n < 8) {
+        (true, _) => MatmulPath::Auto,
+        (false, true) => MatmulPath::RowByRow,
+        (false, false) => MatmulPath::Gemm,
+    };
+    matmul_path(isa, path, w, x, n, out, pool)
+}
+
+/// The ways [`matmul_path`] can take through a product. [`matmul`] and [`matmul_with`] use `Auto`; the others are
+/// for measuring one against another (crates/kernels/examples/kernel_bench.rs), not for use.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// The fastest measured for the type and the number of activation rows (see [`matmul`]).
+    Auto,
+    /// The one-row kernel once per activation row, over L2-sized pieces of the weights (what two to seven rows took
+    /// before the multi-row kernels).
+    RowByRow,
+    /// The multi-row kernels, in passes of at most `kernels::MAX_MULTI_ROWS` activation rows (row by row where the
+    /// type has none).
+    MultiRow,
+    /// The AVX-512 GEMM (the multi-row path where the type or the instruction set has none).
+    Gemm,
+}
+
+/// [`matmul_with`] taking the given [`MatmulPath`]. Every path computes the same products; all but the GEMM give
+/// the same bits.
+#[doc(hidden)]
+pub fn matmul_path(
+    isa: Isa,
+    path: MatmulPath,
+    w: &QuantMatrix,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    pool: &ThreadPool,
+) -> Result<()> {
     check_len("activations", n * w.cols, x.len())?;
     check_len("output", n * w.rows, out.len())?;
     assert!(isa.is_available(), "{isa:?} kernels requested on a CPU without them");
@@ -83,32 +130,60 @@ pub fn matmul_with(isa: Isa, w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f3
     let shared_out = SharedOut { ptr: out.as_mut_ptr(), rows: w.rows };
 
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && kernels::avx512_gemm::use_gemm(w.ty, n) {
-        let tiles = kernels::avx512_gemm::ActTiles::new(w.ty, x, n, w.cols, pool);
-        let schedule = Schedule::Fixed(kernels::avx512_gemm::CHUNK_ROWS);
-        run_rows(pool, w.rows, schedule, true, |rows, scratch: &mut Scratch| {
-            // SAFETY: AVX-512 is available (asserted above); chunks cover disjoint row ranges of `out`.
-            unsafe { kernels::avx512_gemm::gemm(w, rows, &tiles, n, shared_out, &mut scratch.gemm) };
-        });
-        return Ok(());
+    {
+        let gemm = match path {
+            MatmulPath::Auto => kernels::avx512_gemm::use_gemm(w.ty, n),
+            MatmulPath::Gemm => kernels::avx512_gemm::has_gemm(w.ty),
+            MatmulPath::RowByRow | MatmulPath::MultiRow => false,
+        };
+        if isa == Isa::Avx512 && gemm {
+            let tiles = kernels::avx512_gemm::ActTiles::new(w.ty, x, n, w.cols, pool);
+            let schedule = Schedule::Fixed(kernels::avx512_gemm::CHUNK_ROWS);
+            run_rows(pool, w.rows, schedule, true, |rows, scratch: &mut Scratch| {
+                // SAFETY: AVX-512 is available (asserted above); chunks cover disjoint row ranges of `out`.
+                unsafe { kernels::avx512_gemm::gemm(w, rows, &tiles, n, shared_out, &mut scratch.gemm) };
+            });
+            return Ok(());
+        }
     }
 
     let acts = Activations::new(ActKind::for_weights(w.ty), x, n, w.cols, isa);
     let min_rows = min_chunk_rows(w.row_bytes);
     let parallel = w.data.len().saturating_mul(n) >= PARALLEL_MIN_BYTES;
+    let multi = n > 1 && path != MatmulPath::RowByRow && kernels::has_multi_row_kernel(w.ty);
+    // Activation rows taken together: all of them, in passes of at most MAX_MULTI_ROWS, on the multi-row path; one
+    // at a time otherwise.
+    let passes = if multi { n.div_ceil(kernels::MAX_MULTI_ROWS) } else { n };
+    let pass = |p: usize| (p * n / passes)..((p + 1) * n / passes);
     run_rows(pool, w.rows, Schedule::Guided { min_rows }, parallel, |rows, scratch: &mut Scratch| {
         if kernels::has_row_kernel(w.ty) {
-            // A chunk may be larger than L2: take it in L2-sized pieces, each for every activation row, so that
-            // the weights come from memory once. One activation row takes the chunk whole: the kernels prefetch
-            // ahead within the rows they are given, and a piece's last 32 KiB would otherwise go unprefetched.
-            let piece_rows = if n == 1 { rows.len().max(1) } else { min_rows };
+            // A chunk may be larger than L2: with several passes over the activations, take it in L2-sized pieces,
+            // each for every pass, so that the weights come from memory once. A single pass takes the chunk whole:
+            // the kernels prefetch ahead within the rows they are given, and a piece's last 32 KiB would otherwise
+            // go unprefetched.
+            let piece_rows = if passes == 1 { rows.len().max(1) } else { min_rows };
             for start in rows.clone().step_by(piece_rows) {
                 let piece = start..(start + piece_rows).min(rows.end);
                 let data = w.rows_data(piece.clone());
-                for c in 0..n {
-                    // SAFETY: chunks cover disjoint row ranges, so no two threads write the same outputs.
-                    let out = unsafe { shared_out.column(c, piece.clone()) };
-                    kernels::rows(isa, w.ty, data, w.row_bytes, acts.row(c), out);
+                for p in 0..passes {
+                    let cs = pass(p);
+                    if cs.len() == 1 {
+                        // SAFETY: chunks cover disjoint row ranges, so no two threads write the same outputs.
+                        let out = unsafe { shared_out.column(cs.start, piece.clone()) };
+                        kernels::rows(isa, w.ty, data, w.row_bytes, acts.row(cs.start), out);
+                        continue;
+                    }
+                    let x: [ActRow; kernels::MAX_MULTI_ROWS] =
+                        std::array::from_fn(|i| acts.row((cs.start + i).min(cs.end - 1)));
+                    // SAFETY: as above; the columns of one pass are distinct.
+                    let mut outs: [&mut [f32]; kernels::MAX_MULTI_ROWS] = std::array::from_fn(|i| {
+                        if i < cs.len() {
+                            unsafe { shared_out.column(cs.start + i, piece.clone()) }
+                        } else {
+                            &mut [][..]
+                        }
+                    });
+                    kernels::rows_multi(isa, w.ty, data, w.row_bytes, &x[..cs.len()], &mut outs[..cs.len()]);
                 }
             }
         } else {

@@ -1,8 +1,10 @@
 //! The matmul kernels: the scalar reference against exact arithmetic and against ggml, every SIMD level against the
-//! scalar one on ragged shapes, and multi-threaded runs against single-threaded ones bit for bit.
+//! scalar one on ragged shapes, the multi-row kernels against the one-row kernels bit for bit, and multi-threaded
+//! runs against single-threaded ones bit for bit.
 
 use vicuna_kernels::{
-    dequantize_row, matmul_with, quantize_row, row_size, GgmlType, Isa, QuantMatrix, ThreadPool, ThreadPoolBuilder,
+    dequantize_row, matmul_path, matmul_with, quantize_row, row_size, GgmlType, Isa, MatmulPath, QuantMatrix,
+    ThreadPool, ThreadPoolBuilder,
 };
 
 /// A small deterministic generator (64-bit LCG, top bits), so failures reproduce.
@@ -137,7 +139,8 @@ fn simd_kernels_match_scalar_on_ragged_shapes() {
         }
         for ty in ALL_WEIGHT_TYPES {
             for &k in lengths(ty) {
-                for (rows, n) in [(1, 1), (7, 2), (16, 3), (17, 5), (33, 8), (70, 17), (40, 9)] {
+                for (rows, n) in [(1, 1), (7, 2), (16, 3), (5, 4), (17, 5), (23, 6), (9, 7), (33, 8), (70, 17), (40, 9)]
+                {
                     let data = quantized_matrix(ty, rows, k, &mut rng);
                     let x = rng.values(n * k, 1.0);
                     let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
@@ -148,6 +151,109 @@ fn simd_kernels_match_scalar_on_ragged_shapes() {
                     let reference: Vec<f64> = reference.iter().map(|&v| v as f64).collect();
                     assert_close(&out, &reference, &magnitude, &format!("{isa:?} {ty} k={k} rows={rows} n={n}"));
                 }
+            }
+        }
+    }
+}
+
+/// The types with multi-row kernels, and two without (which must still take whatever path `MultiRow` gives them).
+const MULTI_ROW_TYPES: [GgmlType; 6] =
+    [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::F16, GgmlType::Q5_K];
+
+/// Every instruction-set level this CPU has, the scalar reference first.
+fn available_isas() -> Vec<Isa> {
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.is_available()).collect()
+}
+
+/// `n` single-row products, one per activation row, laid out as one `n`-row product.
+fn row_by_row(isa: Isa, w: &QuantMatrix, x: &[f32], n: usize) -> Vec<f32> {
+    let (rows, k) = (w.rows(), w.cols());
+    let mut out = vec![f32::NAN; n * rows];
+    for c in 0..n {
+        matmul_with(isa, w, &x[c * k..(c + 1) * k], 1, &mut out[c * rows..(c + 1) * rows], &pool(1)).unwrap();
+    }
+    out
+}
+
+#[test]
+fn multi_row_kernels_equal_one_row_kernels_bit_for_bit() {
+    // The multi-row kernels share only the (exact) unpacking between activation rows; per row they do the one-row
+    // kernel's float operations in its order, so any number of rows, in any passes, gives the one-row bits.
+    let single = pool(1);
+    let mut rng = Rng(5);
+    for isa in available_isas() {
+        for ty in MULTI_ROW_TYPES {
+            for &k in lengths(ty) {
+                for (rows, n) in [(1, 2), (7, 3), (17, 4), (33, 5), (5, 6), (23, 7), (40, 8), (9, 9), (3, 13)] {
+                    let data = quantized_matrix(ty, rows, k, &mut rng);
+                    let x = rng.values(n * k, 1.0);
+                    let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
+                    let expected = row_by_row(isa, &w, &x, n);
+                    let mut out = vec![f32::NAN; n * rows];
+                    matmul_path(isa, MatmulPath::MultiRow, &w, &x, n, &mut out, &single).unwrap();
+                    let same = out.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa:?} {ty} k={k} rows={rows} n={n}: multi-row differs from row by row");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_multi_row_kernels_match_scalar() {
+    let single = pool(1);
+    let mut rng = Rng(6);
+    for isa in available_isas().into_iter().filter(|&isa| isa != Isa::Scalar) {
+        for ty in MULTI_ROW_TYPES {
+            for &k in lengths(ty) {
+                for n in 2..=9 {
+                    // Weight-row counts that are not multiples of anything the kernels or the chunks use.
+                    let rows = [1, 3, 7, 13, 19, 29, 37, 45][n - 2];
+                    let data = quantized_matrix(ty, rows, k, &mut rng);
+                    let x = rng.values(n * k, 1.0);
+                    let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
+                    let (mut reference, mut out) = (vec![0f32; n * rows], vec![f32::NAN; n * rows]);
+                    matmul_path(Isa::Scalar, MatmulPath::MultiRow, &w, &x, n, &mut reference, &single).unwrap();
+                    matmul_path(isa, MatmulPath::MultiRow, &w, &x, n, &mut out, &single).unwrap();
+                    let (_, magnitude) = exact_product(ty, &data, rows, k, &x, n);
+                    let reference: Vec<f64> = reference.iter().map(|&v| v as f64).collect();
+                    assert_close(&out, &reference, &magnitude, &format!("{isa:?} {ty} k={k} rows={rows} n={n}"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn any_batch_size_equals_single_rows() {
+    // What `matmul` does for 1..=17 activation rows (row kernels, multi-row kernels or the GEMM, whichever it picks)
+    // against one row at a time: the same bits where it keeps to the row kernels' arithmetic, within rounding where
+    // the GEMM sums in its own order. Large enough for both threads of a two-thread pool to take chunks.
+    let two = pool(2);
+    let mut rng = Rng(7);
+    for isa in available_isas() {
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+            let (rows, k) = (301, 1024);
+            let data = quantized_matrix(ty, rows, k, &mut rng);
+            let x = rng.values(17 * k, 1.0);
+            let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
+            for n in 1..=17 {
+                let x = &x[..n * k];
+                let expected = row_by_row(isa, &w, x, n);
+                let mut out = vec![f32::NAN; n * rows];
+                matmul_with(isa, &w, x, n, &mut out, &two).unwrap();
+                let mut gemm = vec![f32::NAN; n * rows];
+                matmul_path(isa, MatmulPath::Gemm, &w, x, n, &mut gemm, &two).unwrap();
+                let same = out.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
+                let what = format!("{isa:?} {ty} n={n}");
+                if !same {
+                    // Only the GEMM may differ, and then `matmul` must have taken it.
+                    assert!(isa == Isa::Avx512, "{what}: differs from row by row");
+                    assert!(out.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: not the GEMM");
+                }
+                let (_, magnitude) = exact_product(ty, &data, rows, k, x, n);
+                let expected: Vec<f64> = expected.iter().map(|&v| v as f64).collect();
+                assert_close(&out, &expected, &magnitude, &what);
             }
         }
     }

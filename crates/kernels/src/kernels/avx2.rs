@@ -12,7 +12,7 @@ use crate::types::QK;
 /// lane order the pair-interleaved activations give). `second_d` is null when the pair has one block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pair_scale(first_d: *const u8, second_d: *const u8, x_d: *const f32) -> __m256 {
+pub(crate) unsafe fn pair_scale(first_d: *const u8, second_d: *const u8, x_d: *const f32) -> __m256 {
     let second = if second_d.is_null() { 0.0 } else { half_at(second_d) };
     let dw = _mm_setr_ps(half_at(first_d), second, 0.0, 0.0);
     let both = _mm_mul_ps(dw, _mm_castpd_ps(_mm_load_sd(x_d.cast())));
@@ -23,7 +23,7 @@ unsafe fn pair_scale(first_d: *const u8, second_d: *const u8, x_d: *const f32) -
 /// pair's biases; lanes alternate between the two blocks.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn pair_isum(low: __m256i, high: __m256i, x: Q8_0Row, pair: usize) -> __m256i {
+pub(crate) unsafe fn pair_isum(low: __m256i, high: __m256i, x: Q8_0Row, pair: usize) -> __m256i {
     let xq = x.qs.as_ptr().add(pair * 2 * QK);
     let ones = _mm256_set1_epi16(1);
     // A nibble times a signed byte, summed in pairs and then over the two halves, stays below 4·15·127: no i16
@@ -101,7 +101,7 @@ pub(crate) unsafe fn rows_q8_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut
 /// Σ_g weights[g] · (bsums[2g] + bsums[2g + 1]) over the 8 groups of 32, with `weights` as the bytes of a u64.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn group32_weighted_bsums(weights: u64, y: &BlockQ8K) -> i32 {
+pub(crate) unsafe fn group32_weighted_bsums(weights: u64, y: &BlockQ8K) -> i32 {
     let w16 =
         _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_cvtsi64_si128(weights as i64), _mm_cvtsi64_si128(weights as i64)));
     let prod = _mm256_madd_epi16(w16, _mm256_loadu_si256(y.bsums.as_ptr().cast()));

@@ -32,7 +32,7 @@ pub(crate) const GF2_LOW_NIBBLE: i64 = gf2_bit_select([0, 1, 2, 3, -1, -1, -1, -
 /// Moves the high nibble of each byte to the low nibble.
 pub(crate) const GF2_HIGH_NIBBLE: i64 = gf2_bit_select([4, 5, 6, 7, -1, -1, -1, -1]);
 /// Bits `s, s + 1` of each byte to bits 4, 5 (the top two bits of a 6-bit q6_K value), others cleared.
-const fn gf2_two_bits_to_4(s: i8) -> i64 {
+pub(crate) const fn gf2_two_bits_to_4(s: i8) -> i64 {
     gf2_bit_select([-1, -1, -1, -1, s, s + 1, -1, -1])
 }
 
@@ -100,7 +100,7 @@ const fn pair_scale_indices(second_block_offset: usize) -> [u8; 64] {
 
 /// `vpermb` indices taking the quants of two q8_0 blocks (the first block's in bytes 0..32, the second's in
 /// 32..64) into the pair-interleaved order.
-const fn q8_0_pair_indices() -> [u8; 64] {
+pub(crate) const fn q8_0_pair_indices() -> [u8; 64] {
     let mut idx = [0u8; 64];
     let mut o = 0;
     while o < 64 {
@@ -114,21 +114,21 @@ const fn q8_0_pair_indices() -> [u8; 64] {
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn load_indices(idx: &[u8; 64]) -> __m512i {
+pub(crate) unsafe fn load_indices(idx: &[u8; 64]) -> __m512i {
     _mm512_loadu_si512(idx.as_ptr().cast())
 }
 
 /// The two activation scales of a pair, repeated over the eight even/odd lane pairs.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn pair_scales(d: *const f32) -> __m512 {
+pub(crate) unsafe fn pair_scales(d: *const f32) -> __m512 {
     _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(d.cast::<f64>())))
 }
 
 /// The two activation biases of a pair in lanes 0 and 1, zeros elsewhere: added once per block.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn pair_biases(bias: *const i32) -> __m512i {
+pub(crate) unsafe fn pair_biases(bias: *const i32) -> __m512i {
     _mm512_zextsi128_si512(_mm_loadl_epi64(bias.cast()))
 }
 
@@ -154,7 +154,7 @@ const PREFETCH_DISTANCE: usize = 32 << 10;
 /// weights the call was given: past it lie rows another thread may be multiplying, or nothing).
 #[inline]
 #[target_feature(enable = "sse")]
-unsafe fn prefetch_ahead<const LINES: usize>(p: *const u8, end: *const u8) {
+pub(crate) unsafe fn prefetch_ahead<const LINES: usize>(p: *const u8, end: *const u8) {
     let ahead = p.wrapping_add(PREFETCH_DISTANCE);
     if ahead < end {
         for line in 0..LINES {
@@ -168,7 +168,7 @@ unsafe fn prefetch_ahead<const LINES: usize>(p: *const u8, end: *const u8) {
 /// # Safety
 /// `p` must be valid for reading two bytes.
 #[inline]
-unsafe fn half_bits(p: *const u8) -> u64 {
+pub(crate) unsafe fn half_bits(p: *const u8) -> u64 {
     std::ptr::read_unaligned(p.cast::<u16>()) as u64
 }
 
@@ -321,7 +321,7 @@ pub(crate) unsafe fn rows_q8_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut
 /// `vpermb` indices spreading scale bytes over dword lanes: lane `l` gets byte `first + l / 8` (the rest of the
 /// dword is zeroed by the mask [`LOW_BYTE_OF_DWORD`]), matching a `vpdpbusd` result whose lanes 0..8 sum one
 /// group of 32 values and lanes 8..16 the next.
-const fn dword_spread_indices(first: usize, lanes_per_value: usize) -> [u8; 64] {
+pub(crate) const fn dword_spread_indices(first: usize, lanes_per_value: usize) -> [u8; 64] {
     let mut idx = [0u8; 64];
     let mut lane = 0;
     while lane < 16 {
@@ -331,10 +331,10 @@ const fn dword_spread_indices(first: usize, lanes_per_value: usize) -> [u8; 64] 
     idx
 }
 
-const LOW_BYTE_OF_DWORD: __mmask64 = 0x1111_1111_1111_1111;
+pub(crate) const LOW_BYTE_OF_DWORD: __mmask64 = 0x1111_1111_1111_1111;
 
 /// `vpternlogd` immediate for `(a & c) | b`, written with the operands' truth-table columns.
-const A_AND_C_OR_B: i32 = (0xF0 & 0xAA) | 0xCC;
+pub(crate) const A_AND_C_OR_B: i32 = (0xF0 & 0xAA) | 0xCC;
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
 pub(crate) unsafe fn rows_q4_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {

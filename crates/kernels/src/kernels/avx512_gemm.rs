@@ -8,7 +8,7 @@
 //! * tiles hold the activations as unsigned bytes `x + 128`, transposed so that one 64-byte load gives four
 //!   consecutive values of 16 activation rows; `vpdpbusd` takes them against a broadcast of four weights;
 //! * the `+ 128` is undone by starting each group's sum at `-128 · Σ w` (the panel stores that per row and group);
-//! * per group (32 values; 16 for q6_K) the integer sums are scaled by the activation scales (a vector over the 16
+//! * per group (32 values; 17 for q6_K) the integer sums are scaled by the activation scales (a vector over the 16
 //!   activation rows) and the weight scale (a broadcast), and for q4_K the group minimum is subtracted.
 //!
 //! Each weight byte is read from memory once per call; the panel of a chunk (32 rows) stays in L2 while every
@@ -32,11 +32,29 @@ pub(crate) const CHUNK_ROWS: usize = 32;
 const KERNEL_ROWS: usize = 8;
 /// Activation rows per tile: one per 32-bit lane.
 const TILE: usize = 16;
-/// From this many activation rows on, unpacking weights once beats the row kernels.
-const MIN_ROWS: usize = 8;
-
+/// Whether the GEMM multiplies weights of type `ty` with `n` activation rows (on AVX-512), rather than the
+/// multi-row kernels.
+///
+/// The GEMM computes whole tiles of 16 activation rows, so it costs nearly as much for 8 rows as for 16, while the
+/// multi-row kernels cost about one more unpacked-weight dot per row. Where the two cross was measured with
+/// `kernel_bench --rows` (13824x5120, weights from DRAM, one thread, Zen 4): q4_0 multi-row 8.0 ms at 10 rows
+/// against the GEMM's 8.5, 8.7 against 8.3 at 11; q8_0 10.1 against 10.8 at 9 rows, 11.4 against 10.5 at 10; q4_K
+/// 8.9 against 9.3 at 13, even at 14; q6_K, whose GEMM is the slowest, even at 16 (and 11.0 against 12.5 at 16 on
+/// 5120x13824), so from 17, where the multi-row path needs a third pass.
 pub(crate) fn use_gemm(ty: GgmlType, n: usize) -> bool {
-    n >= MIN_ROWS && matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K)
+    let min_rows = match ty {
+        GgmlType::Q4_0 => 11,
+        GgmlType::Q8_0 => 10,
+        GgmlType::Q4_K => 14,
+        GgmlType::Q6_K => 17,
+        _ => return false,
+    };
+    n >= min_rows
+}
+
+/// Whether there is a GEMM for weights of type `ty`.
+pub(crate) fn has_gemm(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K)
 }
 
 /// Values per scale group: the unit whose integer sum gets one weight scale and one activation scale.
