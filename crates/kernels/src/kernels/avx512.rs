@@ -386,41 +386,47 @@ pub(crate) unsafe fn rows_q4_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: 
     }
 }
 
+/// The constants that unpack a q6_K super-block, built once per call by the one-row and the multi-row kernels.
+pub(crate) struct Q6kUnpack {
+    pub low_nibble: __m512i,
+    pub high_nibble: __m512i,
+    /// For values l (first 256 bits) and l + 32 (second): top bits 0,1 resp. 2,3 of qh[l] ...
+    pub top_bits_first: __m512i,
+    /// ... then 4,5 resp. 6,7.
+    pub top_bits_second: __m512i,
+    /// Lane l of the scale vector for values 64u.. gets group scale 4u + l / 4 in its low word.
+    pub spread: [__m512i; 4],
+}
+
+impl Q6kUnpack {
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(crate) unsafe fn new() -> Q6kUnpack {
+        // Bit pair `low` of qh in the low 256 bits, pair `high` in the high 256 bits.
+        let top_bits = |low: i8, high: i8| {
+            let (l, h) = (gf2_two_bits_to_4(low), gf2_two_bits_to_4(high));
+            _mm512_set_epi64(h, h, h, h, l, l, l, l)
+        };
+        Q6kUnpack {
+            low_nibble: _mm512_set1_epi8(0x0F),
+            high_nibble: _mm512_set1_epi64(GF2_HIGH_NIBBLE),
+            top_bits_first: top_bits(0, 2),
+            top_bits_second: top_bits(4, 6),
+            spread: std::array::from_fn(|u| {
+                let mut idx = [0u16; 32];
+                for lane in 0..16 {
+                    idx[2 * lane] = (4 * u + lane / 4) as u16;
+                }
+                _mm512_loadu_si512(idx.as_ptr().cast())
+            }),
+        }
+    }
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
 pub(crate) unsafe fn rows_q6_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
     const BLOCK_BYTES: usize = 210;
     let blocks = row_bytes / BLOCK_BYTES;
-    let low_nibble = _mm512_set1_epi8(0x0F);
-    let high_nibble = _mm512_set1_epi64(GF2_HIGH_NIBBLE);
-    // For values l (first 256 bits) and l + 32 (second): top bits 0,1 resp. 2,3 of qh[l]; then 4,5 resp. 6,7.
-    let top_bits_first = _mm512_set_epi64(
-        gf2_two_bits_to_4(2),
-        gf2_two_bits_to_4(2),
-        gf2_two_bits_to_4(2),
-        gf2_two_bits_to_4(2),
-        gf2_two_bits_to_4(0),
-        gf2_two_bits_to_4(0),
-        gf2_two_bits_to_4(0),
-        gf2_two_bits_to_4(0),
-    );
-    let top_bits_second = _mm512_set_epi64(
-        gf2_two_bits_to_4(6),
-        gf2_two_bits_to_4(6),
-        gf2_two_bits_to_4(6),
-        gf2_two_bits_to_4(6),
-        gf2_two_bits_to_4(4),
-        gf2_two_bits_to_4(4),
-        gf2_two_bits_to_4(4),
-        gf2_two_bits_to_4(4),
-    );
-    // Lane l of the scale vector for values 64u.. gets group scale 4u + l / 4 in its low word.
-    let spread: [__m512i; 4] = std::array::from_fn(|u| {
-        let mut idx = [0u16; 32];
-        for lane in 0..16 {
-            idx[2 * lane] = (4 * u + lane / 4) as u16;
-        }
-        _mm512_loadu_si512(idx.as_ptr().cast())
-    });
+    let Q6kUnpack { low_nibble, high_nibble, top_bits_first, top_bits_second, spread } = Q6kUnpack::new();
     let end = w.as_ptr_range().end;
     for (row, o) in w.chunks_exact(row_bytes).zip(out) {
         let p = row.as_ptr();

@@ -14,8 +14,8 @@ use std::arch::x86_64::*;
 use crate::acts::Q8_0Row;
 use crate::blocks::{scales_mins_k4_words, BlockQ8K};
 use crate::kernels::avx512::{
-    dword_spread_indices, gf2_two_bits_to_4, half_bits, load_indices, low_then_high_nibbles, pair_biases, pair_scales,
-    prefetch_ahead, q8_0_pair_indices, A_AND_C_OR_B, GF2_HIGH_NIBBLE, LOW_BYTE_OF_DWORD,
+    dword_spread_indices, half_bits, load_indices, low_then_high_nibbles, pair_biases, pair_scales, prefetch_ahead,
+    q8_0_pair_indices, Q6kUnpack, A_AND_C_OR_B, GF2_HIGH_NIBBLE, LOW_BYTE_OF_DWORD,
 };
 use crate::kernels::x86::{half_at, reduce_add_256};
 use crate::types::QK;
@@ -209,35 +209,7 @@ pub(crate) unsafe fn rows_q6_k<const R: usize>(
     const BLOCK_BYTES: usize = 210;
     debug_assert_eq!(out.len(), R);
     let blocks = row_bytes / BLOCK_BYTES;
-    let low_nibble = _mm512_set1_epi8(0x0F);
-    let high_nibble = _mm512_set1_epi64(GF2_HIGH_NIBBLE);
-    let top_bits_first = _mm512_set_epi64(
-        gf2_two_bits_to_4(2),
-        gf2_two_bits_to_4(2),
-        gf2_two_bits_to_4(2),
-        gf2_two_bits_to_4(2),
-        gf2_two_bits_to_4(0),
-        gf2_two_bits_to_4(0),
-        gf2_two_bits_to_4(0),
-        gf2_two_bits_to_4(0),
-    );
-    let top_bits_second = _mm512_set_epi64(
-        gf2_two_bits_to_4(6),
-        gf2_two_bits_to_4(6),
-        gf2_two_bits_to_4(6),
-        gf2_two_bits_to_4(6),
-        gf2_two_bits_to_4(4),
-        gf2_two_bits_to_4(4),
-        gf2_two_bits_to_4(4),
-        gf2_two_bits_to_4(4),
-    );
-    let spread: [__m512i; 4] = std::array::from_fn(|u| {
-        let mut idx = [0u16; 32];
-        for lane in 0..16 {
-            idx[2 * lane] = (4 * u + lane / 4) as u16;
-        }
-        _mm512_loadu_si512(idx.as_ptr().cast())
-    });
+    let Q6kUnpack { low_nibble, high_nibble, top_bits_first, top_bits_second, spread } = Q6kUnpack::new();
     let end = w.as_ptr_range().end;
     for (r, row) in w.chunks_exact(row_bytes).enumerate() {
         let p = row.as_ptr();
