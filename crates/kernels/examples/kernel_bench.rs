@@ -209,20 +209,11 @@ fn main() {
         // Per thread count: seconds per decode step and per prompt token, summed over the 13B shapes.
         let mut step = vec![(0.0f64, 0.0f64, 0.0f64); o.threads.len()];
         for &(rows, cols) in &o.shapes {
-            let matrix_bytes = rows * row_size(ty, cols).unwrap();
-            // Enough distinct copies to exceed the last-level cache several times over.
-            let copies = if o.hot { 1 } else { (256usize << 20).div_ceil(matrix_bytes).max(2) };
-            let weights: Vec<Vec<u8>> =
-                (0..copies).map(|i| random_weights(ty, rows, cols, 0x9E37 + i as u64)).collect();
+            let weights = weight_copies(ty, rows, cols, o.hot);
+            let matrix_bytes = weights[0].len();
             let matrices: Vec<QuantMatrix> =
                 weights.iter().map(|d| QuantMatrix::new(ty, rows, cols, d).unwrap()).collect();
-            let mut state = 7u64;
-            let x: Vec<f32> = (0..o.batch * cols)
-                .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect();
+            let x = random_activations(o.batch * cols);
             let mut out = vec![0f32; o.batch * rows];
             for (ti, &threads) in o.threads.iter().enumerate() {
                 let pool = ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -299,20 +290,11 @@ fn rows_table(o: &Options) {
     println!(" {:>14}", "before/auto");
     for &ty in &o.types {
         for &(rows, cols) in &o.shapes {
-            let matrix_bytes = rows * row_size(ty, cols).unwrap();
-            let copies = if o.hot { 1 } else { (256usize << 20).div_ceil(matrix_bytes).max(2) };
-            let weights: Vec<Vec<u8>> =
-                (0..copies).map(|i| random_weights(ty, rows, cols, 0x9E37 + i as u64)).collect();
+            let weights = weight_copies(ty, rows, cols, o.hot);
             let matrices: Vec<QuantMatrix> =
                 weights.iter().map(|d| QuantMatrix::new(ty, rows, cols, d).unwrap()).collect();
             let max_n = o.rows.iter().copied().max().unwrap();
-            let mut state = 7u64;
-            let x: Vec<f32> = (0..max_n * cols)
-                .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect();
+            let x = random_activations(max_n * cols);
             let mut out = vec![0f32; max_n * rows];
             for &threads in &o.threads {
                 let pool = ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -344,4 +326,23 @@ fn rows_table(o: &Options) {
             }
         }
     }
+}
+
+/// Copies of one random `rows × cols` matrix of type `ty`: enough distinct ones to exceed the last-level cache
+/// several times over (one when `hot`), so that products read their weights from memory.
+fn weight_copies(ty: GgmlType, rows: usize, cols: usize, hot: bool) -> Vec<Vec<u8>> {
+    let matrix_bytes = rows * row_size(ty, cols).unwrap();
+    let copies = if hot { 1 } else { (256usize << 20).div_ceil(matrix_bytes).max(2) };
+    (0..copies).map(|i| random_weights(ty, rows, cols, 0x9E37 + i as u64)).collect()
+}
+
+/// `len` activations in [-0.5, 0.5), the same for every run.
+fn random_activations(len: usize) -> Vec<f32> {
+    let mut state = 7u64;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
 }
