@@ -186,8 +186,8 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
 /// Training allocates and frees tensors of tens to hundreds of megabytes at every step (logits over a 32000-token
 /// vocabulary, activations, gradients). glibc hands blocks that large to `mmap` and returns them to the kernel
 /// when freed, and trims the heap top the same way, so every step page-faults its memory back in: on a tiny model
-/// that was more than half the run's time, in the kernel. Keeping freed memory for reuse costs some peak memory
-/// (a hidden-64 model: 2.7 → 3.4 GB) and halves the time (`vicuna train sft` on 40 chat rows: 22 s → 10 s).
+/// that was more than half the run's time, in the kernel. Keeping freed memory for reuse cut a hidden-64 model's
+/// SFT (bench/quant_quality.sh's run, 1 thread) from 325 s to 67 s, and its peak RSS on 40 rows from 2.7 to 0.6 GB.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's thresholds; called before any training allocation.
