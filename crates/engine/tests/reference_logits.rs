@@ -7,10 +7,9 @@
 #[path = "../../model/tests/expected/mod.rs"]
 mod expected;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use expected::{floats_of, ids_of, max_abs_diff, models_dir, read_expected};
-use serde_json::Value;
 use vicuna_engine::{argmax, generate, GenerationConfig, SamplingParams};
 use vicuna_model::candle_core::{Device, Tensor};
 use vicuna_model::{KvCache, Llama, QuantCache, QuantLlama};

@@ -5,11 +5,10 @@
 mod expected;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use expected::{floats_of, ids_of, max_abs_diff, models_dir, read_expected};
-use serde_json::Value;
 use vicuna_kernels::{dequantize_row, quantize_row, row_size, GgmlType};
 use vicuna_model::candle_core::{Device, Tensor};
 use vicuna_model::native::{KvType, OwnedTensors, QuantCache, QuantLlama};
