@@ -52,6 +52,14 @@ pub struct ServeArgs {
     /// Seconds running requests get to finish after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
+    /// Do not keep computed KV blocks for later requests (by default every full block of a prompt
+    /// and reply is kept, and a request that starts with the same tokens reads only the rest).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+    /// Most KV blocks (of 16 positions) the prefix cache keeps (default: whatever of the KV budget
+    /// running requests leave; least recently used blocks go first).
+    #[arg(long)]
+    pub prefix_cache_blocks: Option<usize>,
     /// The model name the API reports (default: the model folder's name).
     #[arg(long)]
     pub model_id: Option<String>,
@@ -77,6 +85,8 @@ pub fn run_serve(args: ServeArgs, threads: Option<usize>) -> Result<()> {
         api_key,
         payload_limit: args.payload_limit,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        prefix_cache: !args.no_prefix_cache,
+        prefix_cache_blocks: args.prefix_cache_blocks,
     };
     vicuna_server::serve_on(listener, model, tokenizer, options, vicuna_server::shutdown_signal())
         .map_err(|e| e.to_string())?;

@@ -51,11 +51,75 @@ impl HeadLayout {
 pub struct AttentionSeq<'a> {
     /// The new query rows, already rotated: `rows × q_dim`.
     pub queries: &'a [f32],
-    /// Keys of every position of the sequence, the new rows' last: `positions × kv_dim`. The new rows are the
-    /// last `rows` positions, so query row `r` sees positions `0 ..= positions - rows + r`.
-    pub keys: KvSlice<'a>,
+    /// Keys of every position of the sequence, the new rows' last (`positions × kv_dim` in all). The new rows are
+    /// the last `rows` positions, so query row `r` sees positions `0 ..= positions - rows + r`.
+    pub keys: KvView<'a>,
     /// Values, laid out as `keys`.
-    pub values: KvSlice<'a>,
+    pub values: KvView<'a>,
+}
+
+/// A sequence's keys (or values): one buffer of `positions × kv_dim` values, or the pages of a paged KV cache.
+#[derive(Clone, Copy, Debug)]
+pub enum KvView<'a> {
+    Contiguous(KvSlice<'a>),
+    /// `positions` positions in pages of `page_positions` each: page `i` holds positions `i · page_positions ..`
+    /// as `page_positions × kv_dim` values (the last page may hold fewer positions than it has room for).
+    Paged { pages: &'a [KvSlice<'a>], page_positions: usize, positions: usize },
+}
+
+impl<'a> From<KvSlice<'a>> for KvView<'a> {
+    fn from(slice: KvSlice<'a>) -> Self {
+        KvView::Contiguous(slice)
+    }
+}
+
+impl<'a> KvView<'a> {
+    /// Positions held, for `kv_dim` values per position.
+    pub fn positions(&self, kv_dim: usize) -> usize {
+        match self {
+            KvView::Contiguous(s) => s.len() / kv_dim,
+            KvView::Paged { positions, .. } => *positions,
+        }
+    }
+
+    /// The `len` values of position `pos` from value `offset` on.
+    #[inline(always)]
+    fn at(&self, pos: usize, kv_dim: usize, offset: usize, len: usize) -> KvSlice<'a> {
+        let (slice, row) = match *self {
+            KvView::Contiguous(s) => (s, pos),
+            KvView::Paged { pages, page_positions, .. } => (pages[pos / page_positions], pos % page_positions),
+        };
+        let at = row * kv_dim + offset;
+        match slice {
+            KvSlice::F16(s) => KvSlice::F16(&s[at..at + len]),
+            KvSlice::F32(s) => KvSlice::F32(&s[at..at + len]),
+        }
+    }
+
+    /// Checks that the view holds whole positions of `kv_dim` values, every page all it claims; returns how many.
+    fn check(&self, what: &'static str, kv_dim: usize) -> Result<usize> {
+        match *self {
+            KvView::Contiguous(s) => {
+                let positions = s.len() / kv_dim;
+                check_len(what, positions * kv_dim, s.len())?;
+                Ok(positions)
+            }
+            KvView::Paged { pages, page_positions, positions } => {
+                if page_positions == 0 {
+                    return Err(Error::Length { what: "positions per KV page (positive)", expected: 1, actual: 0 });
+                }
+                let needed = positions.div_ceil(page_positions);
+                check_len(what, needed, pages.len().min(needed))?;
+                for (i, page) in pages[..needed].iter().enumerate() {
+                    let held = (positions - i * page_positions).min(page_positions);
+                    if page.len() < held * kv_dim {
+                        return Err(Error::Length { what, expected: held * kv_dim, actual: page.len() });
+                    }
+                }
+                Ok(positions)
+            }
+        }
+    }
 }
 
 /// Cached keys or values: f16 (half the memory; what llama.cpp keeps by default) or f32 (exact).
@@ -145,9 +209,9 @@ fn plan(layout: HeadLayout, seqs: &[AttentionSeq], out_len: usize) -> Result<Vec
     for (index, seq) in seqs.iter().enumerate() {
         let rows = seq.queries.len() / q_dim;
         check_len("attention queries", rows * q_dim, seq.queries.len())?;
-        let positions = seq.keys.len() / kv_dim;
-        check_len("attention keys", positions * kv_dim, seq.keys.len())?;
-        check_len("attention values", seq.keys.len(), seq.values.len())?;
+        let positions = seq.keys.check("attention keys", kv_dim)?;
+        let value_positions = seq.values.check("attention values", kv_dim)?;
+        check_len("attention values (one per key)", positions, value_positions)?;
         if positions < rows {
             return Err(Error::Length {
                 what: "cached positions (at least the new rows)",
@@ -224,7 +288,7 @@ unsafe fn attend<L: Lanes>(layout: HeadLayout, seq: &AttentionSeq, item: &Item, 
     let group = layout.n_heads / layout.n_kv_heads;
     let (q_dim, kv_dim) = (layout.q_dim(), layout.kv_dim());
     let rows = seq.queries.len() / q_dim;
-    let positions = seq.keys.len() / kv_dim;
+    let positions = seq.keys.positions(kv_dim);
     // Row r is position `past + r`: it sees keys `0 .. past + r + 1`.
     let past = positions - rows;
     let scale = 1.0 / (d as f32).sqrt();
@@ -244,12 +308,11 @@ unsafe fn attend<L: Lanes>(layout: HeadLayout, seq: &AttentionSeq, item: &Item, 
     for block_start in (0..seen_by_last_row).step_by(KEY_BLOCK) {
         let block_end = (block_start + KEY_BLOCK).min(seen_by_last_row);
         for (j, pos) in (block_start..block_end).enumerate() {
-            let at = pos * kv_dim + kv_cols.start;
-            for (src, tile) in [(seq.keys, &mut keys), (seq.values, &mut values)] {
+            for (src, tile) in [(&seq.keys, &mut keys), (&seq.values, &mut values)] {
                 let dst = &mut tile[j * d..(j + 1) * d];
-                match src {
-                    KvSlice::F16(src) => L::widen(&src[at..at + d], dst),
-                    KvSlice::F32(src) => dst.copy_from_slice(&src[at..at + d]),
+                match src.at(pos, kv_dim, kv_cols.start, d) {
+                    KvSlice::F16(src) => L::widen(src, dst),
+                    KvSlice::F32(src) => dst.copy_from_slice(src),
                 }
             }
         }

@@ -52,7 +52,7 @@ pub mod matmul;
 pub mod quant;
 pub mod types;
 
-pub use attention::{attention, attention_with, f32_to_f16, AttentionSeq, HeadLayout, KvSlice};
+pub use attention::{attention, attention_with, f32_to_f16, AttentionSeq, HeadLayout, KvSlice, KvView};
 pub use blocks::*;
 pub use dequant::dequantize_row;
 pub use isa::Isa;

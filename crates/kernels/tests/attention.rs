@@ -5,7 +5,7 @@
 
 use vicuna_kernels::attention::{KEY_BLOCK, QUERY_BLOCK};
 use vicuna_kernels::{
-    attention_with, f32_to_f16, AttentionSeq, HeadLayout, Isa, KvSlice, ThreadPool, ThreadPoolBuilder,
+    attention_with, f32_to_f16, AttentionSeq, HeadLayout, Isa, KvSlice, KvView, ThreadPool, ThreadPoolBuilder,
 };
 
 use half::f16;
@@ -48,10 +48,18 @@ impl SeqData {
         SeqData { queries, keys, values, keys_f32, values_f32 }
     }
     fn view(&self) -> AttentionSeq<'_> {
-        AttentionSeq { queries: &self.queries, keys: KvSlice::F16(&self.keys), values: KvSlice::F16(&self.values) }
+        AttentionSeq {
+            queries: &self.queries,
+            keys: KvSlice::F16(&self.keys).into(),
+            values: KvSlice::F16(&self.values).into(),
+        }
     }
     fn view_f32(&self) -> AttentionSeq<'_> {
-        AttentionSeq { keys: KvSlice::F32(&self.keys_f32), values: KvSlice::F32(&self.values_f32), ..self.view() }
+        AttentionSeq {
+            keys: KvSlice::F32(&self.keys_f32).into(),
+            values: KvSlice::F32(&self.values_f32).into(),
+            ..self.view()
+        }
     }
 }
 
@@ -182,6 +190,48 @@ fn ragged_batch_and_threads() {
     }
 }
 
+/// Keys and values read through a page table (pages of a paged KV cache, scattered in a pool in any order, the last
+/// page partly used) give the same output bit for bit as the same positions in one buffer, at every level, for page
+/// sizes below, at and above the kernel's key block.
+#[test]
+fn paged_views_match_contiguous_ones_bit_for_bit() {
+    let layout = HeadLayout { n_heads: 4, n_kv_heads: 2, head_dim: 32 };
+    let mut rng = Rng(6);
+    for (rows, positions) in [(1, 1), (1, 2 * KEY_BLOCK + 3), (7, KEY_BLOCK + 30), (QUERY_BLOCK + 3, QUERY_BLOCK + 3)] {
+        let seq = SeqData::random(layout, rows, positions, &mut rng);
+        for page_positions in [1, 5, 16, KEY_BLOCK, KEY_BLOCK + 7] {
+            let kv_dim = layout.kv_dim();
+            let page_len = page_positions * kv_dim;
+            let pages = positions.div_ceil(page_positions);
+            // Page i of the sequence sits in pool slot (pages - 1 - i): the table is reversed, and every slot has
+            // room for a whole page (garbage past the sequence's end).
+            let scatter = |data: &[f16]| -> Vec<f16> {
+                let mut pool = vec![f16::from_f32(1e4); pages * page_len];
+                for (i, chunk) in data.chunks(page_len).enumerate() {
+                    let slot = pages - 1 - i;
+                    pool[slot * page_len..][..chunk.len()].copy_from_slice(chunk);
+                }
+                pool
+            };
+            let (key_pool, value_pool) = (scatter(&seq.keys), scatter(&seq.values));
+            fn table(pool: &[f16], pages: usize, page_len: usize) -> Vec<KvSlice<'_>> {
+                (0..pages).map(|i| KvSlice::F16(&pool[(pages - 1 - i) * page_len..][..page_len])).collect()
+            }
+            let (key_pages, value_pages) = (table(&key_pool, pages, page_len), table(&value_pool, pages, page_len));
+            let paged = AttentionSeq {
+                queries: &seq.queries,
+                keys: KvView::Paged { pages: &key_pages, page_positions, positions },
+                values: KvView::Paged { pages: &value_pages, page_positions, positions },
+            };
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_available()) {
+                let contiguous = run_views(isa, layout, &[seq.view()], 1);
+                let got = run_views(isa, layout, &[paged], 2);
+                assert_eq!(got, contiguous, "{isa:?}, {rows} rows over {positions}, pages of {page_positions}");
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_shapes_are_errors() {
     let layout = HeadLayout { n_heads: 4, n_kv_heads: 2, head_dim: 16 };
@@ -194,8 +244,8 @@ fn bad_shapes_are_errors() {
     };
     // More new rows than cached positions.
     let short = AttentionSeq {
-        keys: KvSlice::F16(&seq.keys[..2 * layout.kv_dim()]),
-        values: KvSlice::F16(&seq.values[..2 * layout.kv_dim()]),
+        keys: KvSlice::F16(&seq.keys[..2 * layout.kv_dim()]).into(),
+        values: KvSlice::F16(&seq.values[..2 * layout.kv_dim()]).into(),
         ..seq.view()
     };
     assert!(check(layout, short, &mut out).contains("cached positions"));
@@ -203,8 +253,16 @@ fn bad_shapes_are_errors() {
     let ragged = AttentionSeq { queries: &seq.queries[1..], ..seq.view() };
     assert!(check(layout, ragged, &mut out).contains("queries"));
     // Values shorter than keys.
-    let values = AttentionSeq { values: KvSlice::F32(&seq.values_f32[..layout.kv_dim()]), ..seq.view() };
+    let values = AttentionSeq { values: KvSlice::F32(&seq.values_f32[..layout.kv_dim()]).into(), ..seq.view() };
     assert!(check(layout, values, &mut out).contains("values"));
+    // A page table missing a page, and a page shorter than the positions it claims.
+    let pages = [KvSlice::F16(&seq.keys[..4 * layout.kv_dim()])];
+    let missing = AttentionSeq { keys: KvView::Paged { pages: &pages, page_positions: 4, positions: 5 }, ..seq.view() };
+    assert!(check(layout, missing, &mut out).contains("keys"));
+    let pages = [KvSlice::F16(&seq.keys[..4 * layout.kv_dim()]), KvSlice::F16(&seq.keys[..layout.kv_dim() - 1])];
+    let short_page =
+        AttentionSeq { keys: KvView::Paged { pages: &pages, page_positions: 4, positions: 5 }, ..seq.view() };
+    assert!(check(layout, short_page, &mut out).contains("keys"));
     // Query heads not a multiple of the key/value heads.
     let odd = HeadLayout { n_heads: 3, n_kv_heads: 2, head_dim: 16 };
     assert!(check(odd, seq.view(), &mut out).contains("heads"));

@@ -219,7 +219,8 @@ fn attention_alone(config: &LlamaConfig, threads: usize, rows: usize) -> f64 {
     let queries = random(rows * layout.q_dim());
     let keys: Vec<half::f16> = random(rows * layout.kv_dim()).into_iter().map(half::f16::from_f32).collect();
     let values: Vec<half::f16> = random(rows * layout.kv_dim()).into_iter().map(half::f16::from_f32).collect();
-    let seq = AttentionSeq { queries: &queries, keys: KvSlice::F16(&keys), values: KvSlice::F16(&values) };
+    let seq =
+        AttentionSeq { queries: &queries, keys: KvSlice::F16(&keys).into(), values: KvSlice::F16(&values).into() };
     let mut out = vec![0.0f32; rows * layout.q_dim()];
     let started = Instant::now();
     for _ in 0..config.num_hidden_layers {

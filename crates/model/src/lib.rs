@@ -14,7 +14,7 @@ use vicuna_weights::Checkpoint;
 
 pub use candle_core;
 pub use llama::{linear, rms_norm, softmax, KvCache, Layer, Llama};
-pub use native::{QuantCache, QuantLlama};
+pub use native::{KvPool, PrefixCache, QuantCache, QuantLlama, Reservation, BLOCK_TOKENS};
 pub use vicuna_weights::LlamaConfig;
 
 /// A model error: bad weights, bad input, or a tensor failure. One line, meant for the user.

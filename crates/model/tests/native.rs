@@ -11,7 +11,7 @@ use std::sync::Arc;
 use expected::{floats_of, ids_of, max_abs_diff, models_dir, read_expected};
 use vicuna_kernels::{dequantize_row, quantize_row, row_size, GgmlType};
 use vicuna_model::candle_core::{Device, Tensor};
-use vicuna_model::native::{KvType, OwnedTensors, QuantCache, QuantLlama};
+use vicuna_model::native::{KvBlock, KvType, OwnedTensors, PrefixCache, QuantCache, QuantLlama, BLOCK_TOKENS};
 use vicuna_model::{KvCache, Llama};
 use vicuna_weights::{gguf_tensor_name, permute_rows_for_gguf, Checkpoint, LlamaConfig};
 
@@ -377,4 +377,164 @@ fn cached_decoding_matches_candle() {
         got = model.next_token_logits(&[next], &mut cache).unwrap();
     }
     assert!(cache.capacity_bytes() >= cache.len() * 2 * 2 * config.num_hidden_layers * 128);
+}
+
+/// The fixture model (f32 weights) with a cache of `kv` values.
+fn fixture_model(kv: KvType) -> QuantLlama {
+    let (config, tensors) = read_folder(&models_dir().join("tiny-b/safetensors-f32"));
+    let source = hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32);
+    QuantLlama::with_kv_type(config, Arc::new(source), 2, Some(kv)).unwrap()
+}
+
+/// Greedy decoding of `steps` tokens after the prompt already in `cache` gave `logits`: every step's logits.
+fn greedy_logits(model: &QuantLlama, mut logits: Vec<f32>, cache: &mut QuantCache, steps: usize) -> Vec<Vec<f32>> {
+    let mut all = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(&logits);
+        all.push(std::mem::replace(&mut logits, model.next_token_logits(&[next], cache).unwrap()));
+    }
+    all.push(logits);
+    all
+}
+
+/// A prompt read on top of a cached prefix (blocks another sequence computed and cached, shared read-only) gives
+/// the same logits within 1e-5, and the same greedy tokens, as the prompt read from scratch, for both KV types; the
+/// prefix's blocks are shared, not copied, and come out of the second sequence's run unchanged.
+#[test]
+fn a_cached_prefix_gives_what_the_prompt_gives_from_scratch() {
+    for kv in [KvType::F32, KvType::F16] {
+        let model = fixture_model(kv);
+        let pool = model.new_pool(Some(64));
+        let mut prefix_cache = PrefixCache::new(None);
+        let system: Vec<u32> = (0..37).map(|i| 1 + (i * 7919) % 1000).collect();
+        let prompt = |tail: &[u32]| -> Vec<u32> { system.iter().chain(tail).copied().collect() };
+        let (first, second) = (prompt(&[5, 6, 7]), prompt(&[900, 901, 902, 903, 904]));
+
+        // Without any cache hit.
+        let mut cache = QuantCache::new(pool.reserve(8).unwrap());
+        let logits = model.next_token_logits(&second, &mut cache).unwrap();
+        let want = greedy_logits(&model, logits, &mut cache, 8);
+        drop(cache);
+
+        // The first request computes the shared prompt and caches its full blocks.
+        let mut cache_a = QuantCache::new(pool.reserve(8).unwrap());
+        model.next_token_logits(&first, &mut cache_a).unwrap();
+        prefix_cache.insert(&first, cache_a.blocks());
+        assert_eq!(prefix_cache.len(), first.len() / BLOCK_TOKENS);
+        let before: Vec<Vec<f32>> = cache_a.blocks().iter().map(|b| b.to_f32()).collect();
+
+        let hit = prefix_cache.lookup(&second);
+        assert_eq!(hit.len(), system.len() / BLOCK_TOKENS, "the system prompt's full blocks are found");
+        for (shared, own) in hit.iter().zip(cache_a.blocks()) {
+            assert!(KvBlock::same(shared, own), "a hit shares the block, it does not copy it");
+        }
+        let cached = hit.len() * BLOCK_TOKENS;
+        let mut cache_b = QuantCache::with_prefix(pool.reserve(8).unwrap(), hit).unwrap();
+        assert_eq!(cache_b.len(), cached);
+        let logits = model.next_token_logits(&second[cached..], &mut cache_b).unwrap();
+        let got = greedy_logits(&model, logits, &mut cache_b, 8);
+        for (step, (got, want)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(argmax(got), argmax(want), "{kv:?} step {step}: another greedy token");
+            let diff = max_abs_diff(got, want);
+            assert!(diff <= 1e-5, "{kv:?} step {step}: logits differ by {diff} with a cache hit");
+        }
+        let after: Vec<Vec<f32>> = cache_a.blocks().iter().map(|b| b.to_f32()).collect();
+        assert!(before == after, "{kv:?}: the shared blocks were written");
+        let stats = prefix_cache.stats();
+        assert_eq!((stats.lookups, stats.hits, stats.hit_tokens), (1, 1, cached as u64));
+    }
+}
+
+/// A fork shares every block, the partly filled last one included; when the two go on with different tokens, each
+/// writes into blocks of its own (copy on write), so each gives what it gives alone and the other's blocks stay as
+/// they were.
+#[test]
+fn forked_caches_copy_the_shared_last_block_before_writing() {
+    let model = fixture_model(KvType::F16);
+    let pool = model.new_pool(Some(16));
+    let prompt: Vec<u32> = (0..21).map(|i| 3 + i * 11).collect();
+    let mut cache = QuantCache::new(pool.reserve(4).unwrap());
+    let logits = model.next_token_logits(&prompt, &mut cache).unwrap();
+    let mut fork = cache.fork(pool.reserve(4).unwrap()).unwrap();
+    assert_eq!(fork.len(), prompt.len());
+    assert_eq!(pool.counts().allocated, 2, "the fork holds the same two blocks");
+    let snapshot: Vec<Vec<f32>> = cache.blocks().iter().map(|b| b.to_f32()).collect();
+
+    let got_fork = model.next_token_logits(&[77], &mut fork).unwrap();
+    assert!(!KvBlock::same(&fork.blocks()[1], &cache.blocks()[1]), "the partly filled block was copied");
+    assert!(KvBlock::same(&fork.blocks()[0], &cache.blocks()[0]), "the full block stays shared");
+    assert!(snapshot == cache.blocks().iter().map(|b| b.to_f32()).collect::<Vec<_>>(), "the fork wrote a shared block");
+    let got = model.next_token_logits(&[argmax(&logits)], &mut cache).unwrap();
+
+    let alone = |ids: Vec<u32>| {
+        let all = model.forward_all(&ids, &mut model.new_cache()).unwrap();
+        all[all.len() - model.config().vocab_size..].to_vec()
+    };
+    let with = |last: u32| prompt.iter().copied().chain([last]).collect::<Vec<_>>();
+    assert!(max_abs_diff(&got_fork, &alone(with(77))) <= 1e-5);
+    assert!(max_abs_diff(&got, &alone(with(argmax(&logits)))) <= 1e-5);
+}
+
+/// A pool of N blocks never holds more than N: reservations beyond the budget are refused, a cache cannot take
+/// more blocks than reserved (a clear error, the cache still usable), and every block and promise comes back when
+/// the caches are dropped.
+#[test]
+fn a_pool_never_holds_more_blocks_than_its_budget() {
+    let model = fixture_model(KvType::F16);
+    let pool = model.new_pool(Some(5));
+    let mut a = QuantCache::new(pool.reserve(3).unwrap());
+    assert!(pool.reserve(3).is_none(), "3 + 3 > 5");
+    let mut b = QuantCache::new(pool.reserve(2).unwrap());
+    assert!(pool.reserve(1).is_none());
+    let ids: Vec<u32> = (1..=40).collect();
+    model.next_token_logits(&ids, &mut a).unwrap(); // 3 blocks
+    let err = model.next_token_logits(&ids, &mut b).unwrap_err().to_string(); // would need 3 of 2
+    assert!(err.contains("more KV-cache blocks than were reserved"), "{err}");
+    assert!(b.is_empty());
+    model.next_token_logits(&ids[..32], &mut b).unwrap(); // exactly its 2
+    let counts = pool.counts();
+    assert_eq!((counts.allocated, counts.reserved), (5, 0));
+    assert!(counts.peak_allocated <= 5, "peak {} blocks", counts.peak_allocated);
+    drop(a);
+    assert_eq!(pool.counts().allocated, 2);
+    drop(b);
+    assert_eq!(pool.counts(), empty_counts(5));
+}
+
+fn empty_counts(peak: usize) -> vicuna_model::native::Counts {
+    vicuna_model::native::Counts { allocated: 0, reserved: 0, peak_allocated: peak }
+}
+
+/// The prefix cache keeps blocks after their sequence ends and gives them back to the budget when asked,
+/// least recently used first, never one a running sequence holds, never a block another cached block continues.
+#[test]
+fn the_prefix_cache_evicts_idle_blocks_least_recently_used_first() {
+    let model = fixture_model(KvType::F16);
+    let pool = model.new_pool(Some(8));
+    let mut prefix_cache = PrefixCache::new(None);
+    let run = |ids: &[u32], prefix_cache: &mut PrefixCache| {
+        let mut cache = QuantCache::new(pool.reserve(ids.len().div_ceil(BLOCK_TOKENS)).unwrap());
+        model.next_token_logits(ids, &mut cache).unwrap();
+        prefix_cache.insert(ids, cache.blocks());
+        cache
+    };
+    let old: Vec<u32> = (100..132).collect(); // two full blocks
+    let new: Vec<u32> = (200..232).collect();
+    drop(run(&old, &mut prefix_cache));
+    let held = run(&new, &mut prefix_cache);
+    assert_eq!((prefix_cache.len(), prefix_cache.idle_blocks(), pool.counts().allocated), (4, 2, 4));
+
+    // Only `old`'s blocks are idle: its leaf goes first, then its root; `new`'s are held.
+    assert!(prefix_cache.evict_one());
+    assert_eq!(prefix_cache.lookup(&[old.clone(), vec![1]].concat()).len(), 1, "the root of old stays");
+    assert!(prefix_cache.evict_one());
+    assert!(!prefix_cache.evict_one(), "held blocks are never evicted");
+    assert_eq!(pool.counts().allocated, 2);
+    drop(held);
+    // `new` was used last: with both idle, its leaf goes before its root.
+    assert!(prefix_cache.evict_one());
+    assert_eq!(prefix_cache.lookup(&[new.clone(), vec![1]].concat()).len(), 1);
+    prefix_cache.clear_idle();
+    assert_eq!((prefix_cache.len(), pool.counts().allocated), (0, 0));
+    assert_eq!(prefix_cache.stats().evictions, 4);
 }

@@ -22,15 +22,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
-use vicuna_model::QuantLlama;
+use vicuna_model::{QuantLlama, BLOCK_TOKENS};
 use vicuna_tokenizer::Tokenizer;
 
 use crate::http::{unix_time, AppState};
 use crate::metrics::Metrics;
-use crate::scheduler::{Scheduler, SchedulerConfig, BLOCK_TOKENS};
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::validation::Limits;
 
-/// Default KV budget when `--max-batch-total-tokens` is not given: this much cache memory (f32 keys
+/// Default KV budget when `--max-batch-total-tokens` is not given: this much cache memory (keys
 /// and values), but no more than `max_concurrent_requests` full-length requests need.
 const DEFAULT_KV_BUDGET_BYTES: usize = 4 << 30;
 
@@ -50,6 +50,10 @@ pub struct ServerOptions {
     pub payload_limit: usize,
     /// After SIGTERM, how long running requests may go on before they are cancelled.
     pub shutdown_grace: Duration,
+    /// Keep computed KV blocks and reuse them for requests that start the same way.
+    pub prefix_cache: bool,
+    /// Most KV blocks the prefix cache keeps (`None`: what the budget has left).
+    pub prefix_cache_blocks: Option<usize>,
 }
 
 impl Default for ServerOptions {
@@ -66,6 +70,8 @@ impl Default for ServerOptions {
             api_key: None,
             payload_limit: 2_000_000,
             shutdown_grace: Duration::from_secs(30),
+            prefix_cache: true,
+            prefix_cache_blocks: None,
         }
     }
 }
@@ -113,6 +119,7 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
         ("--max-concurrent-requests", options.max_concurrent_requests),
         ("--max-batch-size", options.max_batch_size.unwrap_or(1)),
         ("--max-batch-prefill-tokens", options.max_batch_prefill_tokens),
+        ("--prefix-cache-blocks (use --no-prefix-cache to turn it off)", options.prefix_cache_blocks.unwrap_or(1)),
     ] {
         if value == 0 {
             return Err(format!("{flag} must be at least 1").into());
@@ -137,6 +144,8 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
             // Rounded up: a request of --max-total-tokens must always fit an empty batch.
             kv_blocks: kv_tokens.div_ceil(BLOCK_TOKENS),
             max_prefill_tokens: options.max_batch_prefill_tokens,
+            prefix_cache: options.prefix_cache,
+            prefix_cache_blocks: options.prefix_cache_blocks,
         },
         kv_tokens,
     })
@@ -187,6 +196,11 @@ pub fn serve_on(
         "max_batch_size": options.max_batch_size,
         "max_client_batch_size": 1,
         "kv_cache_block_tokens": BLOCK_TOKENS,
+        "kv_cache_blocks": plan.scheduler.kv_blocks,
+        "kv_cache_bytes": plan.scheduler.kv_blocks * model.block_shape().bytes(),
+        "kv_cache_dtype": format!("{:?}", model.block_shape().kv_type).to_lowercase(),
+        "prefix_cache": options.prefix_cache,
+        "prefix_cache_blocks": options.prefix_cache_blocks,
         "router": "vicuna",
         "version": env!("CARGO_PKG_VERSION"),
         "sha": null,

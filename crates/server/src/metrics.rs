@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use vicuna_model::native::PrefixStats;
+
 /// Why a request was turned away before it reached the queue.
 #[derive(Clone, Copy, Debug)]
 pub enum Rejection {
@@ -54,6 +56,10 @@ pub struct Metrics {
     kv_blocks_in_use: AtomicU64,
     kv_blocks_total: AtomicU64,
     kv_block_tokens: AtomicU64,
+    prefix_lookups: AtomicU64,
+    prefix_hit_tokens: AtomicU64,
+    prefix_blocks: AtomicU64,
+    prefix_evictions: AtomicU64,
     time_to_first_token: Histogram,
     inter_token_latency: Histogram,
     step_duration: Histogram,
@@ -133,6 +139,21 @@ impl Metrics {
         set(&self.kv_blocks_in_use, kv_blocks_in_use);
     }
 
+    /// A request was admitted after looking up the prefix cache.
+    pub fn prefix_lookup(&self) {
+        self.prefix_lookups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prompt positions a request took from the prefix cache instead of computing them.
+    pub fn prefix_hit_tokens(&self, tokens: usize) {
+        self.prefix_hit_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+    }
+
+    pub fn prefix_cache_state(&self, blocks: usize, stats: PrefixStats) {
+        set(&self.prefix_blocks, blocks);
+        self.prefix_evictions.store(stats.evictions, Ordering::Relaxed);
+    }
+
     pub fn kv_capacity(&self, blocks: usize, block_tokens: usize) {
         set(&self.kv_blocks_total, blocks);
         set(&self.kv_block_tokens, block_tokens);
@@ -166,6 +187,30 @@ impl Metrics {
             get(&self.kv_blocks_in_use),
         );
         scalar("vicuna_kv_cache_blocks_total", "gauge", "KV-cache blocks in the budget.", get(&self.kv_blocks_total));
+        scalar(
+            "vicuna_prefix_cache_lookups_total",
+            "counter",
+            "Requests admitted after a prefix-cache lookup.",
+            get(&self.prefix_lookups),
+        );
+        scalar(
+            "vicuna_prefix_cache_hit_tokens_total",
+            "counter",
+            "Prompt tokens read from the prefix cache instead of computed.",
+            get(&self.prefix_hit_tokens),
+        );
+        scalar(
+            "vicuna_prefix_cache_blocks",
+            "gauge",
+            "KV-cache blocks the prefix cache keeps (shared with running requests or idle).",
+            get(&self.prefix_blocks),
+        );
+        scalar(
+            "vicuna_prefix_cache_evictions_total",
+            "counter",
+            "Cached blocks dropped to make room.",
+            get(&self.prefix_evictions),
+        );
         scalar(
             "vicuna_kv_cache_block_tokens",
             "gauge",

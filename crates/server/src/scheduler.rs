@@ -5,8 +5,15 @@
 //! - **queue**: jobs wait in arrival order;
 //! - **batcher**: between two steps, waiting jobs join the batch in order while the batch has room
 //!   (`max_batch_size`) and the KV budget has the blocks the job may need — its prompt plus
-//!   `max_new_tokens`, reserved up front so a running request never runs out; what does not fit
-//!   waits, and later arrivals do not overtake it;
+//!   `max_new_tokens`, less what the prefix cache already holds, reserved up front (a
+//!   [`Reservation`]) so a running request never runs out; cached blocks no running request holds
+//!   are evicted (least recently used first) to make room; what does not fit waits, and later
+//!   arrivals do not overtake it;
+//! - **prefix cache**: every full KV block a request computes (prompt and reply) is kept, keyed by
+//!   the ids it holds, and shared read-only with later requests that start with the same ids — the
+//!   next turn of a chat, requests with one system prompt. A request looks it up when admitted and
+//!   again just before its first chunk (so requests admitted together still share what the first
+//!   of them computes), and reads only the uncached rest of its prompt (at least one token);
 //! - **infer**: one `forward_ragged` call reads one new token for every decoding sequence and the
 //!   next chunk of every prefilling prompt (chunks of at most `max_prefill_tokens`, and no more than
 //!   that many prompt tokens per step), so a long prompt never stalls the streams already running.
@@ -14,7 +21,8 @@
 //!   sampler, seed and stop rules), and the token goes back to the client as an [`Event`].
 //!
 //! A client that goes away drops its event receiver; the scheduler sees the closed channel before
-//! the next step and frees that request's cache and blocks.
+//! the next step and drops the request, whose cache gives its blocks and the rest of its
+//! reservation back (a block shared with the prefix cache stays there).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,14 +34,12 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::OwnedSemaphorePermit;
 use vicuna_engine::{score, FinishReason, GenerationConfig, Sequence};
-use vicuna_model::{QuantCache, QuantLlama};
+use vicuna_model::native::KvBlock;
+use vicuna_model::{KvPool, PrefixCache, QuantCache, QuantLlama, Reservation, BLOCK_TOKENS};
 use vicuna_tokenizer::Tokenizer;
 
 use crate::metrics::{Metrics, Outcome};
 use crate::tokens::{is_special, token_texts};
-
-/// Token positions per KV-cache block: the unit of the memory budget.
-pub const BLOCK_TOKENS: usize = 16;
 
 pub struct SchedulerConfig {
     /// Most requests in the running batch.
@@ -42,6 +48,10 @@ pub struct SchedulerConfig {
     pub kv_blocks: usize,
     /// Largest prompt chunk, and most prompt tokens read in one step.
     pub max_prefill_tokens: usize,
+    /// Keep computed KV blocks for later requests that start the same way.
+    pub prefix_cache: bool,
+    /// Most blocks the prefix cache keeps (`None`: whatever of the budget running requests leave).
+    pub prefix_cache_blocks: Option<usize>,
 }
 
 /// A validated request on its way to the model.
@@ -171,13 +181,17 @@ impl Scheduler {
 /// A request in the running batch.
 struct Active<'t> {
     sequence: Sequence<'t>,
+    /// Its KV cache, holding its reservation: dropping the request gives both back.
     cache: QuantCache,
+    /// Every id in the cache, in order (what its blocks are cached under).
+    history: Vec<u32>,
     /// What the model has yet to read: the prompt, then each sampled token in turn.
     pending: Vec<u32>,
     /// How much of `pending` is already in the cache.
     read: usize,
+    /// No chunk of it has run yet: it may still take a longer cached prefix.
+    started: bool,
     job: Job,
-    blocks: usize,
     prefill: Vec<PromptToken>,
     last_token_at: Option<Instant>,
 }
@@ -189,7 +203,8 @@ struct Batch<'m> {
     metrics: &'m Metrics,
     waiting: VecDeque<Job>,
     running: Vec<Active<'m>>,
-    free_blocks: usize,
+    pool: KvPool,
+    prefix: Option<PrefixCache>,
 }
 
 fn run(
@@ -206,7 +221,8 @@ fn run(
         metrics,
         waiting: VecDeque::new(),
         running: Vec::new(),
-        free_blocks: config.kv_blocks,
+        pool: model.new_pool(Some(config.kv_blocks)),
+        prefix: config.prefix_cache.then(|| PrefixCache::new(config.prefix_cache_blocks)),
     };
     loop {
         if batch.waiting.is_empty() && batch.running.is_empty() {
@@ -244,7 +260,6 @@ impl<'m> Batch<'m> {
                 }
                 for active in self.running.drain(..) {
                     let _ = active.job.events.send(Event::Stopped(Stop::ShuttingDown(reason.clone())));
-                    self.free_blocks += active.blocks;
                     self.metrics.finished(Outcome::Cancelled);
                 }
             }
@@ -252,30 +267,53 @@ impl<'m> Batch<'m> {
         self.report();
     }
 
-    /// Forget requests whose client went away, freeing their caches and blocks.
+    /// Forget requests whose client went away (their caches give their blocks back as they drop).
     fn drop_cancelled(&mut self) {
         let before = self.waiting.len() + self.running.len();
         self.waiting.retain(|job| !job.events.is_closed());
-        let free = &mut self.free_blocks;
-        self.running.retain(|active| {
-            let open = !active.job.events.is_closed();
-            if !open {
-                *free += active.blocks;
-            }
-            open
-        });
+        self.running.retain(|active| !active.job.events.is_closed());
         for _ in self.waiting.len() + self.running.len()..before {
             self.metrics.finished(Outcome::Cancelled);
+        }
+    }
+
+    /// The longest cached prefix of `ids`, in whole blocks (none without a prefix cache).
+    fn cached_prefix(&mut self, ids: &[u32]) -> Vec<std::sync::Arc<KvBlock>> {
+        self.prefix.as_mut().map(|p| p.lookup(ids)).unwrap_or_default()
+    }
+
+    /// `blocks` blocks of the budget, evicting cached blocks nobody holds when that makes them fit.
+    fn reserve(&mut self, blocks: usize) -> Option<Reservation> {
+        if let Some(reservation) = self.pool.reserve(blocks) {
+            return Some(reservation);
+        }
+        let prefix = self.prefix.as_mut()?;
+        let counts = self.pool.counts();
+        let free = self.config.kv_blocks - counts.allocated - counts.reserved;
+        if free + prefix.idle_blocks() < blocks {
+            return None; // evicting would not be enough: keep the cache for later
+        }
+        loop {
+            if let Some(reservation) = self.pool.reserve(blocks) {
+                return Some(reservation);
+            }
+            if !prefix.evict_one() {
+                return None;
+            }
         }
     }
 
     /// Move waiting jobs into the batch, in order, while they fit.
     fn admit(&mut self) {
         while let Some(job) = self.waiting.front() {
-            let blocks = job.blocks();
-            if self.running.len() >= self.config.max_batch_size || blocks > self.free_blocks {
+            if self.running.len() >= self.config.max_batch_size {
                 break;
             }
+            let (prompt, blocks) = (job.prompt.clone(), job.blocks());
+            let prefix = self.cached_prefix(&prompt);
+            let Some(reservation) = self.reserve(blocks - prefix.len()) else {
+                break;
+            };
             let job = self.waiting.pop_front().expect("front exists");
             let prefill = if job.prompt_logprobs { self.prompt_logprobs(&job.prompt) } else { Ok(Vec::new()) };
             let prefill = match prefill {
@@ -293,21 +331,28 @@ impl<'m> Batch<'m> {
                 self.metrics.finished(Outcome::Failed);
                 continue;
             }
-            self.free_blocks -= blocks;
+            let cache = QuantCache::with_prefix(reservation, prefix).expect("the prefix cache shares the pool");
+            let read = cache.len();
+            if self.prefix.is_some() {
+                self.metrics.prefix_lookup();
+                self.metrics.prefix_hit_tokens(read);
+            }
             self.running.push(Active {
                 sequence,
-                cache: self.model.new_cache(),
-                pending: job.prompt.clone(),
-                read: 0,
+                cache,
+                history: prompt[..read].to_vec(),
+                pending: prompt,
+                read,
+                started: false,
                 job,
-                blocks,
                 prefill,
                 last_token_at: None,
             });
         }
         if self.running.is_empty() {
-            // An empty batch has the whole budget, so the head can never run (validation and
-            // the startup checks rule this out); fail it rather than wait forever.
+            // An empty batch has the whole budget (cached blocks can all be evicted), so the head
+            // can never run (validation and the startup checks rule this out); fail it rather
+            // than wait forever.
             if let Some(job) = self.waiting.pop_front() {
                 let message = format!("the request needs {} KV blocks, more than the budget", job.blocks());
                 let _ = job.events.send(Event::Stopped(Stop::ModelFailed(message)));
@@ -331,66 +376,128 @@ impl<'m> Batch<'m> {
 
     /// One forward pass over the batch, then one token for each sequence whose input is all read.
     fn step(&mut self) {
-        // Each sequence's input this step: a decoding one reads its last token; a prefilling one its
-        // next chunk. Chunks are cut at fixed offsets of the prompt whatever else runs, so a
-        // request's numbers do not depend on its neighbours.
+        let chunks = self.plan_chunks();
+        let logits = match self.forward(&chunks) {
+            Ok(logits) => logits,
+            Err(message) => return self.fail_stepped(&chunks, &message),
+        };
+        self.cache_new_blocks(&chunks);
+        let finished = self.sample(&chunks, logits);
+        self.finish(finished);
+    }
+
+    /// Each sequence's input this step: a decoding one reads its last token; a prefilling one its
+    /// next chunk. Chunks are cut at fixed offsets of the prompt whatever else runs, so a
+    /// request's numbers do not depend on its neighbours. A request about to read its first chunk
+    /// takes any longer cached prefix first (one that a request admitted with it just computed).
+    fn plan_chunks(&mut self) -> Vec<usize> {
         let mut prefill_budget = self.config.max_prefill_tokens;
-        let chunks: Vec<usize> = self
-            .running
-            .iter()
-            .map(|a| {
-                let chunk = (a.pending.len() - a.read).min(self.config.max_prefill_tokens);
-                if chunk == 1 {
-                    1
-                } else if chunk <= prefill_budget {
-                    prefill_budget -= chunk;
-                    chunk
-                } else {
-                    0
-                }
-            })
-            .collect();
+        let mut chunks = Vec::with_capacity(self.running.len());
+        for index in 0..self.running.len() {
+            let mut chunk = self.next_chunk(index);
+            if chunk > 1 && chunk <= prefill_budget && !self.running[index].started {
+                self.take_longer_prefix(index);
+                chunk = self.next_chunk(index);
+            }
+            chunks.push(if chunk == 1 {
+                1
+            } else if chunk <= prefill_budget {
+                prefill_budget -= chunk;
+                chunk
+            } else {
+                0
+            });
+        }
+        chunks
+    }
+
+    fn next_chunk(&self, index: usize) -> usize {
+        let a = &self.running[index];
+        (a.pending.len() - a.read).min(self.config.max_prefill_tokens)
+    }
+
+    /// Swaps a not yet started request's cache for one on a longer cached prefix, if there is one,
+    /// giving back the blocks of its reservation it no longer needs.
+    fn take_longer_prefix(&mut self, index: usize) {
+        let prompt = std::mem::take(&mut self.running[index].pending);
+        let prefix = self.cached_prefix(&prompt);
+        let active = &mut self.running[index];
+        let had = active.cache.len();
+        if prefix.len() * BLOCK_TOKENS > had {
+            // The blocks held so far are all cached ones (nothing was computed yet): the longer
+            // prefix needs that many fewer blocks of the reservation.
+            let fewer = prefix.len() - had / BLOCK_TOKENS;
+            active.cache.restart_from(prefix).expect("the prefix cache shares the pool");
+            active.cache.reservation_mut().release(fewer);
+            active.read = active.cache.len();
+            active.history = prompt[..active.read].to_vec();
+            self.metrics.prefix_hit_tokens(active.read - had);
+        }
+        active.pending = prompt;
+    }
+
+    /// Runs the chunks through the model.
+    fn forward(&mut self, chunks: &[usize]) -> Result<Vec<Vec<f32>>, String> {
         let start = Instant::now();
         let mut inputs: Vec<(&[u32], &mut QuantCache)> = self
             .running
             .iter_mut()
-            .zip(&chunks)
+            .zip(chunks)
             .filter(|(_, &chunk)| chunk > 0)
             .map(|(a, &chunk)| (&a.pending[a.read..a.read + chunk], &mut a.cache))
             .collect();
         let result = self.model.forward_ragged(&mut inputs);
         drop(inputs);
         self.metrics.step(start.elapsed());
-        let mut logits = match result {
-            Ok(logits) => logits.into_iter(),
-            Err(e) => {
-                // Their caches may be half written: everyone in this step fails.
-                tracing::error!("forward pass failed: {e}");
-                let message = format!("the model failed: {e}");
-                let mut index = 0;
-                let free = &mut self.free_blocks;
-                let metrics = self.metrics;
-                self.running.retain(|active| {
-                    let stepped = chunks[index] > 0;
-                    index += 1;
-                    if stepped {
-                        let _ = active.job.events.send(Event::Stopped(Stop::ModelFailed(message.clone())));
-                        *free += active.blocks;
-                        metrics.finished(Outcome::Failed);
-                    }
-                    !stepped
-                });
-                return;
+        result.map_err(|e| {
+            tracing::error!("forward pass failed: {e}");
+            format!("the model failed: {e}")
+        })
+    }
+
+    /// The forward pass failed: their caches may be half written, so everyone in this step fails.
+    fn fail_stepped(&mut self, chunks: &[usize], message: &str) {
+        let mut stepped = chunks.iter().map(|&chunk| chunk > 0);
+        let metrics = self.metrics;
+        self.running.retain(|active| {
+            let stepped = stepped.next().expect("one chunk per request");
+            if stepped {
+                let _ = active.job.events.send(Event::Stopped(Stop::ModelFailed(message.to_string())));
+                metrics.finished(Outcome::Failed);
             }
-        };
+            !stepped
+        });
+    }
+
+    /// Records what the step read, and offers every block it filled to the prefix cache.
+    fn cache_new_blocks(&mut self, chunks: &[usize]) {
+        for (active, &chunk) in self.running.iter_mut().zip(chunks) {
+            if chunk == 0 {
+                continue;
+            }
+            let before = active.history.len();
+            active.history.extend_from_slice(&active.pending[active.read..active.read + chunk]);
+            active.read += chunk;
+            active.started = true;
+            if let Some(prefix) = self.prefix.as_mut() {
+                if active.history.len() / BLOCK_TOKENS > before / BLOCK_TOKENS {
+                    prefix.insert(&active.history, active.cache.blocks());
+                }
+            }
+        }
+    }
+
+    /// A token for each sequence whose input is all read; returns those that finished, with their
+    /// last token.
+    fn sample(&mut self, chunks: &[usize], logits: Vec<Vec<f32>>) -> Vec<(usize, GeneratedToken)> {
+        let mut logits = logits.into_iter();
         let now = Instant::now();
         let mut finished = Vec::new();
-        for (index, (active, &chunk)) in self.running.iter_mut().zip(&chunks).enumerate() {
+        for (index, (active, &chunk)) in self.running.iter_mut().zip(chunks).enumerate() {
             if chunk == 0 {
                 continue;
             }
             let mut row = logits.next().expect("one row per stepped sequence");
-            active.read += chunk;
             if active.read < active.pending.len() {
                 continue; // more prompt to read first
             }
@@ -414,13 +521,16 @@ impl<'m> Batch<'m> {
                 let _ = active.job.events.send(Event::Token { token, end: None });
             }
         }
-        // Free the finished requests' blocks and publish the new state before their clients hear
-        // of the end, so what a client sees next in /metrics already counts it.
+        finished
+    }
+
+    /// Ends the finished requests: their blocks go back (or stay in the prefix cache) and the new
+    /// state is published before their clients hear of the end, so what a client sees next in
+    /// /metrics already counts it.
+    fn finish(&mut self, finished: Vec<(usize, GeneratedToken)>) {
         let mut ended = Vec::with_capacity(finished.len());
         for (index, token) in finished.into_iter().rev() {
-            let active = self.running.remove(index);
-            self.free_blocks += active.blocks;
-            let Active { sequence, job, prefill, .. } = active;
+            let Active { sequence, job, prefill, .. } = self.running.remove(index);
             let prompt_tokens = sequence.prompt().len();
             let generation = sequence.into_generation();
             self.metrics.finished(generation.finish_reason.into());
@@ -450,6 +560,14 @@ impl<'m> Batch<'m> {
     }
 
     fn report(&self) {
-        self.metrics.scheduler_state(self.waiting.len(), self.running.len(), self.config.kv_blocks - self.free_blocks);
+        let counts = self.pool.counts();
+        let (cached, idle, stats) = match &self.prefix {
+            Some(p) => (p.len(), p.idle_blocks(), p.stats()),
+            None => (0, 0, Default::default()),
+        };
+        // Blocks running requests hold or have reserved; cached blocks nobody holds are free to evict.
+        let in_use = counts.allocated + counts.reserved - idle;
+        self.metrics.scheduler_state(self.waiting.len(), self.running.len(), in_use);
+        self.metrics.prefix_cache_state(cached, stats);
     }
 }

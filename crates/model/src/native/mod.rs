@@ -24,6 +24,7 @@
 
 mod cache;
 mod load;
+mod prefix;
 mod source;
 
 use std::sync::{Arc, Mutex};
@@ -31,14 +32,15 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 
 use vicuna_kernels::{
-    attention, dequantize_row, matmul, row_size, AttentionSeq, GgmlType, HeadLayout, QuantMatrix, ThreadPool,
-    ThreadPoolBuilder,
+    attention, dequantize_row, matmul, row_size, AttentionSeq, GgmlType, HeadLayout, KvView, QuantMatrix,
+    ThreadPool, ThreadPoolBuilder,
 };
 use vicuna_weights::LlamaConfig;
 
 use crate::{Error, Result};
 
-pub use cache::{KvType, QuantCache};
+pub use cache::{BlockShape, Counts, KvBlock, KvPool, KvType, QuantCache, Reservation, BLOCK_TOKENS};
+pub use prefix::{PrefixCache, PrefixStats};
 pub use source::{OwnedTensors, TensorRef, TensorSource};
 
 /// LLaMA over GGUF tensors, computing on a thread pool of its own. Steps of one model run one at a time (they
@@ -206,16 +208,22 @@ impl QuantLlama {
 
     /// Bytes one position takes in a cache: keys and values of every layer.
     pub fn kv_bytes_per_token(&self) -> usize {
-        let element = match self.kv_type {
-            KvType::F16 => 2,
-            KvType::F32 => 4,
-        };
-        2 * self.config.num_hidden_layers * self.kv_dim() * element
+        self.block_shape().bytes() / BLOCK_TOKENS
     }
 
-    /// An empty cache for one sequence.
+    /// What this model's KV-cache blocks hold.
+    pub fn block_shape(&self) -> BlockShape {
+        BlockShape { layers: self.config.num_hidden_layers, kv_dim: self.kv_dim(), kv_type: self.kv_type }
+    }
+
+    /// A pool of KV-cache blocks for this model, with a budget of `capacity` blocks (`None`: no budget).
+    pub fn new_pool(&self, capacity: Option<usize>) -> KvPool {
+        KvPool::new(self.block_shape(), capacity)
+    }
+
+    /// An empty cache for one sequence, in a pool of its own without a budget.
     pub fn new_cache(&self) -> QuantCache {
-        QuantCache::new(self.config.num_hidden_layers, self.kv_dim(), self.kv_type)
+        QuantCache::unbounded(self.block_shape())
     }
 
     /// Every id must index the embedding table; a bad id is the caller's input error.
@@ -270,7 +278,7 @@ impl QuantLlama {
         let c = &self.config;
         for (ids, cache) in sequences.iter_mut() {
             self.check_ids(ids)?;
-            if !cache.fits(c.num_hidden_layers, self.kv_dim(), self.kv_type) {
+            if !cache.fits(self.block_shape()) {
                 return Err(Error::msg("this cache was made by a model of another shape"));
             }
             let total = cache.len() + ids.len();
@@ -281,6 +289,7 @@ impl QuantLlama {
                 )));
             }
             cache.rollback();
+            cache.prepare(ids.len())?;
         }
         let (h, eps) = (c.hidden_size, c.rms_norm_eps as f32);
         let tokens: Vec<u32> = sequences.iter().flat_map(|(ids, _)| ids.iter().copied()).collect();
@@ -302,18 +311,21 @@ impl QuantLlama {
             let mut row = 0;
             for (ids, cache) in sequences.iter_mut() {
                 let rows = row * self.kv_dim()..(row + ids.len()) * self.kv_dim();
-                cache.append(l, &b.k[rows.clone()], &b.v[rows]);
+                cache.write(l, &b.k[rows.clone()], &b.v[rows]);
                 row += ids.len();
             }
+            let pages: Vec<_> = sequences.iter().map(|(_, cache)| cache.pages(l)).collect();
             let mut row = 0;
             let views: Vec<AttentionSeq> = sequences
                 .iter()
-                .map(|(ids, cache)| {
-                    let (keys, values) = cache.layer(l);
+                .zip(&pages)
+                .map(|((ids, cache), (keys, values))| {
                     let q_dim = self.heads().q_dim();
                     let queries = &b.q[row * q_dim..(row + ids.len()) * q_dim];
                     row += ids.len();
-                    AttentionSeq { queries, keys, values }
+                    let positions = cache.len() + ids.len();
+                    let view = |pages| KvView::Paged { pages, page_positions: BLOCK_TOKENS, positions };
+                    AttentionSeq { queries, keys: view(keys), values: view(values) }
                 })
                 .collect();
             attention(self.heads(), &views, &mut b.att, &self.pool)?;

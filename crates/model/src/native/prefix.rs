@@ -1,0 +1,153 @@
+//! A prefix cache: full KV blocks of sequences computed before, found again by the token ids they hold.
+//!
+//! A hash chain over full blocks (vLLM's automatic prefix caching): block `i` of a sequence is keyed by the hash of
+//! (key of block `i - 1`, the [`BLOCK_TOKENS`] ids of block `i`), so one key stands for the whole prefix up to the
+//! end of its block. Each entry keeps its parent's key and its ids, checked on every lookup, so a hash collision can
+//! cost a miss, never a wrong block. Only full blocks are cached: the partly filled last block of a sequence is
+//! written again, and a sequence that continues a cached prefix writes its new positions into blocks of its own.
+//!
+//! Cached blocks are shared, read-only, with every sequence that looked them up. Eviction drops least recently used
+//! entries that no sequence holds and that no other entry continues (leaves), so the chain stays whole.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use super::cache::{KvBlock, BLOCK_TOKENS};
+
+pub struct PrefixCache {
+    entries: HashMap<u64, Entry>,
+    /// Most blocks kept (`None`: as many as the KV budget allows).
+    max_blocks: Option<usize>,
+    clock: u64,
+    stats: PrefixStats,
+}
+
+struct Entry {
+    parent: Option<u64>,
+    ids: [u32; BLOCK_TOKENS],
+    block: Arc<KvBlock>,
+    /// Entries whose parent this is.
+    children: usize,
+    last_used: u64,
+}
+
+/// Counters since the cache was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    pub lookups: u64,
+    /// Lookups that found at least one block.
+    pub hits: u64,
+    /// Positions found cached, over all lookups.
+    pub hit_tokens: u64,
+    pub evictions: u64,
+}
+
+/// The key of a block: its parent's key and its ids.
+fn key(parent: Option<u64>, ids: &[u32]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    parent.hash(&mut hasher);
+    ids.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl PrefixCache {
+    pub fn new(max_blocks: Option<usize>) -> Self {
+        PrefixCache { entries: HashMap::new(), max_blocks, clock: 0, stats: PrefixStats::default() }
+    }
+
+    /// Blocks cached.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn stats(&self) -> PrefixStats {
+        self.stats
+    }
+
+    /// Cached blocks no sequence holds: what eviction could free.
+    pub fn idle_blocks(&self) -> usize {
+        self.entries.values().filter(|e| Arc::strong_count(&e.block) == 1).count()
+    }
+
+    /// The longest cached prefix of `ids` in whole blocks, leaving at least one id uncached (a step must compute
+    /// something to give logits). Marks the blocks used.
+    pub fn lookup(&mut self, ids: &[u32]) -> Vec<Arc<KvBlock>> {
+        self.clock += 1;
+        self.stats.lookups += 1;
+        let mut found = Vec::new();
+        let mut parent = None;
+        for chunk in ids[..ids.len().saturating_sub(1)].chunks_exact(BLOCK_TOKENS) {
+            let k = key(parent, chunk);
+            match self.entries.get_mut(&k) {
+                Some(e) if e.parent == parent && e.ids == chunk => {
+                    e.last_used = self.clock;
+                    found.push(e.block.clone());
+                    parent = Some(k);
+                }
+                _ => break,
+            }
+        }
+        if !found.is_empty() {
+            self.stats.hits += 1;
+            self.stats.hit_tokens += (found.len() * BLOCK_TOKENS) as u64;
+        }
+        found
+    }
+
+    /// Caches the full blocks of a sequence: `blocks[i]` holds the keys and values of `ids[i * BLOCK_TOKENS ..]`
+    /// (only blocks whose ids are all given count). Blocks already cached for the same ids stay as they are.
+    pub fn insert(&mut self, ids: &[u32], blocks: &[Arc<KvBlock>]) {
+        self.clock += 1;
+        let mut parent = None;
+        for (chunk, block) in ids.chunks_exact(BLOCK_TOKENS).zip(blocks) {
+            let k = key(parent, chunk);
+            match self.entries.get_mut(&k) {
+                Some(e) if e.parent == parent && e.ids == chunk => e.last_used = self.clock,
+                // A collision with another prefix: leave it, and stop (the chain below would hang off it).
+                Some(_) => break,
+                None => {
+                    let ids = chunk.try_into().expect("chunks of BLOCK_TOKENS");
+                    let entry = Entry { parent, ids, block: block.clone(), children: 0, last_used: self.clock };
+                    self.entries.insert(k, entry);
+                    if let Some(p) = parent {
+                        self.entries.get_mut(&p).expect("parents are inserted first").children += 1;
+                    }
+                }
+            }
+            parent = Some(k);
+        }
+        if let Some(max) = self.max_blocks {
+            while self.entries.len() > max && self.evict_one() {}
+        }
+    }
+
+    /// Drops the least recently used block that no sequence holds and no other cached block continues; returns
+    /// whether there was one.
+    pub fn evict_one(&mut self) -> bool {
+        let victim = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.children == 0 && Arc::strong_count(&e.block) == 1)
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(&k, _)| k);
+        let Some(k) = victim else { return false };
+        let entry = self.entries.remove(&k).expect("found above");
+        if let Some(p) = entry.parent {
+            if let Some(parent) = self.entries.get_mut(&p) {
+                parent.children -= 1;
+            }
+        }
+        self.stats.evictions += 1;
+        true
+    }
+
+    /// Drops every block no sequence holds (and what only they continued).
+    pub fn clear_idle(&mut self) {
+        while self.evict_one() {}
+    }
+}
