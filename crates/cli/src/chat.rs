@@ -6,7 +6,7 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use clap::Args;
 use rustyline::error::ReadlineError;
-use vicuna_engine::{generate, random_seed, GenerationConfig};
+use vicuna_engine::{generate_in, random_seed, Context, GenerationConfig};
 use vicuna_model::QuantLlama;
 use vicuna_server::template::{fit_to_context, ChatMessage, ReplyText, Role, STOP_SEQUENCES};
 use vicuna_tokenizer::Tokenizer;
@@ -52,11 +52,14 @@ struct Conversation<'a> {
     seed: Option<u64>,
     system: Option<String>,
     messages: Vec<ChatMessage>,
+    /// The KV cache of the conversation so far: a turn computes only what is new.
+    context: Context,
 }
 
 impl Conversation<'_> {
     fn reset(&mut self) {
         self.messages.clear();
+        self.context.clear();
         if let Some(system) = &self.system {
             self.messages.push(ChatMessage::new(Role::System, system.clone()));
         }
@@ -77,10 +80,17 @@ impl Conversation<'_> {
         };
         self.config.seed = self.seed.unwrap_or_else(random_seed);
         let mut reply = ReplyText::default();
-        let generation = generate(self.model, Some(self.tokenizer), &prompt, &self.config, |piece| {
+        let (model, tokenizer) = (self.model, Some(self.tokenizer));
+        let generation = generate_in(&mut self.context, model, tokenizer, &prompt, &self.config, |piece| {
             // A closed stdout (e.g. `| head`) only means nobody reads the rest.
             let _ = out.write_all(reply.push(piece).as_bytes()).and_then(|_| out.flush());
         });
+        let reused = self.context.reused();
+        tracing::info!(
+            "turn: {} prompt tokens, {reused} from the cache, {} computed",
+            prompt.len(),
+            prompt.len() - reused
+        );
         let generation = match generation {
             Ok(generation) => generation,
             Err(e) => {
@@ -119,6 +129,7 @@ pub fn run_chat(args: ChatArgs, threads: Option<usize>) -> Result<()> {
         seed: args.sampling.seed,
         system: args.system,
         messages: Vec::new(),
+        context: Context::new(&model),
     };
     conversation.reset();
     if std::io::stdin().is_terminal() {

@@ -351,6 +351,48 @@ fn chat_reply(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `vicuna chat` in pipe mode keeps the conversation's KV cache between turns: from the second turn on, the whole
+/// previous prompt comes from the cache and only the new part is computed; `/reset` starts from nothing. (That the
+/// replies equal those computed from scratch is `vicuna-engine`'s `a_kept_context_…` test.)
+#[test]
+fn chat_reads_only_the_new_turn_from_the_second_turn_on() {
+    use std::io::Write;
+    let model = fixture(TINY_V32001);
+    let tokenizer = fixture("tokenizer/tokenizer.model");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vicuna"))
+        .args(["chat", "--model", path_str(&model), "--tokenizer", path_str(&tokenizer), "--greedy"])
+        .args(["--max-new-tokens", "8"])
+        .env("VICUNA_LOG", "info")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let turns = ["What is a llama?", "And an alpaca?", "Which one is bigger?", "Thanks!", "/reset", "Hello again."];
+    child.stdin.take().unwrap().write_all(turns.join("\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // "turn: P prompt tokens, R from the cache, C computed"
+    let counts: Vec<(usize, usize, usize)> = stderr
+        .lines()
+        .filter_map(|line| line.split("turn: ").nth(1))
+        .map(|rest| {
+            let numbers: Vec<usize> =
+                rest.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
+            (numbers[0], numbers[1], numbers[2])
+        })
+        .collect();
+    assert_eq!(counts.len(), 5, "{stderr}");
+    assert_eq!(counts[0].1, 0, "nothing cached before the first turn");
+    for turn in 1..4 {
+        let (prompt, reused, computed) = counts[turn];
+        assert_eq!(prompt, reused + computed);
+        assert!(reused >= counts[turn - 1].0, "turn {turn} recomputed the previous prompt: {counts:?}");
+    }
+    assert_eq!(counts[4].1, 0, "/reset forgets the cache: {counts:?}");
+}
+
 /// `vicuna generate --json` text of a seeded prompt with `args`.
 fn generated(args: &[&str]) -> Value {
     let model = fixture(TINY_V32001);

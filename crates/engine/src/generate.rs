@@ -1,7 +1,7 @@
 //! The generation loop: prefill the prompt, then one token at a time through the KV cache, with
 //! EOS, min/max new tokens and stop sequences decided the way transformers and TGI decide them.
 
-use vicuna_model::{LlamaConfig, QuantLlama, Result};
+use vicuna_model::{LlamaConfig, QuantCache, QuantLlama, Result};
 use vicuna_tokenizer::Tokenizer;
 
 use crate::sampling::{Sampler, SamplingParams};
@@ -68,19 +68,83 @@ pub fn generate(
     tokenizer: Option<&Tokenizer>,
     prompt: &[u32],
     config: &GenerationConfig,
+    on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    generate_in(&mut Context::new(model), model, tokenizer, prompt, config, on_text)
+}
+
+/// [`generate`] in a context kept from earlier generations: the longest common prefix of the
+/// prompt and what the context holds is read from its cache (always leaving one prompt token to
+/// compute), the rest is computed, and the context then holds the prompt and the reply.
+pub fn generate_in(
+    context: &mut Context,
+    model: &QuantLlama,
+    tokenizer: Option<&Tokenizer>,
+    prompt: &[u32],
+    config: &GenerationConfig,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     model.check_ids(prompt)?;
     let mut sequence = Sequence::new(prompt, config.clone(), tokenizer, model.config());
-    let mut cache = model.new_cache();
-    let mut input = prompt.to_vec();
+    let reused = context.reuse(prompt);
+    let mut input = prompt[reused..].to_vec();
     while sequence.finish_reason().is_none() {
-        let mut logits = model.next_token_logits(&input, &mut cache)?;
+        let mut logits = model.next_token_logits(&input, &mut context.cache)?;
+        context.ids.append(&mut input);
         let step = sequence.advance(&mut logits);
         on_text(&step.text);
         input = vec![step.id];
     }
     Ok(sequence.into_generation())
+}
+
+/// One sequence's KV cache and the ids it holds, kept from one generation to the next (a chat's
+/// turns), so that a prompt starting like the last context reads only what is new.
+pub struct Context {
+    cache: QuantCache,
+    /// The ids whose keys and values the cache holds, in order.
+    ids: Vec<u32>,
+    /// Prompt tokens the last generation took from the cache.
+    reused: usize,
+}
+
+impl Context {
+    pub fn new(model: &QuantLlama) -> Self {
+        Context { cache: model.new_cache(), ids: Vec::new(), reused: 0 }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Forgets everything (a new conversation).
+    pub fn clear(&mut self) {
+        self.cache.clear();
+        self.ids.clear();
+    }
+
+    /// Prompt tokens the last generation took from the cache instead of computing them.
+    pub fn reused(&self) -> usize {
+        self.reused
+    }
+
+    /// Keeps the longest common prefix of `prompt` and the context (one prompt token short at
+    /// most, so that a step computes the logits); returns its length.
+    fn reuse(&mut self, prompt: &[u32]) -> usize {
+        let common = self.ids.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let keep = common.min(prompt.len().saturating_sub(1));
+        // The cache and the ids always agree: a failed step leaves neither changed.
+        debug_assert_eq!(self.cache.len(), self.ids.len());
+        self.cache.truncate(keep);
+        self.ids.truncate(keep);
+        self.reused = keep;
+        keep
+    }
 }
 
 /// One generation in progress: its sampler and random stream, its context, the text decoded so

@@ -7,7 +7,9 @@ mod rng;
 mod sampling;
 mod score;
 
-pub use generate::{find_stop, generate, held_back, FinishReason, Generation, GenerationConfig, Sequence, Step};
+pub use generate::{
+    find_stop, generate, generate_in, held_back, Context, FinishReason, Generation, GenerationConfig, Sequence, Step,
+};
 pub use perplexity::{kl_divergence, log_softmax, perplexity_chunks, ChunkLogProbs, Divergence, PerplexityStats};
 pub use rng::{random_seed, Rng};
 pub use sampling::{apply_repetition_penalty, argmax, softmax, Sampler, SamplingParams};

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use std::sync::Arc;
 use vicuna_engine::{
-    apply_repetition_penalty, argmax, generate, FinishReason, Generation, GenerationConfig, SamplingParams,
+    apply_repetition_penalty, argmax, generate, generate_in, Context, FinishReason, Generation, GenerationConfig,
+    SamplingParams,
 };
 
 use vicuna_model::native::OwnedTensors;
@@ -155,4 +156,45 @@ fn repetition_penalty_covers_prompt_and_generated_tokens() {
     assert_eq!(got, context[prompt.len()..]);
     let plain = generate(&model, None, &prompt, &GenerationConfig { ignore_eos: true, ..greedy(20) }, |_| {}).unwrap();
     assert_ne!(plain.ids, got, "the penalty changed nothing: the test would prove nothing");
+}
+
+/// A chat's turns in one context: each turn reads only the prompt tokens past what the context already holds (the
+/// previous prompt and reply), and gives the same tokens as the same prompt generated from scratch, greedy and
+/// seeded; a prompt that departs early (a new conversation) recomputes from there.
+#[test]
+fn a_kept_context_reads_only_the_new_part_of_the_prompt_and_changes_nothing() {
+    let (model, tokenizer) = tiny_v32001();
+    let seeded = GenerationConfig {
+        sampling: SamplingParams { do_sample: true, temperature: 0.8, ..Default::default() },
+        max_new_tokens: 12,
+        seed: 11,
+        ..Default::default()
+    };
+    for config in [greedy(12), seeded] {
+        let mut context = Context::new(&model);
+        let mut conversation = tokenizer.encode("### Human: Hello there, llama!\n### Assistant:", true);
+        for turn in 0..4 {
+            let fresh = generate(&model, Some(&tokenizer), &conversation, &config, |_| {}).unwrap();
+            let held = context.len();
+            let kept = generate_in(&mut context, &model, Some(&tokenizer), &conversation, &config, |_| {}).unwrap();
+            assert_eq!(kept.ids, fresh.ids, "turn {turn}: another reply with a kept context");
+            if turn == 0 {
+                assert_eq!(context.reused(), 0);
+            } else {
+                // The context held the previous prompt and all but the last reply token: the new prompt starts
+                // with both.
+                assert_eq!(context.reused(), held, "turn {turn}");
+            }
+            // The context now holds this prompt and the reply but its last token.
+            assert_eq!(context.len(), conversation.len() + kept.ids.len() - 1);
+            conversation.extend(&kept.ids);
+            conversation.extend(tokenizer.encode(&format!("\n### Human: Turn {turn}?\n### Assistant:"), false));
+        }
+        let restart = tokenizer.encode("### Human: Something else\n### Assistant:", true);
+        let fresh = generate(&model, Some(&tokenizer), &restart, &config, |_| {}).unwrap();
+        let kept = generate_in(&mut context, &model, Some(&tokenizer), &restart, &config, |_| {}).unwrap();
+        assert_eq!(kept.ids, fresh.ids);
+        let common = restart.iter().zip(&conversation).take_while(|(a, b)| a == b).count();
+        assert_eq!(context.reused(), common, "only the common start is reused");
+    }
 }

@@ -64,7 +64,11 @@ pub enum KvView<'a> {
     Contiguous(KvSlice<'a>),
     /// `positions` positions in pages of `page_positions` each: page `i` holds positions `i · page_positions ..`
     /// as `page_positions × kv_dim` values (the last page may hold fewer positions than it has room for).
-    Paged { pages: &'a [KvSlice<'a>], page_positions: usize, positions: usize },
+    Paged {
+        pages: &'a [KvSlice<'a>],
+        page_positions: usize,
+        positions: usize,
+    },
 }
 
 impl<'a> From<KvSlice<'a>> for KvView<'a> {

@@ -662,3 +662,76 @@ fn a_long_prompt_is_prefilled_in_chunks_while_other_streams_keep_flowing() {
     // The prompt takes ~95 steps of 16 tokens; the running stream gets a token in each.
     assert!(during_prefill >= 30, "only {during_prefill} tokens streamed while the long prompt was read");
 }
+
+/// Requests that start like an earlier one read its cached KV blocks instead of computing them, and give what the
+/// engine alone gives from scratch (greedy) and what a server without a prefix cache gives (seeded), alone and in a
+/// batch of requests sharing the prefix; `--no-prefix-cache` turns it off.
+#[test]
+fn requests_sharing_a_prefix_read_it_from_the_cache_and_give_the_same_text() {
+    let system = "### Human: You are a helpful llama expert who answers briefly. ".repeat(4);
+    let prompts: Vec<String> =
+        (0..4).map(|i| format!("{system}Question {i}: what do llamas eat?\n### Assistant:")).collect();
+    let shared_blocks = {
+        let tokenizer = common::load_tokenizer();
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode(p, true)).collect();
+        ids[0].iter().zip(&ids[1]).take_while(|(a, b)| a == b).count() / 16
+    };
+    assert!(shared_blocks >= 3, "the prompts share {shared_blocks} blocks");
+    let seeded =
+        |i: usize| json!({"inputs": prompts[i], "parameters": {"do_sample": true, "seed": 5, "max_new_tokens": 12}});
+    let text = |addr, body: &Value| {
+        let response = post_json(addr, "/generate", body);
+        assert_eq!(response.status, 200, "{}", response.text());
+        response.json()["generated_text"].as_str().unwrap().to_string()
+    };
+
+    let mut options = test_options();
+    options.prefix_cache = false;
+    let plain = TestServer::start(options);
+    let want: Vec<String> = (0..4).map(|i| text(plain.addr, &seeded(i))).collect();
+    assert_eq!(plain.metric("vicuna_prefix_cache_lookups_total"), 0.0);
+    assert_eq!(plain.metric("vicuna_prefix_cache_blocks"), 0.0);
+
+    let server = TestServer::with_defaults();
+    assert_eq!(text(server.addr, &seeded(0)), want[0]);
+    assert_eq!(server.metric("vicuna_prefix_cache_hit_tokens_total"), 0.0);
+    // Alone: the second request reads the shared blocks from the cache.
+    assert_eq!(text(server.addr, &seeded(1)), want[1]);
+    assert_eq!(server.metric("vicuna_prefix_cache_hit_tokens_total"), (16 * shared_blocks) as f64);
+    // Greedy, against the engine alone.
+    let greedy_body = json!({"inputs": prompts[2], "parameters": {"max_new_tokens": 12}});
+    assert_eq!(text(server.addr, &greedy_body), common::reference(&prompts[2], &common::greedy(12)).1);
+    // In a batch, all sharing the cached blocks at once.
+    let addr = server.addr;
+    let batch: Vec<String> = (0..4)
+        .map(|i| {
+            let body = seeded(i);
+            std::thread::spawn(move || text(addr, &body))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(batch, want);
+    assert!(server.metric("vicuna_prefix_cache_blocks") >= shared_blocks as f64);
+    server.wait_for_metric("vicuna_kv_cache_blocks_in_use", 0.0, Duration::from_secs(5));
+}
+
+/// A budget full of cached blocks evicts them for a new request instead of making it wait.
+#[test]
+fn a_full_prefix_cache_makes_room_instead_of_refusing() {
+    let mut options = test_options();
+    options.max_batch_total_tokens = Some(128); // 8 blocks
+    options.max_total_tokens = 128;
+    let server = TestServer::start(options);
+    for i in 0..6 {
+        // Each leaves ~4 full blocks cached: together far more than the budget.
+        let inputs = format!("Request {i}: {}", "llamas and alpacas ".repeat(12));
+        let response =
+            post_json(server.addr, "/generate", &json!({"inputs": inputs, "parameters": {"max_new_tokens": 8}}));
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert!(server.metric("vicuna_prefix_cache_blocks") <= 8.0);
+    }
+    assert!(server.metric("vicuna_prefix_cache_evictions_total") > 0.0);
+    assert_eq!(server.metric("vicuna_kv_cache_blocks_in_use"), 0.0);
+}

@@ -32,8 +32,8 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 
 use vicuna_kernels::{
-    attention, dequantize_row, matmul, row_size, AttentionSeq, GgmlType, HeadLayout, KvView, QuantMatrix,
-    ThreadPool, ThreadPoolBuilder,
+    attention, dequantize_row, matmul, row_size, AttentionSeq, GgmlType, HeadLayout, KvView, QuantMatrix, ThreadPool,
+    ThreadPoolBuilder,
 };
 use vicuna_weights::LlamaConfig;
 
