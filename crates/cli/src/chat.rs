@@ -81,15 +81,19 @@ impl Conversation<'_> {
         self.config.seed = self.seed.unwrap_or_else(random_seed);
         let mut reply = ReplyText::default();
         let (model, tokenizer) = (self.model, Some(self.tokenizer));
+        let start = std::time::Instant::now();
+        let mut first_token = None;
         let generation = generate_in(&mut self.context, model, tokenizer, &prompt, &self.config, |piece| {
+            first_token.get_or_insert_with(|| start.elapsed());
             // A closed stdout (e.g. `| head`) only means nobody reads the rest.
             let _ = out.write_all(reply.push(piece).as_bytes()).and_then(|_| out.flush());
         });
         let reused = self.context.reused();
         tracing::info!(
-            "turn: {} prompt tokens, {reused} from the cache, {} computed",
+            "turn: {} prompt tokens, {reused} from the cache, {} computed; first token after {:.3} s",
             prompt.len(),
-            prompt.len() - reused
+            prompt.len() - reused,
+            first_token.unwrap_or_default().as_secs_f64()
         );
         let generation = match generation {
             Ok(generation) => generation,

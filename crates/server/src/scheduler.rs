@@ -394,11 +394,10 @@ impl<'m> Batch<'m> {
         let mut prefill_budget = self.config.max_prefill_tokens;
         let mut chunks = Vec::with_capacity(self.running.len());
         for index in 0..self.running.len() {
-            let mut chunk = self.next_chunk(index);
-            if chunk > 1 && chunk <= prefill_budget && !self.running[index].started {
+            if !self.running[index].started {
                 self.take_longer_prefix(index);
-                chunk = self.next_chunk(index);
             }
+            let chunk = self.next_chunk(index);
             chunks.push(if chunk == 1 {
                 1
             } else if chunk <= prefill_budget {
@@ -419,6 +418,9 @@ impl<'m> Batch<'m> {
     /// Swaps a not yet started request's cache for one on a longer cached prefix, if there is one,
     /// giving back the blocks of its reservation it no longer needs.
     fn take_longer_prefix(&mut self, index: usize) {
+        if self.prefix.is_none() {
+            return;
+        }
         let prompt = std::mem::take(&mut self.running[index].pending);
         let prefix = self.cached_prefix(&prompt);
         let active = &mut self.running[index];
