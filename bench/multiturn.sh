@@ -89,6 +89,8 @@ for turn in range(1, turns + 1):
         "completion_tokens": usage.get("completion_tokens"), "finish": r["finish"],
         "cache_n": timings.get("cache_n"), "prompt_n": timings.get("prompt_n"), "prompt_chars": len(prompt),
     }), flush=True)
+    print(f"  {engine} turn {turn}: {tokens} prompt tokens, TTFT {r['ttft'] * 1000:.0f} ms, reply {r['total']:.1f} s",
+          file=sys.stderr, flush=True)
     conversation = prompt[: -len("### Assistant:")] + f"### Assistant: {r['text'].strip()}\n"
 PY
 
