@@ -189,6 +189,8 @@ fn usage(end: &End) -> Value {
         "prompt_tokens": end.prompt_tokens,
         "completion_tokens": end.generated_tokens,
         "total_tokens": end.prompt_tokens + end.generated_tokens,
+        // OpenAI's field for prompt tokens read from the prefix cache.
+        "prompt_tokens_details": {"cached_tokens": end.cached_tokens},
     })
 }
 

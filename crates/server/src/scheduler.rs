@@ -99,6 +99,8 @@ pub struct End {
     pub generated_text: String,
     pub generated_tokens: usize,
     pub prompt_tokens: usize,
+    /// Prompt tokens read from the prefix cache instead of computed.
+    pub cached_tokens: usize,
     /// The seed, when the request sampled.
     pub seed: Option<u64>,
     /// Prompt tokens with their log-probabilities, when asked for.
@@ -191,6 +193,8 @@ struct Active<'t> {
     read: usize,
     /// No chunk of it has run yet: it may still take a longer cached prefix.
     started: bool,
+    /// Prompt tokens taken from the prefix cache.
+    cached_tokens: usize,
     job: Job,
     prefill: Vec<PromptToken>,
     last_token_at: Option<Instant>,
@@ -344,6 +348,7 @@ impl<'m> Batch<'m> {
                 pending: prompt,
                 read,
                 started: false,
+                cached_tokens: read,
                 job,
                 prefill,
                 last_token_at: None,
@@ -433,6 +438,7 @@ impl<'m> Batch<'m> {
             active.cache.reservation_mut().release(fewer);
             active.read = active.cache.len();
             active.history = prompt[..active.read].to_vec();
+            active.cached_tokens = active.read;
             self.metrics.prefix_hit_tokens(active.read - had);
         }
         active.pending = prompt;
@@ -532,7 +538,7 @@ impl<'m> Batch<'m> {
     fn finish(&mut self, finished: Vec<(usize, GeneratedToken)>) {
         let mut ended = Vec::with_capacity(finished.len());
         for (index, token) in finished.into_iter().rev() {
-            let Active { sequence, job, prefill, .. } = self.running.remove(index);
+            let Active { sequence, job, prefill, cached_tokens, .. } = self.running.remove(index);
             let prompt_tokens = sequence.prompt().len();
             let generation = sequence.into_generation();
             self.metrics.finished(generation.finish_reason.into());
@@ -547,6 +553,7 @@ impl<'m> Batch<'m> {
                 generated_text: generation.text.unwrap_or_default(),
                 generated_tokens: generation.ids.len(),
                 prompt_tokens,
+                cached_tokens,
                 seed: job.config.sampling.do_sample.then_some(job.config.seed),
                 prefill,
             };

@@ -671,11 +671,11 @@ fn requests_sharing_a_prefix_read_it_from_the_cache_and_give_the_same_text() {
     let system = "### Human: You are a helpful llama expert who answers briefly. ".repeat(4);
     let prompts: Vec<String> =
         (0..4).map(|i| format!("{system}Question {i}: what do llamas eat?\n### Assistant:")).collect();
-    let shared_blocks = {
+    let ids: Vec<Vec<u32>> = {
         let tokenizer = common::load_tokenizer();
-        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode(p, true)).collect();
-        ids[0].iter().zip(&ids[1]).take_while(|(a, b)| a == b).count() / 16
+        prompts.iter().map(|p| tokenizer.encode(p, true)).collect()
     };
+    let shared_blocks = ids[0].iter().zip(&ids[1]).take_while(|(a, b)| a == b).count() / 16;
     assert!(shared_blocks >= 3, "the prompts share {shared_blocks} blocks");
     let seeded =
         |i: usize| json!({"inputs": prompts[i], "parameters": {"do_sample": true, "seed": 5, "max_new_tokens": 12}});
@@ -714,6 +714,10 @@ fn requests_sharing_a_prefix_read_it_from_the_cache_and_give_the_same_text() {
         .collect();
     assert_eq!(batch, want);
     assert!(server.metric("vicuna_prefix_cache_blocks") >= shared_blocks as f64);
+    // Every full block of the last prompt is cached now; OpenAI's usage says how much was read from the cache.
+    let response = post_json(addr, "/v1/completions", &json!({"prompt": prompts[3], "max_tokens": 2}));
+    let cached = (ids[3].len() - 1) / 16 * 16;
+    assert_eq!(response.json()["usage"]["prompt_tokens_details"]["cached_tokens"], json!(cached));
     server.wait_for_metric("vicuna_kv_cache_blocks_in_use", 0.0, Duration::from_secs(5));
 }
 
