@@ -408,7 +408,9 @@ fn a_cached_prefix_gives_what_the_prompt_gives_from_scratch() {
         let mut prefix_cache = PrefixCache::new(None);
         let system: Vec<u32> = (0..37).map(|i| 1 + (i * 7919) % 1000).collect();
         let prompt = |tail: &[u32]| -> Vec<u32> { system.iter().chain(tail).copied().collect() };
-        let (first, second) = (prompt(&[5, 6, 7]), prompt(&[900, 901, 902, 903, 904]));
+        // The first request's third block holds the system prompt's last 5 ids and 11 of its own.
+        let own: Vec<u32> = (0..20).map(|i| 700 + i).collect();
+        let (first, second) = (prompt(&own), prompt(&[900, 901, 902, 903, 904]));
 
         // Without any cache hit.
         let mut cache = QuantCache::new(pool.reserve(8).unwrap());
@@ -424,12 +426,13 @@ fn a_cached_prefix_gives_what_the_prompt_gives_from_scratch() {
         let before: Vec<Vec<f32>> = cache_a.blocks().iter().map(|b| b.to_f32()).collect();
 
         let hit = prefix_cache.lookup(&second);
-        assert_eq!(hit.len(), system.len() / BLOCK_TOKENS, "the system prompt's full blocks are found");
-        for (shared, own) in hit.iter().zip(cache_a.blocks()) {
+        // Two whole blocks and the first 5 positions of the third: the system prompt, to the token.
+        assert_eq!((hit.blocks.len(), hit.tokens), (3, system.len()));
+        for (shared, own) in hit.blocks.iter().zip(cache_a.blocks()) {
             assert!(KvBlock::same(shared, own), "a hit shares the block, it does not copy it");
         }
-        let cached = hit.len() * BLOCK_TOKENS;
-        let mut cache_b = QuantCache::with_prefix(pool.reserve(8).unwrap(), hit).unwrap();
+        let cached = hit.tokens;
+        let mut cache_b = QuantCache::with_prefix(pool.reserve(8).unwrap(), hit.blocks, hit.tokens).unwrap();
         assert_eq!(cache_b.len(), cached);
         let logits = model.next_token_logits(&second[cached..], &mut cache_b).unwrap();
         let got = greedy_logits(&model, logits, &mut cache_b, 8);
@@ -440,6 +443,7 @@ fn a_cached_prefix_gives_what_the_prompt_gives_from_scratch() {
         }
         let after: Vec<Vec<f32>> = cache_a.blocks().iter().map(|b| b.to_f32()).collect();
         assert!(before == after, "{kv:?}: the shared blocks were written");
+        assert!(!KvBlock::same(&cache_b.blocks()[2], &cache_a.blocks()[2]), "the block shared in part was copied");
         let stats = prefix_cache.stats();
         assert_eq!((stats.lookups, stats.hits, stats.hit_tokens), (1, 1, cached as u64));
     }
@@ -526,14 +530,14 @@ fn the_prefix_cache_evicts_idle_blocks_least_recently_used_first() {
 
     // Only `old`'s blocks are idle: its leaf goes first, then its root; `new`'s are held.
     assert!(prefix_cache.evict_one());
-    assert_eq!(prefix_cache.lookup(&[old.clone(), vec![1]].concat()).len(), 1, "the root of old stays");
+    assert_eq!(prefix_cache.lookup(&[old.clone(), vec![1]].concat()).blocks.len(), 1, "the root of old stays");
     assert!(prefix_cache.evict_one());
     assert!(!prefix_cache.evict_one(), "held blocks are never evicted");
     assert_eq!(pool.counts().allocated, 2);
     drop(held);
     // `new` was used last: with both idle, its leaf goes before its root.
     assert!(prefix_cache.evict_one());
-    assert_eq!(prefix_cache.lookup(&[new.clone(), vec![1]].concat()).len(), 1);
+    assert_eq!(prefix_cache.lookup(&[new.clone(), vec![1]].concat()).blocks.len(), 1);
     prefix_cache.clear_idle();
     assert_eq!((prefix_cache.len(), pool.counts().allocated), (0, 0));
     assert_eq!(prefix_cache.stats().evictions, 4);

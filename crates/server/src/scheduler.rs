@@ -34,7 +34,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::OwnedSemaphorePermit;
 use vicuna_engine::{score, FinishReason, GenerationConfig, Sequence};
-use vicuna_model::native::KvBlock;
+use vicuna_model::native::CachedPrefix;
 use vicuna_model::{KvPool, PrefixCache, QuantCache, QuantLlama, Reservation, BLOCK_TOKENS};
 use vicuna_tokenizer::Tokenizer;
 
@@ -281,8 +281,8 @@ impl<'m> Batch<'m> {
         }
     }
 
-    /// The longest cached prefix of `ids`, in whole blocks (none without a prefix cache).
-    fn cached_prefix(&mut self, ids: &[u32]) -> Vec<std::sync::Arc<KvBlock>> {
+    /// The longest cached prefix of `ids` (none without a prefix cache).
+    fn cached_prefix(&mut self, ids: &[u32]) -> CachedPrefix {
         self.prefix.as_mut().map(|p| p.lookup(ids)).unwrap_or_default()
     }
 
@@ -314,8 +314,9 @@ impl<'m> Batch<'m> {
                 break;
             }
             let (prompt, blocks) = (job.prompt.clone(), job.blocks());
+            // Blocks the prefix fills are not needed again; one it fills in part is copied.
             let prefix = self.cached_prefix(&prompt);
-            let Some(reservation) = self.reserve(blocks - prefix.len()) else {
+            let Some(reservation) = self.reserve(blocks - prefix.tokens / BLOCK_TOKENS) else {
                 break;
             };
             let job = self.waiting.pop_front().expect("front exists");
@@ -335,7 +336,8 @@ impl<'m> Batch<'m> {
                 self.metrics.finished(Outcome::Failed);
                 continue;
             }
-            let cache = QuantCache::with_prefix(reservation, prefix).expect("the prefix cache shares the pool");
+            let cache = QuantCache::with_prefix(reservation, prefix.blocks, prefix.tokens)
+                .expect("the prefix cache shares the pool");
             let read = cache.len();
             if self.prefix.is_some() {
                 self.metrics.prefix_lookup();
@@ -430,11 +432,11 @@ impl<'m> Batch<'m> {
         let prefix = self.cached_prefix(&prompt);
         let active = &mut self.running[index];
         let had = active.cache.len();
-        if prefix.len() * BLOCK_TOKENS > had {
+        if prefix.tokens > had {
             // The blocks held so far are all cached ones (nothing was computed yet): the longer
             // prefix needs that many fewer blocks of the reservation.
-            let fewer = prefix.len() - had / BLOCK_TOKENS;
-            active.cache.restart_from(prefix).expect("the prefix cache shares the pool");
+            let fewer = prefix.tokens / BLOCK_TOKENS - had / BLOCK_TOKENS;
+            active.cache.restart_from(prefix.blocks, prefix.tokens).expect("the prefix cache shares the pool");
             active.cache.reservation_mut().release(fewer);
             active.read = active.cache.len();
             active.history = prompt[..active.read].to_vec();

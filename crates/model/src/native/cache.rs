@@ -269,21 +269,24 @@ impl QuantCache {
         QuantCache::new(KvPool::new(shape, None).unlimited())
     }
 
-    /// A cache that starts with `prefix`, the blocks of `prefix.len() * BLOCK_TOKENS` positions computed before
-    /// (shared, read-only: new positions go to blocks of the cache's own).
-    pub fn with_prefix(reservation: Reservation, prefix: Vec<Arc<KvBlock>>) -> Result<Self> {
+    /// A cache that starts with the first `tokens` positions of `prefix`, blocks computed before (shared,
+    /// read-only: new positions go to blocks of the cache's own, a last block held in part is copied first).
+    pub fn with_prefix(reservation: Reservation, prefix: Vec<Arc<KvBlock>>, tokens: usize) -> Result<Self> {
         let mut cache = QuantCache::new(reservation);
-        cache.restart_from(prefix)?;
+        cache.restart_from(prefix, tokens)?;
         Ok(cache)
     }
 
     /// Starts over from `prefix`, as [`QuantCache::with_prefix`] does (the blocks held so far are dropped).
-    pub fn restart_from(&mut self, prefix: Vec<Arc<KvBlock>>) -> Result<()> {
+    pub fn restart_from(&mut self, prefix: Vec<Arc<KvBlock>>, tokens: usize) -> Result<()> {
         if prefix.iter().any(|b| !Arc::ptr_eq(&b.pool.inner, &self.reservation.pool.inner)) {
             return Err(Error::msg("the cached prefix comes from another KV pool than the cache"));
         }
+        if tokens.div_ceil(BLOCK_TOKENS) != prefix.len() {
+            return Err(Error::msg(format!("{} blocks cannot hold exactly {tokens} positions", prefix.len())));
+        }
         self.truncate(0);
-        self.len = prefix.len() * BLOCK_TOKENS;
+        self.len = tokens;
         self.blocks = prefix;
         Ok(())
     }
@@ -291,9 +294,7 @@ impl QuantCache {
     /// A second cache holding the same positions: every block shared, read-only, until one of the two writes (a
     /// partly filled last block is copied then). The fork takes its new blocks from `reservation`.
     pub fn fork(&self, reservation: Reservation) -> Result<QuantCache> {
-        let mut fork = QuantCache::with_prefix(reservation, self.blocks().to_vec())?;
-        fork.len = self.len;
-        Ok(fork)
+        QuantCache::with_prefix(reservation, self.blocks().to_vec(), self.len)
     }
 
     pub fn kv_type(&self) -> KvType {

@@ -40,7 +40,7 @@ use vicuna_weights::LlamaConfig;
 use crate::{Error, Result};
 
 pub use cache::{BlockShape, Counts, KvBlock, KvPool, KvType, QuantCache, Reservation, BLOCK_TOKENS};
-pub use prefix::{PrefixCache, PrefixStats};
+pub use prefix::{CachedPrefix, PrefixCache, PrefixStats};
 pub use source::{OwnedTensors, TensorRef, TensorSource};
 
 /// LLaMA over GGUF tensors, computing on a thread pool of its own. Steps of one model run one at a time (they

@@ -3,8 +3,10 @@
 //! A hash chain over full blocks (vLLM's automatic prefix caching): block `i` of a sequence is keyed by the hash of
 //! (key of block `i - 1`, the [`BLOCK_TOKENS`] ids of block `i`), so one key stands for the whole prefix up to the
 //! end of its block. Each entry keeps its parent's key and its ids, checked on every lookup, so a hash collision can
-//! cost a miss, never a wrong block. Only full blocks are cached: the partly filled last block of a sequence is
-//! written again, and a sequence that continues a cached prefix writes its new positions into blocks of its own.
+//! cost a miss, never a wrong block. Only full blocks are cached (the partly filled last block of a sequence is
+//! still being written), but a lookup may use the first positions of a cached block whose ids start like the
+//! prompt's rest: matches go to the token, as llama.cpp's slot reuse does. A sequence that continues a cached
+//! prefix writes its new positions into blocks of its own (copying a block it shares only in part first).
 //!
 //! Cached blocks are shared, read-only, with every sequence that looked them up. Eviction drops least recently used
 //! entries that no sequence holds and that no other entry continues (leaves), so the chain stays whole.
@@ -30,6 +32,13 @@ struct Entry {
     /// Entries whose parent this is.
     children: usize,
     last_used: u64,
+}
+
+/// What a lookup found: the blocks holding the first `tokens` positions (the last one possibly only in part).
+#[derive(Default)]
+pub struct CachedPrefix {
+    pub blocks: Vec<Arc<KvBlock>>,
+    pub tokens: usize,
 }
 
 /// Counters since the cache was made.
@@ -74,27 +83,45 @@ impl PrefixCache {
         self.entries.values().filter(|e| Arc::strong_count(&e.block) == 1).count()
     }
 
-    /// The longest cached prefix of `ids` in whole blocks, leaving at least one id uncached (a step must compute
-    /// something to give logits). Marks the blocks used.
-    pub fn lookup(&mut self, ids: &[u32]) -> Vec<Arc<KvBlock>> {
+    /// The longest cached prefix of `ids`, leaving at least one id uncached (a step must compute something to
+    /// give logits): whole blocks, then possibly the first positions of one more cached block whose ids start like
+    /// the rest (keys and values of a position depend only on the ids up to it, so they hold; the sequence copies
+    /// that block before writing into it). Marks the blocks used.
+    pub fn lookup(&mut self, ids: &[u32]) -> CachedPrefix {
         self.clock += 1;
         self.stats.lookups += 1;
-        let mut found = Vec::new();
+        let usable = &ids[..ids.len().saturating_sub(1)];
+        let mut found = CachedPrefix::default();
         let mut parent = None;
-        for chunk in ids[..ids.len().saturating_sub(1)].chunks_exact(BLOCK_TOKENS) {
+        for chunk in usable.chunks_exact(BLOCK_TOKENS) {
             let k = key(parent, chunk);
             match self.entries.get_mut(&k) {
                 Some(e) if e.parent == parent && e.ids == chunk => {
                     e.last_used = self.clock;
-                    found.push(e.block.clone());
+                    found.blocks.push(e.block.clone());
                     parent = Some(k);
                 }
                 _ => break,
             }
         }
-        if !found.is_empty() {
+        found.tokens = found.blocks.len() * BLOCK_TOKENS;
+        // The cached continuation that shares the most ids with the rest.
+        let rest = &usable[found.tokens..];
+        let common = |e: &Entry| e.ids.iter().zip(rest).take_while(|(a, b)| a == b).count();
+        let best = self
+            .entries
+            .iter_mut()
+            .filter(|(_, e)| e.parent == parent)
+            .map(|(_, e)| (common(e), e))
+            .max_by_key(|(n, _)| *n);
+        if let Some((n, e)) = best.filter(|(n, _)| *n > 0) {
+            e.last_used = self.clock;
+            found.blocks.push(e.block.clone());
+            found.tokens += n;
+        }
+        if found.tokens > 0 {
             self.stats.hits += 1;
-            self.stats.hit_tokens += (found.len() * BLOCK_TOKENS) as u64;
+            self.stats.hit_tokens += found.tokens as u64;
         }
         found
     }
