@@ -8,7 +8,7 @@
 # appends the reply (stripped, as vicuna's chat template renders it). A server that keeps the previous turn's
 # prefix only reads the new tokens; one that does not reads everything again, so its TTFT grows with the turn.
 # Prints per turn: prompt tokens (the server's usage; `~` marks an estimate of chars/4 where it sent none), TTFT
-# per engine (request sent -> first streamed event with text), llama-server's cached prompt tokens; then vicuna's
+# per engine (request sent -> first streamed event with text), the prompt tokens each read from its cache; then vicuna's
 # last-turn/first-turn TTFT and vicuna/llama-server at the last turn. All traffic stays on 127.0.0.1.
 #
 # Usage: bench/multiturn.sh [MODEL]          e.g. VICUNA=target/release/vicuna bench/multiturn.sh 7b
@@ -87,7 +87,9 @@ for turn in range(1, turns + 1):
         "engine": engine, "turn": turn, "prompt_tokens": tokens, "estimated": estimated,
         "ttft_ms": round(r["ttft"] * 1000, 1), "total_ms": round(r["total"] * 1000, 1),
         "completion_tokens": usage.get("completion_tokens"), "finish": r["finish"],
-        "cache_n": timings.get("cache_n"), "prompt_n": timings.get("prompt_n"), "prompt_chars": len(prompt),
+        # Prompt tokens the server read from its cache: llama-server's timings, or OpenAI's usage field (vicuna).
+        "cache_n": timings.get("cache_n", (usage.get("prompt_tokens_details") or {}).get("cached_tokens")),
+        "prompt_n": timings.get("prompt_n"), "prompt_chars": len(prompt),
     }), flush=True)
     print(f"  {engine} turn {turn}: {tokens} prompt tokens, TTFT {r['ttft'] * 1000:.0f} ms, reply {r['total']:.1f} s",
           file=sys.stderr, flush=True)
@@ -119,8 +121,7 @@ turns = sorted({r["turn"] for r in rows})
 short = {"vicuna": "vicuna", "vicuna-base": "vic-base", "llamacpp": "llama"}
 head = "turn" + "".join(f" {'tok ' + short[e]:>13}" for e in engines) \
     + "".join(f" {'TTFT ' + short[e]:>14}" for e in engines)
-if "llamacpp" in engines:
-    head += f" {'llama cached':>12}"
+head += "".join(f" {'cached ' + short[e]:>14}" for e in engines)
 print(head + "   (TTFT in ms)")
 for t in turns:
     line = f"{t:>4}"
@@ -130,9 +131,9 @@ for t in turns:
     for e in engines:
         r = by.get((e, t))
         line += f" {r['ttft_ms'] if r else float('nan'):>14.1f}"
-    if "llamacpp" in engines:
-        r = by.get(("llamacpp", t))
-        line += f" {r['cache_n'] if r and r['cache_n'] is not None else '-':>12}"
+    for e in engines:
+        r = by.get((e, t))
+        line += f" {r['cache_n'] if r and r['cache_n'] is not None else '-':>14}"
     print(line)
 last, first = turns[-1], turns[0]
 for e in engines:
