@@ -542,3 +542,28 @@ fn the_prefix_cache_evicts_idle_blocks_least_recently_used_first() {
     assert_eq!((prefix_cache.len(), pool.counts().allocated), (0, 0));
     assert_eq!(prefix_cache.stats().evictions, 4);
 }
+
+/// A finished sequence's partly filled last block is cached too (`insert_finished`), and a later prompt that starts
+/// the same way reads it to the token and gives what it gives from scratch.
+#[test]
+fn a_finished_sequences_partial_last_block_is_found_to_the_token() {
+    let model = fixture_model(KvType::F32);
+    let pool = model.new_pool(Some(8));
+    let mut prefix_cache = PrefixCache::new(None);
+    let ids: Vec<u32> = (300..320).collect(); // one whole block and 4 positions
+    let mut cache = QuantCache::new(pool.reserve(2).unwrap());
+    model.next_token_logits(&ids, &mut cache).unwrap();
+    prefix_cache.insert(&ids, cache.blocks());
+    assert_eq!(prefix_cache.len(), 1, "a running sequence's partial block is not cached");
+    prefix_cache.insert_finished(&ids, cache.blocks());
+    assert_eq!(prefix_cache.len(), 2);
+    drop(cache);
+    let longer: Vec<u32> = ids.iter().copied().chain([5, 6]).collect();
+    let hit = prefix_cache.lookup(&longer);
+    assert_eq!((hit.blocks.len(), hit.tokens), (2, 20));
+    let mut cache = QuantCache::with_prefix(pool.reserve(2).unwrap(), hit.blocks, hit.tokens).unwrap();
+    let got = model.next_token_logits(&longer[20..], &mut cache).unwrap();
+    let all = model.forward_all(&longer, &mut model.new_cache()).unwrap();
+    let diff = max_abs_diff(&got, &all[all.len() - model.config().vocab_size..]);
+    assert!(diff <= 1e-5, "differs from scratch by {diff}");
+}

@@ -540,7 +540,11 @@ impl<'m> Batch<'m> {
     fn finish(&mut self, finished: Vec<(usize, GeneratedToken)>) {
         let mut ended = Vec::with_capacity(finished.len());
         for (index, token) in finished.into_iter().rev() {
-            let Active { sequence, job, prefill, cached_tokens, .. } = self.running.remove(index);
+            let Active { sequence, job, prefill, cached_tokens, cache, history, .. } = self.running.remove(index);
+            if let Some(prefix) = self.prefix.as_mut() {
+                prefix.insert_finished(&history, cache.blocks());
+            }
+            drop(cache);
             let prompt_tokens = sequence.prompt().len();
             let generation = sequence.into_generation();
             self.metrics.finished(generation.finish_reason.into());

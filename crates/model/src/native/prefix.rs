@@ -27,7 +27,8 @@ pub struct PrefixCache {
 
 struct Entry {
     parent: Option<u64>,
-    ids: [u32; BLOCK_TOKENS],
+    /// The ids of the block's positions: all [`BLOCK_TOKENS`], or fewer for the last block of a finished sequence.
+    ids: Vec<u32>,
     block: Arc<KvBlock>,
     /// Entries whose parent this is.
     children: usize,
@@ -129,17 +130,29 @@ impl PrefixCache {
     /// Caches the full blocks of a sequence: `blocks[i]` holds the keys and values of `ids[i * BLOCK_TOKENS ..]`
     /// (only blocks whose ids are all given count). Blocks already cached for the same ids stay as they are.
     pub fn insert(&mut self, ids: &[u32], blocks: &[Arc<KvBlock>]) {
+        self.insert_blocks(ids, blocks, false);
+    }
+
+    /// [`PrefixCache::insert`] for a sequence that will write no more: its partly filled last block is cached too
+    /// (a lookup can use its first positions).
+    pub fn insert_finished(&mut self, ids: &[u32], blocks: &[Arc<KvBlock>]) {
+        self.insert_blocks(ids, blocks, true);
+    }
+
+    fn insert_blocks(&mut self, ids: &[u32], blocks: &[Arc<KvBlock>], with_partial: bool) {
         self.clock += 1;
         let mut parent = None;
-        for (chunk, block) in ids.chunks_exact(BLOCK_TOKENS).zip(blocks) {
+        let whole = ids.len() / BLOCK_TOKENS * BLOCK_TOKENS;
+        let partial = (with_partial && whole < ids.len()).then_some(&ids[whole..]);
+        for (chunk, block) in ids[..whole].chunks_exact(BLOCK_TOKENS).chain(partial).zip(blocks) {
             let k = key(parent, chunk);
             match self.entries.get_mut(&k) {
                 Some(e) if e.parent == parent && e.ids == chunk => e.last_used = self.clock,
                 // A collision with another prefix: leave it, and stop (the chain below would hang off it).
                 Some(_) => break,
                 None => {
-                    let ids = chunk.try_into().expect("chunks of BLOCK_TOKENS");
-                    let entry = Entry { parent, ids, block: block.clone(), children: 0, last_used: self.clock };
+                    let entry =
+                        Entry { parent, ids: chunk.to_vec(), block: block.clone(), children: 0, last_used: self.clock };
                     self.entries.insert(k, entry);
                     if let Some(p) = parent {
                         self.entries.get_mut(&p).expect("parents are inserted first").children += 1;
