@@ -86,17 +86,21 @@ impl<'a> KvView<'a> {
         }
     }
 
-    /// The `len` values of position `pos` from value `offset` on.
+    /// The positions from `pos` on that lie in one piece of memory (to the end of `pos`'s page, at most to `end`):
+    /// the values from `pos`'s first on, and how many positions.
     #[inline(always)]
-    fn at(&self, pos: usize, kv_dim: usize, offset: usize, len: usize) -> KvSlice<'a> {
-        let (slice, row) = match *self {
-            KvView::Contiguous(s) => (s, pos),
-            KvView::Paged { pages, page_positions, .. } => (pages[pos / page_positions], pos % page_positions),
+    fn run(&self, pos: usize, end: usize, kv_dim: usize) -> (KvSlice<'a>, usize) {
+        let (slice, row, rows) = match *self {
+            KvView::Contiguous(s) => (s, pos, end - pos),
+            KvView::Paged { pages, page_positions, .. } => {
+                let row = pos % page_positions;
+                (pages[pos / page_positions], row, (page_positions - row).min(end - pos))
+            }
         };
-        let at = row * kv_dim + offset;
+        let from = row * kv_dim;
         match slice {
-            KvSlice::F16(s) => KvSlice::F16(&s[at..at + len]),
-            KvSlice::F32(s) => KvSlice::F32(&s[at..at + len]),
+            KvSlice::F16(s) => (KvSlice::F16(&s[from..]), rows),
+            KvSlice::F32(s) => (KvSlice::F32(&s[from..]), rows),
         }
     }
 
@@ -311,13 +315,22 @@ unsafe fn attend<L: Lanes>(layout: HeadLayout, seq: &AttentionSeq, item: &Item, 
     let seen_by_last_row = past + item.rows.end;
     for block_start in (0..seen_by_last_row).step_by(KEY_BLOCK) {
         let block_end = (block_start + KEY_BLOCK).min(seen_by_last_row);
-        for (j, pos) in (block_start..block_end).enumerate() {
-            for (src, tile) in [(&seq.keys, &mut keys), (&seq.values, &mut values)] {
-                let dst = &mut tile[j * d..(j + 1) * d];
-                match src.at(pos, kv_dim, kv_cols.start, d) {
-                    KvSlice::F16(src) => L::widen(src, dst),
-                    KvSlice::F32(src) => dst.copy_from_slice(src),
+        // Widen the block's keys and values of this head into the tiles, a run of positions in one page at a time.
+        for (src, tile) in [(&seq.keys, &mut keys), (&seq.values, &mut values)] {
+            let mut pos = block_start;
+            while pos < block_end {
+                let (run, rows) = src.run(pos, block_end, kv_dim);
+                let tile = &mut tile[(pos - block_start) * d..(pos - block_start + rows) * d];
+                let sources = (0..rows).map(|r| r * kv_dim + kv_cols.start);
+                match run {
+                    KvSlice::F16(run) => {
+                        sources.zip(tile.chunks_exact_mut(d)).for_each(|(at, dst)| L::widen(&run[at..at + d], dst))
+                    }
+                    KvSlice::F32(run) => sources
+                        .zip(tile.chunks_exact_mut(d))
+                        .for_each(|(at, dst)| dst.copy_from_slice(&run[at..at + d])),
                 }
+                pos += rows;
             }
         }
         for r in item.rows.clone() {
