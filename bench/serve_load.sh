@@ -58,25 +58,8 @@ if [[ " $ENGINES " == *" llamacpp "* ]]; then
   fi
 fi
 
-mkdir -p "$WORK"
-case "$MODEL" in
-  tiny)
-    FILE=$WORK/tiny-v32001-$TYPE.gguf
-    [ -f "$FILE" ] || "$VICUNA" quantize --model tests/fixtures/models/tiny-v32001/safetensors-f16 \
-      --tokenizer "$TOKENIZER" --type "$TYPE" --out "$FILE" --quiet >/dev/null
-    ;;
-  1b | 7b | 13b)
-    FILE=$WORK/synth-$MODEL-$TYPE-tok.gguf
-    if [ ! -f "$FILE" ]; then
-      echo "making $FILE (vicuna synth --shape $MODEL --type $TYPE)" >&2
-      # 13b's own vocabulary has 32001 entries (StableVicuna's [PAD]); the tokenizer has 32000.
-      "$VICUNA" synth --shape "$MODEL" --vocab 32000 --type "$TYPE" --seed 1 --tokenizer "$TOKENIZER" \
-        --out "$FILE" --quiet >/dev/null
-    fi
-    ;;
-  *) FILE=$MODEL ;;
-esac
-[ -f "$FILE" ] || { echo "no GGUF file at $FILE" >&2; exit 1; }
+# shellcheck source=bench/gguf_file.bash
+source bench/gguf_file.bash
 
 RUN=$(mktemp -d /tmp/vicuna-bench-serve.XXXXXX)
 SERVER_PID=

@@ -191,13 +191,18 @@ struct Active<'t> {
     pending: Vec<u32>,
     /// How much of `pending` is already in the cache.
     read: usize,
-    /// No chunk of it has run yet: it may still take a longer cached prefix.
-    started: bool,
-    /// Prompt tokens taken from the prefix cache.
+    /// Prompt tokens taken from the prefix cache (all of `history` until its first chunk runs).
     cached_tokens: usize,
     job: Job,
     prefill: Vec<PromptToken>,
     last_token_at: Option<Instant>,
+}
+
+impl Active<'_> {
+    /// Whether a chunk of it has run (until then it may still take a longer cached prefix).
+    fn started(&self) -> bool {
+        self.history.len() > self.cached_tokens
+    }
 }
 
 struct Batch<'m> {
@@ -292,8 +297,7 @@ impl<'m> Batch<'m> {
             return Some(reservation);
         }
         let prefix = self.prefix.as_mut()?;
-        let counts = self.pool.counts();
-        let free = self.config.kv_blocks - counts.allocated - counts.reserved;
+        let free = self.pool.available().expect("the scheduler's pool has a budget");
         if free + prefix.idle_blocks() < blocks {
             return None; // evicting would not be enough: keep the cache for later
         }
@@ -349,7 +353,6 @@ impl<'m> Batch<'m> {
                 history: prompt[..read].to_vec(),
                 pending: prompt,
                 read,
-                started: false,
                 cached_tokens: read,
                 job,
                 prefill,
@@ -401,7 +404,7 @@ impl<'m> Batch<'m> {
         let mut prefill_budget = self.config.max_prefill_tokens;
         let mut chunks = Vec::with_capacity(self.running.len());
         for index in 0..self.running.len() {
-            if !self.running[index].started {
+            if !self.running[index].started() {
                 self.take_longer_prefix(index);
             }
             let chunk = self.next_chunk(index);
@@ -488,7 +491,6 @@ impl<'m> Batch<'m> {
             let before = active.history.len();
             active.history.extend_from_slice(&active.pending[active.read..active.read + chunk]);
             active.read += chunk;
-            active.started = true;
             if let Some(prefix) = self.prefix.as_mut() {
                 if active.history.len() / BLOCK_TOKENS > before / BLOCK_TOKENS {
                     prefix.insert(&active.history, active.cache.blocks());

@@ -84,23 +84,21 @@ impl KvPool {
         KvPool { inner: Arc::new(PoolInner { shape, capacity, counts: Mutex::new(Counts::default()) }) }
     }
 
-    pub fn shape(&self) -> BlockShape {
-        self.inner.shape
-    }
-
-    pub fn capacity(&self) -> Option<usize> {
-        self.inner.capacity
-    }
-
     pub fn counts(&self) -> Counts {
         *self.lock()
+    }
+
+    /// Blocks of the budget neither allocated nor reserved (`None`: no budget).
+    pub fn available(&self) -> Option<usize> {
+        let counts = self.lock();
+        self.inner.capacity.map(|capacity| capacity - counts.allocated - counts.reserved)
     }
 
     /// Promises `blocks` blocks, or `None` when the budget does not have them.
     pub fn reserve(&self, blocks: usize) -> Option<Reservation> {
         let mut counts = self.lock();
         if let Some(capacity) = self.inner.capacity {
-            if counts.allocated + counts.reserved + blocks > capacity {
+            if capacity - counts.allocated - counts.reserved < blocks {
                 return None;
             }
         }
