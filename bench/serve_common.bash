@@ -1,5 +1,5 @@
-# Sourced (not run) by bench/multiturn.sh and bench/shared_prefix.sh: defaults, the GGUF file for MODEL, starting
-# and stopping one server at a time, and the stdlib-only streaming client (written to $RUN/client.py).
+# Sourced (not run) by bench/multiturn.sh and bench/shared_prefix.sh: defaults, the GGUF file for MODEL and the run
+# folder (bench/serve_setup.bash), starting one server at a time, and the stdlib-only streaming client ($RUN/client.py).
 #
 # Environment (both scripts):
 #   MODEL    tiny (default) | 1b | 7b | 13b | a GGUF file that carries its tokenizer; made as bench/serve_load.sh
@@ -43,21 +43,8 @@ EOF
   exit 1
 fi
 
-# shellcheck source=bench/gguf_file.bash
-source bench/gguf_file.bash
-
-RUN=$(mktemp -d /tmp/vicuna-bench-run.XXXXXX)
-SERVER_PID=
-stop_server() {
-  if [ -n "$SERVER_PID" ]; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=
-  fi
-}
-trap 'stop_server; rm -rf "$RUN"' EXIT
-
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/serve_setup.bash
+source bench/serve_setup.bash
 
 engine_version() {
   case "$1" in

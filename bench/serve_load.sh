@@ -58,21 +58,8 @@ if [[ " $ENGINES " == *" llamacpp "* ]]; then
   fi
 fi
 
-# shellcheck source=bench/gguf_file.bash
-source bench/gguf_file.bash
-
-RUN=$(mktemp -d /tmp/vicuna-bench-serve.XXXXXX)
-SERVER_PID=
-stop_server() {
-  if [ -n "$SERVER_PID" ]; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=
-  fi
-}
-trap 'stop_server; rm -rf "$RUN"' EXIT
-
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/serve_setup.bash
+source bench/serve_setup.bash
 
 # Starts ENGINE on FILE; sets SERVER_PID and ADDRESS.
 start_server() {

@@ -1,9 +1,11 @@
-# Sourced (not run) by the serving benchmarks (bench/serve_load.sh, bench/serve_common.bash): sets FILE to the GGUF
-# file for MODEL, making it in $WORK when missing and keeping it for the next run:
+# Sourced (not run) by the serving benchmarks (bench/serve_load.sh, bench/serve_common.bash), after `cd` to the
+# repository root. Sets FILE to the GGUF file for MODEL, making it in $WORK when missing and keeping it for the next
+# run:
 #   tiny          the fixture tiny-v32001 with the LLaMA tokenizer (`vicuna quantize --type $TYPE`)
 #   1b | 7b | 13b random weights of that shape (`vicuna synth --seed 1`) with the LLaMA tokenizer embedded
 #   anything else a GGUF file that carries its tokenizer
-# Needs MODEL, TYPE, WORK, VICUNA and TOKENIZER set.
+# Needs MODEL, TYPE, WORK, VICUNA and TOKENIZER set. Also makes the run's scratch folder RUN (removed on exit, with
+# the server stopped), and defines stop_server (stops SERVER_PID) and free_port.
 
 mkdir -p "$WORK"
 case "$MODEL" in
@@ -24,3 +26,16 @@ case "$MODEL" in
   *) FILE=$MODEL ;;
 esac
 [ -f "$FILE" ] || { echo "no GGUF file at $FILE" >&2; exit 1; }
+
+RUN=$(mktemp -d /tmp/vicuna-bench.XXXXXX)
+SERVER_PID=
+stop_server() {
+  if [ -n "$SERVER_PID" ]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+  fi
+}
+trap 'stop_server; rm -rf "$RUN"' EXIT
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
