@@ -111,9 +111,9 @@ impl Conversation<'_> {
 }
 
 pub fn run_chat(args: ChatArgs, threads: Option<usize>) -> Result<()> {
-    let sampling = args.sampling.to_params()?;
     let max_new_tokens = args.sampling.max_new_tokens;
     let (model, tokenizer) = args.model.load_with_tokenizer(threads)?;
+    let sampling = args.sampling.to_params(model.config().vocab_size)?;
     let context = model.config().max_position_embeddings;
     if max_new_tokens == 0 || max_new_tokens >= context {
         return Err(format!(

@@ -153,6 +153,15 @@ pub struct SamplingArgs {
     /// Penalize tokens already present (1.0 = off), as transformers does.
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,
+    /// OpenAI's presence penalty (-2..2): subtracted from every token generated so far.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty (-2..2): subtracted once per time a token was generated.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// ID=BIAS (repeatable): add BIAS (-100..100) to token ID's logit; -100 bans it.
+    #[arg(long, value_name = "ID=BIAS", value_parser = parse_logit_bias, allow_hyphen_values = true)]
+    pub logit_bias: Vec<(u32, f32)>,
     /// Random seed; the same seed gives the same output (default: a new one each time).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -162,8 +171,9 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The engine's sampling parameters, checked (a bad value names its flag's setting).
-    pub fn to_params(&self) -> Result<SamplingParams> {
+    /// The engine's sampling parameters, checked by the engine's one validation (a bad value
+    /// names its flag's setting); `vocab_size` is the model's.
+    pub fn to_params(&self, vocab_size: usize) -> Result<SamplingParams> {
         let params = SamplingParams {
             do_sample: !self.greedy,
             temperature: self.temperature,
@@ -171,8 +181,19 @@ impl SamplingArgs {
             top_p: self.top_p,
             typical_p: self.typical_p,
             repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone(),
         };
-        params.validate()?;
+        params.validate(vocab_size).map_err(|e| format!("--{}", e.replacen('_', "-", 1)))?;
         Ok(params)
     }
+}
+
+/// `ID=BIAS` of `--logit-bias`.
+fn parse_logit_bias(text: &str) -> std::result::Result<(u32, f32), String> {
+    let (id, bias) = text.split_once('=').ok_or_else(|| format!("`{text}` is not ID=BIAS (e.g. 13=-100)"))?;
+    let id = id.trim().parse().map_err(|_| format!("`{id}` is not a token id"))?;
+    let bias = bias.trim().parse().map_err(|_| format!("`{bias}` is not a number"))?;
+    Ok((id, bias))
 }

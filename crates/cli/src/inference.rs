@@ -54,12 +54,13 @@ pub fn run_generate(args: GenerateArgs, threads: Option<usize>) -> Result<()> {
     let (model, tokenizer) = args.model.load(threads)?;
     let prompt = input_ids(args.prompt.as_deref(), args.input.ids, tokenizer.as_ref(), &args.model.model)?;
     let config = GenerationConfig {
-        sampling: args.sampling.to_params()?,
+        sampling: args.sampling.to_params(model.config().vocab_size)?,
         max_new_tokens: args.sampling.max_new_tokens,
         min_new_tokens: args.min_new_tokens,
         stop: args.stop,
         ignore_eos: args.ignore_eos,
         seed: args.sampling.seed.unwrap_or_else(random_seed),
+        top_logprobs: 0,
     };
     let mut stdout = std::io::stdout().lock();
     let start = std::time::Instant::now();

@@ -4,7 +4,7 @@
 use vicuna_model::{LlamaConfig, QuantCache, QuantLlama, Result};
 use vicuna_tokenizer::Tokenizer;
 
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{History, Sampler, SamplingParams, TokenLogprob};
 
 /// Everything that shapes one generation besides the prompt.
 #[derive(Clone, Debug)]
@@ -19,6 +19,9 @@ pub struct GenerationConfig {
     /// Keep going past EOS (for benchmarks and fixed-length runs).
     pub ignore_eos: bool,
     pub seed: u64,
+    /// Report this many of the most likely tokens with each step (OpenAI's `top_logprobs`, TGI's
+    /// `top_n_tokens`); 0: none.
+    pub top_logprobs: usize,
 }
 
 impl Default for GenerationConfig {
@@ -30,6 +33,7 @@ impl Default for GenerationConfig {
             stop: Vec::new(),
             ignore_eos: false,
             seed: 0,
+            top_logprobs: 0,
         }
     }
 }
@@ -168,6 +172,8 @@ pub struct Step {
     pub id: u32,
     /// log-probability of `id` under the distribution it was drawn from.
     pub logprob: f32,
+    /// The `top_logprobs` most likely tokens of that distribution.
+    pub top: Vec<TokenLogprob>,
     /// Text that became final with this token (may be empty).
     pub text: String,
     /// Set when this token ended the generation.
@@ -217,7 +223,9 @@ impl<'a> Sequence<'a> {
     pub fn advance(&mut self, logits: &mut [f32]) -> Step {
         debug_assert!(self.finish_reason.is_none(), "advance after the end");
         let ban: &[u32] = if self.generated().len() < self.config.min_new_tokens { &[self.eos] } else { &[] };
-        let (id, logprob) = self.sampler.sample(logits, &self.context, ban);
+        let history = History { context: &self.context, prompt_len: self.prompt_len };
+        let pick = self.sampler.sample(logits, history, ban, self.config.top_logprobs);
+        let id = pick.id;
         self.context.push(id);
         let mut text = String::new();
         let mut finish = None;
@@ -237,7 +245,7 @@ impl<'a> Sequence<'a> {
             state.finish(reason, &mut text);
         }
         self.finish_reason = finish;
-        Step { id, logprob, text, finish_reason: finish }
+        Step { id, logprob: pick.logprob, top: pick.top, text, finish_reason: finish }
     }
 
     /// The result once finished (or so far, if stopped early).

@@ -12,5 +12,8 @@ pub use generate::{
 };
 pub use perplexity::{kl_divergence, log_softmax, perplexity_chunks, ChunkLogProbs, Divergence, PerplexityStats};
 pub use rng::{random_seed, Rng};
-pub use sampling::{apply_repetition_penalty, argmax, softmax, Sampler, SamplingParams};
+pub use sampling::{
+    apply_presence_frequency, apply_repetition_penalty, argmax, softmax, History, Pick, Sampler, SamplingParams,
+    TokenLogprob, BAN_BIAS,
+};
 pub use score::{log_softmax_at, score, Score};

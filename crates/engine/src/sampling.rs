@@ -1,9 +1,10 @@
 //! Choosing the next token from logits, with the controls and order of transformers' `generate`:
-//! logits processors (repetition penalty, min-new-tokens) first, then the warpers (temperature,
-//! top-k, top-p, typical-p), then a draw from the softmax — or argmax when greedy.
+//! logits processors first (logit bias, repetition penalty, OpenAI's presence and frequency
+//! penalties, tokens banned now), then the warpers (temperature, top-k, top-p, typical-p), then a
+//! draw from the softmax — or argmax when greedy.
 
 use crate::rng::Rng;
-use crate::score::log_softmax_at;
+use crate::score::log_normalizer;
 
 /// The knobs of one request's sampling. Defaults follow transformers and the model card.
 #[derive(Clone, Debug, PartialEq)]
@@ -15,8 +16,15 @@ pub struct SamplingParams {
     pub top_k: usize,
     pub top_p: f32,
     pub typical_p: f32,
-    /// 1.0 disables it.
+    /// transformers' penalty over prompt and generated tokens; 1.0 disables it.
     pub repetition_penalty: f32,
+    /// OpenAI's: subtracted once from the logit of every token generated so far (not the prompt's).
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated so far.
+    pub frequency_penalty: f32,
+    /// Added to the logit of each listed token; −100 or less bans it outright (OpenAI: "−100 should
+    /// result in a ban"), so it is never chosen whatever the other logits are.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -28,13 +36,22 @@ impl Default for SamplingParams {
             top_p: 1.0,
             typical_p: 1.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
 
+/// A logit bias at or below this bans the token.
+pub const BAN_BIAS: f32 = -100.0;
+
 impl SamplingParams {
-    /// Reject values transformers rejects, with a message a user can act on.
-    pub fn validate(&self) -> Result<(), String> {
+    /// The one check of every sampling parameter, for the command line, both HTTP APIs and
+    /// training: values transformers or OpenAI reject are refused with a message a user can act on,
+    /// which starts with the parameter's name (callers spell it their way: `--top-p`, `top_p`).
+    /// `vocab_size` bounds the token ids of `logit_bias`.
+    pub fn validate(&self, vocab_size: usize) -> Result<(), String> {
         if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return Err(format!("temperature must be > 0 when sampling (got {})", self.temperature));
         }
@@ -47,8 +64,61 @@ impl SamplingParams {
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return Err(format!("repetition_penalty must be > 0 (got {})", self.repetition_penalty));
         }
+        for (name, value) in
+            [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
+        {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(format!("{name} must be between -2 and 2 (got {value})"));
+            }
+        }
+        for &(id, bias) in &self.logit_bias {
+            if id as usize >= vocab_size {
+                return Err(format!(
+                    "logit_bias names token id {id}, which is not in the vocabulary (ids 0..{vocab_size})"
+                ));
+            }
+            if !(-100.0..=100.0).contains(&bias) {
+                return Err(format!("logit_bias gives token {id} a bias of {bias}; it must be between -100 and 100"));
+            }
+        }
         Ok(())
     }
+}
+
+/// The tokens so far, as the processors see them.
+#[derive(Clone, Copy)]
+pub struct History<'a> {
+    /// Prompt and generated ids.
+    pub context: &'a [u32],
+    /// How many of `context` are the prompt's.
+    pub prompt_len: usize,
+}
+
+impl<'a> History<'a> {
+    /// Ids with no prompt (the processors then see them all as generated).
+    pub fn generated(ids: &'a [u32]) -> Self {
+        History { context: ids, prompt_len: 0 }
+    }
+}
+
+/// A token and its log-probability, under the distribution the token was drawn from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+}
+
+/// What [`Sampler::sample`] chose.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pick {
+    pub id: u32,
+    /// log-probability of `id` under the distribution it was drawn from: after the processors and
+    /// warpers (temperature, top-k, top-p, typical-p, renormalized), as TGI reports it and as vLLM's
+    /// `processed_logprobs`; for a greedy pick, the softmax of the processed logits.
+    pub logprob: f32,
+    /// The most likely tokens of that same distribution, most likely first (as many as asked for,
+    /// fewer when fewer are possible): the chosen token is among them whenever it is likely enough.
+    pub top: Vec<TokenLogprob>,
 }
 
 /// One request's sampler: its parameters and its own random stream, so that a seeded request
@@ -63,12 +133,11 @@ impl Sampler {
         Sampler { params, rng: Rng::new(seed) }
     }
 
-    /// Pick the next token and its log-probability under the distribution it was drawn from
-    /// (after penalties and warpers, as TGI reports it). `context` is every token so far (prompt
-    /// and generated: transformers' repetition penalty covers both); `ban` lists tokens that must
-    /// not be chosen now (EOS before `min_new_tokens`). `logits` is scratch space and is modified.
-    pub fn sample(&mut self, logits: &mut [f32], context: &[u32], ban: &[u32]) -> (u32, f32) {
-        apply_repetition_penalty(logits, context, self.params.repetition_penalty);
+    /// Pick the next token. `ban` lists tokens that must not be chosen now (EOS before
+    /// `min_new_tokens`, what a grammar forbids); `top_n` asks for that many of the most likely
+    /// tokens too. `logits` is scratch space and is modified.
+    pub fn sample(&mut self, logits: &mut [f32], history: History, ban: &[u32], top_n: usize) -> Pick {
+        self.process(logits, history);
         for &id in ban {
             if let Some(l) = logits.get_mut(id as usize) {
                 *l = f32::NEG_INFINITY;
@@ -76,7 +145,13 @@ impl Sampler {
         }
         if !self.params.do_sample {
             let id = argmax(logits);
-            return (id, log_softmax_at(logits, id as usize) as f32);
+            let (max, log_sum) = log_normalizer(logits);
+            let logprob = |i: usize| ((logits[i] - max) as f64 - log_sum) as f32;
+            let top = top_indices(logits, top_n)
+                .into_iter()
+                .map(|i| TokenLogprob { id: i as u32, logprob: logprob(i) })
+                .collect();
+            return Pick { id, logprob: logprob(id as usize), top };
         }
         let p = &self.params;
         if p.temperature != 1.0 {
@@ -90,7 +165,7 @@ impl Sampler {
         let (ids, mut candidates): (Vec<u32>, Vec<f32>) =
             logits.iter().enumerate().filter(|(_, l)| **l > f32::NEG_INFINITY).map(|(i, &l)| (i as u32, l)).unzip();
         if ids.is_empty() {
-            return (argmax(logits), f32::NEG_INFINITY);
+            return Pick { id: argmax(logits), logprob: f32::NEG_INFINITY, top: Vec::new() };
         }
         if p.top_p < 1.0 {
             top_p_filter(&mut candidates, p.top_p);
@@ -100,7 +175,29 @@ impl Sampler {
         }
         let probs = softmax(&candidates);
         let chosen = self.draw(&probs);
-        (ids[chosen], probs[chosen].ln())
+        let top = top_indices(&probs, top_n)
+            .into_iter()
+            .filter(|&i| probs[i] > 0.0)
+            .map(|i| TokenLogprob { id: ids[i], logprob: probs[i].ln() })
+            .collect();
+        Pick { id: ids[chosen], logprob: probs[chosen].ln(), top }
+    }
+
+    /// The logits processors, in transformers' order (bias first, as OpenAI and vLLM apply it).
+    fn process(&self, logits: &mut [f32], history: History) {
+        let p = &self.params;
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = if bias <= BAN_BIAS { f32::NEG_INFINITY } else { *l + bias };
+            }
+        }
+        apply_repetition_penalty(logits, history.context, p.repetition_penalty);
+        apply_presence_frequency(
+            logits,
+            &history.context[history.prompt_len.min(history.context.len())..],
+            p.presence_penalty,
+            p.frequency_penalty,
+        );
     }
 
     /// Inverse-CDF draw from a probability vector; returns the index.
@@ -137,6 +234,37 @@ pub fn apply_repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f3
             *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
         }
     }
+}
+
+/// OpenAI's presence and frequency penalties: `logit[t] -= presence · [count[t] > 0] + frequency · count[t]`,
+/// counting each token's occurrences in `generated` (the reply so far, never the prompt).
+pub fn apply_presence_frequency(logits: &mut [f32], generated: &[u32], presence: f32, frequency: f32) {
+    if presence == 0.0 && frequency == 0.0 {
+        return;
+    }
+    let mut counts = std::collections::HashMap::<u32, u32>::new();
+    for &id in generated {
+        *counts.entry(id).or_default() += 1;
+    }
+    for (id, count) in counts {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l -= presence + frequency * count as f32;
+        }
+    }
+}
+
+/// Indices of the `n` largest values, largest first (ties: lower index first).
+fn top_indices(values: &[f32], n: usize) -> Vec<usize> {
+    let n = n.min(values.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let order = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
+    let mut indices: Vec<usize> = (0..values.len()).collect();
+    indices.select_nth_unstable_by(n - 1, order);
+    indices.truncate(n);
+    indices.sort_by(order);
+    indices
 }
 
 /// Index of the largest logit (the first one on ties, like `torch.argmax`).
@@ -228,7 +356,7 @@ mod tests {
         for seed in 0..50 {
             let params = SamplingParams { top_k: 1, ..Default::default() };
             let mut s = Sampler::new(params, seed);
-            assert_eq!(s.sample(&mut logits.clone(), &[], &[]).0, argmax(&logits));
+            assert_eq!(s.sample(&mut logits.clone(), History::generated(&[]), &[], 0).id, argmax(&logits));
         }
     }
 
@@ -260,7 +388,7 @@ mod tests {
         let mut counts = [0usize; 10];
         let n = 20_000;
         for _ in 0..n {
-            counts[s.sample(&mut logits.clone(), &[], &[]).0 as usize] += 1;
+            counts[s.sample(&mut logits.clone(), History::generated(&[]), &[], 0).id as usize] += 1;
         }
         // Mass so far: .5, .75, .875, .9375 → the nucleus is tokens 0..4 (0.875 < 0.9).
         assert!(counts[4..].iter().all(|&c| c == 0), "{counts:?}");
@@ -285,7 +413,7 @@ mod tests {
     fn banned_tokens_are_never_chosen() {
         let logits = vec![5.0, 0.0, 0.0];
         let mut s = Sampler::new(SamplingParams { do_sample: false, ..Default::default() }, 0);
-        assert_eq!(s.sample(&mut logits.clone(), &[], &[0]).0, 1);
+        assert_eq!(s.sample(&mut logits.clone(), History::generated(&[]), &[0], 0).id, 1);
     }
 
     #[test]
@@ -293,10 +421,71 @@ mod tests {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = |seed| {
             let mut s = Sampler::new(SamplingParams::default(), seed);
-            (0..50).map(|_| s.sample(&mut logits.clone(), &[], &[]).0).collect::<Vec<_>>()
+            (0..50).map(|_| s.sample(&mut logits.clone(), History::generated(&[]), &[], 0).id).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn presence_and_frequency_count_generated_tokens_only() {
+        // Context: prompt [0, 1], generated [1, 2, 2]. OpenAI: logit -= presence·[c>0] + frequency·c.
+        let mut logits = vec![1.0f32; 4];
+        let history = History { context: &[0, 1, 1, 2, 2], prompt_len: 2 };
+        let s =
+            Sampler::new(SamplingParams { presence_penalty: 0.5, frequency_penalty: 0.25, ..Default::default() }, 0);
+        s.process(&mut logits, history);
+        assert_eq!(logits, vec![1.0, 1.0 - 0.5 - 0.25, 1.0 - 0.5 - 0.5, 1.0]);
+    }
+
+    #[test]
+    fn logit_bias_adds_and_minus_100_bans() {
+        let logits = vec![50.0f32, 0.0, 0.0, 1.0];
+        let params = SamplingParams { logit_bias: vec![(0, -100.0), (2, 3.0)], top_k: 0, ..Default::default() };
+        let mut s = Sampler::new(params.clone(), 3);
+        let mut processed = logits.clone();
+        s.process(&mut processed, History::generated(&[]));
+        assert_eq!(processed, vec![f32::NEG_INFINITY, 0.0, 3.0, 1.0]);
+        for _ in 0..2000 {
+            assert_ne!(s.sample(&mut logits.clone(), History::generated(&[]), &[], 0).id, 0);
+        }
+        let greedy = SamplingParams { do_sample: false, ..params };
+        assert_eq!(Sampler::new(greedy, 0).sample(&mut logits.clone(), History::generated(&[]), &[], 0).id, 2);
+    }
+
+    #[test]
+    fn top_logprobs_are_the_distribution_the_token_came_from() {
+        let logits: Vec<f32> = (0..40).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        // Greedy: the full log-softmax; the pick is the first of the list.
+        let mut greedy = Sampler::new(SamplingParams { do_sample: false, ..Default::default() }, 0);
+        let pick = greedy.sample(&mut logits.clone(), History::generated(&[]), &[], 5);
+        assert_eq!(pick.top.len(), 5);
+        assert_eq!(pick.top[0], TokenLogprob { id: pick.id, logprob: pick.logprob });
+        assert!(pick.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        let reference = crate::score::log_softmax_at(&logits, 7) as f32;
+        let listed = greedy.sample(&mut logits.clone(), History::generated(&[]), &[], 40);
+        assert_eq!(listed.top.iter().find(|t| t.id == 7).unwrap().logprob, reference);
+        // Sampled with top-k 3 and a temperature: three tokens, their probabilities sum to 1, and the
+        // chosen token's logprob is its entry in the list.
+        let params = SamplingParams { temperature: 0.7, top_k: 3, ..Default::default() };
+        let mut s = Sampler::new(params, 9);
+        for _ in 0..50 {
+            let pick = s.sample(&mut logits.clone(), History::generated(&[]), &[], 10);
+            assert_eq!(pick.top.len(), 3);
+            let total: f32 = pick.top.iter().map(|t| t.logprob.exp()).sum();
+            assert!((total - 1.0).abs() < 1e-5, "{total}");
+            assert_eq!(pick.top.iter().find(|t| t.id == pick.id).unwrap().logprob, pick.logprob);
+        }
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        let bad = |p: SamplingParams| p.validate(10).unwrap_err();
+        assert!(bad(SamplingParams { presence_penalty: 2.5, ..Default::default() }).contains("presence_penalty"));
+        assert!(bad(SamplingParams { frequency_penalty: -3.0, ..Default::default() }).contains("frequency_penalty"));
+        assert!(bad(SamplingParams { logit_bias: vec![(10, 1.0)], ..Default::default() }).contains("token id 10"));
+        assert!(bad(SamplingParams { logit_bias: vec![(1, -101.0)], ..Default::default() }).contains("-100 and 100"));
+        assert!(SamplingParams { logit_bias: vec![(9, -100.0)], ..Default::default() }.validate(10).is_ok());
     }
 
     #[test]

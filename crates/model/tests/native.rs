@@ -206,6 +206,16 @@ fn ragged_batch_and_chunked_prefill_equal_sequences_alone() {
     }
     assert_eq!((cache_a.len(), cache_b.len(), cache_c.len()), (a.len(), b.len(), c.len()));
 
+    // Every row of one sequence, the last of another, in one pass.
+    let (mut cache_b, mut cache_c) = (model.new_cache(), model.new_cache());
+    model.forward_ragged(&mut [(&b[..4], &mut cache_b)]).unwrap();
+    let got = model.forward_ragged_rows(&mut [(&b[4..], &mut cache_b), (&c, &mut cache_c)], &[true, false]).unwrap();
+    assert_eq!(got[0].len(), (b.len() - 4) * config.vocab_size);
+    let diff = max_abs_diff(&got[0], &want_b[4 * config.vocab_size..]);
+    assert!(diff <= 1e-5, "every row of b differs from alone by {diff}");
+    let diff = max_abs_diff(&got[1], &last(&want_c));
+    assert!(diff <= 1e-5, "last row of c differs from alone by {diff}");
+
     let mut cache = model.new_cache();
     let mut chunked = Vec::new();
     for chunk in c.chunks(5) {
@@ -457,9 +467,13 @@ fn forked_caches_copy_the_shared_last_block_before_writing() {
     let model = fixture_model(KvType::F16);
     let pool = model.new_pool(Some(16));
     let prompt: Vec<u32> = (0..21).map(|i| 3 + i * 11).collect();
-    let mut cache = QuantCache::new(pool.reserve(4).unwrap());
+    // One reservation for both, split at the fork (as the server does for n > 1).
+    let mut cache = QuantCache::new(pool.reserve(7).unwrap());
     let logits = model.next_token_logits(&prompt, &mut cache).unwrap();
-    let mut fork = cache.fork(pool.reserve(4).unwrap()).unwrap();
+    assert!(cache.reservation_mut().split(6).is_none(), "only 5 of the 7 remain");
+    let split = cache.reservation_mut().split(3).unwrap();
+    let mut fork = cache.fork(split).unwrap();
+    assert_eq!((pool.counts().reserved, cache.reservation_mut().remaining()), (5, 2), "a split moves the promise");
     assert_eq!(fork.len(), prompt.len());
     assert_eq!(pool.counts().allocated, 2, "the fork holds the same two blocks");
     let snapshot: Vec<Vec<f32>> = cache.blocks().iter().map(|b| b.to_f32()).collect();

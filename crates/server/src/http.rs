@@ -193,6 +193,7 @@ pub fn submit(state: &AppState, request: &ValidRequest) -> Result<UnboundedRecei
         prompt: request.prompt.clone(),
         config: request.config.clone(),
         prompt_logprobs: request.prompt_logprobs,
+        choices: request.best_of,
         events,
         permit,
         arrived: Instant::now(),
@@ -241,23 +242,53 @@ where
     Sse::new(stream).into_response()
 }
 
-/// Wait for a request's end; returns its tokens and how it ended.
-pub async fn collect(
-    mut receiver: UnboundedReceiver<Event>,
-) -> Result<(Vec<crate::scheduler::GeneratedToken>, crate::scheduler::End), ApiError> {
-    let mut tokens = Vec::new();
+/// One generated sequence of a request, once it ended.
+pub struct Choice {
+    pub tokens: Vec<crate::scheduler::GeneratedToken>,
+    pub end: crate::scheduler::End,
+}
+
+impl Choice {
+    /// Log-probability of the whole sequence: how `best_of` ranks choices (as TGI and vLLM).
+    pub fn logprob(&self) -> f64 {
+        self.tokens.iter().map(|t| t.logprob as f64).sum()
+    }
+}
+
+/// Wait for every choice of a request to end; returns them in choice order.
+pub async fn collect(mut receiver: UnboundedReceiver<Event>, choices: usize) -> Result<Vec<Choice>, ApiError> {
+    let mut tokens: Vec<Vec<_>> = (0..choices).map(|_| Vec::new()).collect();
+    let mut ends: Vec<Option<crate::scheduler::End>> = (0..choices).map(|_| None).collect();
+    let mut remaining = choices;
     while let Some(event) = receiver.recv().await {
         match event {
-            Event::Token { token, end } => {
-                tokens.push(token);
+            Event::Token { choice, token, end } => {
+                tokens[choice].push(token);
                 if let Some(end) = end {
-                    return Ok((tokens, *end));
+                    ends[choice] = Some(*end);
+                    remaining -= 1;
+                    if remaining == 0 {
+                        return Ok(tokens
+                            .into_iter()
+                            .zip(ends)
+                            .map(|(tokens, end)| Choice { tokens, end: end.expect("every choice ended") })
+                            .collect());
+                    }
                 }
             }
             Event::Stopped(stop) => return Err(stop.into()),
         }
     }
     Err(ApiError::generation("the generation stopped unexpectedly"))
+}
+
+/// The `n` best of `choices` by total log-probability (all of them, in order, when there are `n`).
+pub fn best(mut choices: Vec<Choice>, n: usize) -> Vec<Choice> {
+    if choices.len() > n {
+        choices.sort_by(|a, b| b.logprob().total_cmp(&a.logprob()));
+        choices.truncate(n);
+    }
+    choices
 }
 
 /// Unix time in seconds.

@@ -28,7 +28,7 @@ use vicuna_tokenizer::Tokenizer;
 use crate::http::{unix_time, AppState};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::validation::Limits;
+use crate::validation::{Limits, MAX_CHOICES};
 
 /// Default KV budget when `--max-batch-total-tokens` is not given: this much cache memory (keys
 /// and values), but no more than `max_concurrent_requests` full-length requests need.
@@ -138,6 +138,8 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
             max_input_tokens: max_input,
             max_total_tokens: max_total,
             max_stop_sequences: options.max_stop_sequences,
+            max_choices: options.max_batch_size.map_or(MAX_CHOICES, |b| b.min(MAX_CHOICES)),
+            kv_blocks: kv_tokens.div_ceil(BLOCK_TOKENS),
         },
         scheduler: SchedulerConfig {
             max_batch_size: options.max_batch_size.unwrap_or(usize::MAX),

@@ -11,10 +11,13 @@ use serde_json::{json, Value};
 use vicuna_engine::{random_seed, FinishReason};
 
 use crate::error::ApiError;
-use crate::http::{collect, json_response, read_json, sse_response, submit, unix_time, validate_request, SharedState};
-use crate::scheduler::{End, Event};
+use crate::http::{
+    best, collect, json_response, read_json, sse_response, submit, unix_time, validate_request, Choice, SharedState,
+};
+use crate::scheduler::{End, Event, GeneratedToken, PromptToken};
 use crate::template::{render_prompt, ChatMessage, ReplyText, Role, STOP_SEQUENCES};
-use crate::validation::{DefaultLength, GenerateParameters, ValidRequest};
+use crate::tokens::token_surface;
+use crate::validation::{DefaultLength, GenerateParameters, MAX_TOP_LOGPROBS};
 
 /// OpenAI's default `max_tokens` for completions.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -71,7 +74,10 @@ struct CompletionRequest {
     prompt: Option<OneOrMany>,
     max_tokens: Option<u32>,
     echo: Option<bool>,
-    logprobs: Option<Value>,
+    /// Log-probabilities of each token and of this many alternatives (the legacy API's form).
+    logprobs: Option<u32>,
+    /// Generate this many and return the `n` most likely.
+    best_of: Option<u32>,
     suffix: Option<String>,
     #[serde(flatten)]
     sampling: Sampling,
@@ -84,6 +90,7 @@ struct ChatRequest {
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
     logprobs: Option<bool>,
+    top_logprobs: Option<u32>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -111,19 +118,10 @@ struct ContentPart {
 }
 
 impl Sampling {
-    /// TGI's parameters for these fields. Temperature 0 means greedy, as in OpenAI's API (top_p
-    /// and top_k then have nothing to filter); without a temperature the request samples at 1.0
-    /// (OpenAI's default).
+    /// TGI's parameters for these fields, checked with every other route's by `validate`.
+    /// Temperature 0 means greedy, as in OpenAI's API (top_p and top_k then have nothing to
+    /// filter); without a temperature the request samples at 1.0 (OpenAI's default).
     fn parameters(&self, max_new_tokens: Option<u32>) -> Result<GenerateParameters, String> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err("`n` must be 1: this server returns one choice per request".into());
-        }
-        if self.presence_penalty.is_some_and(|p| p != 0.0) {
-            return Err("`presence_penalty` is not supported; use `repetition_penalty`".into());
-        }
-        if self.logit_bias.as_ref().is_some_and(|b| !b.is_null() && b.as_object().is_none_or(|o| !o.is_empty())) {
-            return Err("`logit_bias` is not supported".into());
-        }
         let (do_sample, temperature) = match self.temperature {
             Some(t) if !(0.0..=2.0).contains(&t) => {
                 return Err(format!("`temperature` must be between 0 and 2 (got {t})"));
@@ -144,7 +142,12 @@ impl Sampling {
             top_k: self.top_k.filter(|&k| do_sample && k > 0),
             repetition_penalty: self.repetition_penalty,
             frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            logit_bias: logit_bias(self.logit_bias.as_ref())?,
+            n: self.n,
             max_new_tokens,
+            min_new_tokens: self.min_tokens,
+            ignore_eos: self.ignore_eos,
             stop: self.stop.as_ref().map(|s| match s {
                 OneOrMany::One(s) => vec![s.clone()],
                 OneOrMany::Many(v) => v.clone(),
@@ -158,22 +161,33 @@ impl Sampling {
         self.stream == Some(true)
     }
 
-    /// The fields TGI's parameters do not have, applied to the validated request.
-    fn extend(&self, valid: &mut ValidRequest) -> Result<(), String> {
-        if let Some(min) = self.min_tokens {
-            let max = valid.config.max_new_tokens;
-            if min as usize > max {
-                return Err(format!("`min_tokens` {min} exceeds `max_tokens` {max}"));
-            }
-            valid.config.min_new_tokens = min as usize;
-        }
-        valid.config.ignore_eos = self.ignore_eos == Some(true);
-        Ok(())
-    }
-
     fn include_usage(&self) -> bool {
         self.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true)
     }
+}
+
+/// OpenAI's `logit_bias`: an object from token ids (as strings) to biases.
+fn logit_bias(value: Option<&Value>) -> Result<Vec<(u32, f32)>, String> {
+    let Some(value) = value.filter(|v| !v.is_null()) else { return Ok(Vec::new()) };
+    let Some(object) = value.as_object() else {
+        return Err("`logit_bias` must be an object from token ids to biases, e.g. {\"13\": -100}".into());
+    };
+    object
+        .iter()
+        .map(|(key, bias)| {
+            let id = key.parse().map_err(|_| format!("`logit_bias`: `{key}` is not a token id"))?;
+            let bias = bias.as_f64().ok_or_else(|| format!("`logit_bias`: the bias of token {key} is not a number"))?;
+            Ok((id, bias as f32))
+        })
+        .collect()
+}
+
+/// Alternatives per token asked for, within OpenAI's bound.
+fn top_count(field: &str, n: u32) -> Result<u32, String> {
+    if n > MAX_TOP_LOGPROBS {
+        return Err(format!("`{field}` must be at most {MAX_TOP_LOGPROBS} (got {n})"));
+    }
+    Ok(n)
 }
 
 /// OpenAI's finish reasons: EOS and stop sequences are both "stop".
@@ -184,13 +198,16 @@ fn finish_reason(reason: FinishReason) -> &'static str {
     }
 }
 
-fn usage(end: &End) -> Value {
+/// Token counts of a request: its prompt once, and every choice's tokens.
+fn usage<'e>(mut ends: impl Iterator<Item = &'e End>) -> Value {
+    let first = ends.next().expect("at least one choice");
+    let completion: usize = first.generated_tokens + ends.map(|e| e.generated_tokens).sum::<usize>();
     json!({
-        "prompt_tokens": end.prompt_tokens,
-        "completion_tokens": end.generated_tokens,
-        "total_tokens": end.prompt_tokens + end.generated_tokens,
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
         // OpenAI's field for prompt tokens read from the prefix cache.
-        "prompt_tokens_details": {"cached_tokens": end.cached_tokens},
+        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
     })
 }
 
@@ -229,18 +246,109 @@ impl Envelope {
     }
 
     /// The chunk `stream_options.include_usage` asks for: no choices, only usage.
-    fn usage_chunk(&self, end: &End) -> String {
+    fn usage_chunk<'e>(&self, ends: impl Iterator<Item = &'e End>) -> String {
         let mut chunk = self.with(json!([]));
-        chunk["usage"] = usage(end);
+        chunk["usage"] = usage(ends);
         chunk.to_string()
     }
 }
 
 const DONE: &str = "[DONE]";
 
-/// The `choices` of a completion (or of one chunk of it).
-fn choice(text: &str, finish: Option<&str>) -> Value {
-    json!([{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }])
+/// A stream's progress over a request's choices: it is complete once each has ended.
+struct StreamEnds {
+    ends: Vec<Option<End>>,
+}
+
+impl StreamEnds {
+    fn new(choices: usize) -> Self {
+        StreamEnds { ends: (0..choices).map(|_| None).collect() }
+    }
+
+    /// Records an end; true when it was the last.
+    fn record(&mut self, choice: usize, end: End) -> bool {
+        self.ends[choice] = Some(end);
+        self.ends.iter().all(Option::is_some)
+    }
+
+    fn all(&self) -> impl Iterator<Item = &End> {
+        self.ends.iter().flatten()
+    }
+}
+
+/// A generation cut short ends an OpenAI stream with the error, then `[DONE]` as every stream.
+fn stopped(stop: crate::scheduler::Stop) -> (Vec<String>, bool) {
+    (vec![ApiError::from(stop).body().to_string(), DONE.into()], true)
+}
+
+/// The legacy `logprobs` of a completion: each token (as it reads alone), its log-probability,
+/// its `top` most likely alternatives (the chosen token always among them, as OpenAI does) and its
+/// offset in the choice's text. Tokens that add no text (EOS) are left out.
+#[derive(Default)]
+struct CompletionLogprobs {
+    tokens: Vec<Value>,
+    token_logprobs: Vec<Value>,
+    top_logprobs: Vec<Value>,
+    text_offset: Vec<usize>,
+    /// Characters of text so far.
+    offset: usize,
+}
+
+impl CompletionLogprobs {
+    fn push_prompt(&mut self, state: &SharedState, token: &PromptToken) {
+        let (text, _) = token_surface(&state.tokenizer, token.id);
+        self.tokens.push(json!(text));
+        self.token_logprobs.push(json!(token.logprob));
+        self.top_logprobs.push(Value::Null);
+        self.text_offset.push(self.offset);
+        self.offset += token.text.chars().count();
+    }
+
+    fn push(&mut self, state: &SharedState, token: &GeneratedToken) {
+        if token.special {
+            return;
+        }
+        let surface = |id| token_surface(&state.tokenizer, id).0;
+        let mut top = serde_json::Map::new();
+        for t in &token.top {
+            top.entry(surface(t.id)).or_insert(json!(t.logprob));
+        }
+        top.entry(surface(token.id)).or_insert(json!(token.logprob));
+        self.tokens.push(json!(surface(token.id)));
+        self.token_logprobs.push(json!(token.logprob));
+        self.top_logprobs.push(Value::Object(top));
+        self.text_offset.push(self.offset);
+        self.offset += token.text.chars().count();
+    }
+
+    /// The object, emptying the lists (a stream sends each chunk's tokens once).
+    fn take(&mut self) -> Value {
+        json!({
+            "tokens": std::mem::take(&mut self.tokens),
+            "token_logprobs": std::mem::take(&mut self.token_logprobs),
+            "top_logprobs": std::mem::take(&mut self.top_logprobs),
+            "text_offset": std::mem::take(&mut self.text_offset),
+        })
+    }
+}
+
+/// One entry of a chat choice's `logprobs.content`: a token, its log-probability and bytes, and
+/// its most likely alternatives. None for tokens that add no text (EOS).
+fn chat_logprob(state: &SharedState, token: &GeneratedToken) -> Option<Value> {
+    if token.special {
+        return None;
+    }
+    let entry = |id, logprob: f32| {
+        let (text, bytes) = token_surface(&state.tokenizer, id);
+        json!({ "token": text, "logprob": logprob, "bytes": bytes })
+    };
+    let mut value = entry(token.id, token.logprob);
+    value["top_logprobs"] = token.top.iter().map(|t| entry(t.id, t.logprob)).collect();
+    Some(value)
+}
+
+fn chat_logprobs(content: Vec<Value>) -> Value {
+    json!({ "content": content, "refusal": null })
 }
 
 pub async fn completions(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
@@ -253,14 +361,20 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
     if request.suffix.is_some() {
         return Err(invalid(&state, "`suffix` (insertion) is not supported"));
     }
-    if request.logprobs.as_ref().is_some_and(|l| !l.is_null() && l != &json!(0)) {
-        return Err(invalid(&state, "`logprobs` is not supported on this route"));
-    }
-    let mut parameters = request.sampling.parameters(request.max_tokens).map_err(|m| invalid(&state, m))?;
-    let echo = request.echo == Some(true);
-    parameters.return_full_text = Some(echo);
     let stream = request.sampling.stream();
-    let mut valid = validate_request(
+    let echo = request.echo == Some(true);
+    let logprobs = request.logprobs.map(|n| top_count("logprobs", n)).transpose().map_err(|m| invalid(&state, m))?;
+    let mut parameters = request.sampling.parameters(request.max_tokens).map_err(|m| invalid(&state, m))?;
+    parameters.return_full_text = Some(echo);
+    parameters.top_n_tokens = logprobs;
+    parameters.best_of = request.best_of;
+    if echo && logprobs.is_some() {
+        if stream {
+            return Err(invalid(&state, "`echo` with `logprobs` is not supported when streaming"));
+        }
+        parameters.decoder_input_details = Some(true);
+    }
+    let valid = validate_request(
         &state,
         &prompt,
         &parameters,
@@ -268,35 +382,65 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
         &[],
         stream,
     )?;
-    request.sampling.extend(&mut valid).map_err(|m| invalid(&state, m))?;
     let receiver = submit(&state, &valid)?;
     let envelope = Envelope::new(&state, "cmpl", "text_completion");
     if !stream {
-        let (_, end) = collect(receiver).await?;
-        let text = if echo { format!("{prompt}{}", end.generated_text) } else { end.generated_text.clone() };
-        let mut body = envelope.with(choice(&text, Some(finish_reason(end.finish_reason))));
-        body["usage"] = usage(&end);
+        let choices = best(collect(receiver, valid.best_of).await?, valid.n);
+        let body_choices: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(index, Choice { tokens, end })| {
+                let text = if echo { format!("{prompt}{}", end.generated_text) } else { end.generated_text.clone() };
+                let logprobs = logprobs.map(|_| {
+                    let mut lists = CompletionLogprobs::default();
+                    end.prefill.iter().for_each(|t| lists.push_prompt(&state, t));
+                    tokens.iter().for_each(|t| lists.push(&state, t));
+                    lists.take()
+                });
+                json!({
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason(end.finish_reason),
+                })
+            })
+            .collect();
+        let mut body = envelope.with(json!(body_choices));
+        body["usage"] = usage(choices.iter().map(|c| &c.end));
         return Ok(json_response(StatusCode::OK, &body));
     }
     let include_usage = request.sampling.include_usage();
-    let mut echo_prompt = echo.then_some(prompt);
+    let mut echo_prompt: Vec<Option<String>> = (0..valid.n).map(|_| echo.then(|| prompt.clone())).collect();
+    let mut lists: Vec<CompletionLogprobs> = (0..valid.n).map(|_| CompletionLogprobs::default()).collect();
+    let mut ends = StreamEnds::new(valid.n);
     Ok(sse_response(receiver, move |event| match event {
-        Event::Token { token, end } => {
-            let mut text = echo_prompt.take().unwrap_or_default();
+        Event::Token { choice, token, end } => {
+            let mut text = echo_prompt[choice].take().unwrap_or_default();
             text.push_str(&token.text);
+            let chunk = |text: &str, logprobs: Value, finish: Option<&str>| {
+                let choices = json!([{ "index": choice, "text": text, "logprobs": logprobs, "finish_reason": finish }]);
+                envelope.with(choices).to_string()
+            };
             let mut payloads = Vec::new();
-            if !text.is_empty() {
-                payloads.push(envelope.with(choice(&text, None)).to_string());
+            let token_logprobs = logprobs.map(|_| {
+                lists[choice].push(&state, &token);
+                lists[choice].take()
+            });
+            if !text.is_empty() || token_logprobs.is_some() {
+                payloads.push(chunk(&text, token_logprobs.unwrap_or(Value::Null), None));
             }
             let Some(end) = end else { return (payloads, false) };
-            payloads.push(envelope.with(choice("", Some(finish_reason(end.finish_reason)))).to_string());
+            payloads.push(chunk("", Value::Null, Some(finish_reason(end.finish_reason))));
+            if !ends.record(choice, *end) {
+                return (payloads, false);
+            }
             if include_usage {
-                payloads.push(envelope.usage_chunk(&end));
+                payloads.push(envelope.usage_chunk(ends.all()));
             }
             payloads.push(DONE.into());
             (payloads, true)
         }
-        Event::Stopped(stop) => (vec![ApiError::from(stop).body().to_string()], true),
+        Event::Stopped(stop) => stopped(stop),
     }))
 }
 
@@ -342,58 +486,79 @@ fn chat_messages(messages: Vec<IncomingMessage>) -> Result<Vec<ChatMessage>, Str
 
 pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
     let request: ChatRequest = read_json(&state, body).await?;
-    if request.logprobs == Some(true) {
-        return Err(invalid(&state, "`logprobs` is not supported on this route"));
+    let logprobs = request.logprobs == Some(true);
+    let top = request.top_logprobs.map(|n| top_count("top_logprobs", n)).transpose().map_err(|m| invalid(&state, m))?;
+    if top.is_some() && !logprobs {
+        return Err(invalid(&state, "`top_logprobs` needs `logprobs: true`"));
     }
     let messages = chat_messages(request.messages.unwrap_or_default()).map_err(|m| invalid(&state, m))?;
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
-    let parameters = request.sampling.parameters(max_tokens).map_err(|m| invalid(&state, m))?;
+    let mut parameters = request.sampling.parameters(max_tokens).map_err(|m| invalid(&state, m))?;
+    parameters.top_n_tokens = top;
     let stream = request.sampling.stream();
     let prompt = render_prompt(&messages);
-    let mut valid =
-        validate_request(&state, &prompt, &parameters, DefaultLength::RestOfContext, &STOP_SEQUENCES, stream)?;
-    request.sampling.extend(&mut valid).map_err(|m| invalid(&state, m))?;
+    let valid = validate_request(&state, &prompt, &parameters, DefaultLength::RestOfContext, &STOP_SEQUENCES, stream)?;
     let receiver = submit(&state, &valid)?;
     if !stream {
-        let (_, end) = collect(receiver).await?;
+        let choices = collect(receiver, valid.best_of).await?;
         let envelope = Envelope::new(&state, "chatcmpl", "chat.completion");
-        let mut body = envelope.with(json!([{
-            "index": 0,
-            "message": { "role": "assistant", "content": ReplyText::trim(&end.generated_text) },
-            "logprobs": null,
-            "finish_reason": finish_reason(end.finish_reason),
-        }]));
-        body["usage"] = usage(&end);
+        let body_choices: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(index, Choice { tokens, end })| {
+                let logprobs =
+                    logprobs.then(|| chat_logprobs(tokens.iter().filter_map(|t| chat_logprob(&state, t)).collect()));
+                json!({
+                    "index": index,
+                    "message": {
+                        "role": "assistant",
+                        "content": ReplyText::trim(&end.generated_text),
+                        "refusal": null,
+                    },
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason(end.finish_reason),
+                })
+            })
+            .collect();
+        let mut body = envelope.with(json!(body_choices));
+        body["usage"] = usage(choices.iter().map(|c| &c.end));
         return Ok(json_response(StatusCode::OK, &body));
     }
     let envelope = Envelope::new(&state, "chatcmpl", "chat.completion.chunk");
     let include_usage = request.sampling.include_usage();
-    let delta = move |envelope: &Envelope, delta: Value, finish: Option<&str>| {
-        envelope.with(json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }])).to_string()
+    let delta = move |envelope: &Envelope, choice: usize, delta: Value, logprobs: Value, finish: Option<&str>| {
+        let choices = json!([{ "index": choice, "delta": delta, "logprobs": logprobs, "finish_reason": finish }]);
+        envelope.with(choices).to_string()
     };
-    let mut reply = ReplyText::default();
-    let mut started = false;
+    let mut replies: Vec<ReplyText> = (0..valid.n).map(|_| ReplyText::default()).collect();
+    let mut started = vec![false; valid.n];
+    let mut ends = StreamEnds::new(valid.n);
     Ok(sse_response(receiver, move |event| match event {
-        Event::Token { token, end } => {
+        Event::Token { choice, token, end } => {
             let mut payloads = Vec::new();
-            if !started {
-                // OpenAI opens with the role and empty content.
-                started = true;
-                payloads.push(delta(&envelope, json!({ "role": "assistant", "content": "" }), None));
+            if !std::mem::replace(&mut started[choice], true) {
+                // OpenAI opens each choice with the role and empty content.
+                let opening = json!({ "role": "assistant", "content": "" });
+                payloads.push(delta(&envelope, choice, opening, Value::Null, None));
             }
-            let text = reply.push(&token.text);
-            if !text.is_empty() {
-                payloads.push(delta(&envelope, json!({ "content": text }), None));
+            let text = replies[choice].push(&token.text);
+            let token_logprobs = if logprobs { chat_logprob(&state, &token) } else { None };
+            if !text.is_empty() || token_logprobs.is_some() {
+                let lists = token_logprobs.map_or(Value::Null, |entry| chat_logprobs(vec![entry]));
+                payloads.push(delta(&envelope, choice, json!({ "content": text }), lists, None));
             }
             let Some(end) = end else { return (payloads, false) };
-            payloads.push(delta(&envelope, json!({}), Some(finish_reason(end.finish_reason))));
+            payloads.push(delta(&envelope, choice, json!({}), Value::Null, Some(finish_reason(end.finish_reason))));
+            if !ends.record(choice, *end) {
+                return (payloads, false);
+            }
             if include_usage {
-                payloads.push(envelope.usage_chunk(&end));
+                payloads.push(envelope.usage_chunk(ends.all()));
             }
             payloads.push(DONE.into());
             (payloads, true)
         }
-        Event::Stopped(stop) => (vec![ApiError::from(stop).body().to_string()], true),
+        Event::Stopped(stop) => stopped(stop),
     }))
 }
 

@@ -20,6 +20,12 @@
 //!   Each sequence whose input is all read gets its logits handed to its own [`Sequence`] (its own
 //!   sampler, seed and stop rules), and the token goes back to the client as an [`Event`].
 //!
+//! - **choices**: a request for several sequences (`n`, `best_of`) reads its prompt once; when the
+//!   prompt is read, its cache is forked (every block shared, the partly filled last one copied on
+//!   write) into one sequence per choice, each with its own seed (`seed + i`), all sampled from
+//!   the prompt's last logits. A request that asks for its prompt's log-probabilities gets every
+//!   row of its prompt chunks' logits from the same batched pass (and reads its whole prompt).
+//!
 //! A client that goes away drops its event receiver; the scheduler sees the closed channel before
 //! the next step and drops the request, whose cache gives its blocks and the rest of its
 //! reservation back (a block shared with the prefix cache stays there).
@@ -33,7 +39,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::OwnedSemaphorePermit;
-use vicuna_engine::{score, FinishReason, GenerationConfig, Sequence};
+use vicuna_engine::{log_softmax_at, FinishReason, GenerationConfig, Sequence, TokenLogprob};
 use vicuna_model::native::CachedPrefix;
 use vicuna_model::{KvPool, PrefixCache, QuantCache, QuantLlama, Reservation, BLOCK_TOKENS};
 use vicuna_tokenizer::Tokenizer;
@@ -61,6 +67,8 @@ pub struct Job {
     pub config: GenerationConfig,
     /// Also report the log-probability of every prompt token (TGI's `decoder_input_details`).
     pub prompt_logprobs: bool,
+    /// Sequences to generate from the prompt (choice `i` is seeded `config.seed + i`).
+    pub choices: usize,
     pub events: UnboundedSender<Event>,
     /// A place among `max_concurrent_requests`, given back when the job is dropped.
     pub permit: OwnedSemaphorePermit,
@@ -68,10 +76,29 @@ pub struct Job {
 }
 
 impl Job {
-    /// Blocks reserved for this job: everything it may ever hold in its cache.
-    fn blocks(&self) -> usize {
-        (self.prompt.len() + self.config.max_new_tokens).div_ceil(BLOCK_TOKENS)
+    /// Blocks reserved for this job: everything its sequences may ever hold in their caches, less
+    /// `cached_full` full blocks the prefix cache already holds.
+    fn blocks(&self, cached_full: usize) -> usize {
+        blocks_needed(self.prompt.len(), self.config.max_new_tokens, self.choices, cached_full)
     }
+}
+
+/// KV blocks `sequences` sequences of one prompt need at most: the prompt's full blocks once (less
+/// `cached_full` the prefix cache holds), and per sequence the blocks after them. The first sequence
+/// holds the prompt's partly filled last block and may copy it once forks share it.
+pub fn blocks_needed(prompt: usize, max_new_tokens: usize, sequences: usize, cached_full: usize) -> usize {
+    let total = (prompt + max_new_tokens).div_ceil(BLOCK_TOKENS);
+    if sequences <= 1 {
+        return total - cached_full;
+    }
+    let partial = usize::from(!prompt.is_multiple_of(BLOCK_TOKENS));
+    total - cached_full + partial + (sequences - 1) * blocks_per_fork(prompt, max_new_tokens)
+}
+
+/// Blocks of one forked sequence: all those after the prompt's full blocks (the partly filled last
+/// one copied).
+fn blocks_per_fork(prompt: usize, max_new_tokens: usize) -> usize {
+    (prompt + max_new_tokens).div_ceil(BLOCK_TOKENS) - prompt / BLOCK_TOKENS
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +109,8 @@ pub struct GeneratedToken {
     pub text: String,
     pub logprob: f32,
     pub special: bool,
+    /// The most likely tokens of the distribution it was drawn from, when asked for.
+    pub top: Vec<TokenLogprob>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -101,7 +130,7 @@ pub struct End {
     pub prompt_tokens: usize,
     /// Prompt tokens read from the prefix cache instead of computed.
     pub cached_tokens: usize,
-    /// The seed, when the request sampled.
+    /// The seed of this choice, when the request sampled.
     pub seed: Option<u64>,
     /// Prompt tokens with their log-probabilities, when asked for.
     pub prefill: Vec<PromptToken>,
@@ -110,9 +139,9 @@ pub struct End {
 /// What a request's client receives, in order.
 #[derive(Debug)]
 pub enum Event {
-    /// One generated token; the last one also carries how the generation ended.
-    Token { token: GeneratedToken, end: Option<Box<End>> },
-    /// The request ended without finishing.
+    /// One generated token of choice `choice`; the last one also carries how that choice ended.
+    Token { choice: usize, token: GeneratedToken, end: Option<Box<End>> },
+    /// The request ended without finishing (all its choices).
     Stopped(Stop),
 }
 
@@ -180,9 +209,13 @@ impl Scheduler {
     }
 }
 
-/// A request in the running batch.
+/// One sequence of a request in the running batch.
 struct Active<'t> {
     sequence: Sequence<'t>,
+    /// Which of the request's choices this is.
+    choice: usize,
+    /// The other choices, still to be forked from this one once the prompt is read.
+    forks: Vec<Sequence<'t>>,
     /// Its KV cache, holding its reservation: dropping the request gives both back.
     cache: QuantCache,
     /// Every id in the cache, in order (what its blocks are cached under).
@@ -193,7 +226,8 @@ struct Active<'t> {
     read: usize,
     /// Prompt tokens taken from the prefix cache (all of `history` until its first chunk runs).
     cached_tokens: usize,
-    job: Job,
+    /// Shared by the request's choices; the last to end gives its place back.
+    job: Arc<Job>,
     prefill: Vec<PromptToken>,
     last_token_at: Option<Instant>,
 }
@@ -267,10 +301,11 @@ impl<'m> Batch<'m> {
                     let _ = job.events.send(Event::Stopped(Stop::ShuttingDown(reason.clone())));
                     self.metrics.finished(Outcome::Cancelled);
                 }
+                let jobs = distinct_jobs(&self.running);
                 for active in self.running.drain(..) {
                     let _ = active.job.events.send(Event::Stopped(Stop::ShuttingDown(reason.clone())));
-                    self.metrics.finished(Outcome::Cancelled);
                 }
+                (0..jobs).for_each(|_| self.metrics.finished(Outcome::Cancelled));
             }
         }
         self.report();
@@ -278,17 +313,21 @@ impl<'m> Batch<'m> {
 
     /// Forget requests whose client went away (their caches give their blocks back as they drop).
     fn drop_cancelled(&mut self) {
-        let before = self.waiting.len() + self.running.len();
+        let before = self.waiting.len() + distinct_jobs(&self.running);
         self.waiting.retain(|job| !job.events.is_closed());
         self.running.retain(|active| !active.job.events.is_closed());
-        for _ in self.waiting.len() + self.running.len()..before {
+        for _ in self.waiting.len() + distinct_jobs(&self.running)..before {
             self.metrics.finished(Outcome::Cancelled);
         }
     }
 
-    /// The longest cached prefix of `ids` (none without a prefix cache).
-    fn cached_prefix(&mut self, ids: &[u32]) -> CachedPrefix {
-        self.prefix.as_mut().map(|p| p.lookup(ids)).unwrap_or_default()
+    /// The longest cached prefix of `ids` (none without a prefix cache, or for a request that
+    /// scores its whole prompt).
+    fn cached_prefix(&mut self, ids: &[u32], scores_prompt: bool) -> CachedPrefix {
+        match self.prefix.as_mut() {
+            Some(prefix) if !scores_prompt => prefix.lookup(ids),
+            _ => CachedPrefix::default(),
+        }
     }
 
     /// `blocks` blocks of the budget, evicting cached blocks nobody holds when that makes them fit.
@@ -311,44 +350,51 @@ impl<'m> Batch<'m> {
         }
     }
 
-    /// Move waiting jobs into the batch, in order, while they fit.
+    /// Move waiting jobs into the batch, in order, while they fit (all of a job's choices at once).
     fn admit(&mut self) {
         while let Some(job) = self.waiting.front() {
-            if self.running.len() >= self.config.max_batch_size {
+            if self.running.len() + job.choices > self.config.max_batch_size {
                 break;
             }
-            let (prompt, blocks) = (job.prompt.clone(), job.blocks());
+            let (prompt, scores_prompt) = (job.prompt.clone(), job.prompt_logprobs);
+            let (max_new_tokens, choices) = (job.config.max_new_tokens, job.choices);
             // Blocks the prefix fills are not needed again; one it fills in part is copied.
-            let prefix = self.cached_prefix(&prompt);
-            let Some(reservation) = self.reserve(blocks - prefix.tokens / BLOCK_TOKENS) else {
+            let prefix = self.cached_prefix(&prompt, scores_prompt);
+            let blocks = blocks_needed(prompt.len(), max_new_tokens, choices, prefix.tokens / BLOCK_TOKENS);
+            let Some(reservation) = self.reserve(blocks) else {
                 break;
             };
-            let job = self.waiting.pop_front().expect("front exists");
-            let prefill = if job.prompt_logprobs { self.prompt_logprobs(&job.prompt) } else { Ok(Vec::new()) };
-            let prefill = match prefill {
-                Ok(prefill) => prefill,
-                Err(message) => {
-                    let _ = job.events.send(Event::Stopped(Stop::ModelFailed(message)));
-                    self.metrics.finished(Outcome::Failed);
-                    continue;
-                }
+            let job = Arc::new(self.waiting.pop_front().expect("front exists"));
+            let prefill = if job.prompt_logprobs {
+                let texts = token_texts(self.tokenizer, &job.prompt);
+                job.prompt.iter().zip(texts).map(|(&id, text)| PromptToken { id, text, logprob: None }).collect()
+            } else {
+                Vec::new()
             };
-            let sequence = Sequence::new(&job.prompt, job.config.clone(), Some(self.tokenizer), self.model.config());
+            let mut sequences = (0..job.choices).map(|choice| {
+                let config =
+                    GenerationConfig { seed: job.config.seed.wrapping_add(choice as u64), ..job.config.clone() };
+                Sequence::new(&job.prompt, config, Some(self.tokenizer), self.model.config())
+            });
+            let sequence = sequences.next().expect("at least one choice");
             if sequence.finish_reason().is_some() {
                 // Validation rules this out (max_new_tokens ≥ 1, prompts shorter than the context).
                 let _ = job.events.send(Event::Stopped(Stop::ModelFailed("nothing to generate".into())));
                 self.metrics.finished(Outcome::Failed);
                 continue;
             }
+            let forks = sequences.collect();
             let cache = QuantCache::with_prefix(reservation, prefix.blocks, prefix.tokens)
                 .expect("the prefix cache shares the pool");
             let read = cache.len();
-            if self.prefix.is_some() {
+            if self.prefix.is_some() && !job.prompt_logprobs {
                 self.metrics.prefix_lookup();
                 self.metrics.prefix_hit_tokens(read);
             }
             self.running.push(Active {
                 sequence,
+                choice: 0,
+                forks,
                 cache,
                 history: prompt[..read].to_vec(),
                 pending: prompt,
@@ -364,24 +410,11 @@ impl<'m> Batch<'m> {
             // can never run (validation and the startup checks rule this out); fail it rather
             // than wait forever.
             if let Some(job) = self.waiting.pop_front() {
-                let message = format!("the request needs {} KV blocks, more than the budget", job.blocks());
+                let message = format!("the request needs {} KV blocks, more than the budget", job.blocks(0));
                 let _ = job.events.send(Event::Stopped(Stop::ModelFailed(message)));
                 self.metrics.finished(Outcome::Failed);
             }
         }
-    }
-
-    /// TGI's prefill details: each prompt token with its log-probability given the ones before.
-    /// `forward_ragged` keeps only last positions, so this is a separate full pass over the prompt.
-    fn prompt_logprobs(&self, prompt: &[u32]) -> Result<Vec<PromptToken>, String> {
-        let scored = score(self.model, prompt).map_err(|e| e.to_string())?;
-        let texts = token_texts(self.tokenizer, prompt);
-        Ok(prompt
-            .iter()
-            .zip(texts)
-            .zip(scored.logprobs)
-            .map(|((&id, text), logprob)| PromptToken { id, text, logprob: logprob.map(|l| l as f32) })
-            .collect())
     }
 
     /// One forward pass over the batch, then one token for each sequence whose input is all read.
@@ -428,11 +461,11 @@ impl<'m> Batch<'m> {
     /// Swaps a not yet started request's cache for one on a longer cached prefix, if there is one,
     /// giving back the blocks of its reservation it no longer needs.
     fn take_longer_prefix(&mut self, index: usize) {
-        if self.prefix.is_none() {
+        if self.prefix.is_none() || self.running[index].job.prompt_logprobs {
             return;
         }
         let prompt = std::mem::take(&mut self.running[index].pending);
-        let prefix = self.cached_prefix(&prompt);
+        let prefix = self.cached_prefix(&prompt, false);
         let active = &mut self.running[index];
         let had = active.cache.len();
         if prefix.tokens > had {
@@ -449,17 +482,21 @@ impl<'m> Batch<'m> {
         active.pending = prompt;
     }
 
-    /// Runs the chunks through the model.
+    /// Runs the chunks through the model: a prompt chunk of a request that scores its prompt gets
+    /// the logits of every row, the others of their last.
     fn forward(&mut self, chunks: &[usize]) -> Result<Vec<Vec<f32>>, String> {
         let start = Instant::now();
-        let mut inputs: Vec<(&[u32], &mut QuantCache)> = self
+        let (mut inputs, every_row): (Vec<(&[u32], &mut QuantCache)>, Vec<bool>) = self
             .running
             .iter_mut()
             .zip(chunks)
             .filter(|(_, &chunk)| chunk > 0)
-            .map(|(a, &chunk)| (&a.pending[a.read..a.read + chunk], &mut a.cache))
-            .collect();
-        let result = self.model.forward_ragged(&mut inputs);
+            .map(|(a, &chunk)| {
+                let scores = a.job.prompt_logprobs && a.history.len() < a.sequence.prompt().len();
+                ((&a.pending[a.read..a.read + chunk], &mut a.cache), scores)
+            })
+            .unzip();
+        let result = self.model.forward_ragged_rows(&mut inputs, &every_row);
         drop(inputs);
         self.metrics.step(start.elapsed());
         result.map_err(|e| {
@@ -471,15 +508,17 @@ impl<'m> Batch<'m> {
     /// The forward pass failed: their caches may be half written, so everyone in this step fails.
     fn fail_stepped(&mut self, chunks: &[usize], message: &str) {
         let mut stepped = chunks.iter().map(|&chunk| chunk > 0);
-        let metrics = self.metrics;
+        let before = distinct_jobs(&self.running);
         self.running.retain(|active| {
             let stepped = stepped.next().expect("one chunk per request");
             if stepped {
                 let _ = active.job.events.send(Event::Stopped(Stop::ModelFailed(message.to_string())));
-                metrics.finished(Outcome::Failed);
             }
             !stepped
         });
+        for _ in distinct_jobs(&self.running)..before {
+            self.metrics.finished(Outcome::Failed);
+        }
     }
 
     /// Records what the step read, and offers every block it filled to the prefix cache.
@@ -499,57 +538,81 @@ impl<'m> Batch<'m> {
         }
     }
 
-    /// A token for each sequence whose input is all read; returns those that finished, with their
-    /// last token.
+    /// A token for each sequence whose input is all read (a request's other choices are forked
+    /// from it first); returns those that finished, with their last token.
     fn sample(&mut self, chunks: &[usize], logits: Vec<Vec<f32>>) -> Vec<(usize, GeneratedToken)> {
         let mut logits = logits.into_iter();
         let now = Instant::now();
+        let vocab = self.model.config().vocab_size;
         let mut finished = Vec::new();
+        let mut forked = Vec::new();
         for (index, (active, &chunk)) in self.running.iter_mut().zip(chunks).enumerate() {
             if chunk == 0 {
                 continue;
             }
             let mut row = logits.next().expect("one row per stepped sequence");
+            if row.len() > vocab {
+                // Every row of a prompt chunk: row r predicts the prompt token after position r.
+                let first = active.read - chunk;
+                for (r, logits) in row.chunks_exact(vocab).enumerate() {
+                    if let Some(&next) = active.pending.get(first + r + 1) {
+                        active.prefill[first + r + 1].logprob = Some(log_softmax_at(logits, next as usize) as f32);
+                    }
+                }
+                row.drain(..row.len() - vocab);
+            }
             if active.read < active.pending.len() {
                 continue; // more prompt to read first
             }
-            let step = active.sequence.advance(&mut row);
-            let token = GeneratedToken {
-                id: step.id,
-                text: step.text,
-                logprob: step.logprob,
-                special: is_special(self.tokenizer, step.id),
-            };
-            let since_previous = active.last_token_at.map(|t| now - t);
-            let since_arrival = active.last_token_at.is_none().then(|| now - active.job.arrived);
-            self.metrics.token_generated(since_previous, since_arrival);
-            active.last_token_at = Some(now);
-            active.pending = vec![step.id];
-            active.read = 0;
-            if step.finish_reason.is_some() {
-                finished.push((index, token));
-            } else {
-                // A closed channel is noticed before the next step (`drop_cancelled`).
-                let _ = active.job.events.send(Event::Token { token, end: None });
+            for sequence in std::mem::take(&mut active.forks) {
+                let blocks = blocks_per_fork(active.pending.len(), active.job.config.max_new_tokens);
+                let reservation = active.cache.reservation_mut().split(blocks).expect("reserved at admission");
+                let cache = active.cache.fork(reservation).expect("a fork shares the pool");
+                let choice = active.choice + 1 + forked.len();
+                let fork = Active {
+                    sequence,
+                    choice,
+                    forks: Vec::new(),
+                    cache,
+                    history: active.history.clone(),
+                    pending: active.pending.clone(),
+                    read: active.read,
+                    cached_tokens: active.cached_tokens,
+                    job: active.job.clone(),
+                    prefill: active.prefill.clone(),
+                    last_token_at: None,
+                };
+                forked.push((fork, row.clone()));
             }
+            if let Some(token) = advance(active, &mut row, self.tokenizer, self.metrics, now) {
+                finished.push((index, token));
+            }
+        }
+        for (mut fork, mut row) in forked {
+            if let Some(token) = advance(&mut fork, &mut row, self.tokenizer, self.metrics, now) {
+                finished.push((self.running.len(), token));
+            }
+            self.running.push(fork);
         }
         finished
     }
 
-    /// Ends the finished requests: their blocks go back (or stay in the prefix cache) and the new
+    /// Ends the finished sequences: their blocks go back (or stay in the prefix cache) and the new
     /// state is published before their clients hear of the end, so what a client sees next in
     /// /metrics already counts it.
-    fn finish(&mut self, finished: Vec<(usize, GeneratedToken)>) {
+    fn finish(&mut self, mut finished: Vec<(usize, GeneratedToken)>) {
         let mut ended = Vec::with_capacity(finished.len());
+        finished.sort_by_key(|(index, _)| *index);
         for (index, token) in finished.into_iter().rev() {
-            let Active { sequence, job, prefill, cached_tokens, cache, history, .. } = self.running.remove(index);
+            let Active { sequence, job, prefill, cached_tokens, cache, history, choice, .. } =
+                self.running.remove(index);
             if let Some(prefix) = self.prefix.as_mut() {
                 prefix.insert_finished(&history, cache.blocks());
             }
             drop(cache);
             let prompt_tokens = sequence.prompt().len();
+            let seed = job.config.seed.wrapping_add(choice as u64);
             let generation = sequence.into_generation();
-            self.metrics.finished(generation.finish_reason.into());
             tracing::info!(
                 "request done: {prompt_tokens} prompt + {} generated tokens in {:.3}s ({})",
                 generation.ids.len(),
@@ -562,17 +625,28 @@ impl<'m> Batch<'m> {
                 generated_tokens: generation.ids.len(),
                 prompt_tokens,
                 cached_tokens,
-                seed: job.config.sampling.do_sample.then_some(job.config.seed),
+                seed: job.config.sampling.do_sample.then_some(seed),
                 prefill,
             };
-            ended.push((job, token, end));
+            if Arc::strong_count(&job) == 1 {
+                self.metrics.finished(generation.finish_reason.into());
+            }
+            ended.push((job, choice, token, end));
         }
         self.report();
-        for (job, token, end) in ended {
-            // The place among max_concurrent_requests is free before the client can ask again.
-            let Job { events, permit, .. } = job;
-            drop(permit);
-            let _ = events.send(Event::Token { token, end: Some(Box::new(end)) });
+        for (job, choice, token, end) in ended {
+            let event = Event::Token { choice, token, end: Some(Box::new(end)) };
+            match Arc::try_unwrap(job) {
+                Ok(Job { events, permit, .. }) => {
+                    // The request's last choice: its place among max_concurrent_requests is free
+                    // before the client can ask again.
+                    drop(permit);
+                    let _ = events.send(event);
+                }
+                Err(job) => {
+                    let _ = job.events.send(event);
+                }
+            }
         }
     }
 
@@ -584,7 +658,47 @@ impl<'m> Batch<'m> {
         };
         // Blocks running requests hold or have reserved; cached blocks nobody holds are free to evict.
         let in_use = counts.allocated + counts.reserved - idle;
-        self.metrics.scheduler_state(self.waiting.len(), self.running.len(), in_use);
+        self.metrics.scheduler_state(self.waiting.len(), distinct_jobs(&self.running), in_use);
         self.metrics.prefix_cache_state(cached, stats);
     }
+}
+
+/// Samples a sequence's next token from `row` and tells its client, unless it finished: then the
+/// token is returned for [`Batch::finish`] to send with the end.
+fn advance(
+    active: &mut Active,
+    row: &mut [f32],
+    tokenizer: &Tokenizer,
+    metrics: &Metrics,
+    now: Instant,
+) -> Option<GeneratedToken> {
+    let step = active.sequence.advance(row);
+    let token = GeneratedToken {
+        id: step.id,
+        text: step.text,
+        logprob: step.logprob,
+        special: is_special(tokenizer, step.id),
+        top: step.top,
+    };
+    let since_previous = active.last_token_at.map(|t| now - t);
+    // Time to first token is the request's: its first choice's.
+    let since_arrival = (active.last_token_at.is_none() && active.choice == 0).then(|| now - active.job.arrived);
+    metrics.token_generated(since_previous, since_arrival);
+    active.last_token_at = Some(now);
+    active.pending = vec![step.id];
+    active.read = 0;
+    if step.finish_reason.is_some() {
+        return Some(token);
+    }
+    // A closed channel is noticed before the next step (`drop_cancelled`).
+    let _ = active.job.events.send(Event::Token { choice: active.choice, token, end: None });
+    None
+}
+
+/// Requests in the batch (a request with several choices runs as several sequences).
+fn distinct_jobs(running: &[Active]) -> usize {
+    let mut jobs: Vec<*const Job> = running.iter().map(|a| Arc::as_ptr(&a.job)).collect();
+    jobs.sort_unstable();
+    jobs.dedup();
+    jobs.len()
 }

@@ -9,9 +9,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::http::{collect, json_response, read_json, sse_response, submit, validate_request, SharedState};
+use crate::http::{
+    best, collect, json_response, read_json, sse_response, submit, validate_request, Choice, SharedState,
+};
 use crate::scheduler::{End, Event, GeneratedToken, PromptToken};
-use crate::tokens::{is_special, token_texts};
+use crate::tokens::{is_special, token_surface, token_texts};
 use crate::validation::{GenerateParameters, ValidRequest, TGI_DEFAULT_MAX_NEW_TOKENS};
 
 #[derive(Deserialize)]
@@ -52,19 +54,42 @@ fn validate_tgi(state: &SharedState, request: &GenerateRequest, stream: bool) ->
 
 async fn generate_json(state: &SharedState, request: GenerateRequest) -> Result<Value, ApiError> {
     let valid = validate_tgi(state, &request, false)?;
-    let (tokens, end) = collect(submit(state, &valid)?).await?;
-    let generated_text = full_text(&request.inputs, &valid, &end);
-    let mut response = json!({ "generated_text": generated_text });
+    let choices = collect(submit(state, &valid)?, valid.best_of).await?;
+    // The most likely of `best_of` is the answer; the others are listed in the details.
+    let mut ranked = best(choices, valid.best_of).into_iter();
+    let answer = ranked.next().expect("at least one choice");
+    let mut response = json!({ "generated_text": full_text(&request.inputs, &valid, &answer.end) });
     if valid.details {
-        response["details"] = json!({
-            "finish_reason": end.finish_reason.as_str(),
-            "generated_tokens": end.generated_tokens,
-            "seed": end.seed,
-            "prefill": end.prefill.iter().map(prompt_token_json).collect::<Vec<_>>(),
-            "tokens": tokens.iter().map(token_json).collect::<Vec<_>>(),
-        });
+        let mut details = sequence_details(state, &valid, &answer);
+        if valid.best_of > 1 {
+            let others: Vec<Value> = ranked
+                .map(|choice| {
+                    let mut sequence = sequence_details(state, &valid, &choice);
+                    sequence["generated_text"] = json!(full_text(&request.inputs, &valid, &choice.end));
+                    sequence
+                })
+                .collect();
+            details["best_of_sequences"] = json!(others);
+        }
+        response["details"] = details;
     }
     Ok(response)
+}
+
+/// TGI's `details` of one sequence.
+fn sequence_details(state: &SharedState, valid: &ValidRequest, choice: &Choice) -> Value {
+    let end = &choice.end;
+    let mut details = json!({
+        "finish_reason": end.finish_reason.as_str(),
+        "generated_tokens": end.generated_tokens,
+        "seed": end.seed,
+        "prefill": end.prefill.iter().map(prompt_token_json).collect::<Vec<_>>(),
+        "tokens": choice.tokens.iter().map(token_json).collect::<Vec<_>>(),
+    });
+    if valid.config.top_logprobs > 0 {
+        details["top_tokens"] = json!(choice.tokens.iter().map(|t| top_tokens_json(state, t)).collect::<Vec<_>>());
+    }
+    details
 }
 
 /// One event per token; the last also carries `generated_text` and, if asked, `details`.
@@ -72,13 +97,15 @@ fn start_stream(state: &SharedState, request: GenerateRequest) -> Result<Respons
     let valid = validate_tgi(state, &request, true)?;
     let receiver = submit(state, &valid)?;
     let mut index = 0;
+    let state = state.clone();
     Ok(sse_response(receiver, move |event| match event {
-        Event::Token { token, end } => {
+        Event::Token { token, end, .. } => {
             index += 1;
+            let top_tokens = (valid.config.top_logprobs > 0).then(|| top_tokens_json(&state, &token));
             let mut data = json!({
                 "index": index,
                 "token": token_json(&token),
-                "top_tokens": null,
+                "top_tokens": top_tokens,
                 "generated_text": null,
                 "details": null,
             });
@@ -110,6 +137,19 @@ fn full_text(inputs: &str, valid: &ValidRequest, end: &End) -> String {
 
 fn token_json(token: &GeneratedToken) -> Value {
     json!({ "id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special })
+}
+
+/// TGI's `top_tokens` of one step: the most likely tokens, each shown alone.
+fn top_tokens_json(state: &SharedState, token: &GeneratedToken) -> Value {
+    let tokenizer = &state.tokenizer;
+    token
+        .top
+        .iter()
+        .map(|t| {
+            let (text, _) = token_surface(tokenizer, t.id);
+            json!({ "id": t.id, "text": text, "logprob": t.logprob, "special": is_special(tokenizer, t.id) })
+        })
+        .collect()
 }
 
 fn prompt_token_json(token: &PromptToken) -> Value {

@@ -18,3 +18,21 @@ pub fn token_texts(tokenizer: &Tokenizer, ids: &[u32]) -> Vec<String> {
     }
     texts
 }
+
+/// A token seen alone, as log-probability lists show it, with its bytes: its text in the middle of
+/// a sentence (" world"), a special token's piece (`</s>`, with no bytes), and a byte of a
+/// multi-byte character as `bytes:\xNN` (OpenAI's spelling, since it is no text by itself).
+pub fn token_surface(tokenizer: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    if is_special(tokenizer, id) {
+        return (tokenizer.id_to_piece(id).unwrap_or_default().to_string(), Vec::new());
+    }
+    let bytes = tokenizer.token_bytes(id);
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(text) => text.to_string(),
+        Err(_) => bytes.iter().fold(String::from("bytes:"), |mut s, b| {
+            s.push_str(&format!("\\x{b:02x}"));
+            s
+        }),
+    };
+    (text, bytes)
+}

@@ -7,7 +7,8 @@ use vicuna_engine::{random_seed, GenerationConfig, SamplingParams};
 use vicuna_tokenizer::Tokenizer;
 
 /// TGI's `parameters` object. Every field may be absent or null (clients such as
-/// `huggingface_hub` send nulls for what they leave unset).
+/// `huggingface_hub` send nulls for what they leave unset). The fields marked `serde(skip)` are
+/// not TGI's: the OpenAI routes set them when they translate their requests.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct GenerateParameters {
@@ -30,6 +31,21 @@ pub struct GenerateParameters {
     pub top_n_tokens: Option<u32>,
     pub grammar: Option<serde_json::Value>,
     pub adapter_id: Option<String>,
+    /// OpenAI's `presence_penalty`.
+    #[serde(skip)]
+    pub presence_penalty: Option<f32>,
+    /// OpenAI's `logit_bias`, as (token id, bias).
+    #[serde(skip)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// OpenAI's `n`: choices returned (of `best_of` generated).
+    #[serde(skip)]
+    pub n: Option<u32>,
+    /// vLLM's `min_tokens`: EOS cannot be chosen before this many tokens.
+    #[serde(skip)]
+    pub min_new_tokens: Option<u32>,
+    /// vLLM's `ignore_eos`.
+    #[serde(skip)]
+    pub ignore_eos: Option<bool>,
 }
 
 /// The server's limits on a request.
@@ -38,7 +54,18 @@ pub struct Limits {
     pub max_input_tokens: usize,
     pub max_total_tokens: usize,
     pub max_stop_sequences: usize,
+    /// Most sequences one request may generate (`n`, `best_of`): each takes a place in the batch.
+    pub max_choices: usize,
+    /// The KV budget in blocks: the sequences of one request must fit it together.
+    pub kv_blocks: usize,
 }
+
+/// Most sequences one request generates, whatever the batch allows (OpenAI caps `n` at 128; a CPU
+/// runs far fewer at once).
+pub const MAX_CHOICES: usize = 16;
+
+/// Most alternatives per token (`top_logprobs`, `top_n_tokens`, completions' `logprobs`), as OpenAI.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// `max_new_tokens` when the request leaves it out.
 #[derive(Clone, Copy, Debug)]
@@ -60,10 +87,16 @@ pub struct ValidRequest {
     pub details: bool,
     pub prompt_logprobs: bool,
     pub return_full_text: bool,
+    /// Choices returned: the `n` best (by total log-probability) of the `best_of` generated.
+    pub n: usize,
+    /// Sequences generated for this prompt, each seeded `seed + i`.
+    pub best_of: usize,
 }
 
-/// Check `parameters` and tokenize `inputs` (with BOS). `internal_stops` are the route's own stop
-/// sequences (the chat template's), which do not count against `max_stop_sequences`.
+/// Check `parameters` and tokenize `inputs` (with BOS): the one place where every route's
+/// parameters are checked (the sampling ones by the engine's own check, as the CLI's are).
+/// `internal_stops` are the route's own stop sequences (the chat template's), which do not count
+/// against `max_stop_sequences`.
 pub fn validate(
     limits: &Limits,
     tokenizer: &Tokenizer,
@@ -74,14 +107,8 @@ pub fn validate(
     stream: bool,
 ) -> Result<ValidRequest, String> {
     let p = parameters;
-    if p.best_of.is_some_and(|n| n > 1) {
-        return Err("`best_of` > 1 is not supported; send separate requests instead".into());
-    }
     if p.watermark == Some(true) {
         return Err("`watermark` is not supported".into());
-    }
-    if p.top_n_tokens.is_some_and(|n| n > 0) {
-        return Err("`top_n_tokens` is not supported".into());
     }
     if p.grammar.as_ref().is_some_and(|g| !g.is_null()) {
         return Err("`grammar` (guided generation) is not supported".into());
@@ -89,30 +116,57 @@ pub fn validate(
     if p.adapter_id.is_some() {
         return Err("`adapter_id` is not supported: this server runs one model without adapters".into());
     }
-    if p.frequency_penalty.is_some_and(|f| f != 0.0) {
-        return Err("`frequency_penalty` is not supported; use `repetition_penalty`".into());
-    }
     let temperature = p.temperature.unwrap_or(1.0);
-    if !(temperature > 0.0 && temperature.is_finite()) {
-        return Err(format!("`temperature` must be strictly positive (got {temperature})"));
-    }
-    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
-    if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
-        return Err(format!("`repetition_penalty` must be strictly positive (got {repetition_penalty})"));
-    }
-    let top_p = p.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(format!("`top_p` must be in (0, 1] (got {top_p})"));
-    }
-    let typical_p = p.typical_p.unwrap_or(1.0);
-    if !(typical_p > 0.0 && typical_p <= 1.0) {
-        return Err(format!("`typical_p` must be in (0, 1] (got {typical_p})"));
-    }
     let top_k = match p.top_k {
         None => 0,
         Some(k) if k > 0 => k as usize,
         Some(k) => return Err(format!("`top_k` must be strictly positive (got {k})")),
     };
+    let top_p = p.top_p.unwrap_or(1.0);
+    let typical_p = p.typical_p.unwrap_or(1.0);
+    // As TGI: greedy unless sampling is asked for, or implied by a warper that changes the
+    // distribution.
+    let do_sample = p.do_sample.unwrap_or(false) || temperature != 1.0 || top_k > 0 || top_p < 1.0 || typical_p < 1.0;
+    let sampling = SamplingParams {
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        typical_p,
+        repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: p.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
+        logit_bias: p.logit_bias.clone(),
+    };
+    // The engine's messages name the parameter as both APIs spell it.
+    sampling.validate(tokenizer.vocab_size()).map_err(|m| format!("`{}", m.replacen(' ', "` ", 1)))?;
+
+    let top_logprobs = p.top_n_tokens.unwrap_or(0);
+    if top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(format!("`top_n_tokens` must be at most {MAX_TOP_LOGPROBS} (got {top_logprobs})"));
+    }
+    let n = p.n.unwrap_or(1) as usize;
+    let best_of = p.best_of.map_or(n, |b| b as usize);
+    if n == 0 || best_of < n {
+        return Err(format!("`best_of` ({best_of}) must be at least `n` ({n}), and `n` at least 1"));
+    }
+    if best_of > limits.max_choices {
+        return Err(format!(
+            "a request may generate at most {} sequences (`n`, `best_of`; each takes a place in the batch, \
+             --max-batch-size) (got {best_of})",
+            limits.max_choices
+        ));
+    }
+    if best_of > n {
+        // TGI's rules: the best of several only differs from one choice when they are sampled,
+        // and which one is best is known only at the end.
+        if !do_sample {
+            return Err("`best_of` > 1 needs sampling: set `do_sample` or a `temperature`".into());
+        }
+        if stream {
+            return Err("`best_of` > 1 is not supported when streaming tokens".into());
+        }
+    }
     if p.max_new_tokens == Some(0) {
         return Err("`max_new_tokens` must be strictly positive".into());
     }
@@ -123,6 +177,9 @@ pub fn validate(
             limits.max_stop_sequences,
             user_stops.len()
         ));
+    }
+    if user_stops.iter().any(String::is_empty) {
+        return Err("`stop` sequences cannot be empty strings".into());
     }
     let prompt_logprobs = p.decoder_input_details.unwrap_or(false);
     if prompt_logprobs && stream {
@@ -165,12 +222,20 @@ pub fn validate(
             limits.max_total_tokens
         ));
     }
+    let min_new_tokens = p.min_new_tokens.unwrap_or(0) as usize;
+    if min_new_tokens > max_new_tokens {
+        return Err(format!("`min_tokens` {min_new_tokens} exceeds `max_tokens` {max_new_tokens}"));
+    }
+    let blocks = crate::scheduler::blocks_needed(prompt.len(), max_new_tokens, best_of, 0);
+    if blocks > limits.kv_blocks {
+        return Err(format!(
+            "{best_of} sequences of {} prompt + {max_new_tokens} new tokens need {blocks} KV blocks, more than the \
+             budget of {} (--max-batch-total-tokens); ask for fewer sequences or tokens",
+            prompt.len(),
+            limits.kv_blocks
+        ));
+    }
 
-    // As TGI: greedy unless sampling is asked for, or implied by a warper that changes the
-    // distribution.
-    let do_sample = p.do_sample.unwrap_or(false) || temperature != 1.0 || top_k > 0 || top_p < 1.0 || typical_p < 1.0;
-    let sampling = SamplingParams { do_sample, temperature, top_k, top_p, typical_p, repetition_penalty };
-    sampling.validate()?;
     let mut stop = user_stops;
     stop.extend(internal_stops.iter().map(|s| s.to_string()));
     Ok(ValidRequest {
@@ -178,13 +243,16 @@ pub fn validate(
         config: GenerationConfig {
             sampling,
             max_new_tokens,
-            min_new_tokens: 0,
+            min_new_tokens,
             stop,
-            ignore_eos: false,
+            ignore_eos: p.ignore_eos.unwrap_or(false),
             seed: p.seed.unwrap_or_else(random_seed),
+            top_logprobs: top_logprobs as usize,
         },
         details: p.details.unwrap_or(false),
         prompt_logprobs,
         return_full_text: p.return_full_text.unwrap_or(false),
+        n,
+        best_of,
     })
 }

@@ -269,7 +269,11 @@ fn invalid_requests_get_422_with_a_message() {
         (json!({"max_new_tokens": 63}), "max-total-tokens"),
         (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
         (json!({"truncate": 17}), "truncate"),
-        (json!({"best_of": 2}), "best_of"),
+        (json!({"best_of": 2}), "needs sampling"),
+        (json!({"best_of": 17, "do_sample": true}), "at most 16 sequences"),
+        (json!({"frequency_penalty": 2.5}), "`frequency_penalty` must be between -2 and 2"),
+        (json!({"top_n_tokens": 21}), "top_n_tokens"),
+        (json!({"stop": [""]}), "empty"),
         (json!({"temperature": "hot"}), "parameters.temperature"),
         (json!({"max_new_tokens": -1}), "parameters.max_new_tokens"),
         (json!({"stop": "###"}), "parameters.stop"),
@@ -311,7 +315,17 @@ fn invalid_requests_get_422_with_a_message() {
         (json!({"messages": hi, "max_tokens": 0}), "max_new_tokens"),
         (json!({"messages": hi, "temperature": 3.0}), "temperature"),
         (json!({"messages": hi, "top_p": 0}), "top_p"),
-        (json!({"messages": hi, "n": 2}), "`n`"),
+        (json!({"messages": hi, "n": 0}), "`n`"),
+        (json!({"messages": hi, "n": 17}), "at most 16 sequences"),
+        (json!({"messages": hi, "presence_penalty": -2.5}), "`presence_penalty` must be between -2 and 2"),
+        (json!({"messages": hi, "logit_bias": {"x": 1}}), "`x` is not a token id"),
+        (json!({"messages": hi, "logit_bias": {"32000": 1}}), "token id 32000"),
+        (json!({"messages": hi, "logit_bias": {"5": -150}}), "between -100 and 100"),
+        (json!({"messages": hi, "logit_bias": [1]}), "logit_bias"),
+        (json!({"messages": hi, "top_logprobs": 2}), "needs `logprobs: true`"),
+        (json!({"messages": hi, "logprobs": true, "top_logprobs": 21}), "at most 20"),
+        (json!({"messages": hi, "stop": ""}), "empty"),
+        (json!({"messages": hi, "min_tokens": 50, "max_tokens": 10}), "min_tokens"),
         (json!({"messages": []}), "messages"),
         (json!({"messages": [{"role": "tool", "content": "x"}]}), "role"),
         (json!({"messages": "Hi"}), "messages"),
@@ -322,6 +336,16 @@ fn invalid_requests_get_422_with_a_message() {
     let message =
         post_json(server.addr, "/v1/completions", &json!({"prompt": ["a", "b"]})).expect_error(422, "validation");
     assert!(message.contains("prompt"), "{message}");
+    let completion = |body: Value| post_json(server.addr, "/v1/completions", &body);
+    for (body, mentions) in [
+        (json!({"prompt": "Hi", "logprobs": 21}), "at most 20"),
+        (json!({"prompt": "Hi", "n": 3, "best_of": 2}), "at least `n`"),
+        (json!({"prompt": "Hi", "best_of": 2, "stream": true}), "streaming"),
+        (json!({"prompt": "Hi", "echo": true, "logprobs": 1, "stream": true}), "streaming"),
+    ] {
+        let message = completion(body.clone()).expect_error(422, "validation");
+        assert!(message.contains(mentions), "{body}: {message}");
+    }
     let rejected = server.metric("vicuna_requests_rejected_total{reason=\"validation\"}");
     assert!(rejected >= 30.0, "{rejected}");
     assert_eq!(server.metric("vicuna_requests_total"), 0.0, "nothing invalid reached the queue");
@@ -474,7 +498,7 @@ fn openai_chat_uses_the_stable_vicuna_template() {
     )
     .json();
     assert_eq!(body["object"], "chat.completion");
-    assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": want}));
+    assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": want, "refusal": null}));
     assert_eq!(body["usage"]["completion_tokens"], ids.len());
 
     let mut stream = EventStream::open(

@@ -90,6 +90,20 @@ impl DecodeTable {
         self.pieces.get(id as usize).map(String::as_str)
     }
 
+    /// The bytes `id` adds in the middle of a text (no leading-space rule; a byte piece is its byte,
+    /// control pieces nothing). Ids outside the table have none.
+    pub(crate) fn bytes(&self, id: u32) -> Vec<u8> {
+        let mut text = String::new();
+        match self.kind(id) {
+            None | Some(TokenKind::Control) => {}
+            Some(TokenKind::Byte(byte)) => return vec![byte],
+            Some(TokenKind::Unknown) => text.push_str(&self.unk_surface),
+            Some(TokenKind::Literal) => text.push_str(self.piece(id).unwrap_or_default()),
+            Some(TokenKind::Text) => push_unescaped(self.piece(id).unwrap_or_default(), &mut text),
+        }
+        text.into_bytes()
+    }
+
     fn kind(&self, id: u32) -> Option<TokenKind> {
         self.kinds.get(id as usize).copied()
     }
@@ -247,6 +261,18 @@ mod tests {
         assert_eq!(decode(&[8, 3]), "[PAD] hi");
         assert_eq!(decode(&[0, 3]), " \u{2047}  hi");
         assert_eq!(decode(&[9, 3]), "A hi"); // bytes count as text
+    }
+
+    #[test]
+    fn token_bytes_are_what_a_token_adds_mid_text() {
+        let t = table();
+        // After some text, each token adds its bytes: decode(prefix ++ [id]) = decode(prefix) ++ bytes(id).
+        for id in [2, 3, 8, 9, 1, 0] {
+            let alone = String::from_utf8(t.bytes(id)).unwrap();
+            assert_eq!(decode(&[3, id]), format!("hi{alone}"), "id {id}");
+        }
+        assert_eq!(t.bytes(4), vec![0xf0]);
+        assert!(t.bytes(99).is_empty());
     }
 
     #[test]

@@ -369,6 +369,14 @@ impl Tokenizer {
         matches!(self.backend, Backend::SentencePiece(_))
     }
 
+    /// The bytes one token adds in the middle of a text: `▁` as a space, a byte piece (`<0x0A>`)
+    /// as its byte, control tokens (`<s>`, `</s>`) nothing. What a token is, seen alone (the
+    /// alternatives of a log-probability list, a grammar's view of the vocabulary); a token of a
+    /// multi-byte character has bytes that are not UTF-8 by themselves.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        self.table.bytes(id)
+    }
+
     /// A decoder for a stream of ids that starts at the beginning of the text.
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
         StreamDecoder::new(self)

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use vicuna_engine::{GenerationConfig, Rng, SamplingParams, Sequence};
+use vicuna_engine::{GenerationConfig, Rng, Sequence};
 use vicuna_model::{KvCache, Llama};
 use vicuna_tokenizer::Tokenizer;
 
@@ -258,19 +258,13 @@ impl PpoTrainer {
 
     fn generation_config(&self, global: usize) -> GenerationConfig {
         GenerationConfig {
-            sampling: SamplingParams {
-                do_sample: self.config.do_sample,
-                temperature: self.config.temperature,
-                top_k: self.config.top_k,
-                top_p: self.config.top_p,
-                typical_p: 1.0,
-                repetition_penalty: 1.0,
-            },
+            sampling: self.config.sampling(),
             max_new_tokens: self.config.max_new_tokens,
             min_new_tokens: self.config.min_new_tokens,
             stop: Vec::new(),
             ignore_eos: false,
             seed: self.config.seed.wrapping_mul(0x100_0000_01B3).wrapping_add(global as u64),
+            top_logprobs: 0,
         }
     }
 

@@ -8,6 +8,7 @@ use crate::error::{bail, Error, Result};
 use crate::optim::AdamWParams;
 use crate::params::LoraSpec;
 use crate::ppo_math::RewardScaling;
+use vicuna_engine::SamplingParams;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PpoConfig {
@@ -342,13 +343,25 @@ impl PpoConfig {
         if self.seq_length <= self.max_new_tokens {
             bail!("`seq_length` ({}) must exceed `max_new_tokens` ({})", self.seq_length, self.max_new_tokens);
         }
-        if self.do_sample && self.temperature.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-            bail!("`temperature` must be > 0 when sampling");
+        // The rollouts' sampling goes through the engine's one check, as the CLI's and the server's do.
+        if let Err(message) = self.sampling().validate(usize::MAX) {
+            bail!("{message}");
         }
         if let Some(lora) = self.lora() {
             lora.validate()?;
         }
         Ok(())
+    }
+
+    /// How rollouts sample (trlX's `gen_kwargs`).
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            do_sample: self.do_sample,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            ..SamplingParams::default()
+        }
     }
 
     pub fn lora(&self) -> Option<LoraSpec> {

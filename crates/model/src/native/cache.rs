@@ -137,6 +137,19 @@ impl Reservation {
         self.pool.lock().reserved -= blocks;
     }
 
+    /// Moves `blocks` of the promise to a reservation of their own (for a sequence forked from this one's); `None`
+    /// when fewer remain. From a pool without a budget, always a reservation that takes blocks as needed.
+    pub fn split(&mut self, blocks: usize) -> Option<Reservation> {
+        if self.pool.inner.capacity.is_none() {
+            return Some(self.pool.unlimited());
+        }
+        if self.remaining < blocks {
+            return None;
+        }
+        self.remaining -= blocks;
+        Some(Reservation { pool: self.pool.clone(), remaining: blocks })
+    }
+
     /// A new, zeroed block out of the reservation (from a budget-less pool: always).
     fn take(&mut self) -> Result<KvBlock> {
         let mut counts = self.pool.lock();

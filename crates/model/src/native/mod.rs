@@ -240,19 +240,42 @@ impl QuantLlama {
     /// One step for several sequences, each with its own cache and any number of new tokens (a decoding step is 1,
     /// a prompt chunk more). Every weight is read once for all rows. Returns each sequence's last-position logits.
     pub fn forward_ragged(&self, sequences: &mut [(&[u32], &mut QuantCache)]) -> Result<Vec<Vec<f32>>> {
+        self.forward_ragged_rows(sequences, &vec![false; sequences.len()])
+    }
+
+    /// [`QuantLlama::forward_ragged`], where each sequence whose `every_row` is true gets the logits of all its new
+    /// positions (`ids.len() × vocab`, row-major: what scoring a prompt inside a batch needs), the others only their
+    /// last position's.
+    pub fn forward_ragged_rows(
+        &self,
+        sequences: &mut [(&[u32], &mut QuantCache)],
+        every_row: &[bool],
+    ) -> Result<Vec<Vec<f32>>> {
+        assert_eq!(sequences.len(), every_row.len(), "one flag per sequence");
         let mut buffers = self.buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let b = &mut *buffers;
         self.decoder(sequences, b)?;
-        // Only each sequence's last row goes through the (large) output matrix.
+        // Only the rows asked for go through the (large) output matrix.
         let h = self.config.hidden_size;
-        let mut last_rows = Vec::with_capacity(sequences.len() * h);
+        let mut rows = Vec::with_capacity(sequences.len() * h);
+        let mut counts = Vec::with_capacity(sequences.len());
         let mut end = 0;
-        for (ids, _) in sequences.iter() {
+        for ((ids, _), &all) in sequences.iter().zip(every_row) {
+            let start = end;
             end += ids.len();
-            last_rows.extend_from_slice(&b.xb[(end - 1) * h..end * h]);
+            let first = if all { start } else { end - 1 };
+            rows.extend_from_slice(&b.xb[first * h..end * h]);
+            counts.push(end - first);
         }
-        let logits = self.logits(&last_rows, sequences.len())?;
-        Ok(logits.chunks_exact(self.config.vocab_size).map(<[f32]>::to_vec).collect())
+        let vocab = self.config.vocab_size;
+        let logits = self.logits(&rows, rows.len() / h)?;
+        let mut out = Vec::with_capacity(counts.len());
+        let mut at = 0;
+        for count in counts {
+            out.push(logits[at * vocab..(at + count) * vocab].to_vec());
+            at += count;
+        }
+        Ok(out)
     }
 
     /// Logits of every new position, `ids.len() × vocab` row-major (perplexity, scoring).
