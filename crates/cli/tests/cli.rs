@@ -299,10 +299,45 @@ fn prompt_without_a_tokenizer() {
 #[test]
 fn bad_sampling_values() {
     let model = fixture("models/tiny-a/safetensors-f32");
-    for (flag, value) in [("--temperature", "0"), ("--top-p", "1.5"), ("--top-p", "0")] {
+    for (flag, value, mentions) in [
+        ("--temperature", "0", "--temperature"),
+        ("--top-p", "1.5", "--top-p"),
+        ("--top-p", "0", "--top-p"),
+        ("--presence-penalty", "3", "--presence-penalty"),
+        ("--frequency-penalty", "-2.5", "--frequency-penalty"),
+        ("--logit-bias", "99999=1", "token id 99999"),
+        ("--logit-bias", "5=-101", "between -100 and 100"),
+    ] {
         let out = vicuna(&["generate", "--model", path_str(&model), "--ids", "1", flag, value]);
-        assert_bad_input(&out, &[&flag[2..].replace('-', "_")]);
+        assert_bad_input(&out, &[mentions]);
     }
+    // A value clap cannot parse: its own usage error, exit code 2, saying the form.
+    let out = vicuna(&["generate", "--model", path_str(&model), "--ids", "1", "--logit-bias", "5"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not ID=BIAS"));
+}
+
+/// `--logit-bias ID=-100` bans a token: greedy decoding then never picks it, and the first token is the
+/// runner-up of transformers' logits.
+#[test]
+fn logit_bias_bans_the_greedy_token() {
+    let want = expected("tiny-a", "expected_f32.json");
+    let case = &want["cases"][1];
+    let first = case["greedy_new_tokens"][0].as_u64().unwrap();
+    let model = fixture("models/tiny-a/safetensors-f32");
+    let ids = csv(&case["input_ids"]);
+    let ban = format!("{first}=-100");
+    let args = ["generate", "--model", path_str(&model), "--ids", &ids, "--greedy", "--ignore-eos"];
+    let out = vicuna(&[&args[..], &["--max-new-tokens", "12", "--json", "--logit-bias", &ban]].concat());
+    let got = stdout_json(&out);
+    let got: Vec<u64> = got["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert!(!got.contains(&first), "{got:?} has the banned {first}");
+    // The runner-up at the first step, from transformers' last-position logits of the prompt.
+    let logits: Vec<f64> = case["last_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    assert_eq!(order[0] as u64, first);
+    assert_eq!(got[0], order[1] as u64);
 }
 
 /// A `.bin` whose pickle calls `os.system` is refused before anything runs.

@@ -1,7 +1,7 @@
 """Official clients against a running `vicuna serve`: the `openai` package (completions and chat,
-plain and streamed) and `huggingface_hub.InferenceClient` (TGI's text generation, plain and
-streamed, and its chat). Every answer must equal what the engine generates alone (greedy), which
-the Rust test computes and passes in.
+plain and streamed, with logprobs and n) and `huggingface_hub.InferenceClient` (TGI's text
+generation, plain and streamed, with top_n_tokens, and its chat). Every answer must equal what the
+engine generates alone (greedy), which the Rust test computes and passes in.
 
 usage: real_clients.py BASE_URL API_KEY EXPECTED_JSON
 EXPECTED_JSON: {"prompt", "max_tokens", "completion", "chat_messages", "chat_max_tokens", "chat_reply",
@@ -63,6 +63,51 @@ def main():
     check("openai chat stream", text, expected["chat_reply"])
     check("openai chat stream finish_reason", finish in ("stop", "length"), True)
 
+    # Log-probabilities as the client parses them: the greedy token is the argmax, so it is in its
+    # own top list with the same value, and heads it.
+    completion = openai.completions.create(model="tiny-v32001", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           logprobs=5)
+    lp = completion.choices[0].logprobs
+    check("openai completions logprobs lengths",
+          {len(lp.tokens), len(lp.token_logprobs), len(lp.top_logprobs), len(lp.text_offset)} == {len(lp.tokens)},
+          True)
+    check("openai completions logprobs: chosen token is its list's best",
+          all(top[tok] == logprob == max(top.values())
+              for tok, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)), True)
+    check("openai completions logprobs text", completion.choices[0].text, expected["completion"])
+    stream = openai.completions.create(model="tiny-v32001", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                       logprobs=5, stream=True)
+    streamed = [x for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for x in chunk.choices[0].logprobs.token_logprobs]
+    check("openai completions stream logprobs", streamed, lp.token_logprobs)
+
+    chat = openai.chat.completions.create(model="tiny-v32001", messages=messages,
+                                          max_tokens=expected["chat_max_tokens"], temperature=0,
+                                          logprobs=True, top_logprobs=5)
+    content = chat.choices[0].logprobs.content
+    check("openai chat logprobs: chosen token heads its list",
+          all(len(e.top_logprobs) == 5 and e.top_logprobs[0].token == e.token
+              and e.top_logprobs[0].logprob == e.logprob for e in content), True)
+    check("openai chat logprobs bytes", all(e.bytes == list(e.token.encode()) for e in content
+                                            if not e.token.startswith("bytes:")), True)
+    stream = openai.chat.completions.create(model="tiny-v32001", messages=messages,
+                                            max_tokens=expected["chat_max_tokens"], temperature=0,
+                                            logprobs=True, top_logprobs=5, stream=True)
+    streamed = [e.logprob for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for e in chunk.choices[0].logprobs.content]
+    check("openai chat stream logprobs", streamed, [e.logprob for e in content])
+
+    # n = 3, seeded: three choices, and the same three again.
+    def three():
+        out = openai.completions.create(model="tiny-v32001", prompt=prompt, max_tokens=max_tokens, n=3, seed=42,
+                                        temperature=1.0)
+        return [(c.index, c.text) for c in out.choices]
+    first = three()
+    check("openai completions n=3", [i for i, _ in first], [0, 1, 2])
+    check("openai completions n=3 seeded", three(), first)
+    chat = openai.chat.completions.create(model="tiny-v32001", messages=messages, max_tokens=8, n=3, seed=42)
+    check("openai chat n=3", [c.index for c in chat.choices], [0, 1, 2])
+
     # huggingface_hub posts TGI requests to the URL itself (`POST /`), and chat to /v1/chat/completions.
     hf = InferenceClient(base_url, token=api_key, timeout=60)
     out = hf.text_generation(prompt, max_new_tokens=max_tokens)
@@ -71,6 +116,17 @@ def main():
     check("huggingface_hub text_generation details", (out.generated_text, out.details.generated_tokens),
           (expected["completion"], expected["completion_tokens"]))
     check("huggingface_hub details tokens", "".join(t.text for t in out.details.tokens), expected["completion"])
+    out = hf.text_generation(prompt, max_new_tokens=max_tokens, details=True, top_n_tokens=3,
+                             decoder_input_details=True)
+    check("huggingface_hub top_n_tokens", [len(top) for top in out.details.top_tokens],
+          [3] * len(out.details.tokens))
+    # huggingface_hub leaves the nested lists of `top_tokens` as plain dicts.
+    check("huggingface_hub top_n_tokens: greedy token first",
+          all(top[0]["id"] == t.id for t, top in zip(out.details.tokens, out.details.top_tokens)), True)
+    check("huggingface_hub prefill", (len(out.details.prefill), out.details.prefill[0].logprob),
+          (expected["prompt_tokens"], None))
+    out = hf.text_generation(prompt, max_new_tokens=max_tokens, details=True, best_of=2, do_sample=True)
+    check("huggingface_hub best_of", len(out.details.best_of_sequences), 1)
     pieces = list(hf.text_generation(prompt, max_new_tokens=max_tokens, stream=True))
     check("huggingface_hub text_generation stream", "".join(pieces), expected["completion"])
     events = list(hf.text_generation(prompt, max_new_tokens=max_tokens, stream=True, details=True))
