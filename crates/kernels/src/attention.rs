@@ -273,17 +273,146 @@ impl SharedRows {
 /// The vector primitives an item is built from. Every method is `unsafe` because the SIMD versions require their
 /// instruction set; all slices of one call have equal lengths.
 trait Lanes {
-    /// `out[j] = (q · keys[j]) · scale` for the `out.len()` keys of `keys` (each `q.len()` long); returns the
-    /// largest.
-    unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32;
-    /// `acc += Σ_j weights[j] · values[j]` for the `weights.len()` values of `values` (each `acc.len()` long).
-    unsafe fn accumulate(acc: &mut [f32], weights: &[f32], values: &[f32]);
+    /// `out[j] = (q · keys[j]) · scale` for the `out.len()` keys of `keys`, key `j` being the `q.len()` values from
+    /// `j · stride` on; returns the largest.
+    unsafe fn scores<E: KvElem>(q: &[f32], keys: &[E], stride: usize, scale: f32, out: &mut [f32]) -> f32;
+    /// `acc += Σ_j weights[j] · values[j]` for the `weights.len()` values of `values`, value `j` being the
+    /// `acc.len()` values from `j · stride` on.
+    unsafe fn accumulate<E: KvElem>(acc: &mut [f32], weights: &[f32], values: &[E], stride: usize);
     /// `y *= a`
     unsafe fn scale(y: &mut [f32], a: f32);
     /// f16 → f32
     unsafe fn widen(src: &[f16], dst: &mut [f32]);
     /// `x[i] = exp(x[i] - shift)` (every `x[i] ≤ shift`), returning `Σ x[i]` afterwards.
     unsafe fn exp_shifted(x: &mut [f32], shift: f32) -> f32;
+}
+
+/// A value of the KV cache as the kernels read it: f32 as is, f16 widened on the way into registers (exactly, so
+/// reading f16 directly gives the same sums as widening it first).
+trait KvElem: Copy {
+    fn to_f32(self) -> f32;
+    /// 16 values from `p`, lanes outside `m` zero.
+    ///
+    /// # Safety
+    /// AVX-512F and F16C must be available; the lanes in `m` must be readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self, m: std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512;
+    /// 8 values from `p`.
+    ///
+    /// # Safety
+    /// AVX and F16C must be available; the 8 values must be readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32, m: std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_maskz_loadu_ps(m, p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl KvElem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16, m: std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast()))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+}
+
+/// Calls `f(pos, run, count)` for the runs of positions `start..end` of `view` that lie in one piece of memory,
+/// `run` starting at column `col` of position `pos`.
+#[inline(always)]
+fn for_each_run<'a>(
+    view: &KvView<'a>,
+    (start, end): (usize, usize),
+    kv_dim: usize,
+    col: usize,
+    mut f: impl FnMut(usize, KvSlice<'a>, usize),
+) {
+    let mut pos = start;
+    while pos < end {
+        let (run, count) = view.run(pos, end, kv_dim);
+        let run = match run {
+            KvSlice::F16(s) => KvSlice::F16(&s[col..]),
+            KvSlice::F32(s) => KvSlice::F32(&s[col..]),
+        };
+        f(pos, run, count);
+        pos += count;
+    }
+}
+
+/// One query (a decoding step without grouped heads): online softmax over key blocks read straight from the
+/// cache's pages, f16 widened in registers. With one query per item no widened tile would be read twice, so
+/// writing one would only double the memory traffic.
+///
+/// # Safety
+/// As [`attend`].
+#[inline(always)]
+unsafe fn attend_one<L: Lanes>(layout: HeadLayout, seq: &AttentionSeq, item: &Item, out: SharedRows) {
+    let d = layout.head_dim;
+    let (q_dim, kv_dim) = (layout.q_dim(), layout.kv_dim());
+    let rows = seq.queries.len() / q_dim;
+    let r = item.rows.start;
+    let seen = seq.keys.positions(kv_dim) - rows + r + 1;
+    let scale = 1.0 / (d as f32).sqrt();
+    let cols = item.kv_head * d..(item.kv_head + 1) * d;
+    let q = &seq.queries[r * q_dim..][cols.clone()];
+    let mut acc = vec![0.0f32; d];
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+    let mut scores = [0.0f32; KEY_BLOCK];
+    for block_start in (0..seen).step_by(KEY_BLOCK) {
+        let block = (block_start, (block_start + KEY_BLOCK).min(seen));
+        let mut block_max = f32::NEG_INFINITY;
+        for_each_run(&seq.keys, block, kv_dim, cols.start, |pos, run, count| {
+            let out = &mut scores[pos - block_start..][..count];
+            let m = match run {
+                KvSlice::F16(keys) => L::scores(q, keys, kv_dim, scale, out),
+                KvSlice::F32(keys) => L::scores(q, keys, kv_dim, scale, out),
+            };
+            block_max = block_max.max(m);
+        });
+        if block_max > max {
+            let correction = (max - block_max).exp();
+            L::scale(&mut acc, correction);
+            sum *= correction;
+            max = block_max;
+        }
+        let n = block.1 - block_start;
+        sum += L::exp_shifted(&mut scores[..n], max);
+        for_each_run(&seq.values, block, kv_dim, cols.start, |pos, run, count| {
+            let weights = &scores[pos - block_start..][..count];
+            match run {
+                KvSlice::F16(values) => L::accumulate(&mut acc, weights, values, kv_dim),
+                KvSlice::F32(values) => L::accumulate(&mut acc, weights, values, kv_dim),
+            }
+        });
+    }
+    let dst = out.piece(item.first_out_row + r, cols);
+    dst.copy_from_slice(&acc);
+    // The query sees at least its own key, so the sum is positive.
+    L::scale(dst, 1.0 / sum);
 }
 
 /// One item: online softmax over key blocks for each (query row, query head) of the item.
@@ -294,6 +423,9 @@ trait Lanes {
 unsafe fn attend<L: Lanes>(layout: HeadLayout, seq: &AttentionSeq, item: &Item, out: SharedRows) {
     let d = layout.head_dim;
     let group = layout.n_heads / layout.n_kv_heads;
+    if item.rows.len() * group == 1 {
+        return attend_one::<L>(layout, seq, item, out);
+    }
     let (q_dim, kv_dim) = (layout.q_dim(), layout.kv_dim());
     let rows = seq.queries.len() / q_dim;
     let positions = seq.keys.positions(kv_dim);
@@ -343,7 +475,7 @@ unsafe fn attend<L: Lanes>(layout: HeadLayout, seq: &AttentionSeq, item: &Item, 
                 let head = item.kv_head * group + g;
                 let q = &seq.queries[r * q_dim..][head_cols(head)];
                 let i = (r - item.rows.start) * group + g;
-                let block_max = L::scores(q, &keys[..n * d], scale, &mut scores[..n]);
+                let block_max = L::scores(q, &keys[..n * d], d, scale, &mut scores[..n]);
                 let acc = &mut acc[i * d..(i + 1) * d];
                 if block_max > max[i] {
                     // Everything so far was weighed against a smaller maximum: rescale it to the new one.
@@ -353,7 +485,7 @@ unsafe fn attend<L: Lanes>(layout: HeadLayout, seq: &AttentionSeq, item: &Item, 
                     max[i] = block_max;
                 }
                 sum[i] += L::exp_shifted(&mut scores[..n], max[i]);
-                L::accumulate(acc, &scores[..n], &values[..n * d]);
+                L::accumulate(acc, &scores[..n], &values[..n * d], d);
             }
         }
     }
@@ -372,25 +504,19 @@ unsafe fn attend<L: Lanes>(layout: HeadLayout, seq: &AttentionSeq, item: &Item, 
 /// The portable reference.
 struct Scalar;
 
-impl Scalar {
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
-    }
-    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
-    }
-}
-
 impl Lanes for Scalar {
-    unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
-        let scores = out.iter_mut().zip(keys.chunks_exact(q.len()));
-        scores.fold(f32::NEG_INFINITY, |max, (o, k)| {
-            *o = Scalar::dot(q, k) * scale;
+    unsafe fn scores<E: KvElem>(q: &[f32], keys: &[E], stride: usize, scale: f32, out: &mut [f32]) -> f32 {
+        out.iter_mut().enumerate().fold(f32::NEG_INFINITY, |max, (j, o)| {
+            let k = &keys[j * stride..][..q.len()];
+            *o = q.iter().zip(k).map(|(x, y)| x * y.to_f32()).sum::<f32>() * scale;
             max.max(*o)
         })
     }
-    unsafe fn accumulate(acc: &mut [f32], weights: &[f32], values: &[f32]) {
-        weights.iter().zip(values.chunks_exact(acc.len())).for_each(|(&w, v)| Scalar::axpy(acc, w, v));
+    unsafe fn accumulate<E: KvElem>(acc: &mut [f32], weights: &[f32], values: &[E], stride: usize) {
+        for (j, &w) in weights.iter().enumerate() {
+            let v = &values[j * stride..][..acc.len()];
+            acc.iter_mut().zip(v).for_each(|(y, x)| *y += w * x.to_f32());
+        }
     }
     unsafe fn scale(y: &mut [f32], a: f32) {
         y.iter_mut().for_each(|y| *y *= a);
@@ -429,7 +555,7 @@ mod x86 {
 
     use half::f16;
 
-    use super::{Lanes, Scalar};
+    use super::{KvElem, Lanes, Scalar};
 
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
@@ -511,7 +637,7 @@ mod x86 {
         /// Four keys at a time, each with its own accumulator: four independent FMA chains share each load of `q`,
         /// and one transpose-and-add reduces the four accumulators together.
         #[inline(always)]
-        unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
+        unsafe fn scores<E: KvElem>(q: &[f32], keys: &[E], stride: usize, scale: f32, out: &mut [f32]) -> f32 {
             let d = q.len();
             let mut max = _mm_set1_ps(f32::NEG_INFINITY);
             let mut j = 0;
@@ -519,17 +645,18 @@ mod x86 {
                 let keys_here = (out.len() - j).min(4);
                 // A fixed four rows (the last one repeated past the end, its sums not stored), so that the four
                 // accumulators stay in registers.
-                let rows: [*const f32; 4] = std::array::from_fn(|t| keys.as_ptr().add((j + t.min(keys_here - 1)) * d));
+                let rows: [*const E; 4] =
+                    std::array::from_fn(|t| keys.as_ptr().add((j + t.min(keys_here - 1)) * stride));
                 let (mut a0, mut a1, mut a2, mut a3) =
                     (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
                 let mut c = 0;
                 while c < d {
                     let m = if c + 16 <= d { 0xffff } else { tail_mask(d - c) };
                     let qv = _mm512_maskz_loadu_ps(m, q.as_ptr().add(c));
-                    a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, rows[0].add(c)), a0);
-                    a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, rows[1].add(c)), a1);
-                    a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, rows[2].add(c)), a2);
-                    a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, rows[3].add(c)), a3);
+                    a0 = _mm512_fmadd_ps(qv, E::load16(rows[0].add(c), m), a0);
+                    a1 = _mm512_fmadd_ps(qv, E::load16(rows[1].add(c), m), a1);
+                    a2 = _mm512_fmadd_ps(qv, E::load16(rows[2].add(c), m), a2);
+                    a3 = _mm512_fmadd_ps(qv, E::load16(rows[3].add(c), m), a3);
                     c += 16;
                 }
                 let sums = _mm_mul_ps(reduce4([a0, a1, a2, a3]), _mm_set1_ps(scale));
@@ -544,7 +671,7 @@ mod x86 {
 
         /// 64 floats of `acc` held in four registers while every value row streams by.
         #[inline(always)]
-        unsafe fn accumulate(acc: &mut [f32], weights: &[f32], values: &[f32]) {
+        unsafe fn accumulate<E: KvElem>(acc: &mut [f32], weights: &[f32], values: &[E], stride: usize) {
             let d = acc.len();
             for c in (0..d).step_by(64) {
                 let m = chunk_masks(c, d);
@@ -552,9 +679,9 @@ mod x86 {
                 let mut a: [__m512; 4] = std::array::from_fn(|t| _mm512_maskz_loadu_ps(m[t], p.add(16 * t)));
                 for (j, &w) in weights.iter().enumerate() {
                     let w = _mm512_set1_ps(w);
-                    let v = values.as_ptr().add(j * d + c);
+                    let v = values.as_ptr().add(j * stride + c);
                     for t in 0..4 {
-                        a[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[t], v.add(16 * t)), a[t]);
+                        a[t] = _mm512_fmadd_ps(w, E::load16(v.add(16 * t), m[t]), a[t]);
                     }
                 }
                 for t in 0..4 {
@@ -641,40 +768,41 @@ mod x86 {
 
     impl Avx2 {
         #[inline(always)]
-        unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        unsafe fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
             let mut acc = _mm256_setzero_ps();
             let body = a.len() / 8 * 8;
             for i in (0..body).step_by(8) {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), E::load8(b.as_ptr().add(i)), acc);
             }
-            reduce256(acc) + Scalar::dot(&a[body..], &b[body..])
+            reduce256(acc) + a[body..].iter().zip(&b[body..]).map(|(x, y)| x * y.to_f32()).sum::<f32>()
         }
 
         #[inline(always)]
-        unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        unsafe fn axpy<E: KvElem>(y: &mut [f32], a: f32, x: &[E]) {
             let av = _mm256_set1_ps(a);
             let body = y.len() / 8 * 8;
             for i in (0..body).step_by(8) {
                 let p = y.as_mut_ptr().add(i);
-                _mm256_storeu_ps(p, _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)));
+                _mm256_storeu_ps(p, _mm256_fmadd_ps(av, E::load8(x.as_ptr().add(i)), _mm256_loadu_ps(p)));
             }
-            Scalar::axpy(&mut y[body..], a, &x[body..]);
+            y[body..].iter_mut().zip(&x[body..]).for_each(|(y, x)| *y += a * x.to_f32());
         }
     }
 
     impl Lanes for Avx2 {
         #[inline(always)]
-        unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
-            let scores = out.iter_mut().zip(keys.chunks_exact(q.len()));
-            scores.fold(f32::NEG_INFINITY, |max, (o, k)| {
-                *o = Avx2::dot(q, k) * scale;
+        unsafe fn scores<E: KvElem>(q: &[f32], keys: &[E], stride: usize, scale: f32, out: &mut [f32]) -> f32 {
+            out.iter_mut().enumerate().fold(f32::NEG_INFINITY, |max, (j, o)| {
+                *o = Avx2::dot(q, &keys[j * stride..][..q.len()]) * scale;
                 max.max(*o)
             })
         }
 
         #[inline(always)]
-        unsafe fn accumulate(acc: &mut [f32], weights: &[f32], values: &[f32]) {
-            weights.iter().zip(values.chunks_exact(acc.len())).for_each(|(&w, v)| Avx2::axpy(acc, w, v));
+        unsafe fn accumulate<E: KvElem>(acc: &mut [f32], weights: &[f32], values: &[E], stride: usize) {
+            for (j, &w) in weights.iter().enumerate() {
+                Avx2::axpy(acc, w, &values[j * stride..][..acc.len()]);
+            }
         }
 
         #[inline(always)]
