@@ -29,11 +29,32 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
-impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
+/// A completions prompt in each of OpenAI's forms: a string, token ids, or lists of either.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+    Texts(Vec<String>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// The one prompt of a completions request: its text, or its ids (used as given, no BOS added, as
+/// vLLM does) with their text.
+enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl PromptInput {
+    fn into_one(self) -> Result<Prompt, String> {
+        let one = "`prompt` must be one prompt (a string or a list of token ids): one prompt per request";
         match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
+            PromptInput::Text(text) => Ok(Prompt::Text(text)),
+            PromptInput::Ids(ids) => Ok(Prompt::Ids(ids)),
+            PromptInput::Texts(mut texts) if texts.len() == 1 => Ok(Prompt::Text(texts.remove(0))),
+            PromptInput::IdLists(mut lists) if lists.len() == 1 => Ok(Prompt::Ids(lists.remove(0))),
+            _ => Err(one.into()),
         }
     }
 }
@@ -71,7 +92,7 @@ struct Sampling {
 #[derive(Default, Deserialize)]
 #[serde(default)]
 struct CompletionRequest {
-    prompt: Option<OneOrMany>,
+    prompt: Option<PromptInput>,
     max_tokens: Option<u32>,
     echo: Option<bool>,
     /// Log-probabilities of each token and of this many alternatives (the legacy API's form).
@@ -353,11 +374,10 @@ fn chat_logprobs(content: Vec<Value>) -> Value {
 
 pub async fn completions(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
     let request: CompletionRequest = read_json(&state, body).await?;
-    let mut prompts = request.prompt.map(OneOrMany::into_vec).unwrap_or_default();
-    if prompts.len() != 1 {
-        return Err(invalid(&state, "`prompt` must be one string (one prompt per request)"));
-    }
-    let prompt = prompts.remove(0);
+    let Some(prompt) = request.prompt else {
+        return Err(invalid(&state, "`prompt` is required"));
+    };
+    let prompt = prompt.into_one().map_err(|m| invalid(&state, m))?;
     if request.suffix.is_some() {
         return Err(invalid(&state, "`suffix` (insertion) is not supported"));
     }
@@ -366,6 +386,14 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
     let logprobs = request.logprobs.map(|n| top_count("logprobs", n)).transpose().map_err(|m| invalid(&state, m))?;
     let mut parameters = request.sampling.parameters(request.max_tokens).map_err(|m| invalid(&state, m))?;
     parameters.return_full_text = Some(echo);
+    let prompt = match prompt {
+        Prompt::Text(text) => text,
+        Prompt::Ids(ids) => {
+            let text = state.tokenizer.decode(&ids);
+            parameters.prompt_ids = Some(ids);
+            text
+        }
+    };
     parameters.top_n_tokens = logprobs;
     parameters.best_of = request.best_of;
     if echo && logprobs.is_some() {

@@ -46,6 +46,10 @@ pub struct GenerateParameters {
     /// vLLM's `ignore_eos`.
     #[serde(skip)]
     pub ignore_eos: Option<bool>,
+    /// A prompt given as token ids (OpenAI completions), used as given instead of tokenizing
+    /// `inputs` (which then holds their text, for `echo`).
+    #[serde(skip)]
+    pub prompt_ids: Option<Vec<u32>>,
 }
 
 /// The server's limits on a request.
@@ -185,7 +189,7 @@ pub fn validate(
     if prompt_logprobs && stream {
         return Err("`decoder_input_details` is not supported when streaming tokens".into());
     }
-    if inputs.is_empty() {
+    if inputs.is_empty() && p.prompt_ids.is_none() {
         return Err("`inputs` cannot be empty".into());
     }
     if let Some(truncate) = p.truncate {
@@ -197,7 +201,19 @@ pub fn validate(
         }
     }
 
-    let mut prompt = tokenizer.encode(inputs, true);
+    let mut prompt = match &p.prompt_ids {
+        None => tokenizer.encode(inputs, true),
+        Some(ids) => {
+            let vocab = tokenizer.vocab_size();
+            if ids.is_empty() {
+                return Err("`prompt` cannot be an empty list of token ids".into());
+            }
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(format!("`prompt`: token id {bad} is not in the vocabulary (ids 0..{vocab})"));
+            }
+            ids.clone()
+        }
+    };
     if let Some(keep) = p.truncate {
         // TGI keeps the end of the input: the part closest to what comes next.
         prompt.drain(..prompt.len().saturating_sub(keep));

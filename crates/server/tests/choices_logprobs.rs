@@ -324,3 +324,27 @@ fn openai_penalties_reach_the_sampler() {
         assert_eq!(got["choices"][0]["message"]["content"], want, "{field}");
     }
 }
+
+#[test]
+fn completions_take_a_prompt_as_token_ids() {
+    let server = TestServer::with_defaults();
+    let ids = load_tokenizer().encode(PROMPT, true);
+    let complete = |prompt: Value| {
+        let body = json!({"prompt": prompt, "max_tokens": 8, "temperature": 0});
+        post_json(server.addr, "/v1/completions", &body)
+    };
+    let want = complete(json!(PROMPT)).json()["choices"][0]["text"].clone();
+    assert_eq!(complete(json!(ids)).json()["choices"][0]["text"], want, "ids are the text's tokens");
+    assert_eq!(complete(json!([ids])).json()["choices"][0]["text"], want, "a list of one list of ids");
+    let usage = complete(json!(ids)).json()["usage"].clone();
+    assert_eq!(usage["prompt_tokens"], ids.len(), "ids are used as given (no second BOS)");
+    for (prompt, mentions) in [
+        (json!([]), "empty"),
+        (json!([1, 32000]), "token id 32000"),
+        (json!([[1, 2], [3]]), "one prompt"),
+        (json!([1, -2]), "prompt"),
+    ] {
+        let message = complete(prompt.clone()).expect_error(422, "validation");
+        assert!(message.contains(mentions), "{prompt}: {message}");
+    }
+}
