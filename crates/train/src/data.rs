@@ -68,6 +68,8 @@ pub struct Dataset {
     pub skipped_rows: usize,
     /// OASST1 trees with no assistant reply to follow.
     pub empty_trees: usize,
+    /// Prompts alone (`{"prompt": …}` rows or bare JSON strings, as trlX takes them): PPO prompts only.
+    pub plain_prompts: Vec<String>,
 }
 
 impl Dataset {
@@ -87,7 +89,16 @@ impl Dataset {
             Some(render_prompt(&context, &last.user))
         });
         let from_pairs = self.preferences.iter().map(|p| render_prompt(&p.context, &p.user));
-        from_chat.chain(from_pairs).collect()
+        // A plain prompt already in the StableVicuna format is used as is (trlX feeds prompts as given); plain
+        // text becomes a one-turn question in it.
+        let plain = self.plain_prompts.iter().map(|p| {
+            if p.contains(HUMAN_PREFIX.trim_end()) {
+                p.clone()
+            } else {
+                render_prompt(&Conversation::default(), p)
+            }
+        });
+        from_chat.chain(from_pairs).chain(plain).collect()
     }
 }
 
@@ -162,6 +173,7 @@ pub fn load(path: &Path, skip_bad_rows: bool) -> Result<Dataset> {
         match parse_row(line) {
             Ok(Row::Conversation(c)) => data.conversations.push(c),
             Ok(Row::Preference(p)) => data.preferences.push(p),
+            Ok(Row::Prompt(p)) => data.plain_prompts.push(p),
             Ok(Row::OasstMessage(m)) => oasst_rows.push((line_no, m)),
             Err(what) if skip_bad_rows => {
                 tracing::warn!("{file}:{line_no}: skipped: {what}");
@@ -180,6 +192,7 @@ pub fn load(path: &Path, skip_bad_rows: bool) -> Result<Dataset> {
 }
 
 enum Row {
+    Prompt(String),
     Conversation(Conversation),
     Preference(Preference),
     OasstMessage(OasstMessage),
@@ -195,8 +208,10 @@ struct OasstMessage {
 
 fn parse_row(line: &str) -> std::result::Result<Row, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON ({e})"))?;
-    let Value::Object(row) = value else {
-        return Err("a row must be a JSON object".into());
+    let row = match value {
+        Value::Object(row) => row,
+        Value::String(prompt) => return Ok(Row::Prompt(prompt)),
+        _ => return Err("a row must be a JSON object (or a prompt as a JSON string)".into()),
     };
     let has = |k: &str| row.contains_key(k);
     if has("message_id") {
@@ -220,12 +235,15 @@ fn parse_row(line: &str) -> std::result::Result<Row, String> {
     } else if has("prompt") && has("response") {
         let turn = Turn { user: string(&row, "prompt")?, assistant: string(&row, "response")? };
         Ok(Row::Conversation(Conversation { system: None, turns: vec![turn] }))
+    } else if has("prompt") {
+        string(&row, "prompt").map(Row::Prompt)
     } else {
         let keys: Vec<&str> = row.keys().map(String::as_str).collect();
         Err(format!(
             "unknown row format (keys {keys:?}); expected Alpaca {{instruction, input, output}}, OASST1 messages, \
              HH-RLHF {{chosen, rejected}}, SHP {{history, human_ref_A, human_ref_B, labels}}, {{prompt, response}}, \
-             {{prompt, chosen, rejected}} or {{messages: [{{role, content}}]}}"
+             {{prompt, chosen, rejected}}, {{messages: [{{role, content}}]}}, or a prompt alone ({{prompt}} or a \
+             JSON string)"
         ))
     }
 }

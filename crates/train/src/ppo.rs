@@ -166,7 +166,7 @@ impl PpoTrainer {
         if prompt_texts.is_empty() {
             bail!("{} holds no prompts", config.prompts_path.display());
         }
-        let max_prompt = config.seq_length - config.max_new_tokens;
+        let max_prompt = config.max_prompt_tokens();
         let prompts = prompt_texts
             .iter()
             .map(|p| {
@@ -256,11 +256,12 @@ impl PpoTrainer {
         order[global % n]
     }
 
-    fn generation_config(&self, global: usize) -> GenerationConfig {
+    fn generation_config(&self, global: usize, prompt_len: usize) -> GenerationConfig {
+        let (max_new_tokens, min_new_tokens) = self.config.response_lengths(prompt_len);
         GenerationConfig {
             sampling: self.config.sampling(),
-            max_new_tokens: self.config.max_new_tokens,
-            min_new_tokens: self.config.min_new_tokens,
+            max_new_tokens,
+            min_new_tokens,
             stop: Vec::new(),
             ignore_eos: false,
             seed: self.config.seed.wrapping_mul(0x100_0000_01B3).wrapping_add(global as u64),
@@ -277,7 +278,7 @@ impl PpoTrainer {
             .map(|(k, &p)| {
                 Sequence::new(
                     &self.prompts[p],
-                    self.generation_config(first_global + k),
+                    self.generation_config(first_global + k, self.prompts[p].len()),
                     Some(&self.tokenizer),
                     &model.config,
                 )

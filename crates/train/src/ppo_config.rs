@@ -62,8 +62,13 @@ pub struct PpoConfig {
     pub scale_reward: RewardScaling,
     /// None or 0: no clipping.
     pub cliprange_reward: Option<f64>,
-    // gen_kwargs:
-    pub max_new_tokens: usize,
+    // gen_kwargs, with transformers' meanings: `max_length` / `min_length` count the prompt too,
+    // `max_new_tokens` / `min_new_tokens` only the response, and take precedence when set.
+    /// Longest prompt + response (the card's `max_length`), unless `max_new_tokens` is set.
+    pub max_length: Option<usize>,
+    /// EOS is banned until prompt + response are this long (the card's `min_length`).
+    pub min_length: Option<usize>,
+    pub max_new_tokens: Option<usize>,
     pub min_new_tokens: usize,
     pub top_k: usize,
     pub top_p: f32,
@@ -110,7 +115,9 @@ impl Default for PpoConfig {
             vf_coef: 1.0,
             scale_reward: RewardScaling::None,
             cliprange_reward: Some(10.0),
-            max_new_tokens: 512,
+            max_length: Some(512),
+            min_length: Some(48),
+            max_new_tokens: None,
             min_new_tokens: 0,
             top_k: 0,
             top_p: 1.0,
@@ -156,8 +163,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("vf_coef", "value loss weight"),
     ("scale_reward", "none, running or ref"),
     ("cliprange_reward", "score clip (null: off)"),
-    ("max_new_tokens", "response length at most"),
-    ("min_new_tokens", "EOS banned before this many tokens"),
+    ("max_length", "prompt + response length at most (null: max_new_tokens)"),
+    ("min_length", "EOS banned until prompt + response are this long"),
+    ("max_new_tokens", "response length at most (over max_length)"),
+    ("min_new_tokens", "EOS banned before this many response tokens"),
     ("top_k", "top-k (0: off)"),
     ("top_p", "nucleus mass"),
     ("temperature", "sampling temperature"),
@@ -258,7 +267,9 @@ impl PpoConfig {
                     .ok_or_else(|| format!("`scale_reward` must be null, running or ref, found {v:?}"))?
             }
             "cliprange_reward" => self.cliprange_reward = opt_f64(v)?.filter(|&c| c != 0.0),
-            "max_new_tokens" => self.max_new_tokens = num(&key, v)?,
+            "max_length" => self.max_length = if is_null(v) { None } else { Some(num(&key, v)?) },
+            "min_length" => self.min_length = if is_null(v) { None } else { Some(num(&key, v)?) },
+            "max_new_tokens" => self.max_new_tokens = if is_null(v) { None } else { Some(num(&key, v)?) },
             "min_new_tokens" => self.min_new_tokens = num(&key, v)?,
             "top_k" => self.top_k = num(&key, v)?,
             "top_p" => self.top_p = num(&key, v)?,
@@ -333,15 +344,23 @@ impl PpoConfig {
             (self.num_rollouts, "num_rollouts"),
             (self.chunk_size, "chunk_size"),
             (self.ppo_epochs, "ppo_epochs"),
-            (self.max_new_tokens, "max_new_tokens"),
+            (self.max_new_tokens.unwrap_or(1), "max_new_tokens"),
+            (self.max_length.unwrap_or(1), "max_length"),
             (self.checkpoint_interval, "checkpoint_interval"),
         ] {
             if v == 0 {
                 bail!("`{key}` must be at least 1");
             }
         }
-        if self.seq_length <= self.max_new_tokens {
-            bail!("`seq_length` ({}) must exceed `max_new_tokens` ({})", self.seq_length, self.max_new_tokens);
+        match (self.max_new_tokens, self.max_length) {
+            (None, None) => bail!("set `max_length` (prompt + response) or `max_new_tokens` (response)"),
+            (Some(new), _) if self.seq_length <= new => {
+                bail!("`seq_length` ({}) must exceed `max_new_tokens` ({new})", self.seq_length)
+            }
+            (None, Some(total)) if total < 2 || total > self.seq_length => {
+                bail!("`max_length` ({total}) must be between 2 and `seq_length` ({})", self.seq_length)
+            }
+            _ => {}
         }
         // The rollouts' sampling goes through the engine's one check, as the CLI's and the server's do.
         if let Err(message) = self.sampling().validate(usize::MAX) {
@@ -351,6 +370,23 @@ impl PpoConfig {
             lora.validate()?;
         }
         Ok(())
+    }
+
+    /// Longest prompt a rollout keeps (longer ones lose their start): room for at least one new token.
+    pub fn max_prompt_tokens(&self) -> usize {
+        match (self.max_new_tokens, self.max_length) {
+            (Some(new), _) => self.seq_length - new,
+            (None, total) => total.unwrap_or(self.seq_length).min(self.seq_length) - 1,
+        }
+    }
+
+    /// (max_new_tokens, min_new_tokens) of a rollout after a prompt of `prompt_len` tokens, as transformers
+    /// reads `gen_kwargs`: the `*_new_tokens` keys if set, else `max_length` / `min_length` less the prompt.
+    pub fn response_lengths(&self, prompt_len: usize) -> (usize, usize) {
+        let max = self.max_new_tokens.unwrap_or_else(|| self.max_length.unwrap_or(0).saturating_sub(prompt_len).max(1));
+        let from_min_length = self.min_length.unwrap_or(0).saturating_sub(prompt_len);
+        let min = if self.min_new_tokens > 0 { self.min_new_tokens } else { from_min_length };
+        (max, min.min(max))
     }
 
     /// How rollouts sample (trlX's `gen_kwargs`).

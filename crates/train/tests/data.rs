@@ -96,6 +96,38 @@ fn oasst_trees_follow_the_best_ranked_reply() {
     assert_eq!(data.empty_trees, 1);
 }
 
+/// Prompt sets as trlX takes them: `{"prompt": …}` rows and bare JSON strings. Plain text becomes a one-turn
+/// question in the template; a prompt already in it is kept as given.
+#[test]
+fn prompt_only_rows_are_ppo_prompts() {
+    let path = write_file(
+        "prompts.jsonl",
+        concat!(
+            r#"{"prompt": "What is a llama?"}"#,
+            "\n",
+            r#""Name a fruit.""#,
+            "\n",
+            r####"{"prompt": "### Human: Hi\n### Assistant:"}"####,
+            "\n",
+        ),
+    );
+    let data = load(&path, false).unwrap();
+    assert!(data.conversations.is_empty() && data.preferences.is_empty());
+    assert_eq!(
+        data.prompts(),
+        vec![
+            "### Human: What is a llama?\n### Assistant:",
+            "### Human: Name a fruit.\n### Assistant:",
+            "### Human: Hi\n### Assistant:"
+        ]
+    );
+    assert!(data.sft_conversations().is_empty(), "a prompt alone has nothing to imitate");
+    let bad = write_file("bad_prompt.jsonl", "{\"prompt\": 5}\n");
+    assert!(load(&bad, false).unwrap_err().to_string().contains("bad_prompt.jsonl:1: field `prompt` must be a string"));
+    let bad = write_file("number.jsonl", "42\n");
+    assert!(load(&bad, false).unwrap_err().to_string().contains("a prompt as a JSON string"));
+}
+
 #[test]
 fn a_bad_row_names_file_and_line_and_can_be_skipped() {
     let text = concat!(

@@ -52,7 +52,7 @@ fn prepare(root: &Path) -> PpoConfig {
     let yaml =
         "train:\n  seed: 1\n  epochs: 10\n  batch_size: 8\n  seq_length: 64\nmethod:\n  num_rollouts: 32\n  chunk_size: 16\n  \
          ppo_epochs: 4\n  init_kl_coef: 0.1\n  target: 6\n  horizon: 10000\n  scale_reward: null\ngen_kwargs:\n  \
-         max_new_tokens: 6\n  top_k: 0\n  top_p: 1.0\n  temperature: 1.0\n  do_sample: true\noptimizer:\n  lr: 5.0e-4\n  max_grad_norm: 1.0\n";
+         max_new_tokens: 6\n  min_length: null\n  top_k: 0\n  top_p: 1.0\n  temperature: 1.0\n  do_sample: true\noptimizer:\n  lr: 5.0e-4\n  max_grad_norm: 1.0\n";
     config.apply_yaml(yaml, "test.yaml").unwrap();
     config.model_path = policy_dir;
     config.reward_model_path = rm_dir;
