@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{chat_reference, greedy, reference, skip_or_fail, test_options, TestServer};
+use common::{chat_reference, get, greedy, reference, skip_or_fail, test_options, TestServer};
 use serde_json::json;
 use vicuna_server::template::{ChatMessage, Role};
 
@@ -85,22 +85,30 @@ fn chat_page_streams_replies_in_headless_chromium() {
         ChatMessage::new(Role::User, "And an alpaca?"),
     ];
     let reply2 = chat_reference(&second, 24);
+    let server = TestServer::with_defaults();
+    let info = get(server.addr, "/info").json();
     let expected = json!({
         "turns": [
             {"user": "What is a llama?", "reply": reply1},
             {"user": "And an alpaca?", "reply": reply2},
         ],
         "max_tokens": 24,
+        "model_id": info["model_id"],
+        "max_total_tokens": info["max_total_tokens"],
     });
-    let server = TestServer::with_defaults();
-    let output = Command::new("node")
-        .arg(dir.join("chat_page.mjs"))
+    let mut node = Command::new("node");
+    node.arg(dir.join("chat_page.mjs"))
         .arg(format!("http://{}", server.addr))
         .arg(expected.to_string())
         .env("CHROMIUM", &chromium)
-        .current_dir(&dir)
-        .output()
-        .expect("run node");
+        .current_dir(&dir);
+    // VICUNA_SCREENSHOTS=docs/screenshots writes the page's screenshots there (relative to the
+    // repository root), as committed.
+    if let Some(folder) = std::env::var_os("VICUNA_SCREENSHOTS") {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        node.env("VICUNA_SCREENSHOTS", root.join(folder));
+    }
+    let output = node.output().expect("run node");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");
