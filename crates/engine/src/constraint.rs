@@ -30,9 +30,10 @@
 //! text at all (bare BOS) decodes differently: SentencePiece drops that first `▁` as the dummy
 //! prefix, so the user gets the grammar's text minus one leading space.
 //!
-//! JSON grammars (schemas and [`GrammarSpec::JsonObject`]) allow JSON whitespace before, between
-//! and after tokens, so the natural reply `" {\"a\": 1}"` (first token `"▁{"`) is accepted, and
-//! dropping a leading space never matters. Runs of whitespace are capped at
+//! JSON grammars (schemas and [`GrammarSpec::JsonObject`]) allow JSON whitespace before the JSON
+//! text (llguidance's own JSON grammars do not: we put a Lark rule in front) and between its
+//! tokens, so the natural reply `" {\"a\": 1}"` (first token `"▁{"`) is accepted, and dropping a
+//! leading space never matters. Runs of whitespace are capped at
 //! [`JSON_MAX_WHITESPACE`] characters per gap: a model that falls into emitting newlines cannot
 //! then loop forever inside a JSON value. Regular expressions and Lark grammars get no implicit
 //! whitespace: the whole output must match them, so a reply to `[0-9]+` starts with a digit token
