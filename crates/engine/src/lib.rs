@@ -1,12 +1,14 @@
-//! Turning a model into text: sampling controls and the generation loop; and measuring it (scoring,
-//! perplexity, divergence from a reference).
+//! Turning a model into text: sampling controls, the generation loop and grammar-constrained
+//! decoding; and measuring it (scoring, perplexity, divergence from a reference).
 
+mod constraint;
 mod generate;
 mod perplexity;
 mod rng;
 mod sampling;
 mod score;
 
+pub use constraint::{Constraint, Grammar, GrammarSpec, JSON_MAX_WHITESPACE};
 pub use generate::{
     find_stop, generate, generate_in, held_back, Context, FinishReason, Generation, GenerationConfig, Sequence, Step,
 };
