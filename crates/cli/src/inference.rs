@@ -4,7 +4,7 @@ use std::io::Write;
 
 use clap::Args;
 use serde_json::json;
-use vicuna_engine::{generate, random_seed, score, GenerationConfig};
+use vicuna_engine::{generate, random_seed, score, GenerationConfig, Grammar, GrammarSpec};
 
 use crate::common::{input_ids, InputArgs, ModelArgs, SamplingArgs};
 use crate::Result;
@@ -27,8 +27,17 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub stop: Vec<String>,
     /// Do not stop at EOS.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["json_schema", "regex", "lark"])]
     pub ignore_eos: bool,
+    /// Structured output: the text is JSON valid under this JSON schema (a file, or the schema itself).
+    #[arg(long, value_name = "FILE|JSON", conflicts_with_all = ["regex", "lark"])]
+    pub json_schema: Option<String>,
+    /// Structured output: the whole text matches this regular expression.
+    #[arg(long, conflicts_with = "lark")]
+    pub regex: Option<String>,
+    /// Structured output: the text follows this Lark grammar (llguidance's format; a file).
+    #[arg(long, value_name = "FILE")]
+    pub lark: Option<std::path::PathBuf>,
     /// Print one JSON object {"ids", "text", "finish_reason"} instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -52,6 +61,7 @@ pub struct ScoreArgs {
 
 pub fn run_generate(args: GenerateArgs, threads: Option<usize>) -> Result<()> {
     let (model, tokenizer) = args.model.load(threads)?;
+    let grammar = grammar(&args, tokenizer.as_ref())?;
     let prompt = input_ids(args.prompt.as_deref(), args.input.ids, tokenizer.as_ref(), &args.model.model)?;
     let config = GenerationConfig {
         sampling: args.sampling.to_params(model.config().vocab_size)?,
@@ -61,6 +71,7 @@ pub fn run_generate(args: GenerateArgs, threads: Option<usize>) -> Result<()> {
         ignore_eos: args.ignore_eos,
         seed: args.sampling.seed.unwrap_or_else(random_seed),
         top_logprobs: 0,
+        grammar,
     };
     let mut stdout = std::io::stdout().lock();
     let start = std::time::Instant::now();
@@ -129,4 +140,31 @@ pub fn run_score(args: ScoreArgs, threads: Option<usize>) -> Result<()> {
         writeln!(stdout, "last_logits {}", json!(scored.last_logits))?;
     }
     Ok(())
+}
+
+/// The grammar `--json-schema`, `--regex` or `--lark` asks for, compiled for the tokenizer.
+fn grammar(
+    args: &GenerateArgs,
+    tokenizer: Option<&vicuna_tokenizer::Tokenizer>,
+) -> Result<Option<std::sync::Arc<Grammar>>> {
+    let spec = if let Some(schema) = &args.json_schema {
+        let text = if schema.trim_start().starts_with('{') {
+            schema.clone()
+        } else {
+            std::fs::read_to_string(schema).map_err(|e| format!("--json-schema {schema}: {e}"))?
+        };
+        let value = serde_json::from_str(&text).map_err(|e| format!("--json-schema: not JSON: {e}"))?;
+        GrammarSpec::JsonSchema(value)
+    } else if let Some(regex) = &args.regex {
+        GrammarSpec::Regex(regex.clone())
+    } else if let Some(path) = &args.lark {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("--lark {}: {e}", path.display()))?;
+        GrammarSpec::Lark(text)
+    } else {
+        return Ok(None);
+    };
+    let Some(tokenizer) = tokenizer else {
+        return Err("structured output needs a tokenizer: the model has none; give --tokenizer FILE".into());
+    };
+    Ok(Some(Grammar::compile(tokenizer, &spec)?))
 }

@@ -470,3 +470,30 @@ fn generate_and_chat_share_sampling_flags_with_their_own_defaults() {
     ]);
     assert_bad_input(&chat, &["top_p"]);
 }
+
+/// `--json-schema` / `--regex`: the random-weight model's text is valid under the grammar; a bad grammar is a
+/// one-line error.
+#[test]
+fn generate_with_structured_output() {
+    let model = fixture(TINY_V32001);
+    let tokenizer = fixture("tokenizer/tokenizer.model");
+    let schema = r#"{"type":"object","properties":{"n":{"type":"integer","minimum":0,"maximum":9}},"required":["n"],"additionalProperties":false}"#;
+    let base = ["generate", "--model", path_str(&model), "--tokenizer", path_str(&tokenizer), "--prompt", "JSON:"];
+    for seed in ["1", "2", "3"] {
+        let out = vicuna(
+            &[&base[..], &["--json-schema", schema, "--seed", seed, "--max-new-tokens", "64", "--json"]].concat(),
+        );
+        let got = stdout_json(&out);
+        let value: Value = serde_json::from_str(got["text"].as_str().unwrap()).unwrap();
+        assert!(value["n"].as_u64().unwrap() <= 9, "{value}");
+        assert_eq!(value.as_object().unwrap().len(), 1);
+        assert_eq!(got["finish_reason"], "eos_token");
+    }
+    let out = vicuna(&[&base[..], &["--regex", "[a-c]{4}", "--max-new-tokens", "16", "--json"]].concat());
+    let text = stdout_json(&out)["text"].as_str().unwrap().to_string();
+    assert!(text.len() == 4 && text.chars().all(|c| ('a'..='c').contains(&c)), "{text:?}");
+    let out = vicuna(&[&base[..], &["--regex", "[0-9"]].concat());
+    assert_bad_input(&out, &["regex"]);
+    let out = vicuna(&[&base[..], &["--json-schema", "{\"type\": \"nonsense\"}"]].concat());
+    assert_bad_input(&out, &["json_schema"]);
+}

@@ -1,9 +1,12 @@
 //! The generation loop: prefill the prompt, then one token at a time through the KV cache, with
 //! EOS, min/max new tokens and stop sequences decided the way transformers and TGI decide them.
 
+use std::sync::Arc;
+
 use vicuna_model::{LlamaConfig, QuantCache, QuantLlama, Result};
 use vicuna_tokenizer::Tokenizer;
 
+use crate::constraint::{Constraint, Grammar};
 use crate::sampling::{History, Sampler, SamplingParams, TokenLogprob};
 
 /// Everything that shapes one generation besides the prompt.
@@ -22,6 +25,8 @@ pub struct GenerationConfig {
     /// Report this many of the most likely tokens with each step (OpenAI's `top_logprobs`, TGI's
     /// `top_n_tokens`); 0: none.
     pub top_logprobs: usize,
+    /// Structured output: every token must keep the text within this grammar (JSON schema, regex, Lark).
+    pub grammar: Option<Arc<Grammar>>,
 }
 
 impl Default for GenerationConfig {
@@ -34,6 +39,7 @@ impl Default for GenerationConfig {
             ignore_eos: false,
             seed: 0,
             top_logprobs: 0,
+            grammar: None,
         }
     }
 }
@@ -164,6 +170,10 @@ pub struct Sequence<'a> {
     eos: u32,
     context_limit: usize,
     finish_reason: Option<FinishReason>,
+    /// Where the output stands in `config.grammar`.
+    constraint: Option<Constraint>,
+    /// Why the sequence could not run (its grammar could not start).
+    error: Option<String>,
 }
 
 /// What one `advance` produced.
@@ -193,8 +203,16 @@ impl<'a> Sequence<'a> {
         let text = tokenizer.map(|t| TextState::new(t, prompt));
         let context_limit = model.max_position_embeddings;
         // Nothing to generate: finished before the first step (no model call needed).
-        let finish_reason =
+        let mut finish_reason =
             (config.max_new_tokens == 0 || prompt.len() >= context_limit).then_some(FinishReason::Length);
+        let (constraint, error) = match config.grammar.as_ref().map(Constraint::new) {
+            None => (None, None),
+            Some(Ok(constraint)) => (Some(constraint), None),
+            Some(Err(message)) => {
+                finish_reason = Some(FinishReason::Length);
+                (None, Some(message))
+            }
+        };
         Sequence {
             sampler: Sampler::new(config.sampling.clone(), config.seed),
             config,
@@ -204,7 +222,14 @@ impl<'a> Sequence<'a> {
             eos,
             context_limit,
             finish_reason,
+            constraint,
+            error,
         }
+    }
+
+    /// Why the sequence ended before its first step without generating anything, when that was an error.
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
     }
 
     pub fn prompt(&self) -> &[u32] {
@@ -222,10 +247,28 @@ impl<'a> Sequence<'a> {
     /// Choose the next token from the logits after everything so far (`logits` is scratch).
     pub fn advance(&mut self, logits: &mut [f32]) -> Step {
         debug_assert!(self.finish_reason.is_none(), "advance after the end");
-        let ban: &[u32] = if self.generated().len() < self.config.min_new_tokens { &[self.eos] } else { &[] };
+        let mut ban: &[u32] = if self.generated().len() < self.config.min_new_tokens { &[self.eos] } else { &[] };
+        if let Some(constraint) = self.constraint.as_mut() {
+            if constraint.mask(logits).is_err() {
+                // The grammar cannot go on (it never should): end the output here.
+                self.constraint = None;
+                let eos = logits[self.eos as usize];
+                logits.fill(f32::NEG_INFINITY);
+                logits[self.eos as usize] = if eos.is_finite() { eos } else { 0.0 };
+            }
+            // When the grammar allows only the end, the end comes whatever `min_new_tokens` says.
+            let only_eos = logits.iter().enumerate().all(|(i, l)| i == self.eos as usize || *l == f32::NEG_INFINITY);
+            if only_eos {
+                ban = &[];
+            }
+        }
         let history = History { context: &self.context, prompt_len: self.prompt_len };
         let pick = self.sampler.sample(logits, history, ban, self.config.top_logprobs);
         let id = pick.id;
+        if let Some(constraint) = self.constraint.as_mut() {
+            // A token the grammar refuses (never one it allowed) leaves it in error: the next mask ends the output.
+            let _ = constraint.commit(id);
+        }
         self.context.push(id);
         let mut text = String::new();
         let mut finish = None;

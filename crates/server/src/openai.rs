@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use vicuna_engine::{random_seed, FinishReason};
+use vicuna_engine::{random_seed, FinishReason, GrammarSpec};
 
 use crate::error::ApiError;
 use crate::http::{
@@ -17,7 +17,7 @@ use crate::http::{
 use crate::scheduler::{End, Event, GeneratedToken, PromptToken};
 use crate::template::{render_prompt, ChatMessage, ReplyText, Role, STOP_SEQUENCES};
 use crate::tokens::token_surface;
-use crate::validation::{DefaultLength, GenerateParameters, MAX_TOP_LOGPROBS};
+use crate::validation::{lark_grammar, DefaultLength, GenerateParameters, MAX_TOP_LOGPROBS};
 
 /// OpenAI's default `max_tokens` for completions.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -87,6 +87,11 @@ struct Sampling {
     min_tokens: Option<u32>,
     /// Go on past EOS until `max_tokens` or a stop sequence (vLLM's field).
     ignore_eos: Option<bool>,
+    /// Structured output: `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": …}}`.
+    response_format: Option<Value>,
+    /// llama.cpp's fields: a JSON schema, or a grammar (Lark here: llguidance's format).
+    json_schema: Option<Value>,
+    grammar: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -174,8 +179,34 @@ impl Sampling {
                 OneOrMany::Many(v) => v.clone(),
             }),
             seed: self.seed,
+            grammar_spec: self.grammar_spec()?,
             ..GenerateParameters::default()
         })
+    }
+
+    /// What `response_format`, `json_schema` or `grammar` constrain the output to (at most one of them).
+    fn grammar_spec(&self) -> Result<Option<GrammarSpec>, String> {
+        let format = self.response_format.as_ref().filter(|f| !f.is_null());
+        let given = [format.is_some(), self.json_schema.is_some(), self.grammar.is_some()];
+        if given.iter().filter(|&&g| g).count() > 1 {
+            return Err("give at most one of `response_format`, `json_schema` and `grammar`".into());
+        }
+        if let Some(schema) = &self.json_schema {
+            return Ok(Some(GrammarSpec::JsonSchema(schema.clone())));
+        }
+        if let Some(grammar) = &self.grammar {
+            return lark_grammar(grammar).map(Some);
+        }
+        let Some(format) = format else { return Ok(None) };
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(GrammarSpec::JsonObject)),
+            Some("json_schema") => match format.get("json_schema").and_then(|j| j.get("schema")) {
+                Some(schema) => Ok(Some(GrammarSpec::JsonSchema(schema.clone()))),
+                None => Err("`response_format.json_schema.schema` is missing".into()),
+            },
+            _ => Err("`response_format.type` must be text, json_object or json_schema".into()),
+        }
     }
 
     fn stream(&self) -> bool {

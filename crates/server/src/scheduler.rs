@@ -371,19 +371,23 @@ impl<'m> Batch<'m> {
             } else {
                 Vec::new()
             };
-            let mut sequences = (0..job.choices).map(|choice| {
-                let config =
-                    GenerationConfig { seed: job.config.seed.wrapping_add(choice as u64), ..job.config.clone() };
-                Sequence::new(&job.prompt, config, Some(self.tokenizer), self.model.config())
-            });
-            let sequence = sequences.next().expect("at least one choice");
-            if sequence.finish_reason().is_some() {
-                // Validation rules this out (max_new_tokens ≥ 1, prompts shorter than the context).
-                let _ = job.events.send(Event::Stopped(Stop::ModelFailed("nothing to generate".into())));
+            let mut sequences: Vec<Sequence> = (0..job.choices)
+                .map(|choice| {
+                    let config =
+                        GenerationConfig { seed: job.config.seed.wrapping_add(choice as u64), ..job.config.clone() };
+                    Sequence::new(&job.prompt, config, Some(self.tokenizer), self.model.config())
+                })
+                .collect();
+            if let Some(done) = sequences.iter().find(|s| s.finish_reason().is_some()) {
+                // Validation rules this out (max_new_tokens ≥ 1, prompts shorter than the context, grammars
+                // that compile).
+                let message = done.error().unwrap_or("nothing to generate").to_string();
+                let _ = job.events.send(Event::Stopped(Stop::ModelFailed(message)));
                 self.metrics.finished(Outcome::Failed);
                 continue;
             }
-            let forks = sequences.collect();
+            let forks = sequences.split_off(1);
+            let sequence = sequences.pop().expect("at least one choice");
             let cache = QuantCache::with_prefix(reservation, prefix.blocks, prefix.tokens)
                 .expect("the prefix cache shares the pool");
             let read = cache.len();

@@ -3,7 +3,7 @@
 //! does.
 
 use serde::Deserialize;
-use vicuna_engine::{random_seed, GenerationConfig, SamplingParams};
+use vicuna_engine::{random_seed, GenerationConfig, Grammar, GrammarSpec, SamplingParams};
 use vicuna_tokenizer::Tokenizer;
 
 /// TGI's `parameters` object. Every field may be absent or null (clients such as
@@ -50,6 +50,50 @@ pub struct GenerateParameters {
     /// `inputs` (which then holds their text, for `echo`).
     #[serde(skip)]
     pub prompt_ids: Option<Vec<u32>>,
+    /// Structured output the OpenAI routes ask for (`response_format`, llama.cpp's `json_schema` /
+    /// `grammar`); TGI's own is `grammar`.
+    #[serde(skip)]
+    pub grammar_spec: Option<GrammarSpec>,
+}
+
+/// TGI's `grammar`: `{"type": "json", "value": SCHEMA}` (the schema as an object or as JSON text),
+/// `{"type": "regex", "value": REGEX}`, `{"type": "json_schema", "value": {"schema": SCHEMA}}`
+/// (TGI's form of OpenAI's), and here also `{"type": "lark", "value": GRAMMAR}`.
+pub fn tgi_grammar(value: &serde_json::Value) -> Result<GrammarSpec, String> {
+    let kind = value.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+    let inner = value.get("value").filter(|v| !v.is_null());
+    let text = |what: &str| -> Result<String, String> {
+        inner
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| format!("`grammar.value` must be the {what} as a string"))
+    };
+    match kind {
+        "json" | "json_object" => match inner {
+            None => Ok(GrammarSpec::JsonObject),
+            Some(serde_json::Value::String(schema)) => serde_json::from_str(schema)
+                .map(GrammarSpec::JsonSchema)
+                .map_err(|e| format!("`grammar.value` is not a JSON schema: {e}")),
+            Some(schema) => Ok(GrammarSpec::JsonSchema(schema.clone())),
+        },
+        "json_schema" => match inner.and_then(|v| v.get("schema")) {
+            Some(schema) => Ok(GrammarSpec::JsonSchema(schema.clone())),
+            None => Err("`grammar.value.schema` is missing".into()),
+        },
+        "regex" => text("regular expression").map(GrammarSpec::Regex),
+        "lark" => text("Lark grammar").map(GrammarSpec::Lark),
+        other => Err(format!("`grammar.type` must be json, json_schema, regex or lark (got `{other}`)")),
+    }
+}
+
+/// A grammar as llama.cpp's `grammar` field sends it: llguidance reads Lark, not GBNF.
+pub fn lark_grammar(text: &str) -> Result<GrammarSpec, String> {
+    if text.contains("::=") {
+        return Err("`grammar` looks like GBNF (`::=`), which is not supported: write it in Lark \
+                    (`start: \"yes\" | \"no\"`), or use `response_format` / `json_schema` for JSON"
+            .into());
+    }
+    Ok(GrammarSpec::Lark(text.to_string()))
 }
 
 /// The server's limits on a request.
@@ -113,9 +157,6 @@ pub fn validate(
     let p = parameters;
     if p.watermark == Some(true) {
         return Err("`watermark` is not supported".into());
-    }
-    if p.grammar.as_ref().is_some_and(|g| !g.is_null()) {
-        return Err("`grammar` (guided generation) is not supported".into());
     }
     if p.adapter_id.is_some() {
         return Err("`adapter_id` is not supported: this server runs one model without adapters".into());
@@ -252,8 +293,25 @@ pub fn validate(
         ));
     }
 
+    let grammar_spec = match (&p.grammar_spec, p.grammar.as_ref().filter(|g| !g.is_null())) {
+        (Some(spec), _) => Some(spec.clone()),
+        (None, Some(tgi)) => Some(tgi_grammar(tgi)?),
+        (None, None) => None,
+    };
+    let grammar = match grammar_spec {
+        Some(_) if p.ignore_eos == Some(true) => {
+            return Err("`ignore_eos` cannot go with structured output: the grammar ends the text".into())
+        }
+        Some(spec) => Some(Grammar::compile(tokenizer, &spec)?),
+        None => None,
+    };
+
     let mut stop = user_stops;
-    stop.extend(internal_stops.iter().map(|s| s.to_string()));
+    if grammar.is_none() {
+        // The template's stops end a free reply; a grammar ends its own (and its text may hold them, e.g. "###"
+        // inside a JSON string).
+        stop.extend(internal_stops.iter().map(|s| s.to_string()));
+    }
     Ok(ValidRequest {
         prompt,
         config: GenerationConfig {
@@ -264,6 +322,7 @@ pub fn validate(
             ignore_eos: p.ignore_eos.unwrap_or(false),
             seed: p.seed.unwrap_or_else(random_seed),
             top_logprobs: top_logprobs as usize,
+            grammar,
         },
         details: p.details.unwrap_or(false),
         prompt_logprobs,

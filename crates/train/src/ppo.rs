@@ -266,6 +266,7 @@ impl PpoTrainer {
             ignore_eos: false,
             seed: self.config.seed.wrapping_mul(0x100_0000_01B3).wrapping_add(global as u64),
             top_logprobs: 0,
+            grammar: None,
         }
     }
 

@@ -108,6 +108,23 @@ def main():
     chat = openai.chat.completions.create(model="tiny-v32001", messages=messages, max_tokens=8, n=3, seed=42)
     check("openai chat n=3", [c.index for c in chat.choices], [0, 1, 2])
 
+    # Structured output: with a JSON schema the reply parses and fits it, whatever the model.
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "kind", "tags"],
+              "properties": {"name": {"type": "string", "maxLength": 10}, "kind": {"enum": ["cat", "dog"]},
+                             "tags": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                                      "maxItems": 3}}}
+
+    def fits(text):
+        value = json.loads(text)
+        return (set(value) == {"name", "kind", "tags"} and isinstance(value["name"], str)
+                and len(value["name"]) <= 10 and value["kind"] in ("cat", "dog") and len(value["tags"]) <= 3
+                and all(isinstance(t, int) and 0 <= t <= 9 for t in value["tags"]))
+    for seed in range(3):
+        chat = openai.chat.completions.create(
+            model="tiny-v32001", messages=messages, max_tokens=200, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": schema}})
+        check(f"openai chat response_format json_schema (seed {seed})", fits(chat.choices[0].message.content), True)
+
     # huggingface_hub posts TGI requests to the URL itself (`POST /`), and chat to /v1/chat/completions.
     hf = InferenceClient(base_url, token=api_key, timeout=60)
     out = hf.text_generation(prompt, max_new_tokens=max_tokens)
@@ -125,6 +142,9 @@ def main():
           all(top[0]["id"] == t.id for t, top in zip(out.details.tokens, out.details.top_tokens)), True)
     check("huggingface_hub prefill", (len(out.details.prefill), out.details.prefill[0].logprob),
           (expected["prompt_tokens"], None))
+    out = hf.text_generation(prompt, max_new_tokens=200, details=True, top_n_tokens=3,
+                             grammar={"type": "json", "value": schema})
+    check("huggingface_hub grammar json", (fits(out.generated_text), len(out.details.top_tokens[0])), (True, 3))
     out = hf.text_generation(prompt, max_new_tokens=max_tokens, details=True, best_of=2, do_sample=True)
     check("huggingface_hub best_of", len(out.details.best_of_sequences), 1)
     pieces = list(hf.text_generation(prompt, max_new_tokens=max_tokens, stream=True))
