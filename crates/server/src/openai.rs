@@ -267,7 +267,8 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
         DefaultLength::Tokens(COMPLETIONS_DEFAULT_MAX_TOKENS),
         &[],
         stream,
-    )?;
+    )
+    .await?;
     request.sampling.extend(&mut valid).map_err(|m| invalid(&state, m))?;
     let receiver = submit(&state, &valid)?;
     let envelope = Envelope::new(&state, "cmpl", "text_completion");
@@ -296,7 +297,8 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
             payloads.push(DONE.into());
             (payloads, true)
         }
-        Event::Stopped(stop) => (vec![ApiError::from(stop).body().to_string()], true),
+        // Cut short (shutdown, a failed model): the error, then `[DONE]` as every OpenAI stream ends.
+        Event::Stopped(stop) => (vec![ApiError::from(stop).body().to_string(), DONE.into()], true),
     }))
 }
 
@@ -351,7 +353,7 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
     let stream = request.sampling.stream();
     let prompt = render_prompt(&messages);
     let mut valid =
-        validate_request(&state, &prompt, &parameters, DefaultLength::RestOfContext, &STOP_SEQUENCES, stream)?;
+        validate_request(&state, &prompt, &parameters, DefaultLength::RestOfContext, &STOP_SEQUENCES, stream).await?;
     request.sampling.extend(&mut valid).map_err(|m| invalid(&state, m))?;
     let receiver = submit(&state, &valid)?;
     if !stream {
@@ -359,7 +361,7 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
         let envelope = Envelope::new(&state, "chatcmpl", "chat.completion");
         let mut body = envelope.with(json!([{
             "index": 0,
-            "message": { "role": "assistant", "content": ReplyText::trim(&end.generated_text) },
+            "message": { "role": "assistant", "content": ReplyText::trim(&end.generated_text), "refusal": null },
             "logprobs": null,
             "finish_reason": finish_reason(end.finish_reason),
         }]));
@@ -393,7 +395,8 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
             payloads.push(DONE.into());
             (payloads, true)
         }
-        Event::Stopped(stop) => (vec![ApiError::from(stop).body().to_string()], true),
+        // Cut short (shutdown, a failed model): the error, then `[DONE]` as every OpenAI stream ends.
+        Event::Stopped(stop) => (vec![ApiError::from(stop).body().to_string(), DONE.into()], true),
     }))
 }
 

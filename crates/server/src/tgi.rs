@@ -9,10 +9,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::http::{collect, json_response, read_json, sse_response, submit, validate_request, SharedState};
+use crate::http::{blocking, collect, json_response, read_json, sse_response, submit, validate_request, SharedState};
 use crate::scheduler::{End, Event, GeneratedToken, PromptToken};
 use crate::tokens::{is_special, token_texts};
-use crate::validation::{GenerateParameters, ValidRequest, TGI_DEFAULT_MAX_NEW_TOKENS};
+use crate::validation::{input_too_long, GenerateParameters, ValidRequest, TGI_DEFAULT_MAX_NEW_TOKENS};
 
 #[derive(Deserialize)]
 pub struct GenerateRequest {
@@ -28,7 +28,7 @@ pub struct GenerateRequest {
 pub async fn compat(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
     let request: GenerateRequest = read_json(&state, body).await?;
     if request.stream == Some(true) {
-        start_stream(&state, request)
+        start_stream(&state, request).await
     } else {
         let response = generate_json(&state, request).await?;
         Ok(json_response(StatusCode::OK, &json!([response])))
@@ -42,16 +42,16 @@ pub async fn generate(State(state): State<SharedState>, body: Body) -> Result<Re
 
 pub async fn generate_stream(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
     let request: GenerateRequest = read_json(&state, body).await?;
-    start_stream(&state, request)
+    start_stream(&state, request).await
 }
 
-fn validate_tgi(state: &SharedState, request: &GenerateRequest, stream: bool) -> Result<ValidRequest, ApiError> {
+async fn validate_tgi(state: &SharedState, request: &GenerateRequest, stream: bool) -> Result<ValidRequest, ApiError> {
     let parameters = request.parameters.clone().unwrap_or_default();
-    validate_request(state, &request.inputs, &parameters, TGI_DEFAULT_MAX_NEW_TOKENS, &[], stream)
+    validate_request(state, &request.inputs, &parameters, TGI_DEFAULT_MAX_NEW_TOKENS, &[], stream).await
 }
 
 async fn generate_json(state: &SharedState, request: GenerateRequest) -> Result<Value, ApiError> {
-    let valid = validate_tgi(state, &request, false)?;
+    let valid = validate_tgi(state, &request, false).await?;
     let (tokens, end) = collect(submit(state, &valid)?).await?;
     let generated_text = full_text(&request.inputs, &valid, &end);
     let mut response = json!({ "generated_text": generated_text });
@@ -68,8 +68,8 @@ async fn generate_json(state: &SharedState, request: GenerateRequest) -> Result<
 }
 
 /// One event per token; the last also carries `generated_text` and, if asked, `details`.
-fn start_stream(state: &SharedState, request: GenerateRequest) -> Result<Response, ApiError> {
-    let valid = validate_tgi(state, &request, true)?;
+async fn start_stream(state: &SharedState, request: GenerateRequest) -> Result<Response, ApiError> {
+    let valid = validate_tgi(state, &request, true).await?;
     let receiver = submit(state, &valid)?;
     let mut index = 0;
     Ok(sse_response(receiver, move |event| match event {
@@ -117,11 +117,22 @@ fn prompt_token_json(token: &PromptToken) -> Value {
 }
 
 /// `POST /tokenize`: the ids of `inputs` (with BOS, as generation sees them), each with its text and
-/// its character offsets in the text; special tokens have no offsets.
+/// its character offsets in the text; special tokens have no offsets. Inputs over `--max-input-bytes`
+/// are refused before tokenizing, and the tokenizing runs on the blocking pool (as for generation).
 pub async fn tokenize(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
     let request: GenerateRequest = read_json(&state, body).await?;
-    let tokenizer = &state.tokenizer;
-    let ids = tokenizer.encode(&request.inputs, true);
+    let limit = state.limits.max_input_bytes;
+    if request.inputs.len() > limit {
+        state.metrics.rejected(crate::metrics::Rejection::Validation);
+        return Err(ApiError::validation(input_too_long(request.inputs.len(), limit)));
+    }
+    let tokenizer = state.tokenizer.clone();
+    let tokens = blocking(move || tokenize_json(&tokenizer, &request.inputs)).await?;
+    Ok(json_response(StatusCode::OK, &tokens))
+}
+
+fn tokenize_json(tokenizer: &vicuna_tokenizer::Tokenizer, inputs: &str) -> Value {
+    let ids = tokenizer.encode(inputs, true);
     let mut offset = 0;
     let tokens: Vec<Value> = ids
         .iter()
@@ -136,7 +147,7 @@ pub async fn tokenize(State(state): State<SharedState>, body: Body) -> Result<Re
             json!({ "id": id, "text": text, "special": false, "start": start, "stop": offset })
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &Value::Array(tokens)))
+    Value::Array(tokens)
 }
 
 pub async fn info(State(state): State<SharedState>) -> Response {

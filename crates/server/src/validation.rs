@@ -35,9 +35,17 @@ pub struct GenerateParameters {
 /// The server's limits on a request.
 #[derive(Clone, Debug)]
 pub struct Limits {
+    /// Longest prompt in bytes, checked before tokenizing (so a huge prompt costs no tokenizer
+    /// time or memory): `--max-input-bytes`.
+    pub max_input_bytes: usize,
     pub max_input_tokens: usize,
     pub max_total_tokens: usize,
     pub max_stop_sequences: usize,
+}
+
+/// The message for a prompt over `--max-input-bytes` (also `/tokenize`'s).
+pub fn input_too_long(bytes: usize, limit: usize) -> String {
+    format!("the input has {bytes} bytes but at most {limit} are allowed (--max-input-bytes); shorten it")
 }
 
 /// `max_new_tokens` when the request leaves it out.
@@ -73,6 +81,9 @@ pub fn validate(
     internal_stops: &[&str],
     stream: bool,
 ) -> Result<ValidRequest, String> {
+    if inputs.len() > limits.max_input_bytes {
+        return Err(input_too_long(inputs.len(), limits.max_input_bytes));
+    }
     let p = parameters;
     if p.best_of.is_some_and(|n| n > 1) {
         return Err("`best_of` > 1 is not supported; send separate requests instead".into());
