@@ -474,7 +474,7 @@ fn openai_chat_uses_the_stable_vicuna_template() {
     )
     .json();
     assert_eq!(body["object"], "chat.completion");
-    assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": want}));
+    assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": want, "refusal": null}));
     assert_eq!(body["usage"]["completion_tokens"], ids.len());
 
     let mut stream = EventStream::open(
