@@ -276,7 +276,8 @@ fn a_connection_that_does_not_finish_its_request_head_is_closed_after_the_timeou
         read_until_closed(&mut dripping, opened, Duration::from_secs(10))
     });
     for stream in [&mut half, &mut silent] {
-        let (received, after) = read_until_closed(stream, opened, Duration::from_secs(10)).expect("closed by the server");
+        let (received, after) =
+            read_until_closed(stream, opened, Duration::from_secs(10)).expect("closed by the server");
         assert!(after >= Duration::from_millis(800) && after < Duration::from_secs(5), "closed after {after:?}");
         let text = String::from_utf8_lossy(&received);
         assert!(!text.contains("200 OK"), "{text}");
@@ -290,7 +291,8 @@ fn a_connection_that_does_not_finish_its_request_head_is_closed_after_the_timeou
     slow.write_all(b"GET /health HTTP/1.1\r\nHo").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     slow.write_all(b"st: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let (received, _) = read_until_closed(&mut slow, Instant::now(), Duration::from_secs(10)).expect("answered and closed");
+    let (received, _) =
+        read_until_closed(&mut slow, Instant::now(), Duration::from_secs(10)).expect("answered and closed");
     assert!(String::from_utf8_lossy(&received).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&received));
     // A long generation is not cut: the timeout is on the head only.
     let mut stream = EventStream::open(
