@@ -27,6 +27,12 @@ pub struct ServeArgs {
     /// Longest prompt, in tokens (default: --max-total-tokens minus 1).
     #[arg(long)]
     pub max_input_tokens: Option<usize>,
+    /// Longest prompt in bytes, refused (422) before it is tokenized, so that a huge prompt costs no
+    /// tokenizer time or memory (default: --max-input-tokens times the longest token of the
+    /// vocabulary in bytes, 27 for LLaMA's: never refuses a prompt that fits in tokens). Also
+    /// caps /tokenize.
+    #[arg(long)]
+    pub max_input_bytes: Option<usize>,
     /// Longest prompt plus generated tokens of one request.
     #[arg(long, default_value_t = 2048)]
     pub max_total_tokens: usize,
@@ -60,6 +66,16 @@ pub struct ServeArgs {
     /// running requests leave; least recently used blocks go first).
     #[arg(long)]
     pub prefix_cache_blocks: Option<usize>,
+    /// Seconds a connection may take to send a request's head (request line and headers), and
+    /// that an idle kept-alive connection stays open; then it is closed (slow or stalled clients
+    /// cannot hold connections forever).
+    #[arg(long, default_value_t = vicuna_server::DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+    pub header_read_timeout: u64,
+    /// Let browser pages from ORIGIN (`https://host[:port]`) call the API: preflights are answered
+    /// (without the API key) and responses carry `Access-Control-Allow-Origin`. Repeat for more
+    /// origins; `*` allows any. Without it, no CORS headers are sent.
+    #[arg(long = "cors-allow-origin", value_name = "ORIGIN")]
+    pub cors_allow_origins: Vec<String>,
     /// The model name the API reports (default: the model folder's name).
     #[arg(long)]
     pub model_id: Option<String>,
@@ -78,6 +94,7 @@ pub fn run_serve(args: ServeArgs, threads: Option<usize>) -> Result<()> {
         max_concurrent_requests: args.max_concurrent_requests,
         max_batch_size: args.max_batch_size,
         max_input_tokens: args.max_input_tokens,
+        max_input_bytes: args.max_input_bytes,
         max_total_tokens: args.max_total_tokens,
         max_batch_total_tokens: args.max_batch_total_tokens,
         max_batch_prefill_tokens: args.max_batch_prefill_tokens,
@@ -87,6 +104,8 @@ pub fn run_serve(args: ServeArgs, threads: Option<usize>) -> Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         prefix_cache: !args.no_prefix_cache,
         prefix_cache_blocks: args.prefix_cache_blocks,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        cors_allow_origins: args.cors_allow_origins,
     };
     vicuna_server::serve_on(listener, model, tokenizer, options, vicuna_server::shutdown_signal())
         .map_err(|e| e.to_string())?;

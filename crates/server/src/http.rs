@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -24,7 +24,7 @@ use vicuna_tokenizer::Tokenizer;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, Rejection};
 use crate::scheduler::{Event, Job, Scheduler};
-use crate::validation::{validate, DefaultLength, GenerateParameters, Limits, ValidRequest};
+use crate::validation::{input_too_long, validate, DefaultLength, GenerateParameters, Limits, ValidRequest};
 use crate::{openai, tgi};
 
 /// The chat page, built into the binary.
@@ -46,6 +46,40 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Unix time the server started (OpenAI's `created` for the model).
     pub started: u64,
+    /// The origins browsers may call from (`--cors-allow-origin`); empty: no CORS headers at all.
+    pub cors: Cors,
+}
+
+/// Which other origins a browser page may call the API from (`--cors-allow-origin`).
+#[derive(Clone, Debug, Default)]
+pub struct Cors {
+    /// Every origin (`*`).
+    pub any: bool,
+    /// These origins exactly (`https://app.example.com`, scheme and port included, as browsers send them).
+    pub origins: Vec<String>,
+}
+
+impl Cors {
+    /// From the flag's values: `*` among them allows every origin.
+    pub fn new(origins: &[String]) -> Cors {
+        let any = origins.iter().any(|o| o == "*");
+        let origins = origins.iter().filter(|o| *o != "*").map(|o| o.trim_end_matches('/').to_string()).collect();
+        Cors { any, origins }
+    }
+
+    fn enabled(&self) -> bool {
+        self.any || !self.origins.is_empty()
+    }
+
+    /// The `Access-Control-Allow-Origin` value for a request from `origin`, if it is allowed.
+    fn allow(&self, origin: Option<&HeaderValue>) -> Option<HeaderValue> {
+        if self.any {
+            return Some(HeaderValue::from_static("*"));
+        }
+        let origin = origin?;
+        let text = origin.to_str().ok()?;
+        self.origins.iter().any(|o| o == text).then(|| origin.clone())
+    }
 }
 
 pub type SharedState = Arc<AppState>;
@@ -65,15 +99,61 @@ pub fn router(state: SharedState) -> Router {
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
+        // Outside the key guard: preflights carry no key, and refusals need CORS headers too (or
+        // the page cannot read why it was refused).
+        .layer(middleware::from_fn_with_state(state.clone(), cors))
         .with_state(state)
 }
 
+/// What a CORS preflight is told: the methods and request headers the API uses, for an hour.
+const CORS_ALLOW_METHODS: &str = "GET, POST, OPTIONS";
+const CORS_ALLOW_HEADERS: &str = "Authorization, Content-Type";
+const CORS_MAX_AGE_SECONDS: &str = "3600";
+
+/// With `--cors-allow-origin`: a preflight (`OPTIONS` with `Access-Control-Request-Method`) is
+/// answered here with 204 and the `Access-Control-Allow-*` headers, without the API key (browsers
+/// never send credentials on a preflight); every other response from an allowed origin gets
+/// `Access-Control-Allow-Origin`. An origin that is not allowed gets no CORS headers, so the browser
+/// refuses the call. Without the flag this does nothing.
+async fn cors(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let cors = &state.cors;
+    if !cors.enabled() {
+        return next.run(request).await;
+    }
+    let allow = cors.allow(request.headers().get(header::ORIGIN));
+    let preflight =
+        request.method() == Method::OPTIONS && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut response = if preflight {
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        if allow.is_some() {
+            let headers = response.headers_mut();
+            headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(CORS_ALLOW_METHODS));
+            headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(CORS_ALLOW_HEADERS));
+            headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static(CORS_MAX_AGE_SECONDS));
+        }
+        response
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    if let Some(allow) = allow {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+    }
+    if !cors.any {
+        // The answer depends on the Origin header: caches must keep one per origin.
+        headers.append(header::VARY, HeaderValue::from_static("origin"));
+    }
+    response
+}
+
 /// With `--api-key`, everything but `/health` and the page itself needs `Authorization: Bearer KEY`.
-/// The page is static HTML with no data in it; every call it makes carries the key.
+/// The page is static HTML with no data in it; every call it makes carries the key. `HEAD` is
+/// answered as `GET`, so it is open where `GET` is.
 async fn require_api_key(State(state): State<SharedState>, request: Request, next: Next) -> Response {
     if let Some(key) = &state.api_key {
         let path = request.uri().path();
-        let open = path == "/health" || (path == "/" && request.method() == Method::GET);
+        let read = request.method() == Method::GET || request.method() == Method::HEAD;
+        let open = path == "/health" || (path == "/" && read);
         if !open && !bearer_matches(request.headers(), key) {
             state.metrics.rejected(Rejection::Unauthorized);
             return ApiError::unauthorized().into_response();
@@ -161,7 +241,12 @@ async fn read_json_inner<T: DeserializeOwned>(limit: usize, body: Body) -> Resul
 }
 
 /// [`validate`] with the server's tokenizer and limits; failures are 422s (and counted).
-pub fn validate_request(
+///
+/// Tokenizing is CPU work that grows with the prompt, so it runs on tokio's blocking pool: a long
+/// prompt must not hold one of the two async worker threads that answer every other request
+/// (`/health` included). The prompt's bytes are checked first (`--max-input-bytes`), so a huge
+/// one is refused without being tokenized at all.
+pub async fn validate_request(
     state: &AppState,
     inputs: &str,
     parameters: &GenerateParameters,
@@ -169,12 +254,33 @@ pub fn validate_request(
     internal_stops: &[&str],
     stream: bool,
 ) -> Result<ValidRequest, ApiError> {
-    validate(&state.limits, &state.tokenizer, inputs, parameters, default_length, internal_stops, stream).map_err(
-        |message| {
-            state.metrics.rejected(Rejection::Validation);
-            ApiError::validation(message)
-        },
-    )
+    let result = if inputs.len() > state.limits.max_input_bytes {
+        // Refused before anything is copied to the blocking pool.
+        Err(input_too_long(inputs.len(), state.limits.max_input_bytes))
+    } else {
+        let limits = state.limits.clone();
+        let tokenizer = state.tokenizer.clone();
+        let inputs = inputs.to_owned();
+        let parameters = parameters.clone();
+        let stops: Vec<String> = internal_stops.iter().map(|s| s.to_string()).collect();
+        blocking(move || {
+            let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
+            validate(&limits, &tokenizer, &inputs, &parameters, default_length, &stops, stream)
+        })
+        .await?
+    };
+    result.map_err(|message| {
+        state.metrics.rejected(Rejection::Validation);
+        ApiError::validation(message)
+    })
+}
+
+/// Run `work` (CPU work that grows with the request, such as tokenizing) on tokio's blocking
+/// pool, off the async worker threads.
+pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::generation(format!("the request's work on the blocking pool failed: {e}")))
 }
 
 /// Queue a validated request; its events arrive on the returned receiver. Dropping the receiver

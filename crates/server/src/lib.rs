@@ -25,7 +25,7 @@ use tokio::sync::{Notify, Semaphore};
 use vicuna_model::{QuantLlama, BLOCK_TOKENS};
 use vicuna_tokenizer::Tokenizer;
 
-use crate::http::{unix_time, AppState};
+use crate::http::{unix_time, AppState, Cors};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::validation::{Limits, MAX_CHOICES};
@@ -42,6 +42,9 @@ pub struct ServerOptions {
     pub max_concurrent_requests: usize,
     pub max_batch_size: Option<usize>,
     pub max_input_tokens: Option<usize>,
+    /// Longest prompt in bytes, refused before tokenizing (`None`: `max_input_tokens` times the
+    /// longest token of the vocabulary, see [`longest_token_bytes`]).
+    pub max_input_bytes: Option<usize>,
     pub max_total_tokens: usize,
     pub max_batch_total_tokens: Option<usize>,
     pub max_batch_prefill_tokens: usize,
@@ -54,6 +57,11 @@ pub struct ServerOptions {
     pub prefix_cache: bool,
     /// Most KV blocks the prefix cache keeps (`None`: what the budget has left).
     pub prefix_cache_blocks: Option<usize>,
+    /// How long a connection may take to send a request's head (request line and headers); then
+    /// it is closed. Also how long an idle kept-alive connection stays open.
+    pub header_read_timeout: Duration,
+    /// Origins browsers may call from (`*`: any); empty: no CORS headers.
+    pub cors_allow_origins: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -63,6 +71,7 @@ impl Default for ServerOptions {
             max_concurrent_requests: 128,
             max_batch_size: None,
             max_input_tokens: None,
+            max_input_bytes: None,
             max_total_tokens: 2048,
             max_batch_total_tokens: None,
             max_batch_prefill_tokens: 512,
@@ -72,8 +81,43 @@ impl Default for ServerOptions {
             shutdown_grace: Duration::from_secs(30),
             prefix_cache: true,
             prefix_cache_blocks: None,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            cors_allow_origins: Vec::new(),
         }
     }
+}
+
+/// `--header-read-timeout`'s default. A request head is a few hundred bytes to a few KB, which a
+/// real client sends in one write: 10 s is ample even on a bad mobile link, and frees a slowloris
+/// connection (one that drips its head byte by byte) 3x sooner than hyper's 30 s default or 6x
+/// sooner than nginx's `client_header_timeout` of 60 s. hyper also applies it to the wait for the
+/// next request on a kept-alive connection, so idle connections close after 10 s too; HTTP
+/// clients' pools expect that (httpx drops idle connections after 5 s, and browsers and urllib3
+/// reconnect when a pooled connection was closed).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most bytes of text one token of `tokenizer` stands for (27 for LLaMA's vocabulary:
+/// `▁административ`). A prompt of `n` tokens then has at most `n` times this many bytes, so
+/// `--max-input-bytes`'s default of `--max-input-tokens` times this never refuses a prompt that
+/// would fit in tokens, while still bounding what is tokenized (55 KB for LLaMA at 2047 tokens,
+/// against the 2 MB a body may hold). A fixed ratio would not do: real text averages ~4 bytes a
+/// token, but a run of long pieces (Cyrillic words, runs of spaces in code) reaches 10-27.
+/// Byte-fallback tokens (`<0x41>`) stand for one byte.
+pub fn longest_token_bytes(tokenizer: &Tokenizer) -> usize {
+    (0..tokenizer.vocab_size() as u32)
+        .filter_map(|id| tokenizer.id_to_piece(id))
+        .map(|piece| {
+            let is_byte = piece.len() == 6 && piece.starts_with("<0x") && piece.ends_with('>');
+            if is_byte {
+                1
+            } else {
+                // SentencePiece's word-start mark stands for one space.
+                piece.replace('\u{2581}', " ").len()
+            }
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1)
 }
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -100,6 +144,21 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
             "--max-input-tokens {max_input} must be at least 1 and below --max-total-tokens {max_total}"
         )
         .into());
+    }
+    let max_input_bytes =
+        options.max_input_bytes.unwrap_or_else(|| max_input.saturating_mul(longest_token_bytes(tokenizer)));
+    if max_input_bytes == 0 {
+        return Err("--max-input-bytes must be at least 1".into());
+    }
+    if options.header_read_timeout.is_zero() {
+        return Err("--header-read-timeout must be at least 1 second".into());
+    }
+    for origin in &options.cors_allow_origins {
+        if origin.is_empty() || axum::http::HeaderValue::from_str(origin).is_err() {
+            return Err(
+                format!("--cors-allow-origin {origin:?} is not an origin (`https://host[:port]` or `*`)").into()
+            );
+        }
     }
     let c = model.config();
     let kv_bytes_per_token = model.kv_bytes_per_token();
@@ -135,6 +194,7 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
     }
     Ok(Plan {
         limits: Limits {
+            max_input_bytes,
             max_input_tokens: max_input,
             max_total_tokens: max_total,
             max_stop_sequences: options.max_stop_sequences,
@@ -190,6 +250,7 @@ pub fn serve_on(
         "max_concurrent_requests": options.max_concurrent_requests,
         "max_best_of": 1,
         "max_stop_sequences": plan.limits.max_stop_sequences,
+        "max_input_bytes": plan.limits.max_input_bytes,
         "max_input_tokens": plan.limits.max_input_tokens,
         "max_input_length": plan.limits.max_input_tokens,
         "max_total_tokens": plan.limits.max_total_tokens,
@@ -222,6 +283,7 @@ pub fn serve_on(
         payload_limit: options.payload_limit,
         draining: Default::default(),
         started: unix_time(),
+        cors: Cors::new(&options.cors_allow_origins),
     });
     let app = http::router(state.clone());
 
@@ -230,7 +292,7 @@ pub fn serve_on(
     std::io::stdout().flush()?;
     tracing::info!("serving {} on http://{address}", options.model_id);
 
-    let result = runtime.block_on(async {
+    runtime.block_on(async {
         let draining_started = Arc::new(Notify::new());
         let signalled = {
             let state = state.clone();
@@ -242,7 +304,7 @@ pub fn serve_on(
                 draining_started.notify_one();
             }
         };
-        let server = axum::serve(listener, app).with_graceful_shutdown(signalled);
+        let server = serve_http1(listener, app, options.header_read_timeout, signalled);
         // After the signal, the running requests get `shutdown_grace` to finish.
         let deadline = async {
             draining_started.notified().await;
@@ -252,7 +314,7 @@ pub fn serve_on(
             std::future::pending::<()>().await
         };
         tokio::select! {
-            result = server => result,
+            () = server => {}
             _ = deadline => unreachable!("the deadline never completes"),
         }
     });
@@ -260,8 +322,64 @@ pub fn serve_on(
     runtime.shutdown_timeout(Duration::from_secs(1));
     // With every handle gone, the scheduler finishes what it holds and stops.
     let _ = scheduler_thread.join();
-    result?;
     Ok(())
+}
+
+/// Serve `app` on `listener` until `signal` completes; then accept no more connections, let each
+/// open one finish its requests (hyper's graceful shutdown: idle ones close at once) and return
+/// when all are closed. This is what `axum::serve(..).with_graceful_shutdown(..)` does, written
+/// out on hyper's HTTP/1 connection builder because axum's does not expose the header read
+/// timeout (and without a timer hyper applies none: a connection that never finishes its
+/// request head would be held forever).
+async fn serve_http1(
+    mut listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    signal: impl Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    // Set once the signal came; every connection task watches it.
+    let (stopping, _) = tokio::sync::watch::channel(false);
+    // Each connection task holds a receiver: all are dropped once every connection is closed.
+    let (open_connections, connection_guard) = tokio::sync::watch::channel(());
+    let mut signal = std::pin::pin!(signal);
+    loop {
+        let (stream, _) = tokio::select! {
+            // axum's accept: retries at once on a connection's own error (reset, aborted), after
+            // a second on the listener's (out of file descriptors).
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+            () = &mut signal => break,
+        };
+        let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let mut stop = stopping.subscribe();
+        let guard = connection_guard.clone();
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!("connection closed: {e}");
+                    }
+                }
+                () = async { drop(stop.wait_for(|&stopping| stopping).await) } => {
+                    connection.as_mut().graceful_shutdown();
+                    if let Err(e) = connection.await {
+                        tracing::debug!("connection closed: {e}");
+                    }
+                }
+            }
+            drop(guard);
+        });
+    }
+    // No new connections from here on: the port is closed.
+    drop(listener);
+    stopping.send_replace(true);
+    drop(connection_guard);
+    open_connections.closed().await;
 }
 
 /// Completes on SIGTERM or Ctrl-C.

@@ -440,7 +440,8 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
         DefaultLength::Tokens(COMPLETIONS_DEFAULT_MAX_TOKENS),
         &[],
         stream,
-    )?;
+    )
+    .await?;
     let receiver = submit(&state, &valid)?;
     let envelope = Envelope::new(&state, "cmpl", "text_completion");
     if !stream {
@@ -556,7 +557,8 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
     parameters.top_n_tokens = top;
     let stream = request.sampling.stream();
     let prompt = render_prompt(&messages);
-    let valid = validate_request(&state, &prompt, &parameters, DefaultLength::RestOfContext, &STOP_SEQUENCES, stream)?;
+    let valid =
+        validate_request(&state, &prompt, &parameters, DefaultLength::RestOfContext, &STOP_SEQUENCES, stream).await?;
     let receiver = submit(&state, &valid)?;
     if !stream {
         let choices = collect(receiver, valid.best_of).await?;

@@ -10,11 +10,11 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::http::{
-    best, collect, json_response, read_json, sse_response, submit, validate_request, Choice, SharedState,
+    best, blocking, collect, json_response, read_json, sse_response, submit, validate_request, Choice, SharedState,
 };
 use crate::scheduler::{End, Event, GeneratedToken, PromptToken};
 use crate::tokens::{is_special, token_surface, token_texts};
-use crate::validation::{GenerateParameters, ValidRequest, TGI_DEFAULT_MAX_NEW_TOKENS};
+use crate::validation::{input_too_long, GenerateParameters, ValidRequest, TGI_DEFAULT_MAX_NEW_TOKENS};
 
 #[derive(Deserialize)]
 pub struct GenerateRequest {
@@ -30,7 +30,7 @@ pub struct GenerateRequest {
 pub async fn compat(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
     let request: GenerateRequest = read_json(&state, body).await?;
     if request.stream == Some(true) {
-        start_stream(&state, request)
+        start_stream(&state, request).await
     } else {
         let response = generate_json(&state, request).await?;
         Ok(json_response(StatusCode::OK, &json!([response])))
@@ -44,16 +44,16 @@ pub async fn generate(State(state): State<SharedState>, body: Body) -> Result<Re
 
 pub async fn generate_stream(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
     let request: GenerateRequest = read_json(&state, body).await?;
-    start_stream(&state, request)
+    start_stream(&state, request).await
 }
 
-fn validate_tgi(state: &SharedState, request: &GenerateRequest, stream: bool) -> Result<ValidRequest, ApiError> {
+async fn validate_tgi(state: &SharedState, request: &GenerateRequest, stream: bool) -> Result<ValidRequest, ApiError> {
     let parameters = request.parameters.clone().unwrap_or_default();
-    validate_request(state, &request.inputs, &parameters, TGI_DEFAULT_MAX_NEW_TOKENS, &[], stream)
+    validate_request(state, &request.inputs, &parameters, TGI_DEFAULT_MAX_NEW_TOKENS, &[], stream).await
 }
 
 async fn generate_json(state: &SharedState, request: GenerateRequest) -> Result<Value, ApiError> {
-    let valid = validate_tgi(state, &request, false)?;
+    let valid = validate_tgi(state, &request, false).await?;
     let choices = collect(submit(state, &valid)?, valid.best_of).await?;
     // The most likely of `best_of` is the answer; the others are listed in the details.
     let mut ranked = best(choices, valid.best_of).into_iter();
@@ -93,8 +93,8 @@ fn sequence_details(state: &SharedState, valid: &ValidRequest, choice: &Choice) 
 }
 
 /// One event per token; the last also carries `generated_text` and, if asked, `details`.
-fn start_stream(state: &SharedState, request: GenerateRequest) -> Result<Response, ApiError> {
-    let valid = validate_tgi(state, &request, true)?;
+async fn start_stream(state: &SharedState, request: GenerateRequest) -> Result<Response, ApiError> {
+    let valid = validate_tgi(state, &request, true).await?;
     let receiver = submit(state, &valid)?;
     let mut index = 0;
     let state = state.clone();
@@ -157,11 +157,22 @@ fn prompt_token_json(token: &PromptToken) -> Value {
 }
 
 /// `POST /tokenize`: the ids of `inputs` (with BOS, as generation sees them), each with its text and
-/// its character offsets in the text; special tokens have no offsets.
+/// its character offsets in the text; special tokens have no offsets. Inputs over `--max-input-bytes`
+/// are refused before tokenizing, and the tokenizing runs on the blocking pool (as for generation).
 pub async fn tokenize(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
     let request: GenerateRequest = read_json(&state, body).await?;
-    let tokenizer = &state.tokenizer;
-    let ids = tokenizer.encode(&request.inputs, true);
+    let limit = state.limits.max_input_bytes;
+    if request.inputs.len() > limit {
+        state.metrics.rejected(crate::metrics::Rejection::Validation);
+        return Err(ApiError::validation(input_too_long(request.inputs.len(), limit)));
+    }
+    let tokenizer = state.tokenizer.clone();
+    let tokens = blocking(move || tokenize_json(&tokenizer, &request.inputs)).await?;
+    Ok(json_response(StatusCode::OK, &tokens))
+}
+
+fn tokenize_json(tokenizer: &vicuna_tokenizer::Tokenizer, inputs: &str) -> Value {
+    let ids = tokenizer.encode(inputs, true);
     let mut offset = 0;
     let tokens: Vec<Value> = ids
         .iter()
@@ -176,7 +187,7 @@ pub async fn tokenize(State(state): State<SharedState>, body: Body) -> Result<Re
             json!({ "id": id, "text": text, "special": false, "start": start, "stop": offset })
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &Value::Array(tokens)))
+    Value::Array(tokens)
 }
 
 pub async fn info(State(state): State<SharedState>) -> Response {

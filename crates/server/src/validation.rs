@@ -99,6 +99,9 @@ pub fn lark_grammar(text: &str) -> Result<GrammarSpec, String> {
 /// The server's limits on a request.
 #[derive(Clone, Debug)]
 pub struct Limits {
+    /// Longest prompt in bytes, checked before tokenizing (so a huge prompt costs no tokenizer
+    /// time or memory): `--max-input-bytes`.
+    pub max_input_bytes: usize,
     pub max_input_tokens: usize,
     pub max_total_tokens: usize,
     pub max_stop_sequences: usize,
@@ -114,6 +117,11 @@ pub const MAX_CHOICES: usize = 16;
 
 /// Most alternatives per token (`top_logprobs`, `top_n_tokens`, completions' `logprobs`), as OpenAI.
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// The message for a prompt over `--max-input-bytes` (also `/tokenize`'s).
+pub fn input_too_long(bytes: usize, limit: usize) -> String {
+    format!("the input has {bytes} bytes but at most {limit} are allowed (--max-input-bytes); shorten it")
+}
 
 /// `max_new_tokens` when the request leaves it out.
 #[derive(Clone, Copy, Debug)]
@@ -154,6 +162,9 @@ pub fn validate(
     internal_stops: &[&str],
     stream: bool,
 ) -> Result<ValidRequest, String> {
+    if inputs.len() > limits.max_input_bytes {
+        return Err(input_too_long(inputs.len(), limits.max_input_bytes));
+    }
     let p = parameters;
     if p.watermark == Some(true) {
         return Err("`watermark` is not supported".into());
