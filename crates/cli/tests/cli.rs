@@ -468,7 +468,7 @@ fn generate_and_chat_share_sampling_flags_with_their_own_defaults() {
         "--top-p",
         "0",
     ]);
-    assert_bad_input(&chat, &["top_p"]);
+    assert_bad_input(&chat, &["--top-p"]);
 }
 
 /// `--json-schema` / `--regex`: the random-weight model's text is valid under the grammar; a bad grammar is a

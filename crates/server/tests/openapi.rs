@@ -214,3 +214,56 @@ fn streamed_chat_chunks_match_create_chat_completion_stream_response() {
         check(Kind::ChatChunk, chunk, required);
     }
 }
+
+/// The newer fields in OpenAI's shapes: several choices (`n`) with log-probabilities, plain and streamed, on both
+/// routes. (Completions with `echo` are left out: like OpenAI's own API, their first prompt token has a null
+/// log-probability, which the spec's `token_logprobs: [number]` does not allow.)
+#[test]
+fn choices_with_logprobs_match_the_schemas() {
+    let server = server();
+    let completion =
+        json!({"model": "m", "prompt": "Once upon a time", "max_tokens": 6, "n": 2, "seed": 1, "logprobs": 3});
+    let response = post_json(server.addr, "/v1/completions", &completion).json();
+    assert_eq!(response["choices"].as_array().unwrap().len(), 2);
+    check(Kind::Completion, &response, &["/choices/1/text", "/choices/1/index", "/choices/1/logprobs"]);
+    let mut stream = EventStream::open(
+        server.addr,
+        "/v1/completions",
+        &json!({"stream": true, "model": "m",
+        "prompt": "Once upon a time", "max_tokens": 6, "n": 2, "seed": 1, "logprobs": 3}),
+    );
+    for chunk in std::iter::from_fn(|| stream.next_json()) {
+        check(Kind::CompletionChunk, &chunk, &["/choices/0/index"]);
+    }
+
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "n": 2,
+        "seed": 1, "logprobs": true, "top_logprobs": 2});
+    let response = post_json(server.addr, "/v1/chat/completions", &chat).json();
+    check(
+        Kind::Chat,
+        &response,
+        &[
+            "/choices/1/message/content",
+            "/choices/1/logprobs/content",
+            "/choices/1/logprobs/refusal",
+            "/choices/0/logprobs/content/0/token",
+            "/choices/0/logprobs/content/0/logprob",
+            "/choices/0/logprobs/content/0/bytes",
+            "/choices/0/logprobs/content/0/top_logprobs",
+        ],
+    );
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let mut stream = EventStream::open(server.addr, "/v1/chat/completions", &streamed);
+    let chunks: Vec<Value> = std::iter::from_fn(|| stream.next_json()).collect();
+    let with_logprobs = chunks.iter().filter(|c| c["choices"][0]["logprobs"].is_object()).count();
+    assert!(with_logprobs > 0, "{chunks:?}");
+    for chunk in &chunks {
+        let required: &[&str] = if chunk["choices"][0]["logprobs"].is_object() {
+            &["/choices/0/logprobs/content/0/top_logprobs", "/choices/0/logprobs/refusal"]
+        } else {
+            &["/choices/0/delta"]
+        };
+        check(Kind::ChatChunk, chunk, required);
+    }
+}
