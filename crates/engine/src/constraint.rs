@@ -9,6 +9,7 @@
 //! # Tokens as bytes
 //!
 //! llguidance sees each token as the bytes it adds to the text, which we take from our own decoder
+//! ([`Tokenizer::token_bytes`])
 //! so that the text a user receives is exactly the text the grammar matched:
 //! - an ordinary piece is its decoded text, `▁` read as a space (`"▁{"` is `b" {"`);
 //! - a byte piece `<0xNN>` is that one byte (runs of them form UTF-8 characters, and llguidance's
@@ -308,24 +309,14 @@ fn token_bytes(tokenizer: &Tokenizer) -> (Vec<Vec<u8>>, TokRxInfo) {
     let eos = tokenizer.eos_id();
     let bos = tokenizer.bos_id();
     let pad = tokenizer.pad_id();
-    // A decoder past some visible text, so that a piece's leading `▁` is kept as a space.
-    let after_text = tokenizer.stream_decoder_after(&tokenizer.encode("a", false));
     let words = (0..vocab as u32)
         .map(|id| {
-            let piece = tokenizer.id_to_piece(id).unwrap_or_default();
-            let mut decoder = after_text.clone();
-            let mut text = decoder.push(id);
-            text.push_str(&decoder.flush());
-            if id == eos || id == bos || Some(id) == pad {
-                return special(piece);
+            // What the token adds in the middle of a text: `▁` a space, a byte piece its byte.
+            let bytes = tokenizer.token_bytes(id);
+            if id == eos || id == bos || Some(id) == pad || tokenizer.is_control(id) || bytes.is_empty() {
+                return special(tokenizer.id_to_piece(id).unwrap_or_default());
             }
-            if let Some(byte) = parse_byte_piece(piece).filter(|_| text != piece) {
-                return vec![byte];
-            }
-            if !text.is_empty() && text == piece.replace('\u{2581}', " ") {
-                return text.into_bytes();
-            }
-            special(piece)
+            bytes
         })
         .collect();
     let info = TokRxInfo {
@@ -346,15 +337,6 @@ fn special(piece: &str) -> Vec<u8> {
     bytes
 }
 
-/// The byte of a byte-fallback piece `<0xNN>`.
-fn parse_byte_piece(piece: &str) -> Option<u8> {
-    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
-    if hex.len() != 2 {
-        return None;
-    }
-    u8::from_str_radix(hex, 16).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,13 +348,5 @@ mod tests {
         assert_send_sync::<Grammar>();
         fn assert_send<T: Send>() {}
         assert_send::<Constraint>();
-    }
-
-    #[test]
-    fn byte_pieces() {
-        assert_eq!(parse_byte_piece("<0x0A>"), Some(0x0a));
-        assert_eq!(parse_byte_piece("<0xff>"), Some(0xff));
-        assert_eq!(parse_byte_piece("<0x1>"), None);
-        assert_eq!(parse_byte_piece("▁<0x41>"), None);
     }
 }

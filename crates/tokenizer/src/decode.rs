@@ -104,6 +104,11 @@ impl DecodeTable {
         text.into_bytes()
     }
 
+    /// Whether `id` stands for no text of its own: a control piece (`<s>`, `</s>`) or `<unk>`.
+    pub(crate) fn is_control(&self, id: u32) -> bool {
+        matches!(self.kind(id), Some(TokenKind::Control | TokenKind::Unknown))
+    }
+
     fn kind(&self, id: u32) -> Option<TokenKind> {
         self.kinds.get(id as usize).copied()
     }

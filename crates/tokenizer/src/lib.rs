@@ -377,6 +377,11 @@ impl Tokenizer {
         self.table.bytes(id)
     }
 
+    /// Whether `id` is a control piece (`<s>`, `</s>`) or `<unk>`: a token that stands for no text of its own.
+    pub fn is_control(&self, id: u32) -> bool {
+        self.table.is_control(id)
+    }
+
     /// A decoder for a stream of ids that starts at the beginning of the text.
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
         StreamDecoder::new(self)
