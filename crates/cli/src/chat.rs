@@ -1,14 +1,14 @@
 //! `vicuna chat`: a conversation in the terminal, in the StableVicuna format the server's chat route
-//! uses (`vicuna_server::template`). On a terminal: line editing, history, streamed replies. With
+//! uses (`vicuna_engine::template`). On a terminal: line editing, history, streamed replies. With
 //! stdin from a pipe or file: each line is one user turn and only the replies are printed.
 
 use std::io::{BufRead, IsTerminal, Write};
 
 use clap::Args;
 use rustyline::error::ReadlineError;
+use vicuna_engine::template::{fit_to_context, ChatMessage, ReplyText, Role, STOP_SEQUENCES};
 use vicuna_engine::{generate_in, random_seed, Context, GenerationConfig};
 use vicuna_model::QuantLlama;
-use vicuna_server::template::{fit_to_context, ChatMessage, ReplyText, Role, STOP_SEQUENCES};
 use vicuna_tokenizer::Tokenizer;
 
 use crate::common::{ModelArgs, SamplingArgs};

@@ -7,6 +7,7 @@ mod perplexity;
 mod rng;
 mod sampling;
 mod score;
+pub mod template;
 
 pub use constraint::{Constraint, Grammar, GrammarSpec, JSON_MAX_WHITESPACE};
 pub use generate::{

@@ -10,10 +10,12 @@ mod http;
 mod metrics;
 mod openai;
 pub mod scheduler;
-pub mod template;
 mod tgi;
 mod tokens;
 pub mod validation;
+
+/// The conversation format lives in the engine (training renders with it too); served from here as before.
+pub use vicuna_engine::template;
 
 use std::future::Future;
 use std::net::SocketAddr;

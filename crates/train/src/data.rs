@@ -12,12 +12,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::{Map, Value};
+use vicuna_engine::template::{self, ChatMessage, Role};
 use vicuna_tokenizer::Tokenizer;
 
 use crate::error::{bail, Error, Result};
 
-pub const HUMAN_PREFIX: &str = "### Human: ";
-pub const ASSISTANT_PREFIX: &str = "### Assistant: ";
+/// The template's line starts (`vicuna_engine::template`, the one home of the format).
+pub use vicuna_engine::template::{ASSISTANT as ASSISTANT_PREFIX, HUMAN as HUMAN_PREFIX};
 
 /// One exchange: what the user said and what the assistant answered.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,23 +103,31 @@ impl Dataset {
     }
 }
 
-/// The whole conversation as the model sees it.
+impl Conversation {
+    /// The conversation as the template's messages.
+    pub fn messages(&self) -> Vec<ChatMessage> {
+        let mut messages: Vec<ChatMessage> =
+            self.system.iter().map(|s| ChatMessage::new(Role::System, s.as_str())).collect();
+        for turn in &self.turns {
+            messages.push(ChatMessage::new(Role::User, turn.user.as_str()));
+            messages.push(ChatMessage::new(Role::Assistant, turn.assistant.as_str()));
+        }
+        messages
+    }
+}
+
+/// The whole conversation as the model sees it: the serving template's bytes (contents trimmed).
 pub fn render(conversation: &Conversation) -> String {
-    let mut text = String::new();
-    if let Some(system) = &conversation.system {
-        text.push_str(system);
-        text.push('\n');
-    }
-    for turn in &conversation.turns {
-        text.push_str(&format!("{HUMAN_PREFIX}{}\n{ASSISTANT_PREFIX}{}\n", turn.user, turn.assistant));
-    }
-    text
+    template::render_conversation(&conversation.messages())
 }
 
 /// The conversation so far plus a new user message, ending where the assistant's answer starts
-/// (`### Assistant:`; the answer brings its own leading space).
+/// (`### Assistant:`; the answer brings its own leading space): exactly the prompt the server's chat
+/// route renders for these messages.
 pub fn render_prompt(context: &Conversation, user: &str) -> String {
-    format!("{}{HUMAN_PREFIX}{user}\n{}", render(context), ASSISTANT_PREFIX.trim_end())
+    let mut messages = context.messages();
+    messages.push(ChatMessage::new(Role::User, user));
+    template::render_prompt(&messages)
 }
 
 /// Token ids with the loss mask: true for tokens the model is trained to produce.
@@ -136,10 +145,11 @@ pub fn tokenize_conversation(tokenizer: &Tokenizer, conversation: &Conversation,
     let text = render(conversation);
     let mut ids = tokenizer.encode(&text, true);
     let mut loss_mask = vec![false; ids.len()];
-    let mut offset = conversation.system.as_ref().map_or(0, |s| s.len() + 1);
+    // The template trims every message, so the offsets count trimmed contents.
+    let mut offset = conversation.system.as_ref().map_or(0, |s| s.trim().len() + 1);
     for turn in &conversation.turns {
-        let answer_start = offset + HUMAN_PREFIX.len() + turn.user.len() + 1 + ASSISTANT_PREFIX.len() - 1;
-        let answer_end = answer_start + 1 + turn.assistant.len() + 1;
+        let answer_start = offset + HUMAN_PREFIX.len() + turn.user.trim().len() + 1 + ASSISTANT_PREFIX.len() - 1;
+        let answer_end = answer_start + 1 + turn.assistant.trim().len() + 1;
         let from = common_prefix_len(&ids, &tokenizer.encode(&text[..answer_start], true));
         let to = common_prefix_len(&ids, &tokenizer.encode(&text[..answer_end], true));
         // `to` can fall short of the answer end by a token that merges across it; the answer's

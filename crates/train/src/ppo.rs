@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use vicuna_engine::template::append_reply;
 use vicuna_engine::{GenerationConfig, Rng, Sequence};
 use vicuna_model::{KvCache, Llama};
 use vicuna_tokenizer::Tokenizer;
@@ -362,7 +363,7 @@ impl PpoTrainer {
                 .iter()
                 .zip(&samples)
                 .map(|(&p, (_, text))| {
-                    let full = format!("{}{}\n", self.prompt_texts[p], text);
+                    let full = append_reply(&self.prompt_texts[p], text);
                     reward_input_text(self.reward_tokenizer(), &full, self.config.seq_length)
                 })
                 .collect();
@@ -591,7 +592,7 @@ impl PpoTrainer {
             .iter()
             .zip(&samples)
             .map(|(&p, (_, text))| {
-                let full = format!("{}{}\n", self.prompt_texts[p], text);
+                let full = append_reply(&self.prompt_texts[p], text);
                 reward_input_text(self.reward_tokenizer(), &full, self.config.seq_length)
             })
             .collect();

@@ -187,3 +187,41 @@ fn loss_mask_covers_the_assistant_tokens_only() {
     let short = tokenize_conversation(&tok, &chat, 5);
     assert_eq!((short.ids.len(), short.loss_mask.len()), (5, 5));
 }
+
+/// Training renders with the serving template (`vicuna_engine::template`, what the chat route and `vicuna chat`
+/// send the model): every prefix of a conversation up to an answer is the prompt the server would render for those
+/// messages, contents trimmed the same way, and the loss mask still covers exactly the (trimmed) answers.
+#[test]
+fn training_renders_what_serving_renders() {
+    use vicuna_engine::template::{append_reply, render_prompt as serve_prompt, ChatMessage, Role};
+    let tok = tokenizer();
+    let chat = Conversation {
+        system: Some("  Be brief.\n".into()),
+        turns: vec![turn("Hi ", " Hello!  "), turn("\nWhat is a llama?", "An animal.")],
+    };
+    let text = render(&chat);
+    let served = serve_prompt(&[
+        ChatMessage::new(Role::System, "  Be brief.\n"),
+        ChatMessage::new(Role::User, "Hi "),
+        ChatMessage::new(Role::Assistant, " Hello!  "),
+        ChatMessage::new(Role::User, "\nWhat is a llama?"),
+    ]);
+    assert_eq!(served, "Be brief.\n### Human: Hi\n### Assistant: Hello!\n### Human: What is a llama?\n### Assistant:");
+    assert_eq!(text, append_reply(&served, "An animal."), "the conversation is the served prompt and its reply");
+    assert_eq!(
+        render_prompt(&Conversation { turns: chat.turns[..1].to_vec(), ..chat.clone() }, "\nWhat is a llama?"),
+        served
+    );
+    let ex = tokenize_conversation(&tok, &chat, 1024);
+    // Each run of masked tokens, decoded alone (as a text of its own, its first space dropped): the trimmed answers.
+    let mut spans: Vec<Vec<u32>> = vec![Vec::new()];
+    for (&id, &m) in ex.ids.iter().zip(&ex.loss_mask) {
+        match (m, spans.last_mut().unwrap()) {
+            (true, span) => span.push(id),
+            (false, span) if !span.is_empty() => spans.push(Vec::new()),
+            _ => {}
+        }
+    }
+    let answers: Vec<String> = spans.iter().map(|s| tok.decode(s)).collect();
+    assert_eq!(answers, ["Hello!\n", "An animal.\n"], "the mask covers the trimmed answers");
+}

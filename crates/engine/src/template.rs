@@ -1,4 +1,6 @@
-//! StableVicuna's conversation format, shared by the server's chat route and `vicuna chat`.
+//! StableVicuna's conversation format: the one place it is written, for the server's chat route,
+//! `vicuna chat` and training (`train sft` / `rm` / `ppo` render their data with it), so that a model
+//! is trained on exactly the bytes it is later served.
 //!
 //! The model card and FastChat's `stable-vicuna` template write a conversation as
 //!
@@ -16,6 +18,11 @@ use vicuna_tokenizer::Tokenizer;
 
 /// Generation stops when the model begins a new turn.
 pub const STOP_SEQUENCES: [&str; 1] = ["###"];
+
+/// What starts a user's line.
+pub const HUMAN: &str = "### Human: ";
+/// What starts the assistant's line (its reply follows the space).
+pub const ASSISTANT: &str = "### Assistant: ";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -40,23 +47,37 @@ impl ChatMessage {
 /// ending in `### Assistant:`. Contents are trimmed, so a reply sent back with or without its
 /// surrounding whitespace renders the same.
 pub fn render_prompt(messages: &[ChatMessage]) -> String {
-    let mut prompt = String::new();
+    let mut prompt = render_conversation(messages);
+    prompt.push_str(ASSISTANT.trim_end());
+    prompt
+}
+
+/// A whole conversation as training reads it: the lines of [`render_prompt`], each message (the
+/// assistant's last one too) ending in a newline. `render_prompt(m) + " " + reply + "\n"` is
+/// `render_conversation(m + [reply])` (see [`append_reply`]).
+pub fn render_conversation(messages: &[ChatMessage]) -> String {
+    let mut text = String::new();
     for message in messages.iter().filter(|m| m.role == Role::System) {
-        prompt.push_str(message.content.trim());
-        prompt.push('\n');
+        text.push_str(message.content.trim());
+        text.push('\n');
     }
     for message in messages {
         let speaker = match message.role {
             Role::System => continue,
-            Role::User => "### Human: ",
-            Role::Assistant => "### Assistant: ",
+            Role::User => HUMAN,
+            Role::Assistant => ASSISTANT,
         };
-        prompt.push_str(speaker);
-        prompt.push_str(message.content.trim());
-        prompt.push('\n');
+        text.push_str(speaker);
+        text.push_str(message.content.trim());
+        text.push('\n');
     }
-    prompt.push_str("### Assistant:");
-    prompt
+    text
+}
+
+/// A prompt from [`render_prompt`] with the assistant's `reply` after it: the conversation as
+/// [`render_conversation`] writes it (what a reward model scores).
+pub fn append_reply(prompt: &str, reply: &str) -> String {
+    format!("{prompt} {}\n", reply.trim())
 }
 
 /// Drop the oldest turns of `messages` (system messages stay) until the encoded prompt (with BOS)
@@ -141,6 +162,10 @@ mod tests {
             "Be brief.\n### Human: Hi\n### Assistant: Hello!\n### Human: What is a llama?\n### Assistant:"
         );
         assert_eq!(render_prompt(&messages[1..2]), "### Human: Hi\n### Assistant:");
+        // A reply appended to a prompt is the conversation with that reply.
+        let mut whole = messages.to_vec();
+        whole.push(ChatMessage::new(Role::Assistant, "An animal.\n"));
+        assert_eq!(append_reply(&render_prompt(&messages), " An animal.\n"), render_conversation(&whole));
     }
 
     #[test]
