@@ -605,7 +605,7 @@ impl<'m> Batch<'m> {
     /// state is published before their clients hear of the end, so what a client sees next in
     /// /metrics already counts it.
     fn finish(&mut self, mut finished: Vec<(usize, GeneratedToken)>) {
-        let mut ended = Vec::with_capacity(finished.len());
+        let mut ended: Vec<(Arc<Job>, usize, GeneratedToken, End)> = Vec::with_capacity(finished.len());
         finished.sort_by_key(|(index, _)| *index);
         for (index, token) in finished.into_iter().rev() {
             let Active { sequence, job, prefill, cached_tokens, cache, history, choice, .. } =
@@ -632,10 +632,15 @@ impl<'m> Batch<'m> {
                 seed: job.config.sampling.do_sample.then_some(seed),
                 prefill,
             };
-            if Arc::strong_count(&job) == 1 {
-                self.metrics.finished(generation.finish_reason.into());
-            }
             ended.push((job, choice, token, end));
+        }
+        // A request ends with its last running choice (counted once when several end in this step).
+        for (i, (job, _, _, end)) in ended.iter().enumerate() {
+            let still_running = self.running.iter().any(|a| Arc::ptr_eq(&a.job, job));
+            let counted = ended[..i].iter().any(|(other, ..)| Arc::ptr_eq(other, job));
+            if !still_running && !counted {
+                self.metrics.finished(end.finish_reason.into());
+            }
         }
         self.report();
         for (job, choice, token, end) in ended {

@@ -238,6 +238,14 @@ fn n_choices_are_seeded_each_on_its_own_stream() {
     let usage = &post_json(server.addr, "/v1/completions", &body).json()["usage"];
     assert_eq!(usage["prompt_tokens"], load_tokenizer().encode(PROMPT, true).len());
 
+    // A request is one request in the metrics however many choices it has, even when they all end in one step.
+    let ended = |s: &TestServer| s.metric("vicuna_requests_finished_total{reason=\"length\"}");
+    let before = ended(&server);
+    let same_step = json!({"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "n": 4, "ignore_eos": true});
+    assert_eq!(post_json(server.addr, "/v1/completions", &same_step).json()["choices"].as_array().unwrap().len(), 4);
+    assert_eq!(ended(&server) - before, 1.0);
+    server.wait_for_metric("vicuna_batch_size", 0.0, std::time::Duration::from_secs(5));
+
     // Streamed chat with n = 2: each choice's chunks add up to that choice of the plain response.
     let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10, "n": 2, "seed": 3});
     let plain = post_json(server.addr, "/v1/chat/completions", &chat).json();
