@@ -310,21 +310,27 @@ const DONE: &str = "[DONE]";
 /// A stream's progress over a request's choices: it is complete once each has ended.
 struct StreamEnds {
     ends: Vec<Option<End>>,
+    /// `stream_options.include_usage`: a usage chunk before `[DONE]`.
+    include_usage: bool,
 }
 
 impl StreamEnds {
-    fn new(choices: usize) -> Self {
-        StreamEnds { ends: (0..choices).map(|_| None).collect() }
+    fn new(choices: usize, include_usage: bool) -> Self {
+        StreamEnds { ends: (0..choices).map(|_| None).collect(), include_usage }
     }
 
-    /// Records an end; true when it was the last.
-    fn record(&mut self, choice: usize, end: End) -> bool {
+    /// Records an end. When it was the last, the stream's closing payloads (the usage chunk if asked for, then
+    /// `[DONE]`) go after `payloads`; returns whether it was.
+    fn record(&mut self, choice: usize, end: End, envelope: &Envelope, payloads: &mut Vec<String>) -> bool {
         self.ends[choice] = Some(end);
-        self.ends.iter().all(Option::is_some)
-    }
-
-    fn all(&self) -> impl Iterator<Item = &End> {
-        self.ends.iter().flatten()
+        if !self.ends.iter().all(Option::is_some) {
+            return false;
+        }
+        if self.include_usage {
+            payloads.push(envelope.usage_chunk(self.ends.iter().flatten()));
+        }
+        payloads.push(DONE.into());
+        true
     }
 }
 
@@ -469,10 +475,9 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
         body["usage"] = usage(choices.iter().map(|c| &c.end));
         return Ok(json_response(StatusCode::OK, &body));
     }
-    let include_usage = request.sampling.include_usage();
     let mut echo_prompt: Vec<Option<String>> = (0..valid.n).map(|_| echo.then(|| prompt.clone())).collect();
     let mut lists: Vec<CompletionLogprobs> = (0..valid.n).map(|_| CompletionLogprobs::default()).collect();
-    let mut ends = StreamEnds::new(valid.n);
+    let mut ends = StreamEnds::new(valid.n, request.sampling.include_usage());
     Ok(sse_response(receiver, move |event| match event {
         Event::Token { choice, token, end } => {
             let mut text = echo_prompt[choice].take().unwrap_or_default();
@@ -491,14 +496,8 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
             }
             let Some(end) = end else { return (payloads, false) };
             payloads.push(chunk("", Value::Null, Some(finish_reason(end.finish_reason))));
-            if !ends.record(choice, *end) {
-                return (payloads, false);
-            }
-            if include_usage {
-                payloads.push(envelope.usage_chunk(ends.all()));
-            }
-            payloads.push(DONE.into());
-            (payloads, true)
+            let done = ends.record(choice, *end, &envelope, &mut payloads);
+            (payloads, done)
         }
         Event::Stopped(stop) => stopped(stop),
     }))
@@ -586,14 +585,13 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
         return Ok(json_response(StatusCode::OK, &body));
     }
     let envelope = Envelope::new(&state, "chatcmpl", "chat.completion.chunk");
-    let include_usage = request.sampling.include_usage();
     let delta = move |envelope: &Envelope, choice: usize, delta: Value, logprobs: Value, finish: Option<&str>| {
         let choices = json!([{ "index": choice, "delta": delta, "logprobs": logprobs, "finish_reason": finish }]);
         envelope.with(choices).to_string()
     };
     let mut replies: Vec<ReplyText> = (0..valid.n).map(|_| ReplyText::default()).collect();
     let mut started = vec![false; valid.n];
-    let mut ends = StreamEnds::new(valid.n);
+    let mut ends = StreamEnds::new(valid.n, request.sampling.include_usage());
     Ok(sse_response(receiver, move |event| match event {
         Event::Token { choice, token, end } => {
             let mut payloads = Vec::new();
@@ -610,14 +608,8 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
             }
             let Some(end) = end else { return (payloads, false) };
             payloads.push(delta(&envelope, choice, json!({}), Value::Null, Some(finish_reason(end.finish_reason))));
-            if !ends.record(choice, *end) {
-                return (payloads, false);
-            }
-            if include_usage {
-                payloads.push(envelope.usage_chunk(ends.all()));
-            }
-            payloads.push(DONE.into());
-            (payloads, true)
+            let done = ends.record(choice, *end, &envelope, &mut payloads);
+            (payloads, done)
         }
         Event::Stopped(stop) => stopped(stop),
     }))
