@@ -90,6 +90,7 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
             "threads": threads,
             "reps": args.repetitions,
             "weight_bytes_per_token": weight_bytes,
+            "cpu": cpu_report(),
         });
         for (test, tokens, (mean, sd)) in &results {
             out[format!("{test}_tps")] = json!(mean);
@@ -113,7 +114,34 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
             size as f64 / (1u64 << 30) as f64
         )?;
     }
+    let cpu = cpu_report();
+    writeln!(
+        stdout,
+        "\nCPU: {} ({} family {} model {}); kernels: {}, prefetch {} ({})",
+        cpu["brand"].as_str().unwrap_or_default(),
+        cpu["vendor"].as_str().unwrap_or_default(),
+        cpu["family"],
+        cpu["model"],
+        cpu["isa"].as_str().unwrap_or_default(),
+        cpu["prefetch"].as_str().unwrap_or_default(),
+        cpu["prefetch_source"].as_str().unwrap_or_default()
+    )?;
     Ok(())
+}
+
+/// The CPU and the kernel choices made for it, for `--json` reports: results are only comparable on the same CPU.
+fn cpu_report() -> serde_json::Value {
+    let tuning = vicuna_kernels::Tuning::get();
+    let cpu = &tuning.cpu;
+    json!({
+        "brand": cpu.brand,
+        "vendor": cpu.vendor,
+        "family": cpu.family,
+        "model": cpu.model,
+        "isa": format!("{:?}", vicuna_kernels::Isa::detect()).to_lowercase(),
+        "prefetch": tuning.prefetch.name(),
+        "prefetch_source": tuning.prefetch_source,
+    })
 }
 
 /// `reps` runs of `run` (tokens per second each): mean and sample standard deviation.

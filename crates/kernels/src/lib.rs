@@ -50,6 +50,7 @@ pub mod isa;
 mod kernels;
 pub mod matmul;
 pub mod quant;
+pub mod tuning;
 pub mod types;
 
 pub use attention::{attention, attention_with, f32_to_f16, AttentionSeq, HeadLayout, KvSlice, KvView};
@@ -59,4 +60,5 @@ pub use isa::Isa;
 pub use matmul::{matmul, matmul_path, matmul_with, MatmulPath, QuantMatrix};
 pub use quant::quantize_row;
 pub use rayon::{ThreadPool, ThreadPoolBuilder};
+pub use tuning::{Cpu, Prefetch, Tuning};
 pub use types::{row_size, Error, GgmlType, Result, QK, QK_K};

@@ -11,6 +11,7 @@ use std::arch::x86_64::*;
 use crate::acts::Q8_0Row;
 use crate::blocks::{scales_mins_k4_words, BlockQ8K};
 use crate::kernels::x86::{half_at, reduce_add_256};
+use crate::tuning::{PREFETCH_NTA, PREFETCH_T0};
 use crate::types::QK;
 
 /// An 8×8 bit matrix for `vgf2p8affineqb`: output bit `i` of each byte is input bit `sources[i]`, or 0 where
@@ -133,9 +134,9 @@ pub(crate) unsafe fn pair_biases(bias: *const i32) -> __m512i {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
-pub(crate) unsafe fn rows_q4_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
+pub(crate) unsafe fn rows_q4_0<const PF: u8>(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
     if !x.natural.is_empty() {
-        return rows_q4_0_quads(w, row_bytes, x, out);
+        return rows_q4_0_quads::<PF>(w, row_bytes, x, out);
     }
     rows_q4_0_pairs(w, row_bytes, x, out)
 }
@@ -144,21 +145,25 @@ pub(crate) unsafe fn rows_q4_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut
 ///
 /// One core streaming weights with only the hardware prefetcher got ~21 GB/s on q8_0 rows of 13824 values and
 /// ~29 GB/s on rows of 5120; prefetching 32 KiB ahead, 27–37 and 33–38 GB/s, and q4_0, q4_K and q6_K gained as
-/// much (kernel_bench, one thread, the `cpu` column). 16 and 64 KiB did about as well, 2–4 KiB little, and
-/// `prefetcht0` 0.25–4 KiB ahead made things slower. The hint is non-temporal because the weights are used once:
-/// better they leave L1 first than the activations, which every row reads again (`prefetcht0` 32 KiB ahead was not
-/// clearly different in one noisy comparison).
+/// much (kernel_bench, one thread, the `cpu` column, Zen 4). 16 and 64 KiB did about as well, 2–4 KiB little, and
+/// `prefetcht0` 0.25–4 KiB ahead made things slower. Which hint is per CPU: [`crate::tuning::Prefetch`].
 const PREFETCH_DISTANCE: usize = 32 << 10;
 
 /// Prefetches `LINES` cache lines from `PREFETCH_DISTANCE` bytes past `p`, if that is before `end` (the end of the
-/// weights the call was given: past it lie rows another thread may be multiplying, or nothing).
+/// weights the call was given: past it lie rows another thread may be multiplying, or nothing), with the hint
+/// whose [`Prefetch::tag`](crate::tuning::Prefetch) is `PF` (none for `Off`).
 #[inline]
 #[target_feature(enable = "sse")]
-pub(crate) unsafe fn prefetch_ahead<const LINES: usize>(p: *const u8, end: *const u8) {
+pub(crate) unsafe fn prefetch_ahead<const LINES: usize, const PF: u8>(p: *const u8, end: *const u8) {
     let ahead = p.wrapping_add(PREFETCH_DISTANCE);
     if ahead < end {
         for line in 0..LINES {
-            _mm_prefetch::<_MM_HINT_NTA>(ahead.wrapping_add(64 * line).cast());
+            let at = ahead.wrapping_add(64 * line).cast();
+            match PF {
+                PREFETCH_NTA => _mm_prefetch::<_MM_HINT_NTA>(at),
+                PREFETCH_T0 => _mm_prefetch::<_MM_HINT_T0>(at),
+                _ => {}
+            }
         }
     }
 }
@@ -185,7 +190,7 @@ pub(crate) unsafe fn half_bits(p: *const u8) -> u64 {
 ///
 /// A last group of fewer than four blocks is copied to a zeroed buffer first: zero scales and nibbles add nothing.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,gfni,f16c,fma")]
-unsafe fn rows_q4_0_quads(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
+unsafe fn rows_q4_0_quads<const PF: u8>(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
     const BLOCK_BYTES: usize = 18;
     let blocks = row_bytes / BLOCK_BYTES;
     let full = blocks / 4;
@@ -195,7 +200,7 @@ unsafe fn rows_q4_0_quads(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32
         let mut acc = _mm512_setzero_ps();
         for g in 0..full {
             let b = p.add(4 * BLOCK_BYTES * g);
-            prefetch_ahead::<2>(b, end);
+            prefetch_ahead::<2, PF>(b, end);
             acc = q4_0_quad(acc, b, x, g);
         }
         if full * 4 < blocks {
@@ -279,7 +284,7 @@ unsafe fn rows_q4_0_pairs(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
-pub(crate) unsafe fn rows_q8_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
+pub(crate) unsafe fn rows_q8_0<const PF: u8>(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
     const BLOCK_BYTES: usize = 34;
     let blocks = row_bytes / BLOCK_BYTES;
     let quant_idx = load_indices(&q8_0_pair_indices());
@@ -290,7 +295,7 @@ pub(crate) unsafe fn rows_q8_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut
         let mut acc = _mm512_setzero_ps();
         for pair in 0..blocks.div_ceil(2) {
             let first = p.add(2 * pair * BLOCK_BYTES);
-            prefetch_ahead::<2>(first, end);
+            prefetch_ahead::<2, PF>(first, end);
             // 32-byte loads of each block's quants (see `load_q4_0_pair` on why not 64-byte ones).
             let (second_quants, second_scale) = if 2 * pair + 1 < blocks {
                 (
@@ -337,7 +342,7 @@ pub(crate) const LOW_BYTE_OF_DWORD: __mmask64 = 0x1111_1111_1111_1111;
 pub(crate) const A_AND_C_OR_B: i32 = (0xF0 & 0xAA) | 0xCC;
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
-pub(crate) unsafe fn rows_q4_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
+pub(crate) unsafe fn rows_q4_k<const PF: u8>(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
     const BLOCK_BYTES: usize = 144;
     let blocks = row_bytes / BLOCK_BYTES;
     let nibbles = low_then_high_nibbles();
@@ -357,7 +362,7 @@ pub(crate) unsafe fn rows_q4_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: 
         let mut acc_mins = _mm256_setzero_ps();
         for (i, y) in x[..blocks].iter().enumerate() {
             let b = p.add(i * BLOCK_BYTES);
-            prefetch_ahead::<3>(b, end);
+            prefetch_ahead::<3, PF>(b, end);
             let (scales, mins) = scales_mins_k4_words(&*b.add(4).cast::<[u8; 12]>());
             let scale_bytes = _mm512_castsi128_si512(_mm_set_epi64x(mins as i64, scales as i64));
             let mut isum = _mm512_setzero_si512();
@@ -423,7 +428,7 @@ impl Q6kUnpack {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
-pub(crate) unsafe fn rows_q6_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
+pub(crate) unsafe fn rows_q6_k<const PF: u8>(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
     const BLOCK_BYTES: usize = 210;
     let blocks = row_bytes / BLOCK_BYTES;
     let Q6kUnpack { low_nibble, high_nibble, top_bits_first, top_bits_second, spread } = Q6kUnpack::new();
@@ -433,7 +438,7 @@ pub(crate) unsafe fn rows_q6_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: 
         let mut acc = _mm512_setzero_ps();
         for (i, y) in x[..blocks].iter().enumerate() {
             let b = p.add(i * BLOCK_BYTES);
-            prefetch_ahead::<4>(b, end);
+            prefetch_ahead::<4, PF>(b, end);
             let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192).cast()));
             let scales_wide = _mm512_zextsi256_si512(scales16);
             let mut isum = _mm512_setzero_si512();

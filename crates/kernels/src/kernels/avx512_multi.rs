@@ -23,7 +23,12 @@ use crate::types::QK;
 /// q4_0 against `R` activation rows in the quad layout (`Q8_0Row::natural`, which must be filled): as
 /// `avx512::rows_q4_0_quads`, four blocks per step, the nibbles unpacked once per step.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,gfni,f16c,fma")]
-pub(crate) unsafe fn rows_q4_0<const R: usize>(w: &[u8], row_bytes: usize, x: &[Q8_0Row; R], out: &mut [&mut [f32]]) {
+pub(crate) unsafe fn rows_q4_0<const R: usize, const PF: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[Q8_0Row; R],
+    out: &mut [&mut [f32]],
+) {
     const BLOCK_BYTES: usize = 18;
     debug_assert!(x.iter().all(|x| !x.natural.is_empty()) && out.len() == R);
     let blocks = row_bytes / BLOCK_BYTES;
@@ -34,7 +39,7 @@ pub(crate) unsafe fn rows_q4_0<const R: usize>(w: &[u8], row_bytes: usize, x: &[
         let mut acc = [_mm512_setzero_ps(); R];
         for g in 0..full {
             let b = p.add(4 * BLOCK_BYTES * g);
-            prefetch_ahead::<2>(b, end);
+            prefetch_ahead::<2, PF>(b, end);
             q4_0_quad(&mut acc, b, x, g);
         }
         if full * 4 < blocks {
@@ -92,7 +97,12 @@ unsafe fn q4_0_quad<const R: usize>(acc: &mut [__m512; R], b: *const u8, x: &[Q8
 /// q8_0 against `R` activation rows: as `avx512::rows_q8_0`, a pair of blocks per step, loaded and put in the
 /// pair-interleaved order once.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
-pub(crate) unsafe fn rows_q8_0<const R: usize>(w: &[u8], row_bytes: usize, x: &[Q8_0Row; R], out: &mut [&mut [f32]]) {
+pub(crate) unsafe fn rows_q8_0<const R: usize, const PF: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[Q8_0Row; R],
+    out: &mut [&mut [f32]],
+) {
     const BLOCK_BYTES: usize = 34;
     debug_assert_eq!(out.len(), R);
     let blocks = row_bytes / BLOCK_BYTES;
@@ -104,7 +114,7 @@ pub(crate) unsafe fn rows_q8_0<const R: usize>(w: &[u8], row_bytes: usize, x: &[
         let mut acc = [_mm512_setzero_ps(); R];
         for pair in 0..blocks.div_ceil(2) {
             let first = p.add(2 * pair * BLOCK_BYTES);
-            prefetch_ahead::<2>(first, end);
+            prefetch_ahead::<2, PF>(first, end);
             let (second_quants, second_scale) = if 2 * pair + 1 < blocks {
                 (
                     _mm256_loadu_si256(first.add(BLOCK_BYTES + 2).cast()),
@@ -137,7 +147,7 @@ pub(crate) unsafe fn rows_q8_0<const R: usize>(w: &[u8], row_bytes: usize, x: &[
 /// q4_K against `R` activation rows: as `avx512::rows_q4_k`, one super-block per step, its nibbles, group scales
 /// and minimums unpacked once.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
-pub(crate) unsafe fn rows_q4_k<const R: usize>(
+pub(crate) unsafe fn rows_q4_k<const R: usize, const PF: u8>(
     w: &[u8],
     row_bytes: usize,
     x: &[&[BlockQ8K]; R],
@@ -162,7 +172,7 @@ pub(crate) unsafe fn rows_q4_k<const R: usize>(
         let mut acc_mins = [_mm256_setzero_ps(); R];
         for i in 0..blocks {
             let b = p.add(i * BLOCK_BYTES);
-            prefetch_ahead::<3>(b, end);
+            prefetch_ahead::<3, PF>(b, end);
             let (scales, mins) = scales_mins_k4_words(&*b.add(4).cast::<[u8; 12]>());
             let scale_bytes = _mm512_castsi128_si512(_mm_set_epi64x(mins as i64, scales as i64));
             let q: [__m512i; 4] = std::array::from_fn(|c| {
@@ -200,7 +210,7 @@ pub(crate) unsafe fn rows_q4_k<const R: usize>(
 /// q6_K against `R` activation rows: as `avx512::rows_q6_k`, one super-block per step, its 6-bit values and group
 /// scales unpacked once.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
-pub(crate) unsafe fn rows_q6_k<const R: usize>(
+pub(crate) unsafe fn rows_q6_k<const R: usize, const PF: u8>(
     w: &[u8],
     row_bytes: usize,
     x: &[&[BlockQ8K]; R],
@@ -216,7 +226,7 @@ pub(crate) unsafe fn rows_q6_k<const R: usize>(
         let mut acc = [_mm512_setzero_ps(); R];
         for i in 0..blocks {
             let b = p.add(i * BLOCK_BYTES);
-            prefetch_ahead::<4>(b, end);
+            prefetch_ahead::<4, PF>(b, end);
             let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192).cast()));
             let scales_wide = _mm512_zextsi256_si512(scales16);
             // Values 64u .. 64u + 64 in q[u] (stored as q + 32), as the one-row kernel orders them.

@@ -5,7 +5,22 @@
 use crate::acts::{ActsQ8K, ActsQ8_0, Q8_0Row};
 use crate::blocks::BlockQ8K;
 use crate::isa::Isa;
+#[cfg(target_arch = "x86_64")]
+use crate::tuning::{Prefetch, Tuning, PREFETCH_NTA, PREFETCH_T0};
 use crate::types::GgmlType;
+
+/// Calls the kernel `path[generics](args)` instantiated for this process's prefetch hint ([`Tuning::prefetch`]),
+/// the kernel's last const parameter.
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_prefetch {
+    ($($f:ident)::+ [$($g:tt),*] ($($arg:expr),*)) => {
+        match Tuning::get().prefetch {
+            Prefetch::Nta => $($f)::+::<$($g,)* PREFETCH_NTA>($($arg),*),
+            Prefetch::T0 => $($f)::+::<$($g,)* PREFETCH_T0>($($arg),*),
+            Prefetch::Off => $($f)::+::<$($g,)* { Prefetch::Off.tag() }>($($arg),*),
+        }
+    };
+}
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
@@ -100,10 +115,18 @@ pub(crate) fn rows(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: ActRow
     // SAFETY: `isa` was checked against the CPU; the kernels read exactly the rows in `w` and the activation row.
     unsafe {
         match (isa, ty, x) {
-            (Isa::Avx512, GgmlType::Q4_0, ActRow::Q8_0(x)) => return avx512::rows_q4_0(w, row_bytes, x, out),
-            (Isa::Avx512, GgmlType::Q8_0, ActRow::Q8_0(x)) => return avx512::rows_q8_0(w, row_bytes, x, out),
-            (Isa::Avx512, GgmlType::Q4_K, ActRow::Q8K(x)) => return avx512::rows_q4_k(w, row_bytes, x, out),
-            (Isa::Avx512, GgmlType::Q6_K, ActRow::Q8K(x)) => return avx512::rows_q6_k(w, row_bytes, x, out),
+            (Isa::Avx512, GgmlType::Q4_0, ActRow::Q8_0(x)) => {
+                return with_prefetch!(avx512::rows_q4_0[](w, row_bytes, x, out))
+            }
+            (Isa::Avx512, GgmlType::Q8_0, ActRow::Q8_0(x)) => {
+                return with_prefetch!(avx512::rows_q8_0[](w, row_bytes, x, out))
+            }
+            (Isa::Avx512, GgmlType::Q4_K, ActRow::Q8K(x)) => {
+                return with_prefetch!(avx512::rows_q4_k[](w, row_bytes, x, out))
+            }
+            (Isa::Avx512, GgmlType::Q6_K, ActRow::Q8K(x)) => {
+                return with_prefetch!(avx512::rows_q6_k[](w, row_bytes, x, out))
+            }
             (Isa::Avx512, GgmlType::F32, ActRow::F32(x)) => return avx512::rows_f32(w, row_bytes, x, out),
             (Isa::Avx512, GgmlType::F16, ActRow::F32(x)) => return avx512::rows_f16(w, row_bytes, x, out),
             (Isa::Avx512, GgmlType::BF16, ActRow::F32(x)) => return avx512::rows_bf16(w, row_bytes, x, out),
@@ -200,9 +223,9 @@ unsafe fn multi<const R: usize>(
             });
             match (isa, ty) {
                 (Isa::Avx512, GgmlType::Q4_0) if x.iter().all(|x| !x.natural.is_empty()) => {
-                    avx512_multi::rows_q4_0(w, row_bytes, &x, out)
+                    with_prefetch!(avx512_multi::rows_q4_0[R](w, row_bytes, &x, out))
                 }
-                (Isa::Avx512, GgmlType::Q8_0) => avx512_multi::rows_q8_0(w, row_bytes, &x, out),
+                (Isa::Avx512, GgmlType::Q8_0) => with_prefetch!(avx512_multi::rows_q8_0[R](w, row_bytes, &x, out)),
                 (Isa::Avx2, GgmlType::Q4_0) => avx2_multi::rows_q4_0(w, row_bytes, &x, out),
                 (Isa::Avx2, GgmlType::Q8_0) => avx2_multi::rows_q8_0(w, row_bytes, &x, out),
                 _ => return false,
@@ -214,8 +237,8 @@ unsafe fn multi<const R: usize>(
                 _ => unreachable!("activation rows of one kind"),
             });
             match (isa, ty) {
-                (Isa::Avx512, GgmlType::Q4_K) => avx512_multi::rows_q4_k(w, row_bytes, &x, out),
-                (Isa::Avx512, GgmlType::Q6_K) => avx512_multi::rows_q6_k(w, row_bytes, &x, out),
+                (Isa::Avx512, GgmlType::Q4_K) => with_prefetch!(avx512_multi::rows_q4_k[R](w, row_bytes, &x, out)),
+                (Isa::Avx512, GgmlType::Q6_K) => with_prefetch!(avx512_multi::rows_q6_k[R](w, row_bytes, &x, out)),
                 (Isa::Avx2, GgmlType::Q4_K) => avx2_multi::rows_q4_k(w, row_bytes, &x, out),
                 (Isa::Avx2, GgmlType::Q6_K) => avx2_multi::rows_q6_k(w, row_bytes, &x, out),
                 _ => return false,

@@ -1,0 +1,184 @@
+//! Per-CPU choices that the instruction set alone does not settle: which CPU this is, and what the kernels do
+//! differently on it. One table, [`TABLE`], keyed by CPU vendor and family, with the measurement behind each row;
+//! the environment can override any choice (for benchmarks, and for checking a row on a new CPU).
+
+use std::sync::OnceLock;
+
+/// How the row kernels prefetch the weights they will need next ([`Tuning::prefetch`]).
+///
+/// Decoding streams every weight byte once per token; the row kernels issue a software prefetch 32 KiB ahead of
+/// the weights they are multiplying. The hint that helps on one CPU hurts on another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefetch {
+    /// `prefetchnta`. On AMD Zen 4/5 the weights come through without pushing the activations out of L1.
+    Nta,
+    /// `prefetcht0`. On Intel (Sapphire Rapids and later) `prefetchnta` lines skip L2 and are evicted again from
+    /// the 48 KiB L1 before the kernel reaches them, so every weight line is fetched twice: `prefetcht0` there took
+    /// q4_0 decoding from 3.7–4.0 to 9.2–9.5 GB/s on one core.
+    T0,
+    /// No software prefetch: the hardware prefetcher alone.
+    Off,
+}
+
+impl Prefetch {
+    /// The value [`Tuning`] reads from `VICUNA_KERNELS_PREFETCH`, and what `vicuna bench --json` reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prefetch::Nta => "nta",
+            Prefetch::T0 => "t0",
+            Prefetch::Off => "off",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Prefetch> {
+        [Prefetch::Nta, Prefetch::T0, Prefetch::Off].into_iter().find(|p| p.name() == s)
+    }
+
+    /// The const-generic tag the kernels are instantiated with.
+    pub(crate) const fn tag(self) -> u8 {
+        self as u8
+    }
+}
+
+/// The const-generic tags of [`Prefetch`], for `match` arms in kernels instantiated per hint.
+pub(crate) const PREFETCH_NTA: u8 = Prefetch::Nta.tag();
+pub(crate) const PREFETCH_T0: u8 = Prefetch::T0.tag();
+
+/// The CPU, as `cpuid` names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cpu {
+    /// `AuthenticAMD`, `GenuineIntel`, …; empty off x86.
+    pub vendor: String,
+    /// The display family and model (family 25 is Zen 3/4, 26 Zen 5; Intel's cores are family 6, model 143
+    /// Sapphire Rapids, 207 Emerald Rapids).
+    pub family: u32,
+    pub model: u32,
+    /// The brand string, e.g. `AMD EPYC 9R14 96-Core Processor`.
+    pub brand: String,
+}
+
+impl Cpu {
+    /// The CPU this process runs on.
+    pub fn detect() -> Cpu {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::__cpuid;
+            // SAFETY: `cpuid` exists on every x86_64 CPU; leaves past the maximum the CPU reports are not read.
+            #[allow(unused_unsafe)]
+            unsafe {
+                let leaf0 = __cpuid(0);
+                let vendor: Vec<u8> = [leaf0.ebx, leaf0.edx, leaf0.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+                let (mut family, mut model) = (0, 0);
+                if leaf0.eax >= 1 {
+                    let eax = __cpuid(1).eax;
+                    let base_family = (eax >> 8) & 0xF;
+                    let base_model = (eax >> 4) & 0xF;
+                    family = base_family + if base_family == 0xF { (eax >> 20) & 0xFF } else { 0 };
+                    model = base_model
+                        | if base_family == 0x6 || base_family == 0xF { ((eax >> 16) & 0xF) << 4 } else { 0 };
+                }
+                let mut brand = Vec::new();
+                if __cpuid(0x8000_0000).eax >= 0x8000_0004 {
+                    for leaf in 0x8000_0002u32..=0x8000_0004 {
+                        let r = __cpuid(leaf);
+                        brand.extend([r.eax, r.ebx, r.ecx, r.edx].iter().flat_map(|r| r.to_le_bytes()));
+                    }
+                }
+                let text = |b: &[u8]| String::from_utf8_lossy(b).trim_matches(char::from(0)).trim().to_string();
+                return Cpu { vendor: text(&vendor), family, model, brand: text(&brand) };
+            }
+        }
+        #[allow(unreachable_code)]
+        Cpu { vendor: String::new(), family: 0, model: 0, brand: String::new() }
+    }
+}
+
+/// One row of [`TABLE`]: the choices for CPUs of a vendor and a range of families.
+struct Row {
+    vendor: &'static str,
+    families: std::ops::RangeInclusive<u32>,
+    prefetch: Prefetch,
+}
+
+/// What each CPU gets. The first row matching vendor and family wins; CPUs no row names get [`DEFAULT`].
+///
+/// * AMD from Zen 3 on: `prefetchnta` 32 KiB ahead took one core from ~21 to 27–37 GB/s on q8_0 rows of 13824
+///   values, ~29 to 33–38 on rows of 5120 (Zen 4, `kernel_bench`, one thread, the `cpu` column); `prefetcht0` at
+///   that distance was not clearly different, nearer (0.25–4 KiB) it was slower.
+/// * Intel family 6 (Xeon, model 207, 2 vCPUs): `kernel_bench --types q4_0,q8_0 --threads 1 --shapes
+///   13824x5120,5120x5120`, weights from DRAM, the `cpu` column: q4_0 3.7–4.0 GB/s with `prefetchnta`, 9.2–9.5
+///   with `prefetcht0`; q8_0 4.3–4.6 against 10.0–10.6.
+const TABLE: &[Row] = &[
+    Row { vendor: "AuthenticAMD", families: 0x19..=0x1F, prefetch: Prefetch::Nta },
+    Row { vendor: "GenuineIntel", families: 6..=6, prefetch: Prefetch::T0 },
+];
+
+/// For CPUs [`TABLE`] does not name: the ordinary prefetch into every cache level.
+const DEFAULT: Prefetch = Prefetch::T0;
+
+/// The choices in force for this process: [`TABLE`]'s row for this CPU, then the environment's overrides.
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    pub cpu: Cpu,
+    pub prefetch: Prefetch,
+    /// Where `prefetch` came from: `"table"`, `"default"` (no row for this CPU) or `"VICUNA_KERNELS_PREFETCH"`.
+    pub prefetch_source: &'static str,
+}
+
+impl Tuning {
+    /// The tuning of this process, decided on first use. `VICUNA_KERNELS_PREFETCH=nta|t0|off` overrides the table
+    /// (any other value is ignored, with a warning on stderr).
+    pub fn get() -> &'static Tuning {
+        static TUNING: OnceLock<Tuning> = OnceLock::new();
+        TUNING.get_or_init(|| Tuning::for_cpu(Cpu::detect(), std::env::var("VICUNA_KERNELS_PREFETCH").ok().as_deref()))
+    }
+
+    fn for_cpu(cpu: Cpu, prefetch_override: Option<&str>) -> Tuning {
+        let row = TABLE.iter().find(|row| row.vendor == cpu.vendor && row.families.contains(&cpu.family));
+        let (mut prefetch, mut prefetch_source) = match row {
+            Some(row) => (row.prefetch, "table"),
+            None => (DEFAULT, "default"),
+        };
+        if let Some(value) = prefetch_override {
+            match Prefetch::parse(value) {
+                Some(p) => (prefetch, prefetch_source) = (p, "VICUNA_KERNELS_PREFETCH"),
+                None => eprintln!("warning: VICUNA_KERNELS_PREFETCH={value:?} is not one of nta, t0, off; ignored"),
+            }
+        }
+        Tuning { cpu, prefetch, prefetch_source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(vendor: &str, family: u32, model: u32) -> Cpu {
+        Cpu { vendor: vendor.into(), family, model, brand: String::new() }
+    }
+
+    #[test]
+    fn the_table_picks_by_vendor_and_family_and_the_environment_overrides_it() {
+        let zen4 = Tuning::for_cpu(cpu("AuthenticAMD", 0x19, 0x11), None);
+        assert_eq!((zen4.prefetch, zen4.prefetch_source), (Prefetch::Nta, "table"));
+        let xeon = Tuning::for_cpu(cpu("GenuineIntel", 6, 207), None);
+        assert_eq!((xeon.prefetch, xeon.prefetch_source), (Prefetch::T0, "table"));
+        let other = Tuning::for_cpu(cpu("HygonGenuine", 0x18, 0), None);
+        assert_eq!((other.prefetch, other.prefetch_source), (DEFAULT, "default"));
+        let forced = Tuning::for_cpu(cpu("GenuineIntel", 6, 207), Some("off"));
+        assert_eq!((forced.prefetch, forced.prefetch_source), (Prefetch::Off, "VICUNA_KERNELS_PREFETCH"));
+        let bad = Tuning::for_cpu(cpu("AuthenticAMD", 0x1A, 0), Some("fast"));
+        assert_eq!((bad.prefetch, bad.prefetch_source), (Prefetch::Nta, "table"));
+    }
+
+    #[test]
+    fn this_cpu_is_identified() {
+        let cpu = Cpu::detect();
+        if cfg!(target_arch = "x86_64") {
+            assert!(!cpu.vendor.is_empty() && cpu.family > 0, "{cpu:?}");
+        }
+        for p in [Prefetch::Nta, Prefetch::T0, Prefetch::Off] {
+            assert_eq!(Prefetch::parse(p.name()), Some(p));
+        }
+    }
+}
