@@ -17,7 +17,8 @@
 //! * matvec (one activation row, the decode step): GB/s of weights streamed. Several copies of the matrix, together
 //!   well beyond the last-level cache, are used in turn so that every call reads its weights from DRAM, as a decode
 //!   step over a whole model does. Compare with the STREAM roof of the machine.
-//! * matmat (`--batch` activation rows, prompt processing): GOPS, counting a multiply-add as two operations.
+//! * matmat (`--batch` activation rows, prompt processing): GOPS, counting a multiply-add as two operations. The
+//!   copies are used in turn here too (a prompt pass over a whole model reads every matrix from DRAM once).
 //!
 //! The `cpu` columns (one thread only) divide by the time the calling thread actually ran, from
 //! `/proc/thread-self/schedstat`: on a machine shared with other work they show what the kernel costs when it is not
@@ -223,7 +224,8 @@ fn main() {
                     matmul_with(o.isa, &matrices[next], &x[..cols], 1, &mut out[..rows], &pool).unwrap();
                 });
                 let (matmat, matmat_cpu, matmat_cpus) = time(o.seconds, || {
-                    matmul_with(o.isa, &matrices[0], &x, o.batch, &mut out, &pool).unwrap();
+                    next = (next + 1) % matrices.len();
+                    matmul_with(o.isa, &matrices[next], &x, o.batch, &mut out, &pool).unwrap();
                 });
                 let gbps = |t: Duration| matrix_bytes as f64 / t.as_secs_f64() / 1e9;
                 let gops = |t: Duration| 2.0 * (rows * cols * o.batch) as f64 / t.as_secs_f64() / 1e9;

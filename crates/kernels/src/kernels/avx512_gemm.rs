@@ -19,9 +19,10 @@ use std::arch::x86_64::*;
 use crate::acts::{quantize_q8_0_natural, ActsQ8K};
 use crate::blocks::scales_mins_k4_words;
 use crate::isa::Isa;
-use crate::kernels::avx512::{low_then_high_nibbles, GF2_HIGH_NIBBLE, GF2_LOW_NIBBLE};
+use crate::kernels::avx512::{low_then_high_nibbles, prefetch_ahead, GF2_HIGH_NIBBLE, GF2_LOW_NIBBLE};
 use crate::kernels::x86::half_at;
 use crate::matmul::{run_rows, QuantMatrix, Schedule, SharedOut};
+use crate::tuning::{Prefetch, Tuning, PREFETCH_NTA, PREFETCH_T0};
 use crate::types::{GgmlType, QK, QK_K};
 use rayon::ThreadPool;
 use std::ops::Range;
@@ -224,13 +225,15 @@ pub(crate) unsafe fn gemm(
             continue;
         }
         let src = w.rows_data(r..r + 1).as_ptr();
+        let end = w.data().as_ptr_range().end;
         match w.ty() {
-            GgmlType::Q4_0 => unpack_q4_0(src, k / QK, q, scale, corr),
-            GgmlType::Q8_0 => unpack_q8_0(src, k / QK, q, scale, corr),
+            GgmlType::Q4_0 => with_prefetch!(unpack_q4_0[](src, end, k / QK, q, scale, corr)),
+            GgmlType::Q8_0 => with_prefetch!(unpack_q8_0[](src, end, k / QK, q, scale, corr)),
             GgmlType::Q4_K => {
-                unpack_q4_k(src, k / QK_K, q, scale, corr, &mut scratch.min[i * groups..(i + 1) * groups])
+                let min = &mut scratch.min[i * groups..(i + 1) * groups];
+                with_prefetch!(unpack_q4_k[](src, end, k / QK_K, q, scale, corr, min))
             }
-            GgmlType::Q6_K => unpack_q6_k(src, k / QK_K, q, scale, corr),
+            GgmlType::Q6_K => with_prefetch!(unpack_q6_k[](src, end, k / QK_K, q, scale, corr)),
             ty => unreachable!("no GEMM unpacking for {ty}"),
         }
     }
@@ -329,7 +332,14 @@ unsafe fn sums_of_8(v: __m512i) -> [u64; 8] {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,gfni,f16c")]
-unsafe fn unpack_q4_0(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [f32], corr: &mut [i32]) {
+unsafe fn unpack_q4_0<const PF: u8>(
+    row: *const u8,
+    end: *const u8,
+    blocks: usize,
+    q: &mut [i8],
+    scale: &mut [f32],
+    corr: &mut [i32],
+) {
     // Block b of the pair: bytes 0..16 of its values are the low nibbles of its 16 quant bytes, 16..32 the high.
     let idx: [u8; 64] = std::array::from_fn(|o| (18 * (o / 32) + 2 + o % 16) as u8);
     let idx = _mm512_loadu_si512(idx.as_ptr().cast());
@@ -345,6 +355,7 @@ unsafe fn unpack_q4_0(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [
     );
     for pair in 0..blocks.div_ceil(2) {
         let in_pair = (blocks - 2 * pair).min(2);
+        prefetch_ahead::<1, PF>(row.add(36 * pair), end);
         let raw = _mm512_maskz_loadu_epi8(mask(18 * in_pair), row.add(36 * pair).cast());
         let u = _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_permutexvar_epi8(idx, raw), nibbles);
         _mm512_mask_storeu_epi8(
@@ -363,9 +374,17 @@ unsafe fn unpack_q4_0(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,f16c")]
-unsafe fn unpack_q8_0(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [f32], corr: &mut [i32]) {
+unsafe fn unpack_q8_0<const PF: u8>(
+    row: *const u8,
+    end: *const u8,
+    blocks: usize,
+    q: &mut [i8],
+    scale: &mut [f32],
+    corr: &mut [i32],
+) {
     for j in 0..blocks {
         let b = row.add(34 * j);
+        prefetch_ahead::<1, PF>(b, end);
         let v = _mm256_loadu_si256(b.add(2).cast());
         _mm256_storeu_si256(q.as_mut_ptr().add(32 * j).cast(), v);
         let offset = _mm512_zextsi256_si512(_mm256_xor_si256(v, _mm256_set1_epi8(-128)));
@@ -376,8 +395,9 @@ unsafe fn unpack_q8_0(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,gfni,f16c")]
-unsafe fn unpack_q4_k(
+unsafe fn unpack_q4_k<const PF: u8>(
     row: *const u8,
+    end: *const u8,
     blocks: usize,
     q: &mut [i8],
     scale: &mut [f32],
@@ -387,6 +407,7 @@ unsafe fn unpack_q4_k(
     let nibbles = low_then_high_nibbles();
     for i in 0..blocks {
         let b = row.add(144 * i);
+        prefetch_ahead::<3, PF>(b, end);
         let (d, dmin) = (half_at(b), half_at(b.add(2)));
         let (scales, mins) = scales_mins_k4_words(&*b.add(4).cast::<[u8; 12]>());
         for c in 0..4 {
@@ -407,7 +428,14 @@ unsafe fn unpack_q4_k(
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,gfni,f16c")]
-unsafe fn unpack_q6_k(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [f32], corr: &mut [i32]) {
+unsafe fn unpack_q6_k<const PF: u8>(
+    row: *const u8,
+    end: *const u8,
+    blocks: usize,
+    q: &mut [i8],
+    scale: &mut [f32],
+    corr: &mut [i32],
+) {
     let low_nibble = _mm512_set1_epi8(0x0F);
     let high_nibble = _mm512_set1_epi64(GF2_HIGH_NIBBLE);
     let two_bits = |s: i8| crate::kernels::avx512::gf2_bit_select([-1, -1, -1, -1, s, s + 1, -1, -1]);
@@ -433,6 +461,7 @@ unsafe fn unpack_q6_k(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [
     );
     for i in 0..blocks {
         let b = row.add(210 * i);
+        prefetch_ahead::<4, PF>(b, end);
         let d = half_at(b.add(208));
         for half in 0..2 {
             let ql = _mm512_loadu_si512(b.add(64 * half).cast());
