@@ -77,7 +77,7 @@ const fn q4_0_pair_indices() -> [u8; 64] {
 /// of a row of odd length) is loaded with masks, so nothing past its 18 bytes is touched.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn load_q4_0_pair(p: *const u8, full: bool) -> __m512i {
+pub(crate) unsafe fn load_q4_0_pair(p: *const u8, full: bool) -> __m512i {
     if full {
         let head = _mm512_castsi256_si512(_mm256_loadu_si256(p.cast()));
         _mm512_inserti32x4::<2>(head, _mm_loadu_si128(p.add(20).cast()))

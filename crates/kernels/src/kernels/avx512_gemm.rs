@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 use crate::acts::{quantize_q8_0_natural, ActsQ8K};
 use crate::blocks::scales_mins_k4_words;
 use crate::isa::Isa;
-use crate::kernels::avx512::{low_then_high_nibbles, prefetch_ahead, GF2_HIGH_NIBBLE, GF2_LOW_NIBBLE};
+use crate::kernels::avx512::{load_q4_0_pair, low_then_high_nibbles, prefetch_ahead, GF2_HIGH_NIBBLE, GF2_LOW_NIBBLE};
 use crate::kernels::x86::half_at;
 use crate::matmul::{run_rows, QuantMatrix, Schedule, SharedOut};
 use crate::tuning::{Prefetch, Tuning, PREFETCH_NTA, PREFETCH_T0};
@@ -341,7 +341,8 @@ unsafe fn unpack_q4_0<const PF: u8>(
     corr: &mut [i32],
 ) {
     // Block b of the pair: bytes 0..16 of its values are the low nibbles of its 16 quant bytes, 16..32 the high.
-    let idx: [u8; 64] = std::array::from_fn(|o| (18 * (o / 32) + 2 + o % 16) as u8);
+    // `load_q4_0_pair` puts the first block's quants at bytes 2..18 and the second's at 32..48.
+    let idx: [u8; 64] = std::array::from_fn(|o| (if o < 32 { 2 } else { 32 } + o % 16) as u8);
     let idx = _mm512_loadu_si512(idx.as_ptr().cast());
     let nibbles = _mm512_set_epi64(
         GF2_HIGH_NIBBLE,
@@ -356,7 +357,7 @@ unsafe fn unpack_q4_0<const PF: u8>(
     for pair in 0..blocks.div_ceil(2) {
         let in_pair = (blocks - 2 * pair).min(2);
         prefetch_ahead::<1, PF>(row.add(36 * pair), end);
-        let raw = _mm512_maskz_loadu_epi8(mask(18 * in_pair), row.add(36 * pair).cast());
+        let raw = load_q4_0_pair(row.add(36 * pair), in_pair == 2);
         let u = _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_permutexvar_epi8(idx, raw), nibbles);
         _mm512_mask_storeu_epi8(
             q.as_mut_ptr().add(64 * pair).cast(),
