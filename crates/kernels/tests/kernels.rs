@@ -260,6 +260,37 @@ fn any_batch_size_equals_single_rows() {
 }
 
 #[test]
+fn gemm_rows_do_not_depend_on_the_other_activation_rows() {
+    // The GEMM takes activation rows 16 at a time, two such tiles per kernel call where there are two: row c of a
+    // product must be the same bits whether its tile shared a call (n = 33: tiles 0 and 1 together, tile 2 alone)
+    // or not (n = 16, 17: one tile alone, then a pair with a one-row tile).
+    let single = pool(1);
+    let mut rng = Rng(11);
+    if !Isa::Avx512.is_available() {
+        eprintln!("skipped: no AVX-512 GEMM on this CPU");
+        return;
+    }
+    for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+        let (rows, k) = (45, 512);
+        let data = quantized_matrix(ty, rows, k, &mut rng);
+        let x = rng.values(33 * k, 1.0);
+        let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
+        let product = |x: &[f32]| {
+            let n = x.len() / k;
+            let mut out = vec![f32::NAN; n * rows];
+            matmul_path(Isa::Avx512, MatmulPath::Gemm, &w, x, n, &mut out, &single).unwrap();
+            out
+        };
+        let all = product(&x);
+        for (first, n) in [(0, 16), (16, 17), (32, 1)] {
+            let part = product(&x[first * k..(first + n) * k]);
+            let same = part.iter().zip(&all[first * rows..]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{ty}: activation rows {first}..{} differ with 33 rows in the product", first + n);
+        }
+    }
+}
+
+#[test]
 fn threads_do_not_change_results() {
     let mut rng = Rng(3);
     let (single, two, three) = (pool(1), pool(2), pool(3));

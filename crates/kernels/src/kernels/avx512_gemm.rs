@@ -237,87 +237,133 @@ pub(crate) unsafe fn gemm(
             ty => unreachable!("no GEMM unpacking for {ty}"),
         }
     }
-    for tile in 0..n.div_ceil(TILE) {
-        for first in (0..rows.len()).step_by(KERNEL_ROWS) {
-            let acc = match w.ty() {
-                GgmlType::Q6_K => kernel::<4, 16, false>(scratch, first, k, tiles, tile),
-                GgmlType::Q4_K => kernel::<8, 8, true>(scratch, first, k, tiles, tile),
-                _ => kernel::<8, 1, false>(scratch, first, k, tiles, tile),
-            };
-            let mut lanes = [0f32; TILE];
-            for (i, acc) in acc.iter().enumerate() {
-                let r = rows.start + first + i;
-                if r >= rows.end {
-                    break;
-                }
-                _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
-                for (lane, &v) in lanes.iter().enumerate().take(n - tile * TILE) {
-                    out.column(tile * TILE + lane, r..r + 1)[0] = v;
+    let tile_count = n.div_ceil(TILE);
+    let mut tile = 0;
+    while tile < tile_count {
+        // Two tiles per kernel call where there are two: each weight broadcast then feeds two `vpdpbusd`, and 16
+        // independent sums hide the instruction's latency.
+        if tile + 1 < tile_count {
+            for first in (0..rows.len()).step_by(KERNEL_ROWS) {
+                let acc = match w.ty() {
+                    GgmlType::Q6_K => kernel::<2, 4, 16, false>(scratch, first, k, tiles, tile),
+                    GgmlType::Q4_K => kernel::<2, 8, 8, true>(scratch, first, k, tiles, tile),
+                    _ => kernel::<2, 8, 1, false>(scratch, first, k, tiles, tile),
+                };
+                for (t, acc) in acc.iter().enumerate() {
+                    store_tile(acc, tile + t, rows.start + first, rows.end, n, out);
                 }
             }
+            tile += 2;
+        } else {
+            for first in (0..rows.len()).step_by(KERNEL_ROWS) {
+                let acc = match w.ty() {
+                    GgmlType::Q6_K => kernel::<1, 4, 16, false>(scratch, first, k, tiles, tile),
+                    GgmlType::Q4_K => kernel::<1, 8, 8, true>(scratch, first, k, tiles, tile),
+                    _ => kernel::<1, 8, 1, false>(scratch, first, k, tiles, tile),
+                };
+                store_tile(&acc[0], tile, rows.start + first, rows.end, n, out);
+            }
+            tile += 1;
         }
     }
 }
 
-/// Eight weight rows (from `first` in the panel) against one tile of 16 activation rows over all of `k`:
-/// `QUADS` runs of four values per group, `GROUPS_PER_SCALE` groups per activation scale (1 for q8_0 activations,
-/// 8 or 16 for q8_K's super-blocks), `MINS` to subtract q4_K's group minimums.
+/// Writes one kernel result: weight rows `first_row..` (those before `end`) for the activation rows of `tile`.
+///
+/// # Safety
+/// As [`gemm`]: `out` must be exclusively this chunk's for these rows.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_tile(acc: &[__m512; KERNEL_ROWS], tile: usize, first_row: usize, end: usize, n: usize, out: SharedOut) {
+    let mut lanes = [0f32; TILE];
+    for (i, acc) in acc.iter().enumerate() {
+        let r = first_row + i;
+        if r >= end {
+            break;
+        }
+        _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
+        for (lane, &v) in lanes.iter().enumerate().take(n - tile * TILE) {
+            out.column(tile * TILE + lane, r..r + 1)[0] = v;
+        }
+    }
+}
+
+/// Eight weight rows (from `first` in the panel) against `T` tiles of 16 activation rows (from `tile`) over all of
+/// `k`: `QUADS` runs of four values per group, `GROUPS_PER_SCALE` groups per activation scale (1 for q8_0
+/// activations, 8 or 16 for q8_K's super-blocks), `MINS` to subtract q4_K's group minimums.
 ///
 /// With one activation scale per super-block, the groups' contributions are summed scaled by the weight scale
-/// only, and the activation scale is applied once per super-block: one multiply fewer per group.
+/// only, and the activation scale is applied once per super-block: one multiply fewer per group. Each tile's sums
+/// go through the same operations in the same order whatever `T` is: the results do not depend on it.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
-unsafe fn kernel<const QUADS: usize, const GROUPS_PER_SCALE: usize, const MINS: bool>(
+#[allow(clippy::needless_range_loop)] // `isum[t][r]`: two indices, neither the loop's own array
+unsafe fn kernel<const T: usize, const QUADS: usize, const GROUPS_PER_SCALE: usize, const MINS: bool>(
     panel: &GemmScratch,
     first: usize,
     k: usize,
     tiles: &ActTiles,
     tile: usize,
-) -> [__m512; KERNEL_ROWS] {
+) -> [[__m512; KERNEL_ROWS]; T] {
     let groups = tiles.groups;
     let scales = groups / GROUPS_PER_SCALE;
-    let xq = tiles.xq.as_ptr().add(tile * tiles.quads * 64);
-    let xscale = tiles.scale.as_ptr().add(tile * scales * TILE);
-    let xsum = if MINS { tiles.sum.as_ptr().add(tile * groups * TILE) } else { std::ptr::null() };
+    let xq: [*const u8; T] = std::array::from_fn(|t| tiles.xq.as_ptr().add((tile + t) * tiles.quads * 64));
+    let xscale: [*const f32; T] = std::array::from_fn(|t| tiles.scale.as_ptr().add((tile + t) * scales * TILE));
+    let xsum: [*const f32; T] =
+        std::array::from_fn(
+            |t| {
+                if MINS {
+                    tiles.sum.as_ptr().add((tile + t) * groups * TILE)
+                } else {
+                    std::ptr::null()
+                }
+            },
+        );
     let wq = panel.q.as_ptr().add(first * k);
     let wscale = panel.scale.as_ptr().add(first * groups);
     let wcorr = panel.corr.as_ptr().add(first * groups);
     let wmin = if MINS { panel.min.as_ptr().add(first * groups) } else { std::ptr::null() };
-    let mut acc = [_mm512_setzero_ps(); KERNEL_ROWS];
+    let mut acc = [[_mm512_setzero_ps(); KERNEL_ROWS]; T];
     for s in 0..scales {
-        let mut part = [_mm512_setzero_ps(); KERNEL_ROWS];
+        let mut part = [[_mm512_setzero_ps(); KERNEL_ROWS]; T];
         for g in s * GROUPS_PER_SCALE..(s + 1) * GROUPS_PER_SCALE {
-            let mut isum: [__m512i; KERNEL_ROWS] =
-                std::array::from_fn(|r| _mm512_set1_epi32(*wcorr.add(r * groups + g)));
-            for t in 0..QUADS {
-                let quad = g * QUADS + t;
-                let x = _mm512_loadu_si512(xq.add(quad * 64).cast());
-                for (r, isum) in isum.iter_mut().enumerate() {
-                    let four = std::ptr::read_unaligned(wq.add(r * k + 4 * quad).cast::<i32>());
-                    *isum = _mm512_dpbusd_epi32(*isum, x, _mm512_set1_epi32(four));
+            let start: [__m512i; KERNEL_ROWS] = std::array::from_fn(|r| _mm512_set1_epi32(*wcorr.add(r * groups + g)));
+            let mut isum = [start; T];
+            for q in 0..QUADS {
+                let quad = g * QUADS + q;
+                let x: [__m512i; T] = std::array::from_fn(|t| _mm512_loadu_si512(xq[t].add(quad * 64).cast()));
+                for r in 0..KERNEL_ROWS {
+                    let four = _mm512_set1_epi32(std::ptr::read_unaligned(wq.add(r * k + 4 * quad).cast::<i32>()));
+                    for t in 0..T {
+                        isum[t][r] = _mm512_dpbusd_epi32(isum[t][r], x[t], four);
+                    }
                 }
             }
-            if GROUPS_PER_SCALE == 1 {
-                let xs = _mm512_loadu_ps(xscale.add(s * TILE));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(isum[r]), xs);
-                    *acc = _mm512_fmadd_ps(scaled, _mm512_set1_ps(*wscale.add(r * groups + g)), *acc);
-                }
-            } else {
-                for (r, part) in part.iter_mut().enumerate() {
-                    let ws = _mm512_set1_ps(*wscale.add(r * groups + g));
-                    *part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), ws, *part);
-                    if MINS {
-                        let sums = _mm512_loadu_ps(xsum.add(g * TILE));
-                        *part = _mm512_fmadd_ps(_mm512_set1_ps(*wmin.add(r * groups + g)), sums, *part);
+            for t in 0..T {
+                if GROUPS_PER_SCALE == 1 {
+                    let xs = _mm512_loadu_ps(xscale[t].add(s * TILE));
+                    for (r, acc) in acc[t].iter_mut().enumerate() {
+                        let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(isum[t][r]), xs);
+                        *acc = _mm512_fmadd_ps(scaled, _mm512_set1_ps(*wscale.add(r * groups + g)), *acc);
+                    }
+                } else {
+                    for (r, part) in part[t].iter_mut().enumerate() {
+                        let ws = _mm512_set1_ps(*wscale.add(r * groups + g));
+                        *part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][r]), ws, *part);
+                        if MINS {
+                            let sums = _mm512_loadu_ps(xsum[t].add(g * TILE));
+                            *part = _mm512_fmadd_ps(_mm512_set1_ps(*wmin.add(r * groups + g)), sums, *part);
+                        }
                     }
                 }
             }
         }
         if GROUPS_PER_SCALE > 1 {
-            let xs = _mm512_loadu_ps(xscale.add(s * TILE));
-            for (acc, part) in acc.iter_mut().zip(part) {
-                *acc = _mm512_fmadd_ps(part, xs, *acc);
+            for t in 0..T {
+                let xs = _mm512_loadu_ps(xscale[t].add(s * TILE));
+                for (acc, part) in acc[t].iter_mut().zip(part[t]) {
+                    *acc = _mm512_fmadd_ps(part, xs, *acc);
+                }
             }
         }
     }
