@@ -13,7 +13,12 @@
 #   WORK (where the GGUF files are kept between runs, default /tmp/vicuna-bench-gguf),
 #   VENV (default ~/.cache/vicuna-bench/llamacpp-venv), VICUNA (the binary, default target/release/vicuna),
 #   LLAMACPP (what pip installs into a new VENV, default llama-cpp-python: the latest; e.g. llama-cpp-python==0.3.8,
-#   which vendors llama.cpp 7841fc7 of March 2025, near the build b4748 the issue quotes).
+#   which vendors llama.cpp 7841fc7 of March 2025, near the build b4748 the issue quotes),
+#   LLAMA_BENCH (a llama-bench binary: when set, llama.cpp is measured with it instead of through the Python
+#   bindings, and no VENV is needed. Build it from the llama.cpp that the llama-cpp-python sdist vendors; on Intel
+#   Xeons with AMX that the VM does not enable, GGML_NATIVE builds die with SIGILL, so pass the ISA explicitly:
+#   cmake -B build -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+#   -DGGML_AVX512_VBMI=ON && cmake --build build --target llama-bench).
 # Build first: cargo build --release -p vicuna
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +35,9 @@ VICUNA=${VICUNA:-${CARGO_TARGET_DIR:-target}/release/vicuna}
 [ -x "$VICUNA" ] || { echo "no binary at $VICUNA: run cargo build --release -p vicuna" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "/usr/bin/time is required (apt-get install time)" >&2; exit 1; }
 
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+if [ -n "${LLAMA_BENCH:-}" ]; then
+  [ -x "$LLAMA_BENCH" ] || { echo "LLAMA_BENCH=$LLAMA_BENCH is not an executable" >&2; exit 1; }
+elif [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
   echo "installing llama-cpp-python into $VENV (compiles llama.cpp: several minutes)" >&2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
@@ -39,7 +46,22 @@ fi
 
 mkdir -p "$WORK"
 peak_mb() { awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$1"; }
-json_field() { "$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], 0))' "$1" "$2"; }
+json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], 0))' "$1" "$2"; }
+# llama.cpp's pp/tg figures as {pp_tps, pp_sd, tg_tps, tg_sd}: from llama-bench's JSON, or from the Python bindings.
+llamacpp_bench() { # FILE THREADS
+  if [ -n "${LLAMA_BENCH:-}" ]; then
+    "$LLAMA_BENCH" -m "$1" -p "$P" -n "$N" -t "$2" -r "$REPS" -o json 2>/dev/null | python3 -c '
+import json, sys
+out = {}
+for run in json.load(sys.stdin):
+    test = "pp" if run["n_prompt"] > 0 else "tg"
+    out[test + "_tps"], out[test + "_sd"] = run["avg_ts"], run["stddev_ts"]
+print(json.dumps(out))'
+  else
+    "$VENV/bin/python" bench/llamacpp_bench.py "$1" -p "$P" -n "$N" -t "$2" -r "$REPS"
+  fi
+}
+echo "CPU: $(lscpu | sed -n 's/^Model name: *//p') (family $(lscpu | sed -n 's/^CPU family: *//p') model $(lscpu | sed -n 's/^Model: *//p')), $(nproc) CPUs"
 
 printf '%-8s %-3s %-22s %-22s %-22s %-22s %-7s %-7s %-10s %s\n' type thr "vicuna pp$P" "llama.cpp pp$P" "vicuna tg$N" \
   "llama.cpp tg$N" "pp x" "tg x" "tg GB/s" "peak RSS MB (vicuna / llama.cpp / file)"
@@ -51,8 +73,8 @@ for TYPE in ${TYPES//,/ }; do
     # The two engines alternate on the same file, so both see the same page cache and about the same host load.
     /usr/bin/time -v -o "$WORK/vicuna.time" "$VICUNA" --threads "$T" bench --model "$FILE" -p "$P" -n "$N" \
       -r "$REPS" --json > "$WORK/vicuna.json"
-    /usr/bin/time -v -o "$WORK/llamacpp.time" "$VENV/bin/python" bench/llamacpp_bench.py "$FILE" -p "$P" -n "$N" \
-      -t "$T" -r "$REPS" > "$WORK/llamacpp.json"
+    /usr/bin/time -v -o "$WORK/llamacpp.time" bash -c "$(declare -f llamacpp_bench); P=$P N=$N REPS=$REPS \
+      LLAMA_BENCH=${LLAMA_BENCH:-} VENV=$VENV llamacpp_bench $FILE $T" > "$WORK/llamacpp.json"
     read -r VPP VPS VTG VTS < <(for k in pp_tps pp_sd tg_tps tg_sd; do json_field "$WORK/vicuna.json" $k; done | xargs)
     read -r LPP LPS LTG LTS < <(for k in pp_tps pp_sd tg_tps tg_sd; do json_field "$WORK/llamacpp.json" $k; done | xargs)
     VGB=$(json_field "$WORK/vicuna.json" tg_weight_gb_per_s)
@@ -64,4 +86,9 @@ for TYPE in ${TYPES//,/ }; do
       "$(printf '%.1f' "$VGB")" "$(peak_mb "$WORK/vicuna.time")" "$(peak_mb "$WORK/llamacpp.time")" "$FILE_MB"
   done
 done
-echo "llama.cpp: llama-cpp-python $("$VENV/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)'); vicuna: $("$VICUNA" --version)"
+if [ -n "${LLAMA_BENCH:-}" ]; then
+  echo "llama.cpp: $LLAMA_BENCH, build $("$LLAMA_BENCH" --version 2>&1 | grep -o 'version: .*' | head -1); vicuna: $("$VICUNA" --version)"
+else
+  echo "llama.cpp: llama-cpp-python $("$VENV/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)'); vicuna: $("$VICUNA" --version)"
+fi
+echo "vicuna's kernels: $(python3 -c 'import json,sys; c=json.load(open(sys.argv[1]))["cpu"]; print(c["isa"], "prefetch", c["prefetch"], "(" + c["prefetch_source"] + ")")' "$WORK/vicuna.json")"
