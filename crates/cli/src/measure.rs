@@ -40,7 +40,9 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
         return Err("-r must be at least 1".into());
     }
     let threads = compute_threads(threads);
+    let load_start = Instant::now();
     let model = QuantLlama::load(&args.model, threads)?;
+    let load_s = load_start.elapsed().as_secs_f64();
     let config = model.config();
     let context = config.max_position_embeddings;
     for (flag, tokens) in [("-p", args.n_prompt), ("-n", args.n_gen + 1)] {
@@ -91,6 +93,7 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
             "reps": args.repetitions,
             "weight_bytes_per_token": weight_bytes,
             "cpu": cpu_report(),
+            "load_s": load_s,
         });
         for (test, tokens, (mean, sd)) in &results {
             out[format!("{test}_tps")] = json!(mean);
@@ -117,7 +120,7 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
     let cpu = cpu_report();
     writeln!(
         stdout,
-        "\nCPU: {} ({} family {} model {}); kernels: {}, prefetch {} ({})",
+        "\nCPU: {} ({} family {} model {}); kernels: {}, prefetch {} ({}); model loaded in {load_s:.2} s",
         cpu["brand"].as_str().unwrap_or_default(),
         cpu["vendor"].as_str().unwrap_or_default(),
         cpu["family"],
