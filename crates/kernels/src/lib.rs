@@ -49,7 +49,9 @@ pub mod dequant;
 pub mod isa;
 mod kernels;
 pub mod matmul;
+mod matrix;
 pub mod quant;
+mod schedule;
 pub mod tuning;
 pub mod types;
 

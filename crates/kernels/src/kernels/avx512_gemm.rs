@@ -21,10 +21,14 @@ use crate::blocks::scales_mins_k4_words;
 use crate::isa::Isa;
 use crate::kernels::avx512::{low_then_high_nibbles, GF2_HIGH_NIBBLE, GF2_LOW_NIBBLE};
 use crate::kernels::x86::half_at;
-use crate::matmul::{run_rows, QuantMatrix, Schedule, SharedOut};
+use crate::kernels::{traits, ActKind};
+use crate::matrix::QuantMatrix;
+use crate::schedule::{run_rows, Schedule, Scratch, SharedOut};
 use crate::types::{GgmlType, QK, QK_K};
 use rayon::ThreadPool;
+use std::cell::RefCell;
 use std::ops::Range;
+use std::thread::LocalKey;
 
 /// Weight rows unpacked together; a multiple of [`KERNEL_ROWS`].
 pub(crate) const CHUNK_ROWS: usize = 32;
@@ -32,39 +36,6 @@ pub(crate) const CHUNK_ROWS: usize = 32;
 const KERNEL_ROWS: usize = 8;
 /// Activation rows per tile: one per 32-bit lane.
 const TILE: usize = 16;
-/// Whether the GEMM multiplies weights of type `ty` with `n` activation rows (on AVX-512), rather than the
-/// multi-row kernels.
-///
-/// The GEMM computes whole tiles of 16 activation rows, so it costs nearly as much for 8 rows as for 16, while the
-/// multi-row kernels cost about one more unpacked-weight dot per row. Where the two cross was measured with
-/// `kernel_bench --rows` (13824x5120, weights from DRAM, one thread, Zen 4): q4_0 multi-row 8.0 ms at 10 rows
-/// against the GEMM's 8.5, 8.7 against 8.3 at 11; q8_0 10.1 against 10.8 at 9 rows, 11.4 against 10.5 at 10; q4_K
-/// 8.9 against 9.3 at 13, even at 14; q6_K, whose GEMM is the slowest, even at 16 (and 11.0 against 12.5 at 16 on
-/// 5120x13824), so from 17, where the multi-row path needs a third pass.
-pub(crate) fn use_gemm(ty: GgmlType, n: usize) -> bool {
-    let min_rows = match ty {
-        GgmlType::Q4_0 => 11,
-        GgmlType::Q8_0 => 10,
-        GgmlType::Q4_K => 14,
-        GgmlType::Q6_K => 17,
-        _ => return false,
-    };
-    n >= min_rows
-}
-
-/// Whether there is a GEMM for weights of type `ty`.
-pub(crate) fn has_gemm(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K)
-}
-
-/// Values per scale group: the unit whose integer sum gets one weight scale and one activation scale.
-fn group_len(ty: GgmlType) -> usize {
-    if ty == GgmlType::Q6_K {
-        16
-    } else {
-        32
-    }
-}
 
 /// The activations of one call, transposed into tiles of 16 rows.
 pub(crate) struct ActTiles {
@@ -84,9 +55,9 @@ impl ActTiles {
     pub fn new(ty: GgmlType, x: &[f32], n: usize, k: usize, pool: &ThreadPool) -> ActTiles {
         let tiles = n.div_ceil(TILE);
         let quads = k / 4;
-        let group = group_len(ty);
+        let group = traits(ty).group_len;
         let groups = k / group;
-        let q8_0 = matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0);
+        let q8_0 = matches!(traits(ty).act, ActKind::Q8_0 { .. });
         let scales = if q8_0 { k / QK } else { k / QK_K };
         let mut t = ActTiles {
             quads,
@@ -98,7 +69,7 @@ impl ActTiles {
         let shared = SharedTiles { xq: t.xq.as_mut_ptr(), scale: t.scale.as_mut_ptr(), sum: t.sum.as_mut_ptr() };
         let parallel = n * k >= 1 << 16;
         let t_sum_len = if ty == GgmlType::Q4_K { groups * TILE } else { 0 };
-        run_rows(pool, tiles, Schedule::Fixed(1), parallel, |range, _| {
+        run_rows(pool, tiles, Schedule::Fixed(1), parallel, |range, _: &mut ()| {
             let mut qs = vec![0i8; k];
             let mut d = vec![0f32; k / QK];
             for tile in range {
@@ -189,6 +160,15 @@ pub(crate) struct GemmScratch {
     corr: Vec<i32>,
     /// q4_K only, `CHUNK_ROWS × groups`: `-dmin · min`.
     min: Vec<f32>,
+}
+
+impl Scratch for GemmScratch {
+    fn local() -> &'static LocalKey<RefCell<GemmScratch>> {
+        thread_local! {
+            static PANEL: RefCell<GemmScratch> = RefCell::default();
+        }
+        &PANEL
+    }
 }
 
 /// Computes the outputs of weight rows `rows` (at most [`CHUNK_ROWS`]) for all `n` activation rows.
