@@ -17,7 +17,7 @@
 use std::arch::x86_64::*;
 
 use crate::acts::{quantize_q8_0_natural, ActsQ8K};
-use crate::blocks::scales_mins_k4_words;
+use crate::blocks::{scales_mins_k4_words, BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8_0};
 use crate::isa::Isa;
 use crate::kernels::avx512::{low_then_high_nibbles, GF2_HIGH_NIBBLE, GF2_LOW_NIBBLE};
 use crate::kernels::x86::half_at;
@@ -310,8 +310,9 @@ unsafe fn sums_of_8(v: __m512i) -> [u64; 8] {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,gfni,f16c")]
 unsafe fn unpack_q4_0(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [f32], corr: &mut [i32]) {
+    const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
     // Block b of the pair: bytes 0..16 of its values are the low nibbles of its 16 quant bytes, 16..32 the high.
-    let idx: [u8; 64] = std::array::from_fn(|o| (18 * (o / 32) + 2 + o % 16) as u8);
+    let idx: [u8; 64] = std::array::from_fn(|o| (BLOCK_BYTES * (o / 32) + 2 + o % 16) as u8);
     let idx = _mm512_loadu_si512(idx.as_ptr().cast());
     let nibbles = _mm512_set_epi64(
         GF2_HIGH_NIBBLE,
@@ -325,7 +326,7 @@ unsafe fn unpack_q4_0(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [
     );
     for pair in 0..blocks.div_ceil(2) {
         let in_pair = (blocks - 2 * pair).min(2);
-        let raw = _mm512_maskz_loadu_epi8(mask(18 * in_pair), row.add(36 * pair).cast());
+        let raw = _mm512_maskz_loadu_epi8(mask(BLOCK_BYTES * in_pair), row.add(2 * BLOCK_BYTES * pair).cast());
         let u = _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_permutexvar_epi8(idx, raw), nibbles);
         _mm512_mask_storeu_epi8(
             q.as_mut_ptr().add(64 * pair).cast(),
@@ -337,15 +338,16 @@ unsafe fn unpack_q4_0(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [
             let j = 2 * pair + b;
             let unsigned: u64 = sums[4 * b..4 * b + 4].iter().sum();
             corr[j] = -128 * (unsigned as i32 - 8 * 32);
-            scale[j] = half_at(row.add(18 * j));
+            scale[j] = half_at(row.add(BLOCK_BYTES * j));
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,f16c")]
 unsafe fn unpack_q8_0(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [f32], corr: &mut [i32]) {
+    const BLOCK_BYTES: usize = size_of::<BlockQ8_0>();
     for j in 0..blocks {
-        let b = row.add(34 * j);
+        let b = row.add(BLOCK_BYTES * j);
         let v = _mm256_loadu_si256(b.add(2).cast());
         _mm256_storeu_si256(q.as_mut_ptr().add(32 * j).cast(), v);
         let offset = _mm512_zextsi256_si512(_mm256_xor_si256(v, _mm256_set1_epi8(-128)));
@@ -364,9 +366,10 @@ unsafe fn unpack_q4_k(
     corr: &mut [i32],
     min: &mut [f32],
 ) {
+    const BLOCK_BYTES: usize = size_of::<BlockQ4K>();
     let nibbles = low_then_high_nibbles();
     for i in 0..blocks {
-        let b = row.add(144 * i);
+        let b = row.add(BLOCK_BYTES * i);
         let (d, dmin) = (half_at(b), half_at(b.add(2)));
         let (scales, mins) = scales_mins_k4_words(&*b.add(4).cast::<[u8; 12]>());
         for c in 0..4 {
@@ -388,6 +391,7 @@ unsafe fn unpack_q4_k(
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,gfni,f16c")]
 unsafe fn unpack_q6_k(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [f32], corr: &mut [i32]) {
+    const BLOCK_BYTES: usize = size_of::<BlockQ6K>();
     let low_nibble = _mm512_set1_epi8(0x0F);
     let high_nibble = _mm512_set1_epi64(GF2_HIGH_NIBBLE);
     let two_bits = |s: i8| crate::kernels::avx512::gf2_bit_select([-1, -1, -1, -1, s, s + 1, -1, -1]);
@@ -412,7 +416,7 @@ unsafe fn unpack_q6_k(row: *const u8, blocks: usize, q: &mut [i8], scale: &mut [
         two_bits(4),
     );
     for i in 0..blocks {
-        let b = row.add(210 * i);
+        let b = row.add(BLOCK_BYTES * i);
         let d = half_at(b.add(208));
         for half in 0..2 {
             let ql = _mm512_loadu_si512(b.add(64 * half).cast());
