@@ -28,12 +28,14 @@
 //!   q6_K, where it overtakes the multi-row kernels): chunks of 32 weight rows are unpacked once to bytes, and a
 //!   register-blocked VNNI kernel multiplies them with 16 activation rows at a time.
 //!
-//! On every path each weight byte is read from memory once per call.
+//! On every path each weight byte is read from memory once per call. Which types have which of these kernels, and
+//! from how many activation rows the GEMM takes over, is one table of per-type facts (`kernels::traits`), from which
+//! [`matmul_path`] chooses a product's route in one place.
 //!
 //! Threads: the caller owns a rayon [`ThreadPool`] (re-exported, with [`ThreadPoolBuilder`]) and passes it in; a
 //! call splits the output rows into chunks that the pool's threads take from a shared counter, and returns when
-//! all are done. A one-thread pool, or a product too small to be worth waking the pool, runs on the calling thread.
-//! Results never depend on the number of threads.
+//! all are done (the `schedule` module). A one-thread pool, or a product too small to be worth waking the pool, runs
+//! on the calling thread. Results never depend on the number of threads.
 //!
 //! # Attending
 //! [`attention()`] is causal self-attention of new query rows over an f16 (or f32) key/value cache, grouped-query aware,
@@ -49,7 +51,9 @@ pub mod dequant;
 pub mod isa;
 mod kernels;
 pub mod matmul;
+mod matrix;
 pub mod quant;
+mod schedule;
 pub mod tuning;
 pub mod types;
 

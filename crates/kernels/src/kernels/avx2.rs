@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 
 use crate::acts::Q8_0Row;
-use crate::blocks::{scales_mins_k4_words, BlockQ8K};
+use crate::blocks::{scales_mins_k4_words, BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8K, BlockQ8_0};
 use crate::kernels::x86::{half_at, reduce_add_256};
 use crate::types::QK;
 
@@ -38,16 +38,17 @@ pub(crate) unsafe fn pair_isum(low: __m256i, high: __m256i, x: Q8_0Row, pair: us
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn rows_q4_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
-    let blocks = row_bytes / 18;
+    const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
+    let blocks = row_bytes / BLOCK_BYTES;
     let low_nibble = _mm256_set1_epi8(0x0F);
     for (row, o) in w.chunks_exact(row_bytes).zip(out) {
         let p = row.as_ptr();
         let mut acc = _mm256_setzero_ps();
         for pair in 0..blocks.div_ceil(2) {
-            let first = p.add(36 * pair);
+            let first = p.add(2 * BLOCK_BYTES * pair);
             let has_second = 2 * pair + 1 < blocks;
             let qa = _mm_loadu_si128(first.add(2).cast());
-            let qb = if has_second { _mm_loadu_si128(first.add(20).cast()) } else { _mm_setzero_si128() };
+            let qb = if has_second { _mm_loadu_si128(first.add(BLOCK_BYTES + 2).cast()) } else { _mm_setzero_si128() };
             // Interleave the two blocks' nibble bytes four at a time, as the activations are.
             let packed = _mm256_set_m128i(_mm_unpackhi_epi32(qa, qb), _mm_unpacklo_epi32(qa, qb));
             let low = _mm256_and_si256(packed, low_nibble);
@@ -55,7 +56,7 @@ pub(crate) unsafe fn rows_q4_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut
             let isum = pair_isum(low, high, x, pair);
             let scale = pair_scale(
                 first,
-                if has_second { first.add(18) } else { std::ptr::null() },
+                if has_second { first.add(BLOCK_BYTES) } else { std::ptr::null() },
                 x.d.as_ptr().add(2 * pair),
             );
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc);
@@ -66,16 +67,18 @@ pub(crate) unsafe fn rows_q4_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn rows_q8_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
-    let blocks = row_bytes / 34;
+    const BLOCK_BYTES: usize = size_of::<BlockQ8_0>();
+    let blocks = row_bytes / BLOCK_BYTES;
     let ones = _mm256_set1_epi16(1);
     for (row, o) in w.chunks_exact(row_bytes).zip(out) {
         let p = row.as_ptr();
         let mut acc = _mm256_setzero_ps();
         for pair in 0..blocks.div_ceil(2) {
-            let first = p.add(68 * pair);
+            let first = p.add(2 * BLOCK_BYTES * pair);
             let has_second = 2 * pair + 1 < blocks;
             let wa = _mm256_loadu_si256(first.add(2).cast());
-            let wb = if has_second { _mm256_loadu_si256(first.add(36).cast()) } else { _mm256_setzero_si256() };
+            let wb =
+                if has_second { _mm256_loadu_si256(first.add(BLOCK_BYTES + 2).cast()) } else { _mm256_setzero_si256() };
             let lo = _mm256_unpacklo_epi32(wa, wb);
             let hi = _mm256_unpackhi_epi32(wa, wb);
             // Values 0..16 of both blocks, interleaved, then values 16..32.
@@ -89,7 +92,7 @@ pub(crate) unsafe fn rows_q8_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut
             let isum = _mm256_add_epi32(d0, d1);
             let scale = pair_scale(
                 first,
-                if has_second { first.add(34) } else { std::ptr::null() },
+                if has_second { first.add(BLOCK_BYTES) } else { std::ptr::null() },
                 x.d.as_ptr().add(2 * pair),
             );
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc);
@@ -112,7 +115,7 @@ pub(crate) unsafe fn group32_weighted_bsums(weights: u64, y: &BlockQ8K) -> i32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn rows_q4_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
-    const BLOCK_BYTES: usize = 144;
+    const BLOCK_BYTES: usize = size_of::<BlockQ4K>();
     let blocks = row_bytes / BLOCK_BYTES;
     let low_nibble = _mm256_set1_epi8(0x0F);
     for (row, o) in w.chunks_exact(row_bytes).zip(out) {
@@ -146,7 +149,7 @@ pub(crate) unsafe fn rows_q4_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: 
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn rows_q6_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
-    const BLOCK_BYTES: usize = 210;
+    const BLOCK_BYTES: usize = size_of::<BlockQ6K>();
     let blocks = row_bytes / BLOCK_BYTES;
     let low_nibble = _mm256_set1_epi8(0x0F);
     let two_bits = _mm256_set1_epi8(3);

@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use crate::acts::Q8_0Row;
-use crate::blocks::{scales_mins_k4_words, BlockQ8K};
+use crate::blocks::{scales_mins_k4_words, BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8K, BlockQ8_0};
 use crate::kernels::avx2::{group32_weighted_bsums, pair_isum};
 use crate::kernels::x86::{half_at, reduce_add_256};
 use crate::types::QK;
@@ -30,21 +30,22 @@ unsafe fn pair_scale(dw: __m128, x_d: *const f32) -> __m256 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn rows_q4_0<const R: usize>(w: &[u8], row_bytes: usize, x: &[Q8_0Row; R], out: &mut [&mut [f32]]) {
+    const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
     debug_assert_eq!(out.len(), R);
-    let blocks = row_bytes / 18;
+    let blocks = row_bytes / BLOCK_BYTES;
     let low_nibble = _mm256_set1_epi8(0x0F);
     for (r, row) in w.chunks_exact(row_bytes).enumerate() {
         let p = row.as_ptr();
         let mut acc = [_mm256_setzero_ps(); R];
         for pair in 0..blocks.div_ceil(2) {
-            let first = p.add(36 * pair);
+            let first = p.add(2 * BLOCK_BYTES * pair);
             let has_second = 2 * pair + 1 < blocks;
             let qa = _mm_loadu_si128(first.add(2).cast());
-            let qb = if has_second { _mm_loadu_si128(first.add(20).cast()) } else { _mm_setzero_si128() };
+            let qb = if has_second { _mm_loadu_si128(first.add(BLOCK_BYTES + 2).cast()) } else { _mm_setzero_si128() };
             let packed = _mm256_set_m128i(_mm_unpackhi_epi32(qa, qb), _mm_unpacklo_epi32(qa, qb));
             let low = _mm256_and_si256(packed, low_nibble);
             let high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low_nibble);
-            let dw = pair_weight_scales(first, if has_second { first.add(18) } else { std::ptr::null() });
+            let dw = pair_weight_scales(first, if has_second { first.add(BLOCK_BYTES) } else { std::ptr::null() });
             for (acc, &x) in acc.iter_mut().zip(x) {
                 let isum = pair_isum(low, high, x, pair);
                 let scale = pair_scale(dw, x.d.as_ptr().add(2 * pair));
@@ -59,23 +60,25 @@ pub(crate) unsafe fn rows_q4_0<const R: usize>(w: &[u8], row_bytes: usize, x: &[
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn rows_q8_0<const R: usize>(w: &[u8], row_bytes: usize, x: &[Q8_0Row; R], out: &mut [&mut [f32]]) {
+    const BLOCK_BYTES: usize = size_of::<BlockQ8_0>();
     debug_assert_eq!(out.len(), R);
-    let blocks = row_bytes / 34;
+    let blocks = row_bytes / BLOCK_BYTES;
     let ones = _mm256_set1_epi16(1);
     for (r, row) in w.chunks_exact(row_bytes).enumerate() {
         let p = row.as_ptr();
         let mut acc = [_mm256_setzero_ps(); R];
         for pair in 0..blocks.div_ceil(2) {
-            let first = p.add(68 * pair);
+            let first = p.add(2 * BLOCK_BYTES * pair);
             let has_second = 2 * pair + 1 < blocks;
             let wa = _mm256_loadu_si256(first.add(2).cast());
-            let wb = if has_second { _mm256_loadu_si256(first.add(36).cast()) } else { _mm256_setzero_si256() };
+            let wb =
+                if has_second { _mm256_loadu_si256(first.add(BLOCK_BYTES + 2).cast()) } else { _mm256_setzero_si256() };
             let lo = _mm256_unpacklo_epi32(wa, wb);
             let hi = _mm256_unpackhi_epi32(wa, wb);
             let w0 = _mm256_permute2x128_si256::<0x20>(lo, hi);
             let w1 = _mm256_permute2x128_si256::<0x31>(lo, hi);
             let (abs0, abs1) = (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1));
-            let dw = pair_weight_scales(first, if has_second { first.add(34) } else { std::ptr::null() });
+            let dw = pair_weight_scales(first, if has_second { first.add(BLOCK_BYTES) } else { std::ptr::null() });
             for (acc, x) in acc.iter_mut().zip(x) {
                 let xq = x.qs.as_ptr().add(pair * 2 * QK);
                 let (x0, x1) = (_mm256_loadu_si256(xq.cast()), _mm256_loadu_si256(xq.add(32).cast()));
@@ -99,7 +102,7 @@ pub(crate) unsafe fn rows_q4_k<const R: usize>(
     x: &[&[BlockQ8K]; R],
     out: &mut [&mut [f32]],
 ) {
-    const BLOCK_BYTES: usize = 144;
+    const BLOCK_BYTES: usize = size_of::<BlockQ4K>();
     debug_assert_eq!(out.len(), R);
     let blocks = row_bytes / BLOCK_BYTES;
     let low_nibble = _mm256_set1_epi8(0x0F);
@@ -145,7 +148,7 @@ pub(crate) unsafe fn rows_q6_k<const R: usize>(
     x: &[&[BlockQ8K]; R],
     out: &mut [&mut [f32]],
 ) {
-    const BLOCK_BYTES: usize = 210;
+    const BLOCK_BYTES: usize = size_of::<BlockQ6K>();
     debug_assert_eq!(out.len(), R);
     let blocks = row_bytes / BLOCK_BYTES;
     let low_nibble = _mm256_set1_epi8(0x0F);

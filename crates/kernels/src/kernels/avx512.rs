@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 
 use crate::acts::Q8_0Row;
-use crate::blocks::{scales_mins_k4_words, BlockQ8K};
+use crate::blocks::{scales_mins_k4_words, BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8K, BlockQ8_0};
 use crate::kernels::x86::{half_at, reduce_add_256};
 use crate::tuning::{PREFETCH_NTA, PREFETCH_T0};
 use crate::types::QK;
@@ -78,11 +78,12 @@ const fn q4_0_pair_indices() -> [u8; 64] {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn load_q4_0_pair(p: *const u8, full: bool) -> __m512i {
+    const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
     if full {
         let head = _mm512_castsi256_si512(_mm256_loadu_si256(p.cast()));
-        _mm512_inserti32x4::<2>(head, _mm_loadu_si128(p.add(20).cast()))
+        _mm512_inserti32x4::<2>(head, _mm_loadu_si128(p.add(BLOCK_BYTES + 2).cast()))
     } else {
-        _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8(0x3_FFFF, p.cast()))
+        _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8((1 << BLOCK_BYTES) - 1, p.cast()))
     }
 }
 
@@ -191,7 +192,7 @@ pub(crate) unsafe fn half_bits(p: *const u8) -> u64 {
 /// A last group of fewer than four blocks is copied to a zeroed buffer first: zero scales and nibbles add nothing.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,gfni,f16c,fma")]
 unsafe fn rows_q4_0_quads<const PF: u8>(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
-    const BLOCK_BYTES: usize = 18;
+    const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
     let blocks = row_bytes / BLOCK_BYTES;
     let full = blocks / 4;
     let end = w.as_ptr_range().end;
@@ -219,7 +220,7 @@ unsafe fn rows_q4_0_quads<const PF: u8>(w: &[u8], row_bytes: usize, x: Q8_0Row, 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,gfni,f16c,fma")]
 unsafe fn q4_0_quad(acc: __m512, b: *const u8, x: Q8_0Row, g: usize) -> __m512 {
-    const BLOCK_BYTES: usize = 18;
+    const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
     let low_nibble = _mm512_set1_epi8(0x0F);
     let high_nibble = _mm512_set1_epi64(GF2_HIGH_NIBBLE);
     let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
@@ -259,16 +260,16 @@ unsafe fn q4_0_quad(acc: __m512, b: *const u8, x: Q8_0Row, g: usize) -> __m512 {
 /// q4_0 rows one at a time, a pair of blocks per step, against the pair-interleaved activations.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
 unsafe fn rows_q4_0_pairs(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
-    const PAIR_BYTES: usize = 36;
-    let blocks = row_bytes / 18;
+    const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
+    let blocks = row_bytes / BLOCK_BYTES;
     let nibble_idx = load_indices(&q4_0_pair_indices());
-    let scale_idx = load_indices(&pair_scale_indices(18));
+    let scale_idx = load_indices(&pair_scale_indices(BLOCK_BYTES));
     let nibbles = low_then_high_nibbles();
     for (row, o) in w.chunks_exact(row_bytes).zip(out) {
         let p = row.as_ptr();
         let mut acc = _mm512_setzero_ps();
         for pair in 0..blocks.div_ceil(2) {
-            let raw = load_q4_0_pair(p.add(pair * PAIR_BYTES), 2 * pair + 1 < blocks);
+            let raw = load_q4_0_pair(p.add(pair * 2 * BLOCK_BYTES), 2 * pair + 1 < blocks);
             let q = _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_permutexvar_epi8(nibble_idx, raw), nibbles);
             let isum = _mm512_dpbusd_epi32(
                 pair_biases(x.bias.as_ptr().add(2 * pair)),
@@ -285,7 +286,7 @@ unsafe fn rows_q4_0_pairs(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
 pub(crate) unsafe fn rows_q8_0<const PF: u8>(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
-    const BLOCK_BYTES: usize = 34;
+    const BLOCK_BYTES: usize = size_of::<BlockQ8_0>();
     let blocks = row_bytes / BLOCK_BYTES;
     let quant_idx = load_indices(&q8_0_pair_indices());
     let sign_flip = _mm512_set1_epi8(-128);
@@ -300,7 +301,7 @@ pub(crate) unsafe fn rows_q8_0<const PF: u8>(w: &[u8], row_bytes: usize, x: Q8_0
             let (second_quants, second_scale) = if 2 * pair + 1 < blocks {
                 (
                     _mm256_loadu_si256(first.add(BLOCK_BYTES + 2).cast()),
-                    u16::from_le_bytes([*first.add(34), *first.add(35)]),
+                    u16::from_le_bytes([*first.add(BLOCK_BYTES), *first.add(BLOCK_BYTES + 1)]),
                 )
             } else {
                 (_mm256_setzero_si256(), 0)
@@ -343,7 +344,7 @@ pub(crate) const A_AND_C_OR_B: i32 = (0xF0 & 0xAA) | 0xCC;
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
 pub(crate) unsafe fn rows_q4_k<const PF: u8>(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
-    const BLOCK_BYTES: usize = 144;
+    const BLOCK_BYTES: usize = size_of::<BlockQ4K>();
     let blocks = row_bytes / BLOCK_BYTES;
     let nibbles = low_then_high_nibbles();
     let spread: [__m512i; 4] = std::array::from_fn(|c| load_indices(&dword_spread_indices(2 * c, 8)));
@@ -429,7 +430,7 @@ impl Q6kUnpack {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
 pub(crate) unsafe fn rows_q6_k<const PF: u8>(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
-    const BLOCK_BYTES: usize = 210;
+    const BLOCK_BYTES: usize = size_of::<BlockQ6K>();
     let blocks = row_bytes / BLOCK_BYTES;
     let Q6kUnpack { low_nibble, high_nibble, top_bits_first, top_bits_second, spread } = Q6kUnpack::new();
     let end = w.as_ptr_range().end;

@@ -17,15 +17,19 @@
 use std::arch::x86_64::*;
 
 use crate::acts::{quantize_q8_0_natural, ActsQ8K};
-use crate::blocks::scales_mins_k4_words;
+use crate::blocks::{scales_mins_k4_words, BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8_0};
 use crate::isa::Isa;
 use crate::kernels::avx512::{load_q4_0_pair, low_then_high_nibbles, prefetch_ahead, GF2_HIGH_NIBBLE, GF2_LOW_NIBBLE};
 use crate::kernels::x86::half_at;
-use crate::matmul::{run_rows, QuantMatrix, Schedule, SharedOut};
+use crate::kernels::{traits, ActKind};
+use crate::matrix::QuantMatrix;
+use crate::schedule::{run_rows, Schedule, Scratch, SharedOut};
 use crate::tuning::{Prefetch, Tuning, PREFETCH_NTA, PREFETCH_T0};
 use crate::types::{GgmlType, QK, QK_K};
 use rayon::ThreadPool;
+use std::cell::RefCell;
 use std::ops::Range;
+use std::thread::LocalKey;
 
 /// Weight rows unpacked together; a multiple of [`KERNEL_ROWS`].
 pub(crate) const CHUNK_ROWS: usize = 32;
@@ -33,39 +37,6 @@ pub(crate) const CHUNK_ROWS: usize = 32;
 const KERNEL_ROWS: usize = 8;
 /// Activation rows per tile: one per 32-bit lane.
 const TILE: usize = 16;
-/// Whether the GEMM multiplies weights of type `ty` with `n` activation rows (on AVX-512), rather than the
-/// multi-row kernels.
-///
-/// The GEMM computes whole tiles of 16 activation rows, so it costs nearly as much for 8 rows as for 16, while the
-/// multi-row kernels cost about one more unpacked-weight dot per row. Where the two cross was measured with
-/// `kernel_bench --rows` (13824x5120, weights from DRAM, one thread, Zen 4): q4_0 multi-row 8.0 ms at 10 rows
-/// against the GEMM's 8.5, 8.7 against 8.3 at 11; q8_0 10.1 against 10.8 at 9 rows, 11.4 against 10.5 at 10; q4_K
-/// 8.9 against 9.3 at 13, even at 14; q6_K, whose GEMM is the slowest, even at 16 (and 11.0 against 12.5 at 16 on
-/// 5120x13824), so from 17, where the multi-row path needs a third pass.
-pub(crate) fn use_gemm(ty: GgmlType, n: usize) -> bool {
-    let min_rows = match ty {
-        GgmlType::Q4_0 => 11,
-        GgmlType::Q8_0 => 10,
-        GgmlType::Q4_K => 14,
-        GgmlType::Q6_K => 17,
-        _ => return false,
-    };
-    n >= min_rows
-}
-
-/// Whether there is a GEMM for weights of type `ty`.
-pub(crate) fn has_gemm(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K)
-}
-
-/// Values per scale group: the unit whose integer sum gets one weight scale and one activation scale.
-fn group_len(ty: GgmlType) -> usize {
-    if ty == GgmlType::Q6_K {
-        16
-    } else {
-        32
-    }
-}
 
 /// The activations of one call, transposed into tiles of 16 rows.
 pub(crate) struct ActTiles {
@@ -85,9 +56,9 @@ impl ActTiles {
     pub fn new(ty: GgmlType, x: &[f32], n: usize, k: usize, pool: &ThreadPool) -> ActTiles {
         let tiles = n.div_ceil(TILE);
         let quads = k / 4;
-        let group = group_len(ty);
+        let group = traits(ty).group_len;
         let groups = k / group;
-        let q8_0 = matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0);
+        let q8_0 = matches!(traits(ty).act, ActKind::Q8_0 { .. });
         let scales = if q8_0 { k / QK } else { k / QK_K };
         let mut t = ActTiles {
             quads,
@@ -99,7 +70,7 @@ impl ActTiles {
         let shared = SharedTiles { xq: t.xq.as_mut_ptr(), scale: t.scale.as_mut_ptr(), sum: t.sum.as_mut_ptr() };
         let parallel = n * k >= 1 << 16;
         let t_sum_len = if ty == GgmlType::Q4_K { groups * TILE } else { 0 };
-        run_rows(pool, tiles, Schedule::Fixed(1), parallel, |range, _| {
+        run_rows(pool, tiles, Schedule::Fixed(1), parallel, |range, _: &mut ()| {
             let mut qs = vec![0i8; k];
             let mut d = vec![0f32; k / QK];
             for tile in range {
@@ -190,6 +161,15 @@ pub(crate) struct GemmScratch {
     corr: Vec<i32>,
     /// q4_K only, `CHUNK_ROWS × groups`: `-dmin · min`.
     min: Vec<f32>,
+}
+
+impl Scratch for GemmScratch {
+    fn local() -> &'static LocalKey<RefCell<GemmScratch>> {
+        thread_local! {
+            static PANEL: RefCell<GemmScratch> = RefCell::default();
+        }
+        &PANEL
+    }
 }
 
 /// Computes the outputs of weight rows `rows` (at most [`CHUNK_ROWS`]) for all `n` activation rows.
@@ -386,6 +366,7 @@ unsafe fn unpack_q4_0<const PF: u8>(
     scale: &mut [f32],
     corr: &mut [i32],
 ) {
+    const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
     // Block b of the pair: bytes 0..16 of its values are the low nibbles of its 16 quant bytes, 16..32 the high.
     // `load_q4_0_pair` puts the first block's quants at bytes 2..18 and the second's at 32..48.
     let idx: [u8; 64] = std::array::from_fn(|o| (if o < 32 { 2 } else { 32 } + o % 16) as u8);
@@ -402,8 +383,8 @@ unsafe fn unpack_q4_0<const PF: u8>(
     );
     for pair in 0..blocks.div_ceil(2) {
         let in_pair = (blocks - 2 * pair).min(2);
-        prefetch_ahead::<1, PF>(row.add(36 * pair), end);
-        let raw = load_q4_0_pair(row.add(36 * pair), in_pair == 2);
+        prefetch_ahead::<1, PF>(row.add(2 * BLOCK_BYTES * pair), end);
+        let raw = load_q4_0_pair(row.add(2 * BLOCK_BYTES * pair), in_pair == 2);
         let u = _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_permutexvar_epi8(idx, raw), nibbles);
         _mm512_mask_storeu_epi8(
             q.as_mut_ptr().add(64 * pair).cast(),
@@ -415,7 +396,7 @@ unsafe fn unpack_q4_0<const PF: u8>(
             let j = 2 * pair + b;
             let unsigned: u64 = sums[4 * b..4 * b + 4].iter().sum();
             corr[j] = -128 * (unsigned as i32 - 8 * 32);
-            scale[j] = half_at(row.add(18 * j));
+            scale[j] = half_at(row.add(BLOCK_BYTES * j));
         }
     }
 }
@@ -429,8 +410,9 @@ unsafe fn unpack_q8_0<const PF: u8>(
     scale: &mut [f32],
     corr: &mut [i32],
 ) {
+    const BLOCK_BYTES: usize = size_of::<BlockQ8_0>();
     for j in 0..blocks {
-        let b = row.add(34 * j);
+        let b = row.add(BLOCK_BYTES * j);
         prefetch_ahead::<1, PF>(b, end);
         let v = _mm256_loadu_si256(b.add(2).cast());
         _mm256_storeu_si256(q.as_mut_ptr().add(32 * j).cast(), v);
@@ -451,9 +433,10 @@ unsafe fn unpack_q4_k<const PF: u8>(
     corr: &mut [i32],
     min: &mut [f32],
 ) {
+    const BLOCK_BYTES: usize = size_of::<BlockQ4K>();
     let nibbles = low_then_high_nibbles();
     for i in 0..blocks {
-        let b = row.add(144 * i);
+        let b = row.add(BLOCK_BYTES * i);
         prefetch_ahead::<3, PF>(b, end);
         let (d, dmin) = (half_at(b), half_at(b.add(2)));
         let (scales, mins) = scales_mins_k4_words(&*b.add(4).cast::<[u8; 12]>());
@@ -483,6 +466,7 @@ unsafe fn unpack_q6_k<const PF: u8>(
     scale: &mut [f32],
     corr: &mut [i32],
 ) {
+    const BLOCK_BYTES: usize = size_of::<BlockQ6K>();
     let low_nibble = _mm512_set1_epi8(0x0F);
     let high_nibble = _mm512_set1_epi64(GF2_HIGH_NIBBLE);
     let two_bits = |s: i8| crate::kernels::avx512::gf2_bit_select([-1, -1, -1, -1, s, s + 1, -1, -1]);
@@ -507,7 +491,7 @@ unsafe fn unpack_q6_k<const PF: u8>(
         two_bits(4),
     );
     for i in 0..blocks {
-        let b = row.add(210 * i);
+        let b = row.add(BLOCK_BYTES * i);
         prefetch_ahead::<4, PF>(b, end);
         let d = half_at(b.add(208));
         for half in 0..2 {

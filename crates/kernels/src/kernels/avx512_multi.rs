@@ -12,7 +12,7 @@
 use std::arch::x86_64::*;
 
 use crate::acts::Q8_0Row;
-use crate::blocks::{scales_mins_k4_words, BlockQ8K};
+use crate::blocks::{scales_mins_k4_words, BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8K, BlockQ8_0};
 use crate::kernels::avx512::{
     dword_spread_indices, half_bits, load_indices, low_then_high_nibbles, pair_biases, pair_scales, prefetch_ahead,
     q8_0_pair_indices, Q6kUnpack, A_AND_C_OR_B, GF2_HIGH_NIBBLE, LOW_BYTE_OF_DWORD,
@@ -29,7 +29,7 @@ pub(crate) unsafe fn rows_q4_0<const R: usize, const PF: u8>(
     x: &[Q8_0Row; R],
     out: &mut [&mut [f32]],
 ) {
-    const BLOCK_BYTES: usize = 18;
+    const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
     debug_assert!(x.iter().all(|x| !x.natural.is_empty()) && out.len() == R);
     let blocks = row_bytes / BLOCK_BYTES;
     let full = blocks / 4;
@@ -61,7 +61,7 @@ pub(crate) unsafe fn rows_q4_0<const R: usize, const PF: u8>(
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,gfni,f16c,fma")]
 unsafe fn q4_0_quad<const R: usize>(acc: &mut [__m512; R], b: *const u8, x: &[Q8_0Row; R], g: usize) {
-    const BLOCK_BYTES: usize = 18;
+    const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
     let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     let ab = _mm256_inserti128_si256::<1>(
         _mm256_castsi128_si256(_mm_loadu_si128(b.add(2).cast())),
@@ -103,7 +103,7 @@ pub(crate) unsafe fn rows_q8_0<const R: usize, const PF: u8>(
     x: &[Q8_0Row; R],
     out: &mut [&mut [f32]],
 ) {
-    const BLOCK_BYTES: usize = 34;
+    const BLOCK_BYTES: usize = size_of::<BlockQ8_0>();
     debug_assert_eq!(out.len(), R);
     let blocks = row_bytes / BLOCK_BYTES;
     let quant_idx = load_indices(&q8_0_pair_indices());
@@ -118,7 +118,7 @@ pub(crate) unsafe fn rows_q8_0<const R: usize, const PF: u8>(
             let (second_quants, second_scale) = if 2 * pair + 1 < blocks {
                 (
                     _mm256_loadu_si256(first.add(BLOCK_BYTES + 2).cast()),
-                    u16::from_le_bytes([*first.add(34), *first.add(35)]),
+                    u16::from_le_bytes([*first.add(BLOCK_BYTES), *first.add(BLOCK_BYTES + 1)]),
                 )
             } else {
                 (_mm256_setzero_si256(), 0)
@@ -153,7 +153,7 @@ pub(crate) unsafe fn rows_q4_k<const R: usize, const PF: u8>(
     x: &[&[BlockQ8K]; R],
     out: &mut [&mut [f32]],
 ) {
-    const BLOCK_BYTES: usize = 144;
+    const BLOCK_BYTES: usize = size_of::<BlockQ4K>();
     debug_assert_eq!(out.len(), R);
     let blocks = row_bytes / BLOCK_BYTES;
     let nibbles = low_then_high_nibbles();
@@ -216,7 +216,7 @@ pub(crate) unsafe fn rows_q6_k<const R: usize, const PF: u8>(
     x: &[&[BlockQ8K]; R],
     out: &mut [&mut [f32]],
 ) {
-    const BLOCK_BYTES: usize = 210;
+    const BLOCK_BYTES: usize = size_of::<BlockQ6K>();
     debug_assert_eq!(out.len(), R);
     let blocks = row_bytes / BLOCK_BYTES;
     let Q6kUnpack { low_nibble, high_nibble, top_bits_first, top_bits_second, spread } = Q6kUnpack::new();

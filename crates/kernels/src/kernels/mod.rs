@@ -1,6 +1,7 @@
 //! Row kernels (`out[i] = dot(weight row i, x)` for one activation row) and multi-row kernels (the same for a few
 //! activation rows at once, each weight block unpacked once) at each instruction-set level, and the choice between
-//! them; `avx512_gemm` has the kernel for many activation rows at once.
+//! them; `avx512_gemm` has the kernel for many activation rows at once. Which weight types have which kernels is
+//! the table in `traits`.
 
 use crate::acts::{ActsQ8K, ActsQ8_0, Q8_0Row};
 use crate::blocks::BlockQ8K;
@@ -33,45 +34,11 @@ pub(crate) mod avx512_gemm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512_multi;
 pub(crate) mod scalar;
+mod traits;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
-/// How the activations are prepared for a weight type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ActKind {
-    /// q8_0, for weights stored as unsigned bytes `q + zero_point` with one scale per 32 (q4_0: 8, q8_0: 128).
-    Q8_0 { zero_point: i32 },
-    /// q8_K, for the k-quants with a dedicated kernel.
-    Q8K,
-    /// f32 as given: for f32/f16/bf16 rows, and for the types without a dedicated kernel, whose rows are
-    /// dequantized to f32 first.
-    F32,
-}
-
-impl ActKind {
-    pub fn for_weights(ty: GgmlType) -> ActKind {
-        match ty {
-            GgmlType::Q4_0 => ActKind::Q8_0 { zero_point: 8 },
-            GgmlType::Q8_0 => ActKind::Q8_0 { zero_point: 128 },
-            GgmlType::Q4_K | GgmlType::Q6_K => ActKind::Q8K,
-            _ => ActKind::F32,
-        }
-    }
-}
-
-/// Whether rows of `ty` have a dedicated kernel; the others are dequantized to f32 row by row.
-pub(crate) fn has_row_kernel(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q4_0
-            | GgmlType::Q8_0
-            | GgmlType::Q4_K
-            | GgmlType::Q6_K
-            | GgmlType::F32
-            | GgmlType::F16
-            | GgmlType::BF16
-    )
-}
+pub(crate) use traits::{traits, ActKind};
 
 /// All activation rows of one matmul, prepared once.
 pub(crate) enum Activations<'a> {
@@ -106,7 +73,8 @@ impl<'a> Activations<'a> {
     }
 }
 
-/// `out[i] = dot(row i of w, x)` for the rows in `w` (whole rows of `row_bytes` bytes, of a type with a row kernel).
+/// `out[i] = dot(row i of w, x)` for the rows in `w` (whole rows of `row_bytes` bytes, of a type with a row kernel:
+/// `TypeTraits::row_kernel`).
 ///
 /// `isa` must be available on this CPU (checked by the public entry points).
 pub(crate) fn rows(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: ActRow, out: &mut [f32]) {
@@ -163,12 +131,6 @@ pub(crate) fn rows(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: ActRow
 /// layouts, outgrow L1; one pass still beats two.)
 pub(crate) const MAX_MULTI_ROWS: usize = 8;
 
-/// Whether `ty` has multi-row kernels (the quantized types with row kernels; float rows gain nothing from sharing an
-/// unpacking they do not need).
-pub(crate) fn has_multi_row_kernel(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K)
-}
-
 /// `out[c][i] = dot(row i of w, x[c])` for `x.len()` activation rows (at most [`MAX_MULTI_ROWS`]) and the rows in
 /// `w` (a type with a row kernel): each result is bit for bit what [`rows`] gives for `x[c]` alone.
 ///
@@ -177,7 +139,7 @@ pub(crate) fn has_multi_row_kernel(ty: GgmlType) -> bool {
 pub(crate) fn rows_multi(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: &[ActRow], out: &mut [&mut [f32]]) {
     debug_assert!(x.len() <= MAX_MULTI_ROWS && out.len() == x.len());
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Scalar && has_multi_row_kernel(ty) {
+    if isa != Isa::Scalar && traits(ty).multi_row_kernel {
         // SAFETY: `isa` was checked against the CPU; the kernels read exactly the rows in `w` and the activations.
         let done = unsafe {
             match x.len() {
