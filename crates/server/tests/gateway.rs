@@ -103,6 +103,7 @@ fn vllm_gauges_follow_the_queue_the_batch_and_the_kv_cache() {
             break samples;
         }
         assert!(Instant::now() < deadline, "never saw 2 waiting: {samples:?}");
+        std::thread::sleep(Duration::from_millis(5));
     };
     assert_consistent(&loaded);
     assert_eq!(sample(&loaded, RUNNING), 1.0);
@@ -113,6 +114,10 @@ fn vllm_gauges_follow_the_queue_the_batch_and_the_kv_cache() {
 
     // Clients gone: the gauges come back to zero (blocks kept by the prefix cache that no request
     // holds count as free, as in vLLM).
+    // (Enough of it generated for full blocks in the prefix cache.)
+    for _ in 0..32 {
+        running.next_json();
+    }
     drop(running);
     drop(waiting);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -224,7 +229,8 @@ fn streamed_request(addr: SocketAddr, i: usize) -> Result<(), String> {
         let finish = events.iter().rev().filter_map(|e| serde_json::from_str::<Value>(e).ok()).find_map(|e| {
             e["choices"][0]["finish_reason"].as_str().map(str::to_string)
         });
-        if finish.as_deref() != Some("length") {
+        // 48 tokens, or the chat template's stop (`###`) if the random model writes it first.
+        if !matches!(finish.as_deref(), Some("length" | "stop")) {
             return Err(format!("chat stream finished with {finish:?}"));
         }
     }
@@ -325,9 +331,10 @@ fn two_replicas_behind_haproxy_one_drained_and_restarted_under_load_fail_no_requ
 
     // SIGTERM to r1 while it streams: a long request sent to it directly keeps its drain going
     // for a while, so HAProxy's check sees /health answer 503 (L7STS), not a closed port.
+    let r1 = replica(1);
     let long = std::thread::spawn(move || {
-        let body = json!({"inputs": "Hi", "parameters": {"max_new_tokens": 1500, "ignore_eos": true, "details": true}});
-        let mut stream = EventStream::open(replica(1), "/generate_stream", &body);
+        let body = json!({"inputs": "Hi", "parameters": {"max_new_tokens": 400, "ignore_eos": true, "details": true}});
+        let mut stream = EventStream::open(r1, "/generate_stream", &body);
         let first = stream.next_json();
         (first, std::iter::from_fn(|| stream.next_json()).last())
     });
@@ -351,7 +358,7 @@ fn two_replicas_behind_haproxy_one_drained_and_restarted_under_load_fail_no_requ
     let (first, last) = long.join().unwrap();
     assert!(first.is_some(), "the long stream started before SIGTERM");
     let last = last.expect("the long stream's last event");
-    assert_eq!(last["details"]["generated_tokens"], 1500, "the stream running at SIGTERM finished: {last}");
+    assert_eq!(last["details"]["generated_tokens"], 400, "the stream running at SIGTERM finished: {last}");
     let status = wait_exit(&mut children.0[1], Duration::from_secs(40));
     assert!(status.success(), "r1 exit status {status}: {}", std::fs::read_to_string(log("r1-first")).unwrap());
     let drain = drained_at.elapsed();
@@ -396,9 +403,11 @@ fn yaml_documents(file: &Path) -> Vec<Yaml> {
     let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|document| {
-            serde::Deserialize::deserialize(document).unwrap_or_else(|e| panic!("{}: not YAML: {e}", file.display()))
+            let value: Yaml = serde::Deserialize::deserialize(document)
+                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", file.display()));
+            value
         })
-        .filter(|document: &Yaml| !document.is_null())
+        .filter(|document| !document.is_null())
         .collect()
 }
 
@@ -411,7 +420,10 @@ fn serve_flags() -> HashMap<String, Option<String>> {
     let mut current: Option<String> = None;
     for line in help.lines() {
         let trimmed = line.trim_start();
-        if let Some(at) = trimmed.find("--").filter(|_| trimmed.starts_with('-')) {
+        // A flag's line is indented less than the description lines under it (which may start
+        // with another flag's name when wrapped).
+        let flag_line = trimmed.starts_with('-') && line.len() - trimmed.len() <= 6;
+        if let Some(at) = trimmed.find("--").filter(|_| flag_line) {
             let name: String =
                 trimmed[at + 2..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
             flags.insert(name.clone(), None);

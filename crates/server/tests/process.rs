@@ -27,12 +27,12 @@ fn sigterm_drains_health_goes_unready_running_requests_finish_then_it_exits_clea
     // long enough to watch it.
     let (mut child, addr) = start_server(&["--shutdown-grace", "60", "--max-batch-size", "1"]);
     assert_eq!(get(addr, "/health").status, 200);
-    let mut streams: Vec<EventStream> = (0..4)
+    let mut streams: Vec<EventStream> = (0..3)
         .map(|i| {
             let body = json!({
                 "inputs": "### Human: Hi\n### Assistant:",
                 "parameters": {
-                    "do_sample": true, "seed": 5 + i, "max_new_tokens": 1500, "ignore_eos": true, "details": true,
+                    "do_sample": true, "seed": 5 + i, "max_new_tokens": 300, "ignore_eos": true, "details": true,
                 },
             });
             EventStream::open(addr, "/generate_stream", &body)
@@ -59,7 +59,7 @@ fn sigterm_drains_health_goes_unready_running_requests_finish_then_it_exits_clea
     for (i, stream) in streams.iter_mut().enumerate() {
         let last = std::iter::from_fn(|| stream.next_json()).last().expect("events after SIGTERM");
         assert!(last.get("error").is_none(), "stream {i}: {last}");
-        assert_eq!(last["details"]["generated_tokens"], 1500, "stream {i} finished: {last}");
+        assert_eq!(last["details"]["generated_tokens"], 300, "stream {i} finished: {last}");
     }
     // Then no more connections, and a clean exit.
     let deadline = Instant::now() + Duration::from_secs(10);
