@@ -80,8 +80,12 @@ fn vllm_gauges_follow_the_queue_the_batch_and_the_kv_cache() {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
     assert!((sample(&idle, LORA) - now).abs() < 60.0, "lora_requests_info {} at {now}", sample(&idle, LORA));
     let text = get(server.addr, "/metrics").text();
-    for name in ["vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info"]
-    {
+    for name in [
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:lora_requests_info",
+    ] {
         assert!(text.contains(&format!("# TYPE {name} gauge\n")), "{name} is not a gauge:\n{text}");
     }
 
@@ -140,7 +144,10 @@ fn model_name_label_values_are_escaped() {
     options.model_id = "a \"quoted\" \\ name".into();
     let server = TestServer::start(options);
     let samples = scrape(server.addr);
-    assert!(samples.contains_key("vllm:num_requests_waiting{model_name=\"a \\\"quoted\\\" \\\\ name\"}"), "{samples:?}");
+    assert!(
+        samples.contains_key("vllm:num_requests_waiting{model_name=\"a \\\"quoted\\\" \\\\ name\"}"),
+        "{samples:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -163,7 +170,12 @@ fn start_replica(port: u16, log: &Path) -> Child {
         .expect("start vicuna serve");
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    assert_eq!(line.trim(), format!("listening on http://127.0.0.1:{port}"), "{}", std::fs::read_to_string(log).unwrap());
+    assert_eq!(
+        line.trim(),
+        format!("listening on http://127.0.0.1:{port}"),
+        "{}",
+        std::fs::read_to_string(log).unwrap()
+    );
     child
 }
 
@@ -204,7 +216,7 @@ fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
 /// Alternates between TGI's stream and OpenAI's chat stream.
 fn streamed_request(addr: SocketAddr, i: usize) -> Result<(), String> {
     let seed = i as u64;
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let body = json!({"inputs": "### Human: Hi\n### Assistant:", "parameters": {
             "do_sample": true, "seed": seed, "max_new_tokens": 48, "ignore_eos": true, "details": true}});
         let mut stream = EventStream::open(addr, "/generate_stream", &body);
@@ -226,9 +238,11 @@ fn streamed_request(addr: SocketAddr, i: usize) -> Result<(), String> {
         if events.last().map(String::as_str) != Some("[DONE]") || events.iter().any(|e| e.contains("\"error\"")) {
             return Err(format!("chat stream ended with {:?}", events.iter().rev().take(2).collect::<Vec<_>>()));
         }
-        let finish = events.iter().rev().filter_map(|e| serde_json::from_str::<Value>(e).ok()).find_map(|e| {
-            e["choices"][0]["finish_reason"].as_str().map(str::to_string)
-        });
+        let finish = events
+            .iter()
+            .rev()
+            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+            .find_map(|e| e["choices"][0]["finish_reason"].as_str().map(str::to_string));
         // 48 tokens, or the chat template's stop (`###`) if the random model writes it first.
         if !matches!(finish.as_deref(), Some("length" | "stop")) {
             return Err(format!("chat stream finished with {finish:?}"));
@@ -279,7 +293,12 @@ fn two_replicas_behind_haproxy_one_drained_and_restarted_under_load_fail_no_requ
     let config_file = dir.join("haproxy.cfg");
     std::fs::write(&config_file, &config).unwrap();
     let check = Command::new(&haproxy).arg("-c").arg("-f").arg(&config_file).output().unwrap();
-    assert!(check.status.success(), "haproxy -c: {}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "haproxy -c: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
     children.0.push(
         Command::new(&haproxy)
             .arg("-db")
@@ -291,7 +310,9 @@ fn two_replicas_behind_haproxy_one_drained_and_restarted_under_load_fail_no_requ
             .expect("start haproxy"),
     );
     let (front, stats) = (SocketAddr::from(([127, 0, 0, 1], front)), SocketAddr::from(([127, 0, 0, 1], stats)));
-    wait_until("haproxy listening", Duration::from_secs(10), || TcpStream::connect(front).is_ok() && TcpStream::connect(stats).is_ok());
+    wait_until("haproxy listening", Duration::from_secs(10), || {
+        TcpStream::connect(front).is_ok() && TcpStream::connect(stats).is_ok()
+    });
     wait_until("both replicas UP in haproxy", Duration::from_secs(10), || {
         haproxy_server(stats, "r0").0 == "UP" && haproxy_server(stats, "r1").0 == "UP"
     });
@@ -382,7 +403,13 @@ fn two_replicas_behind_haproxy_one_drained_and_restarted_under_load_fail_no_requ
          {:?} in all",
         began.elapsed()
     );
-    assert!(failures.is_empty(), "{} of {} requests failed: {:?}", failures.len(), total + failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        total + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert!(total >= 20, "only {total} requests completed");
     assert!(slowest < Duration::from_secs(20), "a 48-token request took {slowest:?}");
     assert!(began.elapsed() < Duration::from_secs(120), "the whole run took {:?}", began.elapsed());
@@ -528,7 +555,8 @@ fn dockerfile_and_kubernetes_manifests_match_the_binary() {
     }
     // The liveness probe must not kill a replica that drains (its /health is 503 then).
     let liveness = &container["livenessProbe"];
-    let tolerates = int(&liveness["periodSeconds"], "periodSeconds") * int(&liveness["failureThreshold"], "failureThreshold");
+    let tolerates =
+        int(&liveness["periodSeconds"], "periodSeconds") * int(&liveness["failureThreshold"], "failureThreshold");
     assert!(tolerates > grace, "liveness gives up after {tolerates} s, before a {grace} s drain ends");
 
     // preStop waits for the endpoint to be removed, then SIGTERM drains for up to --shutdown-grace:
@@ -567,7 +595,11 @@ fn dockerfile_and_kubernetes_manifests_match_the_binary() {
     let pool = find(&documents, "InferencePool");
     assert_eq!(pool["apiVersion"].as_str(), Some("inference.networking.k8s.io/v1"));
     for (key, value) in pool["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
-        assert_eq!(labels.get(key), Some(value), "the InferencePool selects {key:?}: {value:?}, the pods do not carry it");
+        assert_eq!(
+            labels.get(key),
+            Some(value),
+            "the InferencePool selects {key:?}: {value:?}, the pods do not carry it"
+        );
     }
     assert_eq!(int(&pool["spec"]["targetPorts"][0]["number"], "targetPorts"), port as u64);
     let route = find(&documents, "HTTPRoute");
@@ -582,7 +614,8 @@ fn dockerfile_and_kubernetes_manifests_match_the_binary() {
     assert_eq!(metric["type"].as_str(), Some("Pods"));
     let hpa_metric = metric["pods"]["metric"]["name"].as_str().unwrap();
     let adapter = find(&documents, "ConfigMap");
-    let rules: Yaml = serde_yaml_ng::from_str(adapter["data"]["config.yaml"].as_str().expect("the adapter's rules")).unwrap();
+    let rules: Yaml =
+        serde_yaml_ng::from_str(adapter["data"]["config.yaml"].as_str().expect("the adapter's rules")).unwrap();
     let rule = rules["rules"]
         .as_sequence()
         .unwrap()
@@ -605,7 +638,11 @@ fn dockerfile_and_kubernetes_manifests_match_the_binary() {
     let all = |name: &str| instructions.iter().filter(|(i, _)| i == name).map(|(_, r)| r.as_str()).collect::<Vec<_>>();
     let stages = all("FROM");
     assert!(stages.len() >= 2, "a builder stage and a runtime stage: {stages:?}");
-    assert!(stages[0].starts_with("rust:") && stages.last().unwrap().starts_with("debian:") && stages.last().unwrap().contains("slim"));
+    assert!(
+        stages[0].starts_with("rust:")
+            && stages.last().unwrap().starts_with("debian:")
+            && stages.last().unwrap().contains("slim")
+    );
     assert_eq!(all("EXPOSE"), vec![port.to_string().as_str()], "EXPOSE the port the Deployment uses");
     let entrypoint: Vec<String> = serde_json::from_str(all("ENTRYPOINT").last().expect("an ENTRYPOINT")).unwrap();
     assert_eq!(entrypoint, vec!["/usr/local/bin/vicuna".to_string()]);
