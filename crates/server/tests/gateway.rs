@@ -352,13 +352,11 @@ fn two_replicas_behind_haproxy_one_drained_and_restarted_under_load_fail_no_requ
 
     // SIGTERM to r1 while it streams: a long request sent to it directly keeps its drain going
     // for a while, so HAProxy's check sees /health answer 503 (L7STS), not a closed port.
-    let r1 = replica(1);
-    let long = std::thread::spawn(move || {
-        let body = json!({"inputs": "Hi", "parameters": {"max_new_tokens": 400, "ignore_eos": true, "details": true}});
-        let mut stream = EventStream::open(r1, "/generate_stream", &body);
-        let first = stream.next_json();
-        (first, std::iter::from_fn(|| stream.next_json()).last())
-    });
+    // (Its first event is read here, so it runs before the signal; the rest in a thread.)
+    let body = json!({"inputs": "Hi", "parameters": {"max_new_tokens": 400, "ignore_eos": true, "details": true}});
+    let mut long_stream = EventStream::open(replica(1), "/generate_stream", &body);
+    let first = long_stream.next_json();
+    let long = std::thread::spawn(move || std::iter::from_fn(|| long_stream.next_json()).last());
     wait_until("r1 runs requests", Duration::from_secs(10), || {
         sample(&scrape(replica(1)), "vllm:num_requests_running{model_name=\"safetensors-f16\"}") >= 2.0
     });
@@ -376,7 +374,7 @@ fn two_replicas_behind_haproxy_one_drained_and_restarted_under_load_fail_no_requ
     let (check, exited) = seen_down.unwrap();
     assert_eq!(check, "L7STS", "r1 was taken out by its /health answer (503), not a refused connection");
     assert!(!exited, "r1 was still draining when haproxy took it out");
-    let (first, last) = long.join().unwrap();
+    let last = long.join().unwrap();
     assert!(first.is_some(), "the long stream started before SIGTERM");
     let last = last.expect("the long stream's last event");
     assert_eq!(last["details"]["generated_tokens"], 400, "the stream running at SIGTERM finished: {last}");
