@@ -55,7 +55,9 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 2_000_000)]
     pub payload_limit: usize,
-    /// Seconds running requests get to finish after SIGTERM before they are cancelled.
+    /// Seconds running requests get to finish after SIGTERM before they are cancelled. While they
+    /// finish (the drain), /health answers 503 and new generation requests get 503; then the port
+    /// closes and the server exits.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
     /// Do not keep computed KV blocks for later requests (by default every full block of a prompt

@@ -102,6 +102,7 @@ pub fn router(state: SharedState) -> Router {
         // Outside the key guard: preflights carry no key, and refusals need CORS headers too (or
         // the page cannot read why it was refused).
         .layer(middleware::from_fn_with_state(state.clone(), cors))
+        .layer(middleware::from_fn_with_state(state.clone(), close_when_draining))
         .with_state(state)
 }
 
@@ -177,12 +178,27 @@ async fn chat_page() -> Html<&'static str> {
     Html(CHAT_PAGE)
 }
 
+/// 200 while the server takes requests; 503 once the model thread has stopped, and while it
+/// drains after SIGTERM (so health checks and readiness probes take it out of rotation while
+/// its running requests finish).
 async fn health(State(state): State<SharedState>) -> Response {
-    if state.scheduler.is_alive() {
-        StatusCode::OK.into_response()
-    } else {
+    if !state.scheduler.is_alive() {
         ApiError::unavailable("the model thread has stopped").into_response()
+    } else if state.draining.load(Ordering::SeqCst) {
+        ApiError::unavailable("the server is shutting down: finishing its running requests").into_response()
+    } else {
+        StatusCode::OK.into_response()
     }
+}
+
+/// While draining, every response asks the client to close its connection, so that kept-alive
+/// connections (a load balancer's pool) move to another replica rather than queue here.
+async fn close_when_draining(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    if state.draining.load(Ordering::SeqCst) {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 async fn metrics(State(state): State<SharedState>) -> Response {

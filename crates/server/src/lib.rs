@@ -222,9 +222,10 @@ pub fn bind(host: &str, port: u16) -> Result<std::net::TcpListener, Error> {
 }
 
 /// Serve on `listener` until `shutdown` completes (for `vicuna serve`: [`shutdown_signal`]).
-/// Prints `listening on http://ADDRESS` on stdout once ready. After `shutdown`: no new
-/// connections or requests; running ones finish within `shutdown_grace` (then they are
-/// cancelled); then it returns.
+/// Prints `listening on http://ADDRESS` on stdout once ready. After `shutdown` it drains:
+/// `/health` answers 503 and new generation requests get 503 (with `Connection: close`), while
+/// the requests in flight finish within `shutdown_grace` (then they are cancelled); once none is
+/// left the port closes, open connections end, and it returns.
 pub fn serve_on(
     listener: std::net::TcpListener,
     model: QuantLlama,
@@ -241,7 +242,7 @@ pub fn serve_on(
     };
     let address: SocketAddr = listener.local_addr()?;
 
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(&options.model_id));
     let tokenizer = Arc::new(tokenizer);
     let info = serde_json::json!({
         "model_id": options.model_id,
@@ -296,17 +297,26 @@ pub fn serve_on(
 
     runtime.block_on(async {
         let draining_started = Arc::new(Notify::new());
-        let signalled = {
+        // The drain: from the signal on, /health answers 503 and new generation requests get 503
+        // (so a load balancer's health check takes this replica out, and one that retries sends
+        // them elsewhere), while the port stays open and the requests in flight run to their end.
+        // Once none is left (or the grace period cancelled them), the listener closes.
+        let drained = {
             let state = state.clone();
             let draining_started = draining_started.clone();
+            let max_in_flight = options.max_concurrent_requests;
             async move {
                 shutdown.await;
                 eprintln!("shutting down: finishing running requests (up to {:?})", options.shutdown_grace);
                 state.draining.store(true, Ordering::SeqCst);
                 draining_started.notify_one();
+                // A request holds its permit from queueing to its last event.
+                while state.permits.available_permits() < max_in_flight {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
         };
-        let server = serve_http1(listener, app, options.header_read_timeout, signalled);
+        let server = serve_http1(listener, app, options.header_read_timeout, drained);
         // After the signal, the running requests get `shutdown_grace` to finish.
         let deadline = async {
             draining_started.notified().await;

@@ -1,5 +1,12 @@
 //! Counters, gauges and histograms in Prometheus' text format, kept with atomics (and a lock per
 //! histogram) so the scheduler thread and the HTTP tasks update them without coordination.
+//!
+//! Besides our own `vicuna_*` metrics, the scheduler gauges that gateways route on are also
+//! rendered under vLLM's names (the Gateway API Inference Extension's model-server protocol, which
+//! llm-d and KServe follow, names vLLM's): `vllm:num_requests_waiting`, `vllm:num_requests_running`,
+//! `vllm:kv_cache_usage_perc` and `vllm:lora_requests_info`. They are read from the same atomics
+//! as `vicuna_queue_size`, `vicuna_batch_size` and `vicuna_kv_cache_blocks_{in_use,total}`: one
+//! source, two names.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +53,8 @@ const LATENCY_BUCKETS: [f64; 16] =
 
 #[derive(Default)]
 pub struct Metrics {
+    /// The served model's name, the `model_name` label of the vLLM-named gauges.
+    model_name: String,
     requests_queued: AtomicU64,
     rejected: [AtomicU64; 4],
     finished: [AtomicU64; 5],
@@ -104,7 +113,17 @@ fn set(gauge: &AtomicU64, value: usize) {
     gauge.store(value as u64, Ordering::Relaxed);
 }
 
+/// A label value in the text format: backslash, double quote and line feed escaped.
+fn label_value(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 impl Metrics {
+    /// Metrics of a server whose model the API calls `model_name`.
+    pub fn new(model_name: &str) -> Metrics {
+        Metrics { model_name: model_name.to_string(), ..Metrics::default() }
+    }
+
     pub fn rejected(&self, why: Rejection) {
         self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -244,6 +263,46 @@ impl Metrics {
             "Between consecutive tokens of one request.",
         );
         self.step_duration.render(&mut out, "vicuna_batch_step_seconds", "One forward pass of the running batch.");
+        self.render_vllm(&mut out);
         out
+    }
+
+    /// The gauges of vLLM's that gateways scrape, with vLLM's names, types and meanings (see the
+    /// module's documentation); the first three carry `model_name` as vLLM's do.
+    fn render_vllm(&self, out: &mut String) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let model = label_value(&self.model_name);
+        let mut gauge = |name: &str, help: &str, value: f64| {
+            let _ =
+                writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{model}\"}} {value:?}");
+        };
+        gauge(
+            "vllm:num_requests_running",
+            "Requests in the running batch (the same as vicuna_batch_size).",
+            get(&self.batch_size) as f64,
+        );
+        gauge(
+            "vllm:num_requests_waiting",
+            "Requests queued, not yet in the running batch (the same as vicuna_queue_size).",
+            get(&self.queue_size) as f64,
+        );
+        // vLLM's "perc" is a fraction: 1 is a full cache. Blocks the prefix cache keeps but no
+        // running request holds count as free, as in vLLM (they are evicted when room is needed).
+        let total = get(&self.kv_blocks_total);
+        let usage = if total == 0 { 0.0 } else { get(&self.kv_blocks_in_use) as f64 / total as f64 };
+        gauge(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of KV-cache blocks in use, 0 to 1 (vicuna_kv_cache_blocks_in_use / vicuna_kv_cache_blocks_total).",
+            usage,
+        );
+        // vLLM's value is the time the adapter lists were last updated, so a scraper takes the
+        // newest series. No adapters are served: both lists are empty and max_lora is 0.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let _ = writeln!(
+            out,
+            "# HELP vllm:lora_requests_info Running stats on LoRA requests (none: this server has no adapters).\n\
+             # TYPE vllm:lora_requests_info gauge\n\
+             vllm:lora_requests_info{{max_lora=\"0\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}} {now:?}"
+        );
     }
 }

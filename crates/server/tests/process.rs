@@ -13,33 +13,60 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::binary::{path, sigterm, start_server, vicuna_binary, wait_exit};
-use common::{chat_reference, model_dir, tokenizer_file, EventStream};
+use common::{chat_reference, get, model_dir, post_json, tokenizer_file, EventStream};
 use serde_json::json;
 use vicuna_server::template::{ChatMessage, Role};
 
+/// SIGTERM starts the drain: `/health` answers 503 (so a load balancer's health check or a
+/// readiness probe takes the replica out) and a new generation request gets 503 with
+/// `Connection: close`, while the port stays open and every request in flight, queued ones
+/// included, runs to its end; then the port closes and the process exits 0.
 #[test]
-fn sigterm_stops_accepting_finishes_running_requests_and_exits_cleanly() {
-    let (mut child, addr) = start_server(&["--shutdown-grace", "30"]);
-    let body = json!({
-        "inputs": "### Human: Hi\n### Assistant:",
-        "parameters": {"do_sample": true, "seed": 5, "max_new_tokens": 400},
-    });
-    let mut stream = EventStream::open(addr, "/generate_stream", &body);
-    assert!(stream.next_json().unwrap()["generated_text"].is_null());
+fn sigterm_drains_health_goes_unready_running_requests_finish_then_it_exits_cleanly() {
+    // One request at a time: the later streams wait in the queue, which keeps the drain going
+    // long enough to watch it.
+    let (mut child, addr) = start_server(&["--shutdown-grace", "60", "--max-batch-size", "1"]);
+    assert_eq!(get(addr, "/health").status, 200);
+    let mut streams: Vec<EventStream> = (0..3)
+        .map(|i| {
+            let body = json!({
+                "inputs": "### Human: Hi\n### Assistant:",
+                "parameters": {
+                    "do_sample": true, "seed": 5 + i, "max_new_tokens": 300, "ignore_eos": true, "details": true,
+                },
+            });
+            EventStream::open(addr, "/generate_stream", &body)
+        })
+        .collect();
+    assert!(streams[0].next_json().unwrap()["generated_text"].is_null());
     sigterm(&child);
-    // New connections are refused soon after, while the running stream goes on to its end.
+    let signalled = Instant::now();
+    // /health goes unready (503, not a refused connection) soon after the signal.
+    let health = loop {
+        let health = get(addr, "/health");
+        if health.status != 200 {
+            break health;
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(10), "/health still 200 after SIGTERM");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let message = health.expect_error(503, "unavailable");
+    assert!(message.contains("shutting down"), "{message}");
+    let refused = post_json(addr, "/generate", &json!({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}));
+    assert!(refused.expect_error(503, "unavailable").contains("shutting down"));
+    assert_eq!(refused.header("connection"), Some("close"), "{:?}", refused.headers);
+    // Every stream, the queued ones too, runs to its end.
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let last = std::iter::from_fn(|| stream.next_json()).last().expect("events after SIGTERM");
+        assert!(last.get("error").is_none(), "stream {i}: {last}");
+        assert_eq!(last["details"]["generated_tokens"], 300, "stream {i} finished: {last}");
+    }
+    // Then no more connections, and a clean exit.
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(addr).is_ok() {
-        assert!(Instant::now() < deadline, "still accepting connections after SIGTERM");
+        assert!(Instant::now() < deadline, "still accepting connections after the drain");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut last = None;
-    while let Some(event) = stream.next_json() {
-        last = Some(event);
-    }
-    let last = last.expect("more events after SIGTERM");
-    assert!(last["generated_text"].is_string(), "the running request finished: {last}");
-    assert!(last.get("error").is_none(), "{last}");
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert!(status.success(), "exit status {status}");
 }
