@@ -43,6 +43,7 @@ impl Prefetch {
 /// The const-generic tags of [`Prefetch`], for `match` arms in kernels instantiated per hint.
 pub(crate) const PREFETCH_NTA: u8 = Prefetch::Nta.tag();
 pub(crate) const PREFETCH_T0: u8 = Prefetch::T0.tag();
+pub(crate) const PREFETCH_OFF: u8 = Prefetch::Off.tag();
 
 /// The CPU, as `cpuid` names it.
 #[derive(Clone, Debug, PartialEq, Eq)]

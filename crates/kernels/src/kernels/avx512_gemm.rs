@@ -24,7 +24,7 @@ use crate::kernels::x86::half_at;
 use crate::kernels::{traits, ActKind};
 use crate::matrix::QuantMatrix;
 use crate::schedule::{run_rows, Schedule, Scratch, SharedOut};
-use crate::tuning::{Prefetch, Tuning, PREFETCH_NTA, PREFETCH_T0};
+use crate::tuning::{Prefetch, Tuning, PREFETCH_NTA, PREFETCH_OFF, PREFETCH_T0};
 use crate::types::{GgmlType, QK, QK_K};
 use rayon::ThreadPool;
 use std::cell::RefCell;
@@ -223,27 +223,41 @@ pub(crate) unsafe fn gemm(
         // Two tiles per kernel call where there are two: each weight broadcast then feeds two `vpdpbusd`, and 16
         // independent sums hide the instruction's latency.
         if tile + 1 < tile_count {
-            for first in (0..rows.len()).step_by(KERNEL_ROWS) {
-                let acc = match w.ty() {
-                    GgmlType::Q6_K => kernel::<2, 4, 16, false>(scratch, first, k, tiles, tile),
-                    GgmlType::Q4_K => kernel::<2, 8, 8, true>(scratch, first, k, tiles, tile),
-                    _ => kernel::<2, 8, 1, false>(scratch, first, k, tiles, tile),
-                };
-                for (t, acc) in acc.iter().enumerate() {
-                    store_tile(acc, tile + t, rows.start + first, rows.end, n, out);
-                }
-            }
+            kernel_tiles::<2>(w.ty(), scratch, &rows, k, tiles, tile, n, out);
             tile += 2;
         } else {
-            for first in (0..rows.len()).step_by(KERNEL_ROWS) {
-                let acc = match w.ty() {
-                    GgmlType::Q6_K => kernel::<1, 4, 16, false>(scratch, first, k, tiles, tile),
-                    GgmlType::Q4_K => kernel::<1, 8, 8, true>(scratch, first, k, tiles, tile),
-                    _ => kernel::<1, 8, 1, false>(scratch, first, k, tiles, tile),
-                };
-                store_tile(&acc[0], tile, rows.start + first, rows.end, n, out);
-            }
+            kernel_tiles::<1>(w.ty(), scratch, &rows, k, tiles, tile, n, out);
             tile += 1;
+        }
+    }
+}
+
+/// The chunk's weight rows `rows`, [`KERNEL_ROWS`] at a time, against the `T` tiles from `tile`: the kernel for
+/// the type, and its results stored.
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+unsafe fn kernel_tiles<const T: usize>(
+    ty: GgmlType,
+    scratch: &GemmScratch,
+    rows: &Range<usize>,
+    k: usize,
+    tiles: &ActTiles,
+    tile: usize,
+    n: usize,
+    out: SharedOut,
+) {
+    for first in (0..rows.len()).step_by(KERNEL_ROWS) {
+        let acc = match ty {
+            GgmlType::Q6_K => kernel::<T, 4, 16, false>(scratch, first, k, tiles, tile),
+            GgmlType::Q4_K => kernel::<T, 8, 8, true>(scratch, first, k, tiles, tile),
+            _ => kernel::<T, 8, 1, false>(scratch, first, k, tiles, tile),
+        };
+        for (t, acc) in acc.iter().enumerate() {
+            store_tile(acc, tile + t, rows.start + first, rows.end, n, out);
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::acts::{ActsQ8K, ActsQ8_0, Q8_0Row};
 use crate::blocks::BlockQ8K;
 use crate::isa::Isa;
 #[cfg(target_arch = "x86_64")]
-use crate::tuning::{Prefetch, Tuning, PREFETCH_NTA, PREFETCH_T0};
+use crate::tuning::{Prefetch, Tuning, PREFETCH_NTA, PREFETCH_OFF, PREFETCH_T0};
 use crate::types::GgmlType;
 
 /// Calls the kernel `path[generics](args)` instantiated for this process's prefetch hint ([`Tuning::prefetch`]),
@@ -18,7 +18,7 @@ macro_rules! with_prefetch {
         match Tuning::get().prefetch {
             Prefetch::Nta => $($f)::+::<$($g,)* PREFETCH_NTA>($($arg),*),
             Prefetch::T0 => $($f)::+::<$($g,)* PREFETCH_T0>($($arg),*),
-            Prefetch::Off => $($f)::+::<$($g,)* { Prefetch::Off.tag() }>($($arg),*),
+            Prefetch::Off => $($f)::+::<$($g,)* PREFETCH_OFF>($($arg),*),
         }
     };
 }
