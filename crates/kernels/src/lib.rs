@@ -54,6 +54,7 @@ pub mod matmul;
 mod matrix;
 pub mod quant;
 mod schedule;
+pub mod sgemm;
 pub mod tuning;
 pub mod types;
 
@@ -64,5 +65,6 @@ pub use isa::Isa;
 pub use matmul::{matmul, matmul_path, matmul_with, MatmulPath, QuantMatrix};
 pub use quant::quantize_row;
 pub use rayon::{ThreadPool, ThreadPoolBuilder};
+pub use sgemm::{sgemm, sgemm_serial, sgemm_with, MatRef};
 pub use tuning::{Cpu, Prefetch, Tuning};
 pub use types::{row_size, Error, GgmlType, Result, QK, QK_K};

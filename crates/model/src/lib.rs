@@ -3,6 +3,8 @@
 //! this workspace's kernels; and [`Llama`], the same forward pass on candle tensors, which has gradients: the
 //! training code builds on it, and tests use it as a second reference.
 
+mod fused;
+mod linear;
 mod llama;
 pub mod native;
 
@@ -13,7 +15,9 @@ use candle_core::{Device, Tensor};
 use vicuna_weights::Checkpoint;
 
 pub use candle_core;
-pub use llama::{linear, rms_norm, softmax, KvCache, Layer, Llama};
+pub use fused::{causal_attention, rms_norm, swiglu};
+pub use linear::linear;
+pub use llama::{softmax, KvCache, Layer, Llama};
 pub use native::{KvPool, PrefixCache, QuantCache, QuantLlama, Reservation, BLOCK_TOKENS};
 pub use vicuna_weights::LlamaConfig;
 

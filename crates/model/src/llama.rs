@@ -1,12 +1,14 @@
 //! The LLaMA forward pass, written top to bottom like the math (Hugging Face `LlamaForCausalLM`).
 //!
-//! Every op here is one that carries gradients in candle (plain matmul, exp, sum, narrow, cat…), so
-//! the training code builds the very same graph on top of `Var`s. candle's fused `rms_norm`,
+//! Every op here carries gradients in candle (exp, sum, narrow, cat…, and the linear layers' product in
+//! `linear.rs`), so the training code builds the very same graph on top of `Var`s. candle's fused `rms_norm`,
 //! `softmax_last_dim` and `rope` kernels are faster but silently stop gradients: not used here.
 
 use candle_core::{DType, Device, Tensor, D};
 use vicuna_weights::LlamaConfig;
 
+use crate::fused::{causal_attention, rms_norm, swiglu};
+use crate::linear::linear;
 use crate::{Error, Result};
 
 /// One decoder layer's weights. Linear weights keep PyTorch's `[out, in]` layout.
@@ -150,28 +152,11 @@ impl Rope {
     }
 }
 
-/// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`, accumulated in f32.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?;
-    Ok(normed.broadcast_mul(weight)?)
-}
-
-/// `x @ w.T` for `x: [batch, seq, in]` and a PyTorch-layout weight `w: [out, in]`.
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_matmul(&w.t()?)?)
-}
-
 /// Softmax over the last dimension, built from differentiable ops (max-subtracted for stability).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
-/// `silu(x) = x * sigmoid(x)`, written so that it has a gradient.
-fn silu(x: &Tensor) -> Result<Tensor> {
-    Ok((x / (x.neg()?.exp()? + 1.0)?)?)
 }
 
 impl Llama {
@@ -330,6 +315,7 @@ impl Llama {
         let q = self.rope.apply(&heads(q, c.num_attention_heads)?, offset)?;
         let k = self.rope.apply(&heads(k, c.num_key_value_heads)?, offset)?;
         let v = heads(v, c.num_key_value_heads)?;
+        let cached = cache.is_some();
         let (k, v) = match cache {
             Some(cache) => cache.append(index, &k, &v)?,
             None => (k, v),
@@ -338,7 +324,13 @@ impl Llama {
         let n_rep = c.num_attention_heads / c.num_key_value_heads;
         let k = repeat_kv(&k, n_rep)?.contiguous()?;
         let v = repeat_kv(&v, n_rep)?.contiguous()?;
-        let scores = q.matmul(&k.t()?)?.affine(1.0 / (head_dim as f64).sqrt(), 0.0)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        if !cached && q.device().is_cpu() && q.dtype() == DType::F32 {
+            // A full pass from position 0 (training): one op with its own gradient.
+            let out = causal_attention(&q, &k, &v, scale)?;
+            return Ok(out.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * head_dim))?);
+        }
+        let scores = q.matmul(&k.t()?)?.affine(scale, 0.0)?;
         let scores = match causal_mask(seq, offset, q.device())? {
             Some(m) => scores.broadcast_add(&m)?,
             None => scores,
@@ -350,8 +342,8 @@ impl Llama {
 
 /// SwiGLU: `down(silu(gate(x)) * up(x))`.
 fn mlp(layer: &Layer, x: &Tensor) -> Result<Tensor> {
-    let gate = silu(&linear(x, &layer.gate_proj)?)?;
-    linear(&(gate * linear(x, &layer.up_proj)?)?, &layer.down_proj)
+    let gate = swiglu(&linear(x, &layer.gate_proj)?, &linear(x, &layer.up_proj)?)?;
+    linear(&gate, &layer.down_proj)
 }
 
 /// `[batch, kv_heads, t, d]` → `[batch, kv_heads * n_rep, t, d]`, each head repeated `n_rep` times

@@ -13,8 +13,8 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
+use vicuna_kernels::{sgemm_serial, MatRef};
 
 use crate::error::{bail, Result};
 
@@ -138,33 +138,11 @@ fn vocab_chunk(rows: usize) -> usize {
     (TILE_FLOATS / rows.clamp(1, ROW_BLOCK)).clamp(128, 4096) / 16 * 16
 }
 
-/// `tile[r][j] = Σ_k a[r][k] · b[j][k]` for `a: rows × h`, `b: cols × h` (both row-major).
+/// `tile[r][j] = Σ_k a[r][k] · b[j][k]` for `a: rows × h`, `b: cols × h` (both row-major), on this thread.
 fn matmul_nt(a: &[f32], rows: usize, h: usize, b: &[f32], cols: usize, tile: &mut [f32]) {
-    debug_assert!(a.len() >= rows * h && b.len() >= cols * h && tile.len() >= rows * cols);
-    // SAFETY: the slices hold the rows × h, cols × h and rows × cols elements addressed.
-    unsafe {
-        gemm(
-            rows,
-            cols,
-            h,
-            tile.as_mut_ptr(),
-            1,
-            cols as isize,
-            false,
-            a.as_ptr(),
-            1,
-            h as isize,
-            b.as_ptr(),
-            h as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
+    let a = MatRef::row_major(&a[..rows * h], rows, h).expect("rows × h");
+    let b = MatRef::row_major(&b[..cols * h], cols, h).expect("cols × h").t();
+    sgemm_serial(a, b, &mut tile[..rows * cols], false).expect("shapes agree");
 }
 
 /// Log-sum-exp of every row of `hidden · weightᵀ`, the vocabulary in parallel chunks.
@@ -247,60 +225,17 @@ fn logits_backward(
                         row[t - v0] += gr;
                     }
                 }
-                // SAFETY: every pointer addresses the rows × cols tile, the cols × h chunk of W /
-                // dL/dW and the rows × h block of h / dL/dh with the strides given.
+                let d = MatRef::row_major(&tile[..rows * cols], rows, cols).expect("rows × cols");
                 if let Some(gw) = gw.as_deref_mut() {
                     // dW[j][k] (+)= Σ_r D[r][j] · h[r][k]
                     let gwc = &mut gw[(c - gi * per_group) * vc * h..][..cols * h];
-                    unsafe {
-                        gemm(
-                            cols,
-                            h,
-                            rows,
-                            gwc.as_mut_ptr(),
-                            1,
-                            h as isize,
-                            r0 > 0,
-                            tile.as_ptr(),
-                            cols as isize,
-                            1,
-                            hb.as_ptr(),
-                            1,
-                            h as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        )
-                    }
+                    let hb = MatRef::row_major(hb, rows, h).expect("rows × h");
+                    sgemm_serial(d.t(), hb, gwc, r0 > 0).expect("shapes agree");
                 }
                 if want_h {
                     // dh[r][k] += Σ_j D[r][j] · W[j][k]
-                    unsafe {
-                        gemm(
-                            rows,
-                            h,
-                            cols,
-                            acc.as_mut_ptr(),
-                            1,
-                            h as isize,
-                            true,
-                            tile.as_ptr(),
-                            1,
-                            cols as isize,
-                            wc.as_ptr(),
-                            1,
-                            h as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        )
-                    }
+                    let wc = MatRef::row_major(wc, cols, h).expect("cols × h");
+                    sgemm_serial(d, wc, &mut acc, true).expect("shapes agree");
                 }
             }
             acc
