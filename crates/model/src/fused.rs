@@ -1,5 +1,5 @@
-//! The training pass's layers as single candle ops with hand-written gradients: RMSNorm, SwiGLU's gate and causal
-//! self-attention. Built from candle's elementwise ops, each of these is five to ten graph nodes, every one with its
+//! The training pass's layers as single candle ops with hand-written gradients: RMSNorm, rotary position embedding,
+//! SwiGLU's gate and causal self-attention. Built from candle's elementwise ops, each of these is five to ten graph nodes, every one with its
 //! own temporaries in the forward pass and its own gradient buffers in the backward; here each is one node whose
 //! backward is the closed form.
 //!
@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use vicuna_kernels::{sgemm_serial, MatRef};
 
@@ -25,8 +25,25 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a
     }
 }
 
-fn data(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+/// A tensor's f32 data borrowed in place (the backward passes read their inputs without copying them).
+struct Data<'a, G> {
+    storage: G,
+    layout: &'a Layout,
+}
+
+/// `t`'s data; `t` must be contiguous (the ops' inputs are; a gradient may need `.contiguous()` first).
+fn data(t: &Tensor) -> Data<'_, impl std::ops::Deref<Target = candle_core::Storage> + '_> {
+    let (storage, layout) = t.storage_and_layout();
+    Data { storage, layout }
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> Data<'_, G> {
+    fn slice(&self) -> candle_core::Result<&[f32]> {
+        match &*self.storage {
+            candle_core::Storage::Cpu(s) => slice(s, self.layout, "fused op"),
+            _ => candle_core::bail!("fused ops run on the CPU only"),
+        }
+    }
 }
 
 fn is_cpu_f32(tensors: &[&Tensor]) -> bool {
@@ -91,7 +108,9 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (xs, ws, gs) = (data(x)?, data(w)?, data(g)?);
+        let g = g.contiguous()?;
+        let (xd, wd, gd) = (data(x), data(w), data(&g));
+        let (xs, ws, gs) = (xd.slice()?, wd.slice()?, gd.slice()?);
         let h = ws.len();
         // With x̂ = x·r and u = g·w: ∂x = r·(u − x̂·mean(u·x̂)), ∂w = Σ_rows g·x̂.
         let mut dx = vec![0f32; xs.len()];
@@ -120,6 +139,84 @@ impl CustomOp2 for RmsNorm {
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dw = w.track_op().then(|| Tensor::from_vec(dw, w.shape(), w.device())).transpose()?;
         Ok((Some(dx), dw))
+    }
+}
+
+/// Rotary position embedding in transformers' rotate_half layout: `x·cos + rotate_half(x)·sin` for `x: [batch,
+/// heads, seq, head_dim]` and the tables' rows of those positions, `cos, sin: [seq, head_dim]`, where
+/// `rotate_half([x1, x2]) = [−x2, x1]`.
+pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !is_cpu_f32(&[x, cos, sin]) {
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        return Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?);
+    }
+    Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rotary)?)
+}
+
+struct Rotary;
+
+impl Rotary {
+    /// Rotate each `[seq, head_dim]` block of `x` into `out`: `out = x·cos + rotate_half(x)·sin`, or with
+    /// `inverse`, the transpose of that map (its gradient): `out = x·cos + rotate_halfᵀ(x·sin)`.
+    fn run(x: &[f32], cos: &[f32], sin: &[f32], d: usize, inverse: bool) -> Vec<f32> {
+        let half = d / 2;
+        let table = cos.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(table).zip(x.par_chunks(table)).for_each(|(out, x)| {
+            for ((o, x), (c, s)) in out.chunks_mut(d).zip(x.chunks(d)).zip(cos.chunks(d).zip(sin.chunks(d))) {
+                for i in 0..half {
+                    let (a, b) = (x[i], x[i + half]);
+                    if inverse {
+                        o[i] = a * c[i] + b * s[i + half];
+                        o[i + half] = b * c[i + half] - a * s[i];
+                    } else {
+                        o[i] = a * c[i] - b * s[i];
+                        o[i + half] = b * c[i + half] + a * s[i + half];
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp3 for Rotary {
+    fn name(&self) -> &'static str {
+        "vicuna-rotary"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, cos, sin) = (slice(s1, l1, "rotary")?, slice(s2, l2, "rotary")?, slice(s3, l3, "rotary")?);
+        let &[_, _, seq, d] = l1.dims() else { candle_core::bail!("rotary: [batch, heads, seq, head_dim] only") };
+        if l2.dims() != [seq, d] || l3.dims() != [seq, d] || d % 2 != 0 {
+            candle_core::bail!("rotary: tables {:?} / {:?} for input {:?}", l2.dims(), l3.dims(), l1.dims());
+        }
+        Ok((CpuStorage::F32(Self::run(x, cos, sin, d, false)), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (gd, cd, sd) = (data(&grad), data(cos), data(sin));
+        let dx = Self::run(gd.slice()?, cd.slice()?, sd.slice()?, x.dim(D::Minus1)?, true);
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), None, None))
     }
 }
 
@@ -168,7 +265,9 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gs, us, ds) = (data(gate)?, data(up)?, data(grad)?);
+        let grad = grad.contiguous()?;
+        let (gd, ud, dd) = (data(gate), data(up), data(&grad));
+        let (gs, us, ds) = (gd.slice()?, ud.slice()?, dd.slice()?);
         let (mut dg, mut du) = (vec![0f32; gs.len()], vec![0f32; gs.len()]);
         dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
             let base = c * CHUNK;
@@ -267,7 +366,9 @@ impl CustomOp3 for Attention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let probs = self.probs.get().ok_or_else(|| candle_core::Error::Msg("attention: no forward pass".into()))?;
-        let (qs, ks, vs, gs) = (data(q)?, data(k)?, data(v)?, data(grad)?);
+        let grad = grad.contiguous()?;
+        let (qd, kd, vd, gd) = (data(q), data(k), data(v), data(&grad));
+        let (qs, ks, vs, gs) = (qd.slice()?, kd.slice()?, vd.slice()?, gd.slice()?);
         let (bh, s, d) = Self::dims(q.layout())?;
         let (mut dq, mut dk, mut dv) = (vec![0f32; bh * s * d], vec![0f32; bh * s * d], vec![0f32; bh * s * d]);
         dq.par_chunks_mut(s * d).zip(dk.par_chunks_mut(s * d).zip(dv.par_chunks_mut(s * d))).enumerate().for_each(

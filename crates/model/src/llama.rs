@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use vicuna_weights::LlamaConfig;
 
-use crate::fused::{causal_attention, rms_norm, swiglu};
+use crate::fused::{causal_attention, rms_norm, rotary, swiglu};
 use crate::linear::linear;
 use crate::{Error, Result};
 
@@ -141,14 +141,8 @@ impl Rope {
 
     /// Rotate `x: [batch, heads, seq, head_dim]` whose first position is `offset`.
     fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (_, _, seq, head_dim) = x.dims4()?;
-        let cos = self.cos.narrow(0, offset, seq)?;
-        let sin = self.sin.narrow(0, offset, seq)?;
-        let half = head_dim / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+        let seq = x.dim(2)?;
+        rotary(x, &self.cos.narrow(0, offset, seq)?, &self.sin.narrow(0, offset, seq)?)
     }
 }
 

@@ -1,8 +1,8 @@
-//! The training pass's fused ops (linear, RMSNorm, SwiGLU, causal attention) against the same math built from
+//! The training pass's fused ops (linear, RMSNorm, rotary embedding, SwiGLU, causal attention) against the same math built from
 //! candle's elementwise ops, whose gradients candle derives itself: values and every gradient agree to f32 rounding.
 
 use vicuna_model::candle_core::{DType, Device, Tensor, Var, D};
-use vicuna_model::{causal_attention, linear, rms_norm, swiglu};
+use vicuna_model::{causal_attention, linear, rms_norm, rotary, swiglu};
 
 fn random(shape: &[usize], seed: u64) -> Var {
     let n: usize = shape.iter().product();
@@ -73,6 +73,30 @@ fn rms_norm_matches_the_composed_norm() {
                 let mean_sq = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
                 let normed = t[0].broadcast_div(&(mean_sq + eps).unwrap().sqrt().unwrap()).unwrap();
                 normed.broadcast_mul(&t[1]).unwrap()
+            },
+        );
+    }
+}
+
+#[test]
+fn rotary_matches_rotate_half() {
+    for (batch, heads, seq, d) in [(1, 1, 1, 2), (2, 3, 7, 8), (1, 2, 33, 64)] {
+        let x = random(&[batch, heads, seq, d], 12);
+        // Tables as the model's: cos and sin of position × frequency, both halves alike.
+        let angles: Vec<f32> =
+            (0..seq).flat_map(|p| (0..d).map(move |i| p as f32 * 0.3f32.powi((i % (d / 2)) as i32))).collect();
+        let cos = Tensor::from_vec(angles.iter().map(|a| a.cos()).collect(), (seq, d), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(angles.iter().map(|a| a.sin()).collect(), (seq, d), &Device::Cpu).unwrap();
+        check(
+            "rotary",
+            &[x],
+            |t| rotary(&t[0], &cos, &sin).unwrap(),
+            |t| {
+                let half = d / 2;
+                let x1 = t[0].narrow(D::Minus1, 0, half).unwrap();
+                let x2 = t[0].narrow(D::Minus1, half, half).unwrap();
+                let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+                (t[0].broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap()
             },
         );
     }
