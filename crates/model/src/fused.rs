@@ -1,7 +1,9 @@
 //! The training pass's layers as single candle ops with hand-written gradients: RMSNorm, rotary position embedding,
-//! SwiGLU's gate and causal self-attention. Built from candle's elementwise ops, each of these is five to ten graph nodes, every one with its
-//! own temporaries in the forward pass and its own gradient buffers in the backward; here each is one node whose
-//! backward is the closed form.
+//! SwiGLU's gate and causal self-attention. Built from candle's elementwise ops, each of these is five to ten graph
+//! nodes, every one with its own temporaries in the forward pass and its own gradient buffers in the backward; here
+//! each is one node whose backward is the closed form.
+//!
+//! [`f32_slice`] and [`with_f32`] read a contiguous f32 CPU tensor in place, for these ops and the train crate's.
 //!
 //! The arithmetic is transformers' (`LlamaRMSNorm`, `silu(gate) * up`, eager attention with a causal mask), in f32.
 //! Work is split over rayon's current pool in fixed pieces, so results do not depend on the number of threads.
@@ -17,7 +19,8 @@ use crate::Result;
 /// Rows of one piece of the row-wise ops.
 const ROWS: usize = 32;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+/// The f32 data of a custom op's contiguous CPU operand; errors name `op`.
+pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else { candle_core::bail!("{op}: f32 tensors only") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -40,10 +43,15 @@ fn data(t: &Tensor) -> Data<'_, impl std::ops::Deref<Target = candle_core::Stora
 impl<G: std::ops::Deref<Target = candle_core::Storage>> Data<'_, G> {
     fn slice(&self) -> candle_core::Result<&[f32]> {
         match &*self.storage {
-            candle_core::Storage::Cpu(s) => slice(s, self.layout, "fused op"),
+            candle_core::Storage::Cpu(s) => f32_slice(s, self.layout, "fused op"),
             _ => candle_core::bail!("fused ops run on the CPU only"),
         }
     }
+}
+
+/// Run `f` on a contiguous f32 CPU tensor's data, in place (no copy).
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    Ok(f(data(t).slice()?))
 }
 
 fn is_cpu_f32(tensors: &[&Tensor]) -> bool {
@@ -84,7 +92,7 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (slice(s1, l1, "rms_norm")?, slice(s2, l2, "rms_norm")?);
+        let (x, w) = (f32_slice(s1, l1, "rms_norm")?, f32_slice(s2, l2, "rms_norm")?);
         let h = w.len();
         if h == 0 || l1.dims().last() != Some(&h) {
             candle_core::bail!("rms_norm: weight of {h} for input {:?}", l1.dims());
@@ -197,7 +205,7 @@ impl CustomOp3 for Rotary {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, cos, sin) = (slice(s1, l1, "rotary")?, slice(s2, l2, "rotary")?, slice(s3, l3, "rotary")?);
+        let (x, cos, sin) = (f32_slice(s1, l1, "rotary")?, f32_slice(s2, l2, "rotary")?, f32_slice(s3, l3, "rotary")?);
         let &[_, _, seq, d] = l1.dims() else { candle_core::bail!("rotary: [batch, heads, seq, head_dim] only") };
         if l2.dims() != [seq, d] || l3.dims() != [seq, d] || d % 2 != 0 {
             candle_core::bail!("rotary: tables {:?} / {:?} for input {:?}", l2.dims(), l3.dims(), l1.dims());
@@ -248,7 +256,7 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, u) = (slice(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?);
+        let (g, u) = (f32_slice(s1, l1, "swiglu")?, f32_slice(s2, l2, "swiglu")?);
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(o, (g, u))| {
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
@@ -330,7 +338,8 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (slice(s1, l1, "attention")?, slice(s2, l2, "attention")?, slice(s3, l3, "attention")?);
+        let (q, k, v) =
+            (f32_slice(s1, l1, "attention")?, f32_slice(s2, l2, "attention")?, f32_slice(s3, l3, "attention")?);
         let (bh, s, d) = Self::dims(l1)?;
         if l2.dims() != l1.dims() || l3.dims() != l1.dims() {
             candle_core::bail!("attention: q {:?}, k {:?}, v {:?} differ", l1.dims(), l2.dims(), l3.dims());

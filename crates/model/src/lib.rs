@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use vicuna_weights::Checkpoint;
 
 pub use candle_core;
-pub use fused::{causal_attention, rms_norm, rotary, swiglu};
+pub use fused::{causal_attention, f32_slice, rms_norm, rotary, swiglu, with_f32};
 pub use linear::linear;
 pub use llama::{softmax, KvCache, Layer, Llama};
 pub use native::{KvPool, PrefixCache, QuantCache, QuantLlama, Reservation, BLOCK_TOKENS};

@@ -12,9 +12,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use vicuna_kernels::{sgemm_serial, MatRef};
+use vicuna_model::{f32_slice, with_f32};
 
 use crate::error::{bail, Result};
 
@@ -51,23 +52,6 @@ struct TokenLogprobs {
     lse: OnceLock<Vec<f32>>,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("token_logprobs: f32 tensors only") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("token_logprobs: contiguous tensors only"),
-    }
-}
-
-/// Run `f` on a contiguous f32 CPU tensor's data, in place (no copy).
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => Ok(f(f32_slice(s, layout)?)),
-        _ => candle_core::bail!("fused ops run on the CPU only"),
-    }
-}
-
 impl CustomOp2 for TokenLogprobs {
     fn name(&self) -> &'static str {
         "token-logprobs"
@@ -80,7 +64,7 @@ impl CustomOp2 for TokenLogprobs {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (hid, w) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (hid, w) = (f32_slice(s1, l1, "token_logprobs")?, f32_slice(s2, l2, "token_logprobs")?);
         let (n, h) = l1.shape().dims2()?;
         let vocab = l2.shape().dims2()?.0;
         let lse = log_sum_exp_rows(hid, w, n, h, vocab);
