@@ -118,7 +118,7 @@ impl FromArgMatches for PpoKeyFlags {
     fn from_arg_matches(matches: &ArgMatches) -> std::result::Result<Self, clap::Error> {
         let values = KEYS
             .iter()
-            .filter_map(|(key, _)| matches.get_one::<String>(key).map(|v| (key.to_string(), v.clone())))
+            .filter_map(|key| matches.get_one::<String>(key.name).map(|v| (key.name.to_string(), v.clone())))
             .collect();
         Ok(PpoKeyFlags { values })
     }
@@ -131,10 +131,10 @@ impl FromArgMatches for PpoKeyFlags {
 
 impl Args for PpoKeyFlags {
     fn augment_args(cmd: clap::Command) -> clap::Command {
-        KEYS.iter().fold(cmd, |cmd, (key, help)| {
+        KEYS.iter().fold(cmd, |cmd, key| {
             // clap wants `'static` names; the dashed spelling of each of the few keys is made once.
-            let long: &'static str = Box::leak(key.replace('_', "-").into_boxed_str());
-            cmd.arg(Arg::new(*key).long(long).value_name("VALUE").help(*help))
+            let long: &'static str = Box::leak(key.name.replace('_', "-").into_boxed_str());
+            cmd.arg(Arg::new(key.name).long(long).value_name(key.value_name).help(key.help))
         })
     }
 

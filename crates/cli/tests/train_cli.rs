@@ -295,6 +295,22 @@ fn bad_ppo_configs_name_the_file_and_line() {
     assert!(!out.exists(), "a failed run wrote {}", out.display());
 }
 
+/// `train ppo --help` lists a flag for every settings key (from the one list the YAML reader uses), each with
+/// the form of its value.
+#[test]
+fn ppo_help_has_a_flag_per_key() {
+    let out = vicuna(&["train", "ppo", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for key in vicuna_train::ppo_config::KEYS {
+        let flag = format!("--{} <{}>", key.name.replace('_', "-"), key.value_name);
+        assert!(help.contains(&flag) && help.contains(key.help), "{flag} missing from:\n{help}");
+    }
+    for flag in ["--max-length <N>", "--min-length <N>", "--betas <B1,B2>", "--scale-reward <none|running|ref>"] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+}
+
 /// An interpreter with torch and transformers: $VICUNA_PYTHON, else python3.
 fn python_with_transformers() -> Option<String> {
     let python = std::env::var("VICUNA_PYTHON").unwrap_or_else(|_| "python3".to_string());

@@ -1,8 +1,13 @@
 //! The PPO run's settings: trlX's key names, the StableVicuna card's values as defaults, read from
-//! a small YAML file (sections such as `train:` / `method:` / `gen_kwargs:` may group the keys;
-//! only the leaf keys count) and overridden by `--key value` flags. One table of keys serves both.
+//! a YAML file (by `serde_yaml_ng`; sections such as `train:` / `method:` / `gen_kwargs:` may group
+//! the keys, only the leaf keys count) and overridden by `--key value` flags. One list of keys
+//! (`settings!` below) serves both, and the CLI makes its flags from it.
 
+use std::fmt;
 use std::path::PathBuf;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_yaml_ng::Value;
 
 use crate::error::{bail, Error, Result};
 use crate::optim::AdamWParams;
@@ -127,205 +132,296 @@ impl Default for PpoConfig {
     }
 }
 
-/// Every key, with what it means (shown by `vicuna train ppo --help`).
-pub const KEYS: &[(&str, &str)] = &[
-    ("model_path", "policy model folder (also the frozen reference)"),
-    ("tokenizer_path", "tokenizer file, when the model folder has none"),
-    ("reward_model_path", "reward model folder (from `vicuna train rm`)"),
-    ("prompts_path", "JSONL prompts (any data format)"),
-    ("checkpoint_dir", "output folder"),
-    ("seed", "random seed"),
-    ("epochs", "rollout-and-learn cycles"),
-    ("total_steps", "optimizer steps at most"),
-    ("batch_size", "rollouts per PPO minibatch"),
-    ("seq_length", "longest prompt + response in tokens"),
-    ("checkpoint_interval", "cycles between checkpoints"),
-    ("skip_bad_rows", "skip bad prompt rows"),
-    ("lr", "learning rate"),
-    ("eta_min", "cosine floor (null: constant lr)"),
-    ("betas", "AdamW betas [b1, b2]"),
-    ("eps", "AdamW eps"),
-    ("weight_decay", "AdamW weight decay"),
-    ("max_grad_norm", "gradient-norm clip (0: off)"),
-    ("lora_rank", "train LoRA adapters of this rank (null: full)"),
-    ("lora_alpha", "LoRA alpha"),
-    ("lora_targets", "LoRA target projections"),
-    ("num_rollouts", "rollouts per cycle"),
-    ("chunk_size", "prompts generated together"),
-    ("ppo_epochs", "updates per minibatch"),
-    ("init_kl_coef", "initial KL coefficient"),
-    ("target", "target KL (null: fixed coefficient)"),
-    ("horizon", "KL controller horizon"),
-    ("gamma", "discount"),
-    ("lam", "GAE lambda"),
-    ("cliprange", "policy ratio clip"),
-    ("cliprange_value", "value clip"),
-    ("vf_coef", "value loss weight"),
-    ("scale_reward", "none, running or ref"),
-    ("cliprange_reward", "score clip (null: off)"),
-    ("max_length", "prompt + response length at most (null: max_new_tokens)"),
-    ("min_length", "EOS banned until prompt + response are this long"),
-    ("max_new_tokens", "response length at most (over max_length)"),
-    ("min_new_tokens", "EOS banned before this many response tokens"),
-    ("top_k", "top-k (0: off)"),
-    ("top_p", "nucleus mass"),
-    ("temperature", "sampling temperature"),
-    ("do_sample", "sample (false: greedy)"),
-];
-
-fn is_null(v: &str) -> bool {
-    matches!(v, "null" | "None" | "none" | "~" | "")
+/// One setting: its name (the flag is `--` and the name with dashes), the form of its value and what it means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    pub name: &'static str,
+    /// What `--help` shows for the flag's value.
+    pub value_name: &'static str,
+    pub help: &'static str,
 }
 
-fn unquote(v: &str) -> &str {
-    let v = v.trim();
-    if v.len() >= 2 && ((v.starts_with('"') && v.ends_with('"')) || (v.starts_with('\'') && v.ends_with('\''))) {
-        &v[1..v.len() - 1]
-    } else {
-        v
+/// The one list of keys: the YAML file's leaf keys and the `--key value` flags are both read through it (the
+/// compiler checks each type against the field).
+macro_rules! settings {
+    ($($key:ident: $ty:ty => $help:literal,)*) => {
+        /// Every key, with what it means (shown by `vicuna train ppo --help`).
+        pub const KEYS: &[Key] =
+            &[$(Key { name: stringify!($key), value_name: <$ty as Setting>::VALUE_NAME, help: $help },)*];
+
+        impl PpoConfig {
+            /// Set `key` from a YAML value or a flag's text; `Ok(false)` when there is no such key.
+            fn assign(&mut self, key: &str, input: Input) -> std::result::Result<bool, String> {
+                match key {
+                    $(stringify!($key) => self.$key = input.read::<$ty>().map_err(|e| format!("`{key}` {e}"))?,)*
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            }
+        }
+    };
+}
+
+settings! {
+    model_path: PathBuf => "policy model folder (also the frozen reference)",
+    tokenizer_path: Option<PathBuf> => "tokenizer file, when the model folder has none",
+    reward_model_path: PathBuf => "reward model folder (from `vicuna train rm`)",
+    prompts_path: PathBuf => "JSONL prompts (any data format)",
+    checkpoint_dir: PathBuf => "output folder",
+    seed: u64 => "random seed",
+    epochs: usize => "rollout-and-learn cycles",
+    total_steps: usize => "optimizer steps at most",
+    batch_size: usize => "rollouts per PPO minibatch",
+    seq_length: usize => "longest prompt + response in tokens",
+    checkpoint_interval: usize => "cycles between checkpoints",
+    skip_bad_rows: bool => "skip bad prompt rows",
+    lr: f64 => "learning rate",
+    eta_min: Option<f64> => "cosine floor (null: constant lr)",
+    betas: (f64, f64) => "AdamW betas",
+    eps: f64 => "AdamW eps",
+    weight_decay: f64 => "AdamW weight decay",
+    max_grad_norm: f64 => "gradient-norm clip (0: off)",
+    lora_rank: Option<usize> => "train LoRA adapters of this rank (null: full)",
+    lora_alpha: f64 => "LoRA alpha",
+    lora_targets: Vec<String> => "LoRA target projections",
+    num_rollouts: usize => "rollouts per cycle",
+    chunk_size: usize => "prompts generated together",
+    ppo_epochs: usize => "updates per minibatch",
+    init_kl_coef: f64 => "initial KL coefficient",
+    target: Option<f64> => "target KL (null: fixed coefficient)",
+    horizon: f64 => "KL controller horizon",
+    gamma: f64 => "discount",
+    lam: f64 => "GAE lambda",
+    cliprange: f64 => "policy ratio clip",
+    cliprange_value: f64 => "value clip",
+    vf_coef: f64 => "value loss weight",
+    scale_reward: RewardScaling => "divide scores by nothing, the running std or the first batch's",
+    cliprange_reward: Option<f64> => "score clip (null or 0: off)",
+    max_length: Option<usize> => "prompt + response length at most (null: max_new_tokens)",
+    min_length: Option<usize> => "EOS banned until prompt + response are this long",
+    max_new_tokens: Option<usize> => "response length at most (over max_length)",
+    min_new_tokens: usize => "EOS banned before this many response tokens",
+    top_k: usize => "top-k (0: off)",
+    top_p: f32 => "nucleus mass",
+    temperature: f32 => "sampling temperature",
+    do_sample: bool => "sample (false: greedy)",
+}
+
+/// Where a value comes from: the YAML file (already parsed) or a flag's text.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Yaml(&'a Value),
+    Flag(&'a str),
+}
+
+impl Input<'_> {
+    fn read<T: Setting>(self) -> std::result::Result<T, String> {
+        match self {
+            Input::Yaml(v) => T::from_yaml(v),
+            Input::Flag(text) => T::from_flag(text),
+        }
     }
 }
 
-fn list(v: &str) -> Vec<String> {
-    let v = v.trim();
-    let inner = v.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(v);
-    inner.split(',').map(|s| unquote(s).to_string()).filter(|s| !s.is_empty()).collect()
-}
-
-fn num<T: std::str::FromStr>(key: &str, v: &str) -> std::result::Result<T, String> {
-    // YAML writes 1.0e-6 and 1e-6 alike; integers may be written as 1.0e4.
-    v.parse::<T>().or_else(|_| {
-        v.parse::<f64>()
-            .ok()
-            .filter(|f| f.fract() == 0.0)
-            .and_then(|f| format!("{}", f as i64).parse::<T>().ok())
-            .ok_or_else(|| format!("`{key}` must be a number, found {v:?}"))
-    })
-}
-
-fn boolean(key: &str, v: &str) -> std::result::Result<bool, String> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "yes" | "1" => Ok(true),
-        "false" | "no" | "0" => Ok(false),
-        _ => Err(format!("`{key}` must be true or false, found {v:?}")),
+/// A setting's type: how a YAML value, or a flag's text, becomes it. Errors say what was expected and found,
+/// after the key's name.
+trait Setting: Sized {
+    const VALUE_NAME: &'static str;
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String>;
+    /// A flag's text is read as a YAML value (`null`, `1e-6`, `[0.9, 0.95]`, `true` …).
+    fn from_flag(text: &str) -> std::result::Result<Self, String> {
+        Self::from_yaml(&flag_value(text))
     }
+}
+
+fn flag_value(text: &str) -> Value {
+    serde_yaml_ng::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+/// A value as an error message quotes it.
+fn shown(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Sequence(_) => "a list".into(),
+        Value::Mapping(_) => "a section of keys".into(),
+        Value::Tagged(t) => format!("a value tagged {}", t.tag),
+    }
+}
+
+fn is_null(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => matches!(s.trim(), "None" | "none" | "null" | "~" | ""),
+        _ => false,
+    }
+}
+
+impl Setting for f64 {
+    const VALUE_NAME: &'static str = "NUM";
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String> {
+        v.as_f64().ok_or_else(|| format!("must be a number, found {}", shown(v)))
+    }
+}
+
+impl Setting for f32 {
+    const VALUE_NAME: &'static str = "NUM";
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String> {
+        f64::from_yaml(v).map(|x| x as f32)
+    }
+}
+
+impl Setting for u64 {
+    const VALUE_NAME: &'static str = "N";
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String> {
+        // An integer may be written as a float (1.0e4), as the old trlX configs do.
+        v.as_u64()
+            .or_else(|| {
+                v.as_f64().filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f)).map(|f| f as u64)
+            })
+            .ok_or_else(|| format!("must be a whole number ≥ 0, found {}", shown(v)))
+    }
+}
+
+impl Setting for usize {
+    const VALUE_NAME: &'static str = "N";
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String> {
+        u64::from_yaml(v)?.try_into().map_err(|_| format!("is too large, found {}", shown(v)))
+    }
+}
+
+impl Setting for bool {
+    const VALUE_NAME: &'static str = "BOOL";
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String> {
+        let text = match v {
+            Value::Bool(b) => return Ok(*b),
+            Value::String(s) => s.to_ascii_lowercase(),
+            Value::Number(n) => n.to_string(),
+            _ => String::new(),
+        };
+        match text.as_str() {
+            "true" | "yes" | "1" => Ok(true),
+            "false" | "no" | "0" => Ok(false),
+            _ => Err(format!("must be true or false, found {}", shown(v))),
+        }
+    }
+}
+
+impl Setting for String {
+    const VALUE_NAME: &'static str = "TEXT";
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String> {
+        match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Number(n) => Ok(n.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            _ => Err(format!("must be text, found {}", shown(v))),
+        }
+    }
+}
+
+impl Setting for PathBuf {
+    const VALUE_NAME: &'static str = "PATH";
+    /// null or "": unset.
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String> {
+        if v.is_null() {
+            return Ok(PathBuf::new());
+        }
+        String::from_yaml(v).map(PathBuf::from).map_err(|_| format!("must be a path, found {}", shown(v)))
+    }
+    /// A flag's path is taken as written.
+    fn from_flag(text: &str) -> std::result::Result<Self, String> {
+        Ok(text.into())
+    }
+}
+
+impl<T: Setting> Setting for Option<T> {
+    const VALUE_NAME: &'static str = T::VALUE_NAME;
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String> {
+        if is_null(v) {
+            Ok(None)
+        } else {
+            T::from_yaml(v).map(Some).map_err(|e| format!("{e} (or null)"))
+        }
+    }
+    fn from_flag(text: &str) -> std::result::Result<Self, String> {
+        if is_null(&Value::String(text.to_string())) {
+            Ok(None)
+        } else {
+            T::from_flag(text).map(Some).map_err(|e| format!("{e} (or null)"))
+        }
+    }
+}
+
+/// A list in YAML (`[a, b]`), or written `a,b` (a flag's usual form).
+fn list(v: &Value) -> Option<Vec<Value>> {
+    match v {
+        Value::Sequence(items) => Some(items.clone()),
+        Value::String(s) => Some(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(flag_value).collect()),
+        _ => None,
+    }
+}
+
+impl Setting for (f64, f64) {
+    const VALUE_NAME: &'static str = "B1,B2";
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String> {
+        let bad = || format!("must be a list of two numbers such as [0.9, 0.95], found {}", shown(v));
+        match list(v).as_deref() {
+            Some([a, b]) => Ok((a.as_f64().ok_or_else(bad)?, b.as_f64().ok_or_else(bad)?)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl Setting for Vec<String> {
+    const VALUE_NAME: &'static str = "A,B,…";
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String> {
+        let items = list(v).ok_or_else(|| format!("must be a list such as [q_proj, v_proj], found {}", shown(v)))?;
+        items.iter().map(String::from_yaml).collect()
+    }
+}
+
+impl Setting for RewardScaling {
+    const VALUE_NAME: &'static str = "none|running|ref";
+    fn from_yaml(v: &Value) -> std::result::Result<Self, String> {
+        let text = if v.is_null() { "" } else { v.as_str().unwrap_or("?") };
+        RewardScaling::parse(text).ok_or_else(|| format!("must be null, running or ref, found {}", shown(v)))
+    }
+}
+
+fn unknown_key(key: &str) -> String {
+    format!("unknown key `{key}`; known keys: {}", KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", "))
 }
 
 impl PpoConfig {
-    /// Set one key from its text (a YAML value or a flag's argument).
-    pub fn set(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
-        let key = key.replace('-', "_");
-        let v = unquote(value);
-        let opt_f64 = |v: &str| -> std::result::Result<Option<f64>, String> {
-            if is_null(v) {
-                Ok(None)
-            } else {
-                num::<f64>(&key, v).map(Some)
-            }
-        };
-        match key.as_str() {
-            "model_path" => self.model_path = v.into(),
-            "tokenizer_path" => self.tokenizer_path = (!is_null(v)).then(|| v.into()),
-            "reward_model_path" => self.reward_model_path = v.into(),
-            "prompts_path" => self.prompts_path = v.into(),
-            "checkpoint_dir" => self.checkpoint_dir = v.into(),
-            "seed" => self.seed = num(&key, v)?,
-            "epochs" => self.epochs = num(&key, v)?,
-            "total_steps" => self.total_steps = num(&key, v)?,
-            "batch_size" => self.batch_size = num(&key, v)?,
-            "seq_length" => self.seq_length = num(&key, v)?,
-            "checkpoint_interval" => self.checkpoint_interval = num(&key, v)?,
-            "skip_bad_rows" => self.skip_bad_rows = boolean(&key, v)?,
-            "lr" => self.lr = num(&key, v)?,
-            "eta_min" => self.eta_min = opt_f64(v)?,
-            "betas" => {
-                let parts = list(v);
-                let [b1, b2] = parts.as_slice() else {
-                    return Err(format!("`betas` must be a list of two numbers, found {v:?}"));
-                };
-                self.betas = (num(&key, b1)?, num(&key, b2)?);
-            }
-            "eps" => self.eps = num(&key, v)?,
-            "weight_decay" => self.weight_decay = num(&key, v)?,
-            "max_grad_norm" => self.max_grad_norm = num(&key, v)?,
-            "lora_rank" => self.lora_rank = if is_null(v) { None } else { Some(num(&key, v)?) },
-            "lora_alpha" => self.lora_alpha = num(&key, v)?,
-            "lora_targets" => self.lora_targets = list(v),
-            "num_rollouts" => self.num_rollouts = num(&key, v)?,
-            "chunk_size" => self.chunk_size = num(&key, v)?,
-            "ppo_epochs" => self.ppo_epochs = num(&key, v)?,
-            "init_kl_coef" => self.init_kl_coef = num(&key, v)?,
-            "target" => self.target = opt_f64(v)?,
-            "horizon" => self.horizon = num(&key, v)?,
-            "gamma" => self.gamma = num(&key, v)?,
-            "lam" => self.lam = num(&key, v)?,
-            "cliprange" => self.cliprange = num(&key, v)?,
-            "cliprange_value" => self.cliprange_value = num(&key, v)?,
-            "vf_coef" => self.vf_coef = num(&key, v)?,
-            "scale_reward" => {
-                self.scale_reward = RewardScaling::parse(v)
-                    .ok_or_else(|| format!("`scale_reward` must be null, running or ref, found {v:?}"))?
-            }
-            "cliprange_reward" => self.cliprange_reward = opt_f64(v)?.filter(|&c| c != 0.0),
-            "max_length" => self.max_length = if is_null(v) { None } else { Some(num(&key, v)?) },
-            "min_length" => self.min_length = if is_null(v) { None } else { Some(num(&key, v)?) },
-            "max_new_tokens" => self.max_new_tokens = if is_null(v) { None } else { Some(num(&key, v)?) },
-            "min_new_tokens" => self.min_new_tokens = num(&key, v)?,
-            "top_k" => self.top_k = num(&key, v)?,
-            "top_p" => self.top_p = num(&key, v)?,
-            "temperature" => self.temperature = num(&key, v)?,
-            "do_sample" => self.do_sample = boolean(&key, v)?,
-            _ => {
-                return Err(format!(
-                    "unknown key `{key}`; known keys: {}",
-                    KEYS.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
-                ))
-            }
+    /// Set one key from a flag's text (`--num-rollouts 64`: key `num_rollouts` or `num-rollouts`, text `64`).
+    pub fn set(&mut self, key: &str, text: &str) -> std::result::Result<(), String> {
+        self.set_from(&key.replace('-', "_"), Input::Flag(text))
+    }
+
+    fn set_from(&mut self, key: &str, input: Input) -> std::result::Result<(), String> {
+        if !self.assign(key, input)? {
+            return Err(unknown_key(key));
         }
+        // A score clip of 0 is none, as in trlX.
+        self.cliprange_reward = self.cliprange_reward.filter(|&c| c != 0.0);
         Ok(())
     }
 
-    /// Apply a YAML file: `key: value` lines, optionally grouped under `section:` lines; `#`
-    /// starts a comment. Errors name the file and line.
+    /// Apply a YAML file: `key: value` pairs, grouped under any sections (trlX's `train:`, `method:`,
+    /// `gen_kwargs:` …; only the leaf keys count). Errors name the file and the value's line.
     pub fn apply_yaml(&mut self, text: &str, file: &str) -> Result<()> {
-        for (index, raw) in text.lines().enumerate() {
-            let line = strip_comment(raw);
-            if line.trim().is_empty() || line.trim() == "---" {
-                continue;
+        let mut reader = Reader { config: self, failure: None };
+        let result = Node { reader: &mut reader, key: None }.deserialize(serde_yaml_ng::Deserializer::from_str(text));
+        result.map_err(|e| {
+            // Our own message as we wrote it; the YAML parser's (a syntax error) as it says it.
+            let what = reader.failure.take().unwrap_or_else(|| e.to_string());
+            match e.location() {
+                Some(at) => Error::new(format!("{file}:{}: {what}", at.line())),
+                None => Error::new(format!("{file}: {what}")),
             }
-            let Some((key, value)) = line.split_once(':') else {
-                bail!("{file}:{}: expected `key: value`, found {:?}", index + 1, raw.trim());
-            };
-            let (key, value) = (key.trim(), value.trim());
-            if value.is_empty() {
-                continue; // a section header
-            }
-            self.set(key, value).map_err(|e| Error::new(format!("{file}:{}: {e}", index + 1)))?;
-        }
-        Ok(())
-    }
-
-    /// Apply `--key value` / `--key=value` pairs.
-    pub fn apply_flags(&mut self, args: &[String]) -> Result<()> {
-        let mut i = 0;
-        while i < args.len() {
-            let Some(flag) = args[i].strip_prefix("--") else {
-                bail!("expected a --key value flag, found {:?}", args[i]);
-            };
-            let (key, value) = match flag.split_once('=') {
-                Some((k, v)) => (k.to_string(), v.to_string()),
-                None => {
-                    i += 1;
-                    let Some(v) = args.get(i) else {
-                        bail!("--{flag} needs a value");
-                    };
-                    (flag.to_string(), v.clone())
-                }
-            };
-            self.set(&key, &value).map_err(|e| Error::new(format!("--{key}: {e}")))?;
-            i += 1;
-        }
-        Ok(())
+        })
     }
 
     /// Refuse settings that cannot run, before any work.
@@ -425,17 +521,101 @@ impl PpoConfig {
     }
 }
 
-fn strip_comment(line: &str) -> String {
-    let mut out = String::new();
-    let mut quote = None;
-    for c in line.chars() {
-        match (c, quote) {
-            ('#', None) => break,
-            ('"' | '\'', None) => quote = Some(c),
-            (q, Some(open)) if q == open => quote = None,
-            _ => {}
-        }
-        out.push(c);
+/// The YAML document being applied, and the message of the first failure (the parser adds the line).
+struct Reader<'c> {
+    config: &'c mut PpoConfig,
+    failure: Option<String>,
+}
+
+/// One value of the document: under `key` (None: the document itself). A section's keys are applied one by
+/// one as the parser reaches them, so every error points at its own line.
+struct Node<'r, 'c> {
+    reader: &'r mut Reader<'c>,
+    key: Option<String>,
+}
+
+impl Node<'_, '_> {
+    fn fail<E: de::Error>(self, message: String) -> std::result::Result<(), E> {
+        let error = E::custom(&message);
+        self.reader.failure = Some(message);
+        Err(error)
     }
-    out
+
+    fn leaf<E: de::Error>(self, value: Value) -> std::result::Result<(), E> {
+        let Some(key) = &self.key else {
+            return match value {
+                Value::Null => Ok(()), // an empty file
+                _ => self.fail(format!("expected `key: value` lines, found {}", shown(&value))),
+            };
+        };
+        let message = match self.reader.config.set_from(key, Input::Yaml(&value)) {
+            Ok(()) => return Ok(()),
+            // `epochs 2` (no colon) under a section reads as the section's text.
+            Err(_) if value.as_str().and_then(|s| s.split_whitespace().next()).is_some_and(is_key) => {
+                format!("expected `key: value` under `{key}:`, found {}", shown(&value))
+            }
+            Err(message) => message,
+        };
+        self.fail(message)
+    }
+}
+
+fn is_key(name: &str) -> bool {
+    KEYS.iter().any(|k| k.name == name)
+}
+
+impl<'de> DeserializeSeed<'de> for Node<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> std::result::Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Node<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a setting's value or a section of `key: value` lines")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> std::result::Result<(), E> {
+        self.leaf(Value::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<(), E> {
+        self.leaf(Value::Number(v.into()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<(), E> {
+        self.leaf(Value::Number(v.into()))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<(), E> {
+        self.leaf(Value::Number(v.into()))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<(), E> {
+        self.leaf(Value::String(v.to_string()))
+    }
+    fn visit_unit<E: de::Error>(self) -> std::result::Result<(), E> {
+        self.leaf(Value::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> std::result::Result<(), E> {
+        self.leaf(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Value>()? {
+            items.push(item);
+        }
+        self.leaf(Value::Sequence(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+        if let Some(key) = self.key.as_deref().filter(|k| is_key(k)) {
+            let message = format!("`{key}` takes a value, not a section of keys");
+            return self.fail(message);
+        }
+        while let Some(key) = map.next_key::<String>()? {
+            map.next_value_seed(Node { reader: &mut *self.reader, key: Some(key) })?;
+        }
+        Ok(())
+    }
 }
