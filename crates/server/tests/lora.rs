@@ -25,7 +25,7 @@ impl Drop for Dir {
     }
 }
 
-/// An adapter (and, with `merge`, the merged model) trained on a few chats.
+/// An adapter trained on a few chats about `name` (with `merge`: the same run's merged model, `NAME-merged`).
 fn train(dir: &Path, name: &str, targets: &str, seed: &str, merge: bool) -> PathBuf {
     let data = dir.join(format!("{name}.jsonl"));
     let rows: String = (0..12)
@@ -34,7 +34,7 @@ fn train(dir: &Path, name: &str, targets: &str, seed: &str, merge: bool) -> Path
         })
         .collect();
     std::fs::write(&data, rows).unwrap();
-    let out = dir.join(name);
+    let out = dir.join(if merge { format!("{name}-merged") } else { name.to_string() });
     let mut command = Command::new(vicuna_binary());
     command.args(["train", "sft", "--model", path(&model_dir()), "--tokenizer", path(&tokenizer_file())]);
     command.args(["--data", path(&data), "--out", path(&out), "--epochs", "2", "--batch-size", "4", "--lr", "2e-2"]);
@@ -78,7 +78,7 @@ fn adapters_are_served_per_request_batched_together_and_equal_their_merged_model
     let dir = Dir(std::env::temp_dir().join(format!("vicuna-serve-lora-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
     let a = train(&dir.0, "alpha", "q_proj,v_proj", "3", false);
-    let a_merged = train(&dir.0, "alpha-merged", "q_proj,v_proj", "3", true);
+    let a_merged = train(&dir.0, "alpha", "q_proj,v_proj", "3", true);
     let b = train(&dir.0, "beta", "q_proj,k_proj,o_proj,up_proj,down_proj", "4", false);
     let want_a = engine_text(&a_merged, None);
     let want_b = engine_text(&model_dir(), Some(&b));
