@@ -672,7 +672,7 @@ fn a_lora_adapter_gives_what_its_merged_weights_give() {
 
     // Quantized base: the adapter's term stays f32 on q8_0 base weights (rows of 32-value blocks; tiny-b's
     // down_proj rows of 260 stay f32 in both models).
-    let q8_0 = |_, cols: usize| if cols % 32 == 0 { GgmlType::Q8_0 } else { GgmlType::F32 };
+    let q8_0 = |_, cols: usize| if cols.is_multiple_of(32) { GgmlType::Q8_0 } else { GgmlType::F32 };
     let mut quantized = native(&config, hf_to_gguf_tensors(&config, &tensors, q8_0), 2);
     quantized.set_lora(Some(Arc::new(quantized.load_lora(&dir).unwrap()))).unwrap();
     let merged_q8 = native(&config, hf_to_gguf_tensors(&config, &merged, q8_0), 2);

@@ -164,7 +164,7 @@ pub enum Stop {
 }
 
 enum Message {
-    Submit(Job),
+    Submit(Box<Job>),
     /// End every waiting and running request with this message (shutdown).
     CancelAll(String),
 }
@@ -204,8 +204,8 @@ impl Scheduler {
 
     /// Queue a job; gives it back if the scheduler thread is gone.
     pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
-        self.inbox.send(Message::Submit(job)).map_err(|e| match e.0 {
-            Message::Submit(job) => Box::new(job),
+        self.inbox.send(Message::Submit(Box::new(job))).map_err(|e| match e.0 {
+            Message::Submit(job) => job,
             Message::CancelAll(_) => unreachable!("sent a Submit"),
         })
     }
@@ -304,7 +304,7 @@ impl<'m> Batch<'m> {
         match message {
             Message::Submit(job) => {
                 self.metrics.queued(job.prompt.len());
-                self.waiting.push_back(job);
+                self.waiting.push_back(*job);
             }
             Message::CancelAll(reason) => {
                 for job in self.waiting.drain(..) {
