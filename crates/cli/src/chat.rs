@@ -11,7 +11,7 @@ use vicuna_engine::{generate_in, random_seed, Context, GenerationConfig};
 use vicuna_model::QuantLlama;
 use vicuna_tokenizer::Tokenizer;
 
-use crate::common::{ModelArgs, SamplingArgs};
+use crate::common::{LoraArgs, ModelArgs, SamplingArgs};
 use crate::Result;
 
 /// Chat samples cooler and answers longer than `generate` by default (FastChat's settings).
@@ -21,6 +21,8 @@ use crate::Result;
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// A system message put before the conversation.
     #[arg(long)]
     pub system: Option<String>,
@@ -112,7 +114,8 @@ impl Conversation<'_> {
 
 pub fn run_chat(args: ChatArgs, threads: Option<usize>) -> Result<()> {
     let max_new_tokens = args.sampling.max_new_tokens;
-    let (model, tokenizer) = args.model.load_with_tokenizer(threads)?;
+    let (mut model, tokenizer) = args.model.load_with_tokenizer(threads)?;
+    args.lora.apply(&mut model)?;
     let sampling = args.sampling.to_params(model.config().vocab_size)?;
     let context = model.config().max_position_embeddings;
     if max_new_tokens == 0 || max_new_tokens >= context {

@@ -78,6 +78,27 @@ impl ModelArgs {
     }
 }
 
+/// `--lora DIR` of the commands that run one model: a LoRA adapter every sequence runs with, on top of the
+/// unchanged base weights (quantized or not).
+#[derive(Args)]
+pub struct LoraArgs {
+    /// A LoRA adapter folder (adapter_config.json and adapter_model.safetensors, as `vicuna train sft
+    /// --lora-rank R` or peft write them), applied to --model without merging; it must fit the base's shapes.
+    #[arg(long, value_name = "DIR")]
+    pub lora: Option<PathBuf>,
+}
+
+impl LoraArgs {
+    /// Makes `model` run the adapter, if one was given.
+    pub fn apply(&self, model: &mut QuantLlama) -> Result<()> {
+        if let Some(dir) = &self.lora {
+            let adapter = model.load_lora(dir)?;
+            model.set_lora(Some(std::sync::Arc::new(adapter)))?;
+        }
+        Ok(())
+    }
+}
+
 /// A tokenizer with more tokens than the model has embedding rows would feed it ids it has no row for.
 pub fn check_tokenizer_fits(model: &QuantLlama, tokenizer: &Tokenizer, model_path: &Path) -> Result<()> {
     let vocab_size = model.config().vocab_size;

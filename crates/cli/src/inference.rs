@@ -6,13 +6,15 @@ use clap::Args;
 use serde_json::json;
 use vicuna_engine::{generate, random_seed, score, GenerationConfig, Grammar, GrammarSpec};
 
-use crate::common::{input_ids, InputArgs, ModelArgs, SamplingArgs};
+use crate::common::{input_ids, InputArgs, LoraArgs, ModelArgs, SamplingArgs};
 use crate::Result;
 
 #[derive(Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// The prompt; BOS is prepended.
     #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
     pub prompt: Option<String>,
@@ -47,6 +49,8 @@ pub struct GenerateArgs {
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// Text to score; BOS is prepended.
     #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
     pub text: Option<String>,
@@ -60,7 +64,8 @@ pub struct ScoreArgs {
 }
 
 pub fn run_generate(args: GenerateArgs, threads: Option<usize>) -> Result<()> {
-    let (model, tokenizer) = args.model.load(threads)?;
+    let (mut model, tokenizer) = args.model.load(threads)?;
+    args.lora.apply(&mut model)?;
     let grammar = grammar(&args, tokenizer.as_ref())?;
     let prompt = input_ids(args.prompt.as_deref(), args.input.ids, tokenizer.as_ref(), &args.model.model)?;
     let config = GenerationConfig {
@@ -113,7 +118,8 @@ pub fn run_generate(args: GenerateArgs, threads: Option<usize>) -> Result<()> {
 }
 
 pub fn run_score(args: ScoreArgs, threads: Option<usize>) -> Result<()> {
-    let (model, tokenizer) = args.model.load(threads)?;
+    let (mut model, tokenizer) = args.model.load(threads)?;
+    args.lora.apply(&mut model)?;
     let ids = input_ids(args.text.as_deref(), args.input.ids, tokenizer.as_ref(), &args.model.model)?;
     let scored = score(&model, &ids)?;
     let mut stdout = std::io::stdout().lock();

@@ -10,7 +10,7 @@ use serde_json::json;
 use vicuna_engine::{perplexity_chunks, ChunkLogProbs, PerplexityStats, Rng};
 use vicuna_model::QuantLlama;
 
-use crate::common::{check_tokenizer_fits, compute_threads, ModelArgs};
+use crate::common::{check_tokenizer_fits, compute_threads, LoraArgs, ModelArgs};
 use crate::Result;
 
 #[derive(Args)]
@@ -18,6 +18,8 @@ pub struct BenchArgs {
     /// A GGUF file or a Hugging Face model folder.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// Prompt processing test: tokens evaluated in one batch (0 = skip).
     #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
     pub n_prompt: usize,
@@ -41,7 +43,8 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
     }
     let threads = compute_threads(threads);
     let load_start = Instant::now();
-    let model = QuantLlama::load(&args.model, threads)?;
+    let mut model = QuantLlama::load(&args.model, threads)?;
+    args.lora.apply(&mut model)?;
     let load_s = load_start.elapsed().as_secs_f64();
     let config = model.config();
     let context = config.max_position_embeddings;
@@ -89,6 +92,7 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
     if args.json {
         let mut out = json!({
             "model": args.model.display().to_string(),
+            "lora": args.lora.lora.as_ref().map(|dir| dir.display().to_string()),
             "threads": threads,
             "reps": args.repetitions,
             "weight_bytes_per_token": weight_bytes,

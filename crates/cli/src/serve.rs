@@ -81,6 +81,24 @@ pub struct ServeArgs {
     /// The model name the API reports (default: the model folder's name).
     #[arg(long)]
     pub model_id: Option<String>,
+    /// Also serve the LoRA adapter in DIR (a PEFT folder: adapter_config.json and
+    /// adapter_model.safetensors, as `vicuna train sft --lora-rank R` writes) under NAME, on the same
+    /// base weights: requests pick it by OpenAI's `model` or TGI's `parameters.adapter_id`, and one
+    /// batch mixes adapters and the base. Repeatable; more can be loaded at run time with
+    /// POST /v1/load_lora_adapter.
+    #[arg(long = "lora", value_name = "NAME=DIR", value_parser = parse_lora)]
+    pub loras: Vec<(String, std::path::PathBuf)>,
+    /// Most distinct adapters in one running batch; a request for another waits until one is done.
+    #[arg(long, default_value_t = vicuna_server::DEFAULT_MAX_LORAS)]
+    pub max_loras: usize,
+}
+
+/// `NAME=DIR` of `--lora`.
+fn parse_lora(text: &str) -> std::result::Result<(String, std::path::PathBuf), String> {
+    match text.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => Ok((name.to_string(), dir.into())),
+        _ => Err(format!("{text:?} is not NAME=DIR (e.g. --lora sql=adapters/sql)")),
+    }
 }
 
 pub fn run_serve(args: ServeArgs, threads: Option<usize>) -> Result<()> {
@@ -108,6 +126,8 @@ pub fn run_serve(args: ServeArgs, threads: Option<usize>) -> Result<()> {
         prefix_cache_blocks: args.prefix_cache_blocks,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         cors_allow_origins: args.cors_allow_origins,
+        loras: args.loras,
+        max_loras: args.max_loras,
     };
     vicuna_server::serve_on(listener, model, tokenizer, options, vicuna_server::shutdown_signal())
         .map_err(|e| e.to_string())?;

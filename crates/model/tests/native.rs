@@ -431,11 +431,11 @@ fn a_cached_prefix_gives_what_the_prompt_gives_from_scratch() {
         // The first request computes the shared prompt and caches its full blocks.
         let mut cache_a = QuantCache::new(pool.reserve(8).unwrap());
         model.next_token_logits(&first, &mut cache_a).unwrap();
-        prefix_cache.insert(&first, cache_a.blocks());
+        prefix_cache.insert(None, &first, cache_a.blocks());
         assert_eq!(prefix_cache.len(), first.len() / BLOCK_TOKENS);
         let before: Vec<Vec<f32>> = cache_a.blocks().iter().map(|b| b.to_f32()).collect();
 
-        let hit = prefix_cache.lookup(&second);
+        let hit = prefix_cache.lookup(None, &second);
         // Two whole blocks and the first 5 positions of the third: the system prompt, to the token.
         assert_eq!((hit.blocks.len(), hit.tokens), (3, system.len()));
         for (shared, own) in hit.blocks.iter().zip(cache_a.blocks()) {
@@ -533,7 +533,7 @@ fn the_prefix_cache_evicts_idle_blocks_least_recently_used_first() {
     let run = |ids: &[u32], prefix_cache: &mut PrefixCache| {
         let mut cache = QuantCache::new(pool.reserve(ids.len().div_ceil(BLOCK_TOKENS)).unwrap());
         model.next_token_logits(ids, &mut cache).unwrap();
-        prefix_cache.insert(ids, cache.blocks());
+        prefix_cache.insert(None, ids, cache.blocks());
         cache
     };
     let old: Vec<u32> = (100..132).collect(); // two full blocks
@@ -544,14 +544,14 @@ fn the_prefix_cache_evicts_idle_blocks_least_recently_used_first() {
 
     // Only `old`'s blocks are idle: its leaf goes first, then its root; `new`'s are held.
     assert!(prefix_cache.evict_one());
-    assert_eq!(prefix_cache.lookup(&[old.clone(), vec![1]].concat()).blocks.len(), 1, "the root of old stays");
+    assert_eq!(prefix_cache.lookup(None, &[old.clone(), vec![1]].concat()).blocks.len(), 1, "the root of old stays");
     assert!(prefix_cache.evict_one());
     assert!(!prefix_cache.evict_one(), "held blocks are never evicted");
     assert_eq!(pool.counts().allocated, 2);
     drop(held);
     // `new` was used last: with both idle, its leaf goes before its root.
     assert!(prefix_cache.evict_one());
-    assert_eq!(prefix_cache.lookup(&[new.clone(), vec![1]].concat()).blocks.len(), 1);
+    assert_eq!(prefix_cache.lookup(None, &[new.clone(), vec![1]].concat()).blocks.len(), 1);
     prefix_cache.clear_idle();
     assert_eq!((prefix_cache.len(), pool.counts().allocated), (0, 0));
     assert_eq!(prefix_cache.stats().evictions, 4);
@@ -567,17 +567,211 @@ fn a_finished_sequences_partial_last_block_is_found_to_the_token() {
     let ids: Vec<u32> = (300..320).collect(); // one whole block and 4 positions
     let mut cache = QuantCache::new(pool.reserve(2).unwrap());
     model.next_token_logits(&ids, &mut cache).unwrap();
-    prefix_cache.insert(&ids, cache.blocks());
+    prefix_cache.insert(None, &ids, cache.blocks());
     assert_eq!(prefix_cache.len(), 1, "a running sequence's partial block is not cached");
-    prefix_cache.insert_finished(&ids, cache.blocks());
+    prefix_cache.insert_finished(None, &ids, cache.blocks());
     assert_eq!(prefix_cache.len(), 2);
     drop(cache);
     let longer: Vec<u32> = ids.iter().copied().chain([5, 6]).collect();
-    let hit = prefix_cache.lookup(&longer);
+    let hit = prefix_cache.lookup(None, &longer);
     assert_eq!((hit.blocks.len(), hit.tokens), (2, 20));
     let mut cache = QuantCache::with_prefix(pool.reserve(2).unwrap(), hit.blocks, hit.tokens).unwrap();
     let got = model.next_token_logits(&longer[20..], &mut cache).unwrap();
     let all = model.forward_all(&longer, &mut model.new_cache()).unwrap();
     let diff = max_abs_diff(&got, &all[all.len() - model.config().vocab_size..]);
     assert!(diff <= 1e-5, "differs from scratch by {diff}");
+}
+
+/// A safetensors file of f32 tensors (name, shape, values), written by hand: 8-byte header length, JSON, data.
+fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let (mut header, mut data) = (serde_json::Map::new(), Vec::new());
+    for (name, shape, values) in tensors {
+        let begin = data.len();
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [begin, data.len()]}),
+        );
+    }
+    let mut json = serde_json::Value::Object(header).to_string().into_bytes();
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(json);
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A PEFT adapter folder in `dir` with random factors (B nonzero, unlike PEFT's zero start) for `targets` of every
+/// layer; returns the Hugging Face tensors with it merged by hand, `W + (alpha/r)·B·A` in f64.
+fn random_adapter(dir: &Path, tensors: &HfTensors, targets: &[&str], rank: usize, alpha: f64, seed: u64) -> HfTensors {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
+        "bias": "none", "task_type": "CAUSAL_LM"});
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let mut rng = Rng(seed);
+    let (mut factors, mut merged) = (Vec::new(), tensors.clone());
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(target) = targets.iter().find(|t| name.ends_with(&format!(".{t}.weight"))) else { continue };
+        let (shape, _) = &tensors[name];
+        let (out_dim, in_dim) = (shape[0], shape[1]);
+        let a = rng.values(rank * in_dim, 1.0 / (in_dim as f32).sqrt());
+        let b = rng.values(out_dim * rank, 0.5);
+        let w = &mut merged.get_mut(name).unwrap().1;
+        for o in 0..out_dim {
+            for i in 0..in_dim {
+                let delta: f64 = (0..rank).map(|k| b[o * rank + k] as f64 * a[k * in_dim + i] as f64).sum();
+                w[o * in_dim + i] += (alpha / rank as f64 * delta) as f32;
+            }
+        }
+        assert!(name.contains(target));
+        let stem = format!("base_model.model.{}", name.trim_end_matches(".weight"));
+        factors.push((format!("{stem}.lora_A.weight"), vec![rank, in_dim], a));
+        factors.push((format!("{stem}.lora_B.weight"), vec![out_dim, rank], b));
+    }
+    write_safetensors(&dir.join("adapter_model.safetensors"), &factors);
+    merged
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vicuna-native-lora-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A model running a LoRA adapter (every projection adapted, q and k included, whose rows the GGUF order permutes)
+/// gives the logits of the model with the adapter merged into its weights by hand, within 1e-4, and the same greedy
+/// tokens; on q8_0 base weights it stays as close to the merged f32 model as the merged model stored as q8_0.
+#[test]
+fn a_lora_adapter_gives_what_its_merged_weights_give() {
+    let (config, tensors) = read_folder(&models_dir().join("tiny-b/safetensors-f32"));
+    let dir = temp_dir("merged");
+    let merged = random_adapter(&dir, &tensors, &vicuna_model::native::PROJECTIONS, 4, 8.0, 11);
+    let ids: Vec<u32> = vec![1, 17, 250, 3, 999, 42, 7, 7, 300];
+    let reference = native(&config, hf_to_gguf_tensors(&config, &merged, |_, _| GgmlType::F32), 2);
+    let want = reference.forward_all(&ids, &mut reference.new_cache()).unwrap();
+
+    let mut model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32), 2);
+    let base = model.forward_all(&ids, &mut model.new_cache()).unwrap();
+    assert!(max_abs_diff(&base, &want) > 0.1, "the adapter must change the logits for this test to mean anything");
+    let adapter = Arc::new(model.load_lora(&dir).unwrap());
+    model.set_lora(Some(adapter)).unwrap();
+    let got = model.forward_all(&ids, &mut model.new_cache()).unwrap();
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff <= 1e-4, "adapter differs from the merged model by {diff}");
+    let (mut cache, mut reference_cache) = (model.new_cache(), reference.new_cache());
+    let first = model.next_token_logits(&ids, &mut cache).unwrap();
+    let reference_first = reference.next_token_logits(&ids, &mut reference_cache).unwrap();
+    let tokens = |all: Vec<Vec<f32>>| all.iter().map(|l| argmax(l)).collect::<Vec<_>>();
+    assert_eq!(
+        tokens(greedy_logits(&model, first, &mut cache, 12)),
+        tokens(greedy_logits(&reference, reference_first, &mut reference_cache, 12)),
+        "greedy tokens"
+    );
+
+    // Quantized base: the adapter's term stays f32 on q8_0 base weights (rows of 32-value blocks; tiny-b's
+    // down_proj rows of 260 stay f32 in both models).
+    let q8_0 = |_, cols: usize| if cols.is_multiple_of(32) { GgmlType::Q8_0 } else { GgmlType::F32 };
+    let mut quantized = native(&config, hf_to_gguf_tensors(&config, &tensors, q8_0), 2);
+    quantized.set_lora(Some(Arc::new(quantized.load_lora(&dir).unwrap()))).unwrap();
+    let merged_q8 = native(&config, hf_to_gguf_tensors(&config, &merged, q8_0), 2);
+    let err_adapter = max_abs_diff(&quantized.forward_all(&ids, &mut quantized.new_cache()).unwrap(), &want);
+    let err_merged = max_abs_diff(&merged_q8.forward_all(&ids, &mut merged_q8.new_cache()).unwrap(), &want);
+    assert!(
+        err_adapter <= 1.5 * err_merged + 1e-3,
+        "q8_0 base + adapter is {err_adapter} from the f32 merged model, the merged q8_0 model {err_merged}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One ragged step over sequences on the base model and on two adapters (in mixed order, so runs of one adapter are
+/// split) gives each the logits it gets alone, and the prefix cache keeps one adapter's blocks from the others.
+#[test]
+fn a_batch_mixing_adapters_and_the_base_gives_each_sequence_its_own_logits() {
+    let (config, tensors) = read_folder(&models_dir().join("tiny-b/safetensors-f32"));
+    let (dir_a, dir_b) = (temp_dir("mix-a"), temp_dir("mix-b"));
+    random_adapter(&dir_a, &tensors, &["q_proj", "v_proj"], 4, 16.0, 21);
+    random_adapter(&dir_b, &tensors, &["k_proj", "o_proj", "down_proj"], 2, 4.0, 22);
+    let model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32), 2);
+    let a = Some(Arc::new(model.load_lora(&dir_a).unwrap()));
+    let b = Some(Arc::new(model.load_lora(&dir_b).unwrap()));
+    let prompts: [(&[u32], _); 4] =
+        [(&[1, 17, 250, 3], a.clone()), (&[1, 5, 6, 7, 8], None), (&[1, 9, 9], b.clone()), (&[1, 40, 41], a.clone())];
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|(ids, lora)| {
+            model.forward_ragged(&mut [(ids, &mut model.new_cache().with_lora(lora.clone()))]).unwrap().remove(0)
+        })
+        .collect();
+    let mut caches: Vec<QuantCache> =
+        prompts.iter().map(|(_, lora)| model.new_cache().with_lora(lora.clone())).collect();
+    let mut inputs: Vec<(&[u32], &mut QuantCache)> =
+        prompts.iter().map(|(ids, _)| *ids).zip(caches.iter_mut()).collect();
+    let together = model.forward_ragged(&mut inputs).unwrap();
+    for (i, (got, want)) in together.iter().zip(&alone).enumerate() {
+        let diff = max_abs_diff(got, want);
+        assert!(diff <= 1e-5, "sequence {i} in the mixed batch differs from alone by {diff}");
+    }
+    assert!(max_abs_diff(&alone[0], &alone[3]) > 0.0 && max_abs_diff(&together[0], &together[2]) > 0.0);
+
+    // Blocks cached for adapter a serve a, never b or the base.
+    let ids: Vec<u32> = (1..=BLOCK_TOKENS as u32 + 3).collect();
+    let mut cache = model.new_cache().with_lora(a.clone());
+    model.forward_all(&ids, &mut cache).unwrap();
+    let mut prefix_cache = PrefixCache::new(None);
+    prefix_cache.insert(a.as_deref(), &ids, cache.blocks());
+    assert_eq!(prefix_cache.lookup(None, &ids).tokens, 0, "the base model must not read adapter a's blocks");
+    assert_eq!(prefix_cache.lookup(b.as_deref(), &ids).tokens, 0, "adapter b must not read adapter a's blocks");
+    assert_eq!(prefix_cache.lookup(a.as_deref(), &ids).tokens, BLOCK_TOKENS);
+    let _ = (std::fs::remove_dir_all(&dir_a), std::fs::remove_dir_all(&dir_b));
+}
+
+/// An adapter that does not fit the base, or whose files are missing or disagree, is refused with a message that
+/// names the folder and the problem.
+#[test]
+fn bad_adapters_are_refused_with_the_reason() {
+    let (config, tensors) = read_folder(&models_dir().join("tiny-b/safetensors-f32"));
+    let model = native(&config, hf_to_gguf_tensors(&config, &tensors, |_, _| GgmlType::F32), 1);
+    let refused = |dir: &Path, parts: &[&str]| {
+        let message = model.load_lora(dir).unwrap_err().to_string();
+        assert!(message.contains(&dir.display().to_string()), "{message}");
+        for part in parts {
+            assert!(message.contains(part), "{message:?} lacks {part:?}");
+        }
+    };
+    refused(&temp_dir("nowhere"), &["no such folder"]);
+
+    // Trained on another base (tiny-a: hidden 64, 2 layers, not tiny-b's 96 and 3).
+    let (_, other) = read_folder(&models_dir().join("tiny-a/safetensors-f32"));
+    let dir = temp_dir("other-base");
+    random_adapter(&dir, &other, &["q_proj"], 2, 2.0, 1);
+    refused(&dir, &["another base model"]);
+
+    let dir = temp_dir("bad");
+    random_adapter(&dir, &tensors, &["q_proj", "v_proj"], 4, 8.0, 2);
+    let config_path = dir.join("adapter_config.json");
+    let good: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let with = |key: &str, value: serde_json::Value| {
+        let mut json = good.clone();
+        json[key] = value;
+        std::fs::write(&config_path, json.to_string()).unwrap();
+    };
+    with("r", 8.into());
+    refused(&dir, &["rank 4", "r = 8"]);
+    with("target_modules", serde_json::json!(["q_proj", "v_proj", "k_proj"]));
+    refused(&dir, &["k_proj.lora_A.weight is missing"]);
+    with("target_modules", serde_json::json!(["q_proj"]));
+    refused(&dir, &["v_proj", "target_modules"]);
+    with("target_modules", serde_json::json!(["lm_head"]));
+    refused(&dir, &["\"lm_head\" is not a LLaMA projection"]);
+    with("use_dora", true.into());
+    refused(&dir, &["DoRA"]);
+    std::fs::write(&config_path, good.to_string()).unwrap();
+    model.load_lora(&dir).unwrap();
+    std::fs::remove_file(dir.join("adapter_model.safetensors")).unwrap();
+    refused(&dir, &["adapter_model.safetensors is missing"]);
+    std::fs::remove_file(&config_path).unwrap();
+    refused(&dir, &["adapter_config.json"]);
+    let _ = std::fs::remove_dir_all(&dir);
 }

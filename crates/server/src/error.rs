@@ -65,6 +65,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}"))
     }
 
+    /// A request for a model (an adapter) the server does not run.
+    pub fn unknown_model(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
     pub fn method_not_allowed() -> Self {
         Self::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
     }

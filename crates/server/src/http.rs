@@ -21,6 +21,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::Semaphore;
 use vicuna_tokenizer::Tokenizer;
 
+use crate::adapters::{self, Adapters};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, Rejection};
 use crate::scheduler::{Event, Job, Scheduler};
@@ -48,6 +49,8 @@ pub struct AppState {
     pub started: u64,
     /// The origins browsers may call from (`--cors-allow-origin`); empty: no CORS headers at all.
     pub cors: Cors,
+    /// The LoRA adapters served beside the base model.
+    pub adapters: Adapters,
 }
 
 /// Which other origins a browser page may call the API from (`--cors-allow-origin`).
@@ -96,6 +99,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
+        .route("/v1/load_lora_adapter", post(adapters::load))
+        .route("/v1/unload_lora_adapter", post(adapters::unload))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
@@ -285,10 +290,15 @@ pub async fn validate_request(
         })
         .await?
     };
-    result.map_err(|message| {
+    let mut valid = result.map_err(|message| {
         state.metrics.rejected(Rejection::Validation);
         ApiError::validation(message)
-    })
+    })?;
+    valid.lora = state.adapters.resolve(parameters.adapter_id.as_deref()).map_err(|message| {
+        state.metrics.rejected(Rejection::Validation);
+        ApiError::unknown_model(message)
+    })?;
+    Ok(valid)
 }
 
 /// Run `work` (CPU work that grows with the request, such as tokenizing) on tokio's blocking
@@ -316,6 +326,7 @@ pub fn submit(state: &AppState, request: &ValidRequest) -> Result<UnboundedRecei
         config: request.config.clone(),
         prompt_logprobs: request.prompt_logprobs,
         choices: request.best_of,
+        lora: request.lora.clone(),
         events,
         permit,
         arrived: Instant::now(),

@@ -5,6 +5,7 @@
 //! `GenerationConfig`; the [`scheduler`] thread queues, batches and runs them; [`tgi`] and
 //! [`openai`] shape the answers; [`http`] holds the routes, the API-key guard and the glue.
 
+pub mod adapters;
 mod error;
 mod http;
 mod metrics;
@@ -27,6 +28,7 @@ use tokio::sync::{Notify, Semaphore};
 use vicuna_model::{QuantLlama, BLOCK_TOKENS};
 use vicuna_tokenizer::Tokenizer;
 
+use crate::adapters::Adapters;
 use crate::http::{unix_time, AppState, Cors};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -64,6 +66,10 @@ pub struct ServerOptions {
     pub header_read_timeout: Duration,
     /// Origins browsers may call from (`*`: any); empty: no CORS headers.
     pub cors_allow_origins: Vec<String>,
+    /// LoRA adapters served from the start, as (name, PEFT folder).
+    pub loras: Vec<(String, std::path::PathBuf)>,
+    /// Most distinct adapters in the running batch (vLLM's `--max-loras`).
+    pub max_loras: usize,
 }
 
 impl Default for ServerOptions {
@@ -85,9 +91,15 @@ impl Default for ServerOptions {
             prefix_cache_blocks: None,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             cors_allow_origins: Vec::new(),
+            loras: Vec::new(),
+            max_loras: DEFAULT_MAX_LORAS,
         }
     }
 }
+
+/// `--max-loras`' default: distinct adapters in one batch. Each costs only its own small products per step, so
+/// the bound is there to cap a step's adapter work, not memory.
+pub const DEFAULT_MAX_LORAS: usize = 16;
 
 /// `--header-read-timeout`'s default. A request head is a few hundred bytes to a few KB, which a
 /// real client sends in one write: 10 s is ample even on a bad mobile link, and frees a slowloris
@@ -181,6 +193,7 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
         ("--max-batch-size", options.max_batch_size.unwrap_or(1)),
         ("--max-batch-prefill-tokens", options.max_batch_prefill_tokens),
         ("--prefix-cache-blocks (use --no-prefix-cache to turn it off)", options.prefix_cache_blocks.unwrap_or(1)),
+        ("--max-loras", options.max_loras),
     ] {
         if value == 0 {
             return Err(format!("{flag} must be at least 1").into());
@@ -210,6 +223,7 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
             max_prefill_tokens: options.max_batch_prefill_tokens,
             prefix_cache: options.prefix_cache,
             prefix_cache_blocks: options.prefix_cache_blocks,
+            max_loras: options.max_loras,
         },
         kv_tokens,
     })
@@ -234,6 +248,11 @@ pub fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let plan = plan(&model, &tokenizer, &options)?;
+    // The adapters given at start: any that cannot be served stops the server before it listens.
+    let adapters = Adapters::new(model.config().clone(), &options.model_id);
+    for (name, dir) in &options.loras {
+        adapters.load(name, dir, unix_time()).map_err(|e| format!("--lora {name}: {e}"))?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     listener.set_nonblocking(true)?;
     let listener = {
@@ -242,7 +261,7 @@ pub fn serve_on(
     };
     let address: SocketAddr = listener.local_addr()?;
 
-    let metrics = Arc::new(Metrics::new(&options.model_id));
+    let metrics = Arc::new(Metrics::new(&options.model_id, options.max_loras));
     let tokenizer = Arc::new(tokenizer);
     let info = serde_json::json!({
         "model_id": options.model_id,
@@ -287,6 +306,7 @@ pub fn serve_on(
         draining: Default::default(),
         started: unix_time(),
         cors: Cors::new(&options.cors_allow_origins),
+        adapters,
     });
     let app = http::router(state.clone());
 

@@ -8,6 +8,7 @@
 //! as `vicuna_queue_size`, `vicuna_batch_size` and `vicuna_kv_cache_blocks_{in_use,total}`: one
 //! source, two names.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -69,6 +70,10 @@ pub struct Metrics {
     prefix_hit_tokens: AtomicU64,
     prefix_blocks: AtomicU64,
     prefix_evictions: AtomicU64,
+    /// `--max-loras`, vLLM's `max_lora` label.
+    max_loras: usize,
+    /// Requests running and waiting per adapter (adapters with none are left out).
+    lora_requests: Mutex<BTreeMap<String, [usize; 2]>>,
     time_to_first_token: Histogram,
     inter_token_latency: Histogram,
     step_duration: Histogram,
@@ -119,9 +124,20 @@ fn label_value(value: &str) -> String {
 }
 
 impl Metrics {
-    /// Metrics of a server whose model the API calls `model_name`.
-    pub fn new(model_name: &str) -> Metrics {
-        Metrics { model_name: model_name.to_string(), ..Metrics::default() }
+    /// Metrics of a server whose model the API calls `model_name`, running at most `max_loras` adapters at once.
+    pub fn new(model_name: &str, max_loras: usize) -> Metrics {
+        Metrics { model_name: model_name.to_string(), max_loras, ..Metrics::default() }
+    }
+
+    /// The adapters of the running requests and of the waiting ones, a name once per request.
+    pub fn lora_state(&self, running: &[&str], waiting: &[&str]) {
+        let mut counts: BTreeMap<String, [usize; 2]> = BTreeMap::new();
+        for (state, names) in [running, waiting].iter().enumerate() {
+            for name in names.iter() {
+                counts.entry(name.to_string()).or_default()[state] += 1;
+            }
+        }
+        *self.lora_requests.lock().unwrap_or_else(|e| e.into_inner()) = counts;
     }
 
     pub fn rejected(&self, why: Rejection) {
@@ -296,13 +312,31 @@ impl Metrics {
             usage,
         );
         // vLLM's value is the time the adapter lists were last updated, so a scraper takes the
-        // newest series. No adapters are served: both lists are empty and max_lora is 0.
+        // newest series. The lists name the adapters with requests running / waiting, comma-separated.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let counts = self.lora_requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let list = |state: usize| {
+            let names: Vec<&str> = counts.iter().filter(|(_, c)| c[state] > 0).map(|(n, _)| n.as_str()).collect();
+            label_value(&names.join(","))
+        };
+        let (running, waiting, max_lora) = (list(0), list(1), self.max_loras);
         let _ = writeln!(
             out,
-            "# HELP vllm:lora_requests_info Running stats on LoRA requests (none: this server has no adapters).\n\
+            "# HELP vllm:lora_requests_info Running stats on LoRA requests.\n\
              # TYPE vllm:lora_requests_info gauge\n\
-             vllm:lora_requests_info{{max_lora=\"0\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}} {now:?}"
+             vllm:lora_requests_info{{max_lora=\"{max_lora}\",running_lora_adapters=\"{running}\",\
+             waiting_lora_adapters=\"{waiting}\"}} {now:?}"
         );
+        for (state, name) in [(0, "running"), (1, "waiting")] {
+            let _ = writeln!(
+                out,
+                "# HELP vicuna_lora_requests_{name} Requests {name} per LoRA adapter.\n\
+                 # TYPE vicuna_lora_requests_{name} gauge"
+            );
+            for (adapter, c) in counts.iter().filter(|(_, c)| c[state] > 0) {
+                let _ =
+                    writeln!(out, "vicuna_lora_requests_{name}{{adapter=\"{}\"}} {}", label_value(adapter), c[state]);
+            }
+        }
     }
 }

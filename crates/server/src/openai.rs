@@ -17,7 +17,7 @@ use crate::http::{
 use crate::scheduler::{End, Event, GeneratedToken, PromptToken};
 use crate::template::{render_prompt, ChatMessage, ReplyText, Role, STOP_SEQUENCES};
 use crate::tokens::token_surface;
-use crate::validation::{lark_grammar, DefaultLength, GenerateParameters, MAX_TOP_LOGPROBS};
+use crate::validation::{lark_grammar, DefaultLength, GenerateParameters, ValidRequest, MAX_TOP_LOGPROBS};
 
 /// OpenAI's default `max_tokens` for completions.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -70,6 +70,8 @@ struct StreamOptions {
 #[derive(Default, Deserialize)]
 #[serde(default)]
 struct Sampling {
+    /// The base model's name or a LoRA adapter's: which one answers.
+    model: Option<String>,
     temperature: Option<f32>,
     top_p: Option<f32>,
     /// 0 or less: no top-k filter, as llama.cpp's and vLLM's servers read it.
@@ -180,6 +182,7 @@ impl Sampling {
             }),
             seed: self.seed,
             grammar_spec: self.grammar_spec()?,
+            adapter_id: self.model.clone(),
             ..GenerateParameters::default()
         })
     }
@@ -277,12 +280,13 @@ struct Envelope {
 }
 
 impl Envelope {
-    fn new(state: &SharedState, prefix: &str, object: &'static str) -> Self {
+    /// The envelope of `valid`'s answer: `model` is its adapter's name, or the base model's.
+    fn new(state: &SharedState, valid: &ValidRequest, prefix: &str, object: &'static str) -> Self {
         Envelope {
             id: format!("{prefix}-{:016x}", random_seed()),
             object,
             created: unix_time(),
-            model: state.model_id.clone(),
+            model: valid.lora.as_ref().map_or_else(|| state.model_id.clone(), |lora| lora.name.clone()),
         }
     }
 
@@ -449,7 +453,7 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
     )
     .await?;
     let receiver = submit(&state, &valid)?;
-    let envelope = Envelope::new(&state, "cmpl", "text_completion");
+    let envelope = Envelope::new(&state, &valid, "cmpl", "text_completion");
     if !stream {
         let choices = best(collect(receiver, valid.best_of).await?, valid.n);
         let body_choices: Vec<Value> = choices
@@ -561,7 +565,7 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
     let receiver = submit(&state, &valid)?;
     if !stream {
         let choices = collect(receiver, valid.best_of).await?;
-        let envelope = Envelope::new(&state, "chatcmpl", "chat.completion");
+        let envelope = Envelope::new(&state, &valid, "chatcmpl", "chat.completion");
         let body_choices: Vec<Value> = choices
             .iter()
             .enumerate()
@@ -584,7 +588,7 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
         body["usage"] = usage(choices.iter().map(|c| &c.end));
         return Ok(json_response(StatusCode::OK, &body));
     }
-    let envelope = Envelope::new(&state, "chatcmpl", "chat.completion.chunk");
+    let envelope = Envelope::new(&state, &valid, "chatcmpl", "chat.completion.chunk");
     let delta = move |envelope: &Envelope, choice: usize, delta: Value, logprobs: Value, finish: Option<&str>| {
         let choices = json!([{ "index": choice, "delta": delta, "logprobs": logprobs, "finish_reason": finish }]);
         envelope.with(choices).to_string()
@@ -615,12 +619,9 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
     }))
 }
 
+/// The base model, then every adapter loaded.
 pub async fn models(State(state): State<SharedState>) -> Response {
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "object": "list",
-            "data": [{ "id": state.model_id, "object": "model", "created": state.started, "owned_by": "vicuna" }],
-        }),
-    )
+    let base = json!({ "id": state.model_id, "object": "model", "created": state.started, "owned_by": "vicuna" });
+    let data: Vec<Value> = std::iter::once(base).chain(state.adapters.model_cards()).collect();
+    json_response(StatusCode::OK, &json!({ "object": "list", "data": data }))
 }

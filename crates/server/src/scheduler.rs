@@ -26,6 +26,11 @@
 //!   the prompt's last logits. A request that asks for its prompt's log-probabilities gets every
 //!   row of its prompt chunks' logits from the same batched pass (and reads its whole prompt).
 //!
+//! - **adapters**: a request may run with a LoRA adapter; its sequence's cache carries it, and the
+//!   forward pass adds each adapter's term to its own rows, so one batch mixes adapters and the
+//!   base. At most `max_loras` distinct adapters run at once (a request for another waits, and
+//!   later arrivals do not overtake it); prefix-cache entries are kept per adapter.
+//!
 //! A client that goes away drops its event receiver; the scheduler sees the closed channel before
 //! the next step and drops the request, whose cache gives its blocks and the rest of its
 //! reservation back (a block shared with the prefix cache stays there).
@@ -40,10 +45,11 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::OwnedSemaphorePermit;
 use vicuna_engine::{log_softmax_at, FinishReason, GenerationConfig, Sequence, TokenLogprob};
-use vicuna_model::native::CachedPrefix;
+use vicuna_model::native::{CachedPrefix, LoraAdapter};
 use vicuna_model::{KvPool, PrefixCache, QuantCache, QuantLlama, Reservation, BLOCK_TOKENS};
 use vicuna_tokenizer::Tokenizer;
 
+use crate::adapters::NamedLora;
 use crate::metrics::{Metrics, Outcome};
 use crate::tokens::{is_special, token_texts};
 
@@ -58,6 +64,8 @@ pub struct SchedulerConfig {
     pub prefix_cache: bool,
     /// Most blocks the prefix cache keeps (`None`: whatever of the budget running requests leave).
     pub prefix_cache_blocks: Option<usize>,
+    /// Most distinct LoRA adapters in the running batch.
+    pub max_loras: usize,
 }
 
 /// A validated request on its way to the model.
@@ -69,6 +77,8 @@ pub struct Job {
     pub prompt_logprobs: bool,
     /// Sequences to generate from the prompt (choice `i` is seeded `config.seed + i`).
     pub choices: usize,
+    /// The LoRA adapter it runs with (`None`: the base model).
+    pub lora: Option<NamedLora>,
     pub events: UnboundedSender<Event>,
     /// A place among `max_concurrent_requests`, given back when the job is dropped.
     pub permit: OwnedSemaphorePermit,
@@ -154,7 +164,7 @@ pub enum Stop {
 }
 
 enum Message {
-    Submit(Job),
+    Submit(Box<Job>),
     /// End every waiting and running request with this message (shutdown).
     CancelAll(String),
 }
@@ -194,8 +204,8 @@ impl Scheduler {
 
     /// Queue a job; gives it back if the scheduler thread is gone.
     pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
-        self.inbox.send(Message::Submit(job)).map_err(|e| match e.0 {
-            Message::Submit(job) => Box::new(job),
+        self.inbox.send(Message::Submit(Box::new(job))).map_err(|e| match e.0 {
+            Message::Submit(job) => job,
             Message::CancelAll(_) => unreachable!("sent a Submit"),
         })
     }
@@ -294,7 +304,7 @@ impl<'m> Batch<'m> {
         match message {
             Message::Submit(job) => {
                 self.metrics.queued(job.prompt.len());
-                self.waiting.push_back(job);
+                self.waiting.push_back(*job);
             }
             Message::CancelAll(reason) => {
                 for job in self.waiting.drain(..) {
@@ -321,11 +331,11 @@ impl<'m> Batch<'m> {
         }
     }
 
-    /// The longest cached prefix of `ids` (none without a prefix cache, or for a request that
-    /// scores its whole prompt).
-    fn cached_prefix(&mut self, ids: &[u32], scores_prompt: bool) -> CachedPrefix {
+    /// The longest prefix of `ids` cached for adapter `lora` (none without a prefix cache, or for
+    /// a request that scores its whole prompt).
+    fn cached_prefix(&mut self, lora: Option<&LoraAdapter>, ids: &[u32], scores_prompt: bool) -> CachedPrefix {
         match self.prefix.as_mut() {
-            Some(prefix) if !scores_prompt => prefix.lookup(ids),
+            Some(prefix) if !scores_prompt => prefix.lookup(lora, ids),
             _ => CachedPrefix::default(),
         }
     }
@@ -356,10 +366,17 @@ impl<'m> Batch<'m> {
             if self.running.len() + job.choices > self.config.max_batch_size {
                 break;
             }
+            if let Some(lora) = &job.lora {
+                let adapters = running_adapters(&self.running);
+                if !adapters.contains(&lora.name.as_str()) && adapters.len() >= self.config.max_loras {
+                    break; // --max-loras other adapters are running: wait until one is done
+                }
+            }
+            let lora = job.lora.as_ref().map(|l| l.adapter.clone());
             let (prompt, scores_prompt) = (job.prompt.clone(), job.prompt_logprobs);
             let (max_new_tokens, choices) = (job.config.max_new_tokens, job.choices);
             // Blocks the prefix fills are not needed again; one it fills in part is copied.
-            let prefix = self.cached_prefix(&prompt, scores_prompt);
+            let prefix = self.cached_prefix(lora.as_deref(), &prompt, scores_prompt);
             let blocks = blocks_needed(prompt.len(), max_new_tokens, choices, prefix.tokens / BLOCK_TOKENS);
             let Some(reservation) = self.reserve(blocks) else {
                 break;
@@ -389,7 +406,8 @@ impl<'m> Batch<'m> {
             let forks = sequences.split_off(1);
             let sequence = sequences.pop().expect("at least one choice");
             let cache = QuantCache::with_prefix(reservation, prefix.blocks, prefix.tokens)
-                .expect("the prefix cache shares the pool");
+                .expect("the prefix cache shares the pool")
+                .with_lora(lora);
             let read = cache.len();
             if self.prefix.is_some() && !job.prompt_logprobs {
                 self.metrics.prefix_lookup();
@@ -469,7 +487,8 @@ impl<'m> Batch<'m> {
             return;
         }
         let prompt = std::mem::take(&mut self.running[index].pending);
-        let prefix = self.cached_prefix(&prompt, false);
+        let lora = self.running[index].cache.lora().cloned();
+        let prefix = self.cached_prefix(lora.as_deref(), &prompt, false);
         let active = &mut self.running[index];
         let had = active.cache.len();
         if prefix.tokens > had {
@@ -536,7 +555,7 @@ impl<'m> Batch<'m> {
             active.read += chunk;
             if let Some(prefix) = self.prefix.as_mut() {
                 if active.history.len() / BLOCK_TOKENS > before / BLOCK_TOKENS {
-                    prefix.insert(&active.history, active.cache.blocks());
+                    prefix.insert(active.cache.lora().map(|a| &**a), &active.history, active.cache.blocks());
                 }
             }
         }
@@ -611,7 +630,7 @@ impl<'m> Batch<'m> {
             let Active { sequence, job, prefill, cached_tokens, cache, history, choice, .. } =
                 self.running.remove(index);
             if let Some(prefix) = self.prefix.as_mut() {
-                prefix.insert_finished(&history, cache.blocks());
+                prefix.insert_finished(cache.lora().map(|a| &**a), &history, cache.blocks());
             }
             drop(cache);
             let prompt_tokens = sequence.prompt().len();
@@ -668,6 +687,9 @@ impl<'m> Batch<'m> {
         // Blocks running requests hold or have reserved; cached blocks nobody holds are free to evict.
         let in_use = counts.allocated + counts.reserved - idle;
         self.metrics.scheduler_state(self.waiting.len(), distinct_jobs(&self.running), in_use);
+        let waiting: Vec<&str> =
+            self.waiting.iter().filter_map(|job| job.lora.as_ref()).map(|l| l.name.as_str()).collect();
+        self.metrics.lora_state(&adapter_requests(&self.running), &waiting);
         self.metrics.prefix_cache_state(cached, stats);
     }
 }
@@ -702,6 +724,23 @@ fn advance(
     // A closed channel is noticed before the next step (`drop_cancelled`).
     let _ = active.job.events.send(Event::Token { choice: active.choice, token, end: None });
     None
+}
+
+/// The names of the adapters the running batch uses, each once, sorted.
+fn running_adapters<'a>(running: &'a [Active]) -> Vec<&'a str> {
+    let mut names = adapter_requests(running);
+    names.dedup();
+    names
+}
+
+/// The adapter of each running request that has one (a name once per request), sorted.
+fn adapter_requests<'a>(running: &'a [Active]) -> Vec<&'a str> {
+    let mut jobs: Vec<&Arc<Job>> = running.iter().map(|a| &a.job).collect();
+    jobs.sort_unstable_by_key(|job| Arc::as_ptr(job));
+    jobs.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    let mut names: Vec<&str> = jobs.iter().filter_map(|job| job.lora.as_ref()).map(|l| l.name.as_str()).collect();
+    names.sort_unstable();
+    names
 }
 
 /// Requests in the batch (a request with several choices runs as several sequences).

@@ -6,6 +6,8 @@ use serde::Deserialize;
 use vicuna_engine::{random_seed, GenerationConfig, Grammar, GrammarSpec, SamplingParams};
 use vicuna_tokenizer::Tokenizer;
 
+use crate::adapters::NamedLora;
+
 /// TGI's `parameters` object. Every field may be absent or null (clients such as
 /// `huggingface_hub` send nulls for what they leave unset). The fields marked `serde(skip)` are
 /// not TGI's: the OpenAI routes set them when they translate their requests.
@@ -30,6 +32,8 @@ pub struct GenerateParameters {
     pub seed: Option<u64>,
     pub top_n_tokens: Option<u32>,
     pub grammar: Option<serde_json::Value>,
+    /// The LoRA adapter to run (TGI's field; the OpenAI routes put their `model` here): an adapter's name, or the
+    /// base model's (or none) for the base.
     pub adapter_id: Option<String>,
     /// OpenAI's `presence_penalty`.
     #[serde(skip)]
@@ -147,6 +151,9 @@ pub struct ValidRequest {
     pub n: usize,
     /// Sequences generated for this prompt, each seeded `seed + i`.
     pub best_of: usize,
+    /// The LoRA adapter it runs with (`None`: the base model), set from `adapter_id` by the server, which knows
+    /// the adapters.
+    pub lora: Option<NamedLora>,
 }
 
 /// Check `parameters` and tokenize `inputs` (with BOS): the one place where every route's
@@ -168,9 +175,6 @@ pub fn validate(
     let p = parameters;
     if p.watermark == Some(true) {
         return Err("`watermark` is not supported".into());
-    }
-    if p.adapter_id.is_some() {
-        return Err("`adapter_id` is not supported: this server runs one model without adapters".into());
     }
     let temperature = p.temperature.unwrap_or(1.0);
     let top_k = match p.top_k {
@@ -338,6 +342,7 @@ pub fn validate(
         details: p.details.unwrap_or(false),
         prompt_logprobs,
         return_full_text: p.return_full_text.unwrap_or(false),
+        lora: None,
         n,
         best_of,
     })

@@ -54,7 +54,7 @@ fn sample(samples: &HashMap<String, f64>, name: &str) -> f64 {
 const WAITING: &str = "vllm:num_requests_waiting{model_name=\"tiny-v32001\"}";
 const RUNNING: &str = "vllm:num_requests_running{model_name=\"tiny-v32001\"}";
 const KV_USAGE: &str = "vllm:kv_cache_usage_perc{model_name=\"tiny-v32001\"}";
-const LORA: &str = "vllm:lora_requests_info{max_lora=\"0\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}";
+const LORA: &str = "vllm:lora_requests_info{max_lora=\"16\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}";
 
 /// The vLLM gauges must say what our own say, from the same scrape.
 fn assert_consistent(samples: &HashMap<String, f64>) {

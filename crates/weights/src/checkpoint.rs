@@ -123,6 +123,18 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
+    /// Opens one safetensors file on its own (a PEFT adapter's `adapter_model.safetensors`, which sits beside, not
+    /// among, a model's weights).
+    pub fn open_safetensors(path: &Path) -> Result<Checkpoint> {
+        if !path.is_file() {
+            bail!("{} does not exist or is not a file", path.display());
+        }
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let mut checkpoint = Checkpoint { dir, maps: Vec::new(), files: Vec::new(), tensors: BTreeMap::new() };
+        checkpoint.load_file(path)?;
+        Ok(checkpoint)
+    }
+
     /// The model folder.
     pub fn dir(&self) -> &Path {
         &self.dir

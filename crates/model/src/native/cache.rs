@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use half::f16;
 use vicuna_kernels::{f32_to_f16, KvSlice};
 
+use super::lora::LoraAdapter;
 use crate::{Error, Result};
 
 /// Token positions per KV-cache block: the unit of the memory budget and of prefix sharing.
@@ -267,12 +268,15 @@ pub struct QuantCache {
     /// Positions committed by completed steps; the last block may briefly hold more while a step runs.
     len: usize,
     reservation: Reservation,
+    /// The LoRA adapter its positions were computed with (`None`: the base model); the forward pass applies it to
+    /// the sequence's rows.
+    lora: Option<Arc<LoraAdapter>>,
 }
 
 impl QuantCache {
     /// An empty cache taking blocks from `reservation`.
     pub fn new(reservation: Reservation) -> Self {
-        QuantCache { blocks: Vec::new(), len: 0, reservation }
+        QuantCache { blocks: Vec::new(), len: 0, reservation, lora: None }
     }
 
     /// An empty cache in a pool of its own without a budget (one-off commands, tests).
@@ -305,7 +309,19 @@ impl QuantCache {
     /// A second cache holding the same positions: every block shared, read-only, until one of the two writes (a
     /// partly filled last block is copied then). The fork takes its new blocks from `reservation`.
     pub fn fork(&self, reservation: Reservation) -> Result<QuantCache> {
-        QuantCache::with_prefix(reservation, self.blocks().to_vec(), self.len)
+        Ok(QuantCache::with_prefix(reservation, self.blocks().to_vec(), self.len)?.with_lora(self.lora.clone()))
+    }
+
+    /// The cache of a sequence run with adapter `lora` (`None`: the base model). Any prefix it starts with must have
+    /// been computed with the same adapter (the prefix cache keys its blocks by adapter for this).
+    pub fn with_lora(mut self, lora: Option<Arc<LoraAdapter>>) -> Self {
+        self.lora = lora;
+        self
+    }
+
+    /// The adapter the sequence runs with.
+    pub fn lora(&self) -> Option<&Arc<LoraAdapter>> {
+        self.lora.as_ref()
     }
 
     pub fn kv_type(&self) -> KvType {

@@ -24,9 +24,11 @@
 
 mod cache;
 mod load;
+mod lora;
 mod prefix;
 mod source;
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
@@ -38,8 +40,10 @@ use vicuna_kernels::{
 use vicuna_weights::LlamaConfig;
 
 use crate::{Error, Result};
+use lora::Projection;
 
 pub use cache::{BlockShape, Counts, KvBlock, KvPool, KvType, QuantCache, Reservation, BLOCK_TOKENS};
+pub use lora::{LoraAdapter, PROJECTIONS};
 pub use prefix::{CachedPrefix, PrefixCache, PrefixStats};
 pub use source::{OwnedTensors, TensorRef, TensorSource};
 
@@ -58,6 +62,8 @@ pub struct QuantLlama {
     rope_freqs: Vec<f64>,
     /// What the caches store keys and values as.
     kv_type: KvType,
+    /// The LoRA adapter of the caches [`QuantLlama::new_cache`] makes (`--lora DIR` of the one-off commands).
+    lora: Option<Arc<LoraAdapter>>,
     /// Work buffers, reused from step to step.
     buffers: Mutex<Buffers>,
 }
@@ -175,6 +181,7 @@ impl QuantLlama {
             output,
             rope_freqs,
             kv_type,
+            lora: None,
             buffers: Mutex::new(Buffers::default()),
         })
     }
@@ -221,9 +228,32 @@ impl QuantLlama {
         KvPool::new(self.block_shape(), capacity)
     }
 
-    /// An empty cache for one sequence, in a pool of its own without a budget.
+    /// An empty cache for one sequence, in a pool of its own without a budget, running the adapter of
+    /// [`QuantLlama::set_lora`] if any.
     pub fn new_cache(&self) -> QuantCache {
-        QuantCache::unbounded(self.block_shape())
+        QuantCache::unbounded(self.block_shape()).with_lora(self.lora.clone())
+    }
+
+    /// Reads a PEFT adapter folder, checked against this model's shapes.
+    pub fn load_lora(&self, dir: &std::path::Path) -> Result<LoraAdapter> {
+        LoraAdapter::load(dir, &self.config)
+    }
+
+    /// The adapter that caches from [`QuantLlama::new_cache`] run with (`None`: the base model). The serving
+    /// scheduler gives each sequence its own instead ([`QuantCache::with_lora`]).
+    pub fn set_lora(&mut self, lora: Option<Arc<LoraAdapter>>) -> Result<()> {
+        if let Some(adapter) = &lora {
+            self.check_lora(adapter)?;
+        }
+        self.lora = lora;
+        Ok(())
+    }
+
+    fn check_lora(&self, adapter: &LoraAdapter) -> Result<()> {
+        if !adapter.fits(&self.config) {
+            return Err(Error::msg("this LoRA adapter was checked against a model of another shape"));
+        }
+        Ok(())
     }
 
     /// Every id must index the embedding table; a bad id is the caller's input error.
@@ -320,6 +350,7 @@ impl QuantLlama {
             sequences.iter().flat_map(|(ids, cache)| cache.len()..cache.len() + ids.len()).collect();
         let turns = self.rope_turns(&positions);
         let n = tokens.len();
+        let adapted = self.adapted_rows(sequences)?;
         b.resize(n, h, c.num_attention_heads * c.head_dim, self.kv_dim(), c.intermediate_size);
 
         self.embed(&tokens, &mut b.x)?;
@@ -329,6 +360,9 @@ impl QuantLlama {
             self.matmul(&layer.attn_q, &b.xb, n, &mut b.q)?;
             self.matmul(&layer.attn_k, &b.xb, n, &mut b.k)?;
             self.matmul(&layer.attn_v, &b.xb, n, &mut b.v)?;
+            self.add_lora(&adapted, l, Projection::Q, &b.xb, &mut b.q)?;
+            self.add_lora(&adapted, l, Projection::K, &b.xb, &mut b.k)?;
+            self.add_lora(&adapted, l, Projection::V, &b.xb, &mut b.v)?;
             rope(&mut b.q, &turns, c.head_dim);
             rope(&mut b.k, &turns, c.head_dim);
             let mut row = 0;
@@ -353,20 +387,55 @@ impl QuantLlama {
                 .collect();
             attention(self.heads(), &views, &mut b.att, &self.pool)?;
             self.matmul(&layer.attn_output, &b.att, n, &mut b.xb)?;
+            self.add_lora(&adapted, l, Projection::O, &b.att, &mut b.xb)?;
             add(&mut b.x, &b.xb);
 
             // Feed-forward (SwiGLU).
             rms_norm(&b.x, &layer.ffn_norm, eps, &mut b.xb);
             self.matmul(&layer.ffn_gate, &b.xb, n, &mut b.hb)?;
             self.matmul(&layer.ffn_up, &b.xb, n, &mut b.hb2)?;
+            self.add_lora(&adapted, l, Projection::Gate, &b.xb, &mut b.hb)?;
+            self.add_lora(&adapted, l, Projection::Up, &b.xb, &mut b.hb2)?;
             self.silu_mul(&mut b.hb, &b.hb2);
             self.matmul(&layer.ffn_down, &b.hb, n, &mut b.xb)?;
+            self.add_lora(&adapted, l, Projection::Down, &b.hb, &mut b.xb)?;
             add(&mut b.x, &b.xb);
         }
         for (ids, cache) in sequences.iter_mut() {
             cache.commit(ids.len());
         }
         rms_norm(&b.x, &self.output_norm, eps, &mut b.xb);
+        Ok(())
+    }
+
+    /// The rows of a step that run an adapter, grouped: each run of consecutive sequences with the same adapter is
+    /// one range of rows (sequences on the base model have none).
+    fn adapted_rows(&self, sequences: &[(&[u32], &mut QuantCache)]) -> Result<AdaptedRows> {
+        let mut groups: Vec<(Range<usize>, Arc<LoraAdapter>)> = Vec::new();
+        let mut row = 0;
+        for (ids, cache) in sequences {
+            let rows = row..row + ids.len();
+            row = rows.end;
+            let Some(adapter) = cache.lora() else { continue };
+            self.check_lora(adapter)?;
+            match groups.last_mut() {
+                Some((last, same)) if last.end == rows.start && Arc::ptr_eq(same, adapter) => last.end = rows.end,
+                _ => groups.push((rows, adapter.clone())),
+            }
+        }
+        Ok(AdaptedRows { rows: row, groups })
+    }
+
+    /// Each group's adapter term for projection `p` of layer `l`: `out` (`n × out`) gets `scale·(x·Aᵀ)·Bᵀ` added on
+    /// the group's rows of `x` (`n × in`), after the base product over all rows.
+    fn add_lora(&self, groups: &AdaptedRows, l: usize, p: Projection, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let n = groups.rows;
+        let (in_dim, out_dim) = (x.len() / n, out.len() / n);
+        for (rows, adapter) in &groups.groups {
+            let x = &x[rows.start * in_dim..rows.end * in_dim];
+            let out = &mut out[rows.start * out_dim..rows.end * out_dim];
+            adapter.add_to(l, p, x, rows.len(), out, &self.pool)?;
+        }
         Ok(())
     }
 
@@ -421,6 +490,12 @@ impl QuantLlama {
         // The angle in f64, rounded once: agrees with transformers' f32 tables to ~1e-7 at any position.
         pairs.map(|angle| (angle.cos() as f32, angle.sin() as f32)).collect()
     }
+}
+
+/// The rows of one step and which of them run an adapter (runs of rows, by adapter).
+struct AdaptedRows {
+    rows: usize,
+    groups: Vec<(Range<usize>, Arc<LoraAdapter>)>,
 }
 
 /// Rotary position embedding in the interleaved (GGUF / Meta) layout: each head's adjacent pairs

@@ -8,6 +8,9 @@
 //! prompt's rest: matches go to the token, as llama.cpp's slot reuse does. A sequence that continues a cached
 //! prefix writes its new positions into blocks of its own (copying a block it shares only in part first).
 //!
+//! Blocks are cached per adapter: the chain of a sequence run with a LoRA adapter starts from that adapter's id (the
+//! base model's is 0), so keys and values one adapter computed never serve a sequence of another, or of the base.
+//!
 //! Cached blocks are shared, read-only, with every sequence that looked them up. Eviction drops least recently used
 //! entries that no sequence holds and that no other entry continues (leaves), so the chain stays whole.
 
@@ -16,6 +19,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use super::cache::{KvBlock, BLOCK_TOKENS};
+use super::lora::LoraAdapter;
 
 pub struct PrefixCache {
     entries: HashMap<u64, Entry>,
@@ -26,6 +30,8 @@ pub struct PrefixCache {
 }
 
 struct Entry {
+    /// The adapter the block was computed with ([`LoraAdapter::id`], 0 for the base model).
+    adapter: u64,
     parent: Option<u64>,
     /// The ids of the block's positions: all [`BLOCK_TOKENS`], or fewer for the last block of a finished sequence.
     ids: Vec<u32>,
@@ -53,9 +59,10 @@ pub struct PrefixStats {
     pub evictions: u64,
 }
 
-/// The key of a block: its parent's key and its ids.
-fn key(parent: Option<u64>, ids: &[u32]) -> u64 {
+/// The key of a block: its adapter, its parent's key and its ids.
+fn key(adapter: u64, parent: Option<u64>, ids: &[u32]) -> u64 {
     let mut hasher = DefaultHasher::new();
+    adapter.hash(&mut hasher);
     parent.hash(&mut hasher);
     ids.hash(&mut hasher);
     hasher.finish()
@@ -87,17 +94,19 @@ impl PrefixCache {
     /// The longest cached prefix of `ids`, leaving at least one id uncached (a step must compute something to
     /// give logits): whole blocks, then possibly the first positions of one more cached block whose ids start like
     /// the rest (keys and values of a position depend only on the ids up to it, so they hold; the sequence copies
-    /// that block before writing into it). Marks the blocks used.
-    pub fn lookup(&mut self, ids: &[u32]) -> CachedPrefix {
+    /// that block before writing into it). Only blocks computed with adapter `lora` (`None`: the base model) count.
+    /// Marks the blocks used.
+    pub fn lookup(&mut self, lora: Option<&LoraAdapter>, ids: &[u32]) -> CachedPrefix {
+        let adapter = adapter_id(lora);
         self.clock += 1;
         self.stats.lookups += 1;
         let usable = &ids[..ids.len().saturating_sub(1)];
         let mut found = CachedPrefix::default();
         let mut parent = None;
         for chunk in usable.chunks_exact(BLOCK_TOKENS) {
-            let k = key(parent, chunk);
+            let k = key(adapter, parent, chunk);
             match self.entries.get_mut(&k) {
-                Some(e) if e.parent == parent && e.ids == chunk => {
+                Some(e) if e.adapter == adapter && e.parent == parent && e.ids == chunk => {
                     e.last_used = self.clock;
                     found.blocks.push(e.block.clone());
                     parent = Some(k);
@@ -112,7 +121,7 @@ impl PrefixCache {
         let best = self
             .entries
             .iter_mut()
-            .filter(|(_, e)| e.parent == parent)
+            .filter(|(_, e)| e.adapter == adapter && e.parent == parent)
             .map(|(_, e)| (common(e), e))
             .max_by_key(|(n, _)| *n);
         if let Some((n, e)) = best.filter(|(n, _)| *n > 0) {
@@ -128,31 +137,38 @@ impl PrefixCache {
     }
 
     /// Caches the full blocks of a sequence: `blocks[i]` holds the keys and values of `ids[i * BLOCK_TOKENS ..]`
-    /// (only blocks whose ids are all given count). Blocks already cached for the same ids stay as they are.
-    pub fn insert(&mut self, ids: &[u32], blocks: &[Arc<KvBlock>]) {
-        self.insert_blocks(ids, blocks, false);
+    /// (only blocks whose ids are all given count), computed with adapter `lora` (`None`: the base model). Blocks
+    /// already cached for the same adapter and ids stay as they are.
+    pub fn insert(&mut self, lora: Option<&LoraAdapter>, ids: &[u32], blocks: &[Arc<KvBlock>]) {
+        self.insert_blocks(adapter_id(lora), ids, blocks, false);
     }
 
     /// [`PrefixCache::insert`] for a sequence that will write no more: its partly filled last block is cached too
     /// (a lookup can use its first positions).
-    pub fn insert_finished(&mut self, ids: &[u32], blocks: &[Arc<KvBlock>]) {
-        self.insert_blocks(ids, blocks, true);
+    pub fn insert_finished(&mut self, lora: Option<&LoraAdapter>, ids: &[u32], blocks: &[Arc<KvBlock>]) {
+        self.insert_blocks(adapter_id(lora), ids, blocks, true);
     }
 
-    fn insert_blocks(&mut self, ids: &[u32], blocks: &[Arc<KvBlock>], with_partial: bool) {
+    fn insert_blocks(&mut self, adapter: u64, ids: &[u32], blocks: &[Arc<KvBlock>], with_partial: bool) {
         self.clock += 1;
         let mut parent = None;
         let whole = ids.len() / BLOCK_TOKENS * BLOCK_TOKENS;
         let partial = (with_partial && whole < ids.len()).then_some(&ids[whole..]);
         for (chunk, block) in ids[..whole].chunks_exact(BLOCK_TOKENS).chain(partial).zip(blocks) {
-            let k = key(parent, chunk);
+            let k = key(adapter, parent, chunk);
             match self.entries.get_mut(&k) {
-                Some(e) if e.parent == parent && e.ids == chunk => e.last_used = self.clock,
+                Some(e) if e.adapter == adapter && e.parent == parent && e.ids == chunk => e.last_used = self.clock,
                 // A collision with another prefix: leave it, and stop (the chain below would hang off it).
                 Some(_) => break,
                 None => {
-                    let entry =
-                        Entry { parent, ids: chunk.to_vec(), block: block.clone(), children: 0, last_used: self.clock };
+                    let entry = Entry {
+                        adapter,
+                        parent,
+                        ids: chunk.to_vec(),
+                        block: block.clone(),
+                        children: 0,
+                        last_used: self.clock,
+                    };
                     self.entries.insert(k, entry);
                     if let Some(p) = parent {
                         self.entries.get_mut(&p).expect("parents are inserted first").children += 1;
@@ -190,4 +206,9 @@ impl PrefixCache {
     pub fn clear_idle(&mut self) {
         while self.evict_one() {}
     }
+}
+
+/// The chain a sequence's blocks are cached under: its adapter's id, 0 for the base model.
+fn adapter_id(lora: Option<&LoraAdapter>) -> u64 {
+    lora.map_or(0, LoraAdapter::id)
 }
