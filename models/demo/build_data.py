@@ -268,7 +268,7 @@ def load_words(wordnet, max_gloss_words):
                 candidates[key] = (tagged, rank, pos, synset)
     words = []
     for key in sorted(candidates):
-        _, _, pos, (forms, raw_definition, examples) = candidates[key]
+        tagged, _, pos, (forms, raw_definition, examples) = candidates[key]
         lemma = next((f for f in forms if f.lower() == key.replace("_", " ")), key.replace("_", " "))
         definition = definition_text(raw_definition, max_gloss_words)
         if definition is None or not LEMMA_OK.match(lemma):
@@ -278,7 +278,9 @@ def load_words(wordnet, max_gloss_words):
             if form.lower() != lemma.lower() and form.lower() not in (s.lower() for s in synonyms):
                 synonyms.append(form)
         usable = [e for e in examples if lemma.lower() in e.lower() and len(e.split()) <= 2 * max_gloss_words]
-        words.append(Word(lemma, pos, definition, synonyms[:MAX_SYNONYMS], usable))
+        word = Word(lemma, pos, definition, synonyms[:MAX_SYNONYMS], usable)
+        word.tagged = tagged  # how often WordNet's sense-tagged corpus uses the lemma in this part of speech
+        words.append(word)
     return words
 
 
@@ -358,6 +360,10 @@ def build(args):
     started = time.monotonic()
     words = load_words(args.wordnet, args.max_gloss_words)
     words.sort(key=lambda w: (stable_hash(args.seed, "order", w.lemma.lower()), w.lemma))
+    if args.most_frequent is not None:
+        # The N words the sense-tagged corpus uses most (ties in the seeded order), kept in that order.
+        frequent = sorted(range(len(words)), key=lambda i: (-words[i].tagged, i))[:args.most_frequent]
+        words = [words[i] for i in sorted(frequent)]
     if args.max_words is not None:
         words = words[:args.max_words]
     splits = {"train": [], "heldout": []}
@@ -387,7 +393,8 @@ def build(args):
     write_atomic(os.path.join(args.out, "LICENSE-WordNet.txt"), notice)
     manifest = {
         "source": "WordNet 3.0 (Debian package wordnet-base); see LICENSE-WordNet.txt",
-        "options": {"seed": args.seed, "max_words": args.max_words, "max_gloss_words": args.max_gloss_words},
+        "options": {"seed": args.seed, "max_words": args.max_words,
+                    "most_frequent": args.most_frequent, "max_gloss_words": args.max_gloss_words},
         "words": {split: len(ws) for split, ws in splits.items()},
         "files": files,
     }
@@ -405,11 +412,15 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, order and choices (default 0)")
     parser.add_argument("--max-words", type=int, default=None, help="keep only the first N words (seeded order)")
+    parser.add_argument("--most-frequent", type=int, default=None,
+                        help="keep only the N words WordNet's sense-tagged corpus uses most (before --max-words)")
     parser.add_argument("--max-gloss-words", type=int, default=25,
                         help="skip words whose definition is longer (default %(default)s)")
     args = parser.parse_args(argv)
     if args.max_words is not None and args.max_words < 1:
         parser.error(f"--max-words must be at least 1, got {args.max_words}")
+    if args.most_frequent is not None and args.most_frequent < 1:
+        parser.error(f"--most-frequent must be at least 1, got {args.most_frequent}")
     if args.max_gloss_words < 2:
         parser.error(f"--max-gloss-words must be at least 2, got {args.max_gloss_words}")
     try:

@@ -24,6 +24,9 @@ pub enum ShapeArg {
     /// hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 32001 (58 M parameters, 233 MB in f32): the trainer's benchmark.
     #[value(name = "58m")]
     Small58M,
+    /// hidden 192, intermediate 512, 8 layers, 6 heads, vocab 32001 (16 M parameters, 63 MB in f32): the demo chat model's shape.
+    #[value(name = "demo")]
+    Demo16M,
     /// TinyLlama-1.1B: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 key/value heads, vocab 32000 (2.2 GB in f16).
     #[value(name = "1b")]
     OneB,
@@ -72,6 +75,7 @@ pub fn run_synth_command(args: SynthArgs, threads_flag: Option<usize>) -> Result
     let shape = match args.shape {
         ShapeArg::Tiny => SynthShape::Tiny,
         ShapeArg::Small58M => SynthShape::Small58M,
+        ShapeArg::Demo16M => SynthShape::Demo16M,
         ShapeArg::OneB => SynthShape::OneB,
         ShapeArg::SevenB => SynthShape::SevenB,
         ShapeArg::ThirteenB => SynthShape::ThirteenB,

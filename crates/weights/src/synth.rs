@@ -25,6 +25,9 @@ pub enum SynthShape {
     /// hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 32001 (58 M parameters): a small but
     /// real shape, the trainer's benchmark.
     Small58M,
+    /// hidden 192, intermediate 512, 8 layers, 6 heads, vocab 32001 (16 M parameters): the demo chat
+    /// model's shape (models/demo), small enough for the whole recipe on two cores.
+    Demo16M,
     /// TinyLlama-1.1B: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 key/value heads,
     /// vocab 32000 (1.1 B parameters, 2.2 GB in float16).
     OneB,
@@ -42,6 +45,7 @@ impl SynthShape {
         let (hidden, intermediate, layers, heads, kv_heads, default_vocab, eps) = match self {
             SynthShape::Tiny => (64, 172, 2, 4, 4, 32000, 1e-6),
             SynthShape::Small58M => (512, 1376, 8, 8, 8, 32001, 1e-6),
+            SynthShape::Demo16M => (192, 512, 8, 6, 6, 32001, 1e-6),
             SynthShape::OneB => (2048, 5632, 22, 32, 4, 32000, 1e-5),
             SynthShape::SevenB => (4096, 11008, 32, 32, 32, 32000, 1e-6),
             SynthShape::ThirteenB => (5120, 13824, 40, 40, 40, 32001, 1e-6),
