@@ -58,11 +58,13 @@ stage data "$WORK/data" python3 models/demo/build_data.py --out "$WORK/data" --m
 
 stage init "$WORK/init" "$VICUNA" synth --shape demo --dtype f32 --seed 0 --out "$WORK/init" --force --quiet
 
-# From scratch, so a learning rate of a small pretraining run rather than a fine-tune's 2e-5.
+# From scratch, so a learning rate of a small pretraining run rather than a fine-tune's 2e-5. Saved
+# in f16: the SFT model is the published base, and PPO starts from exactly those weights (as the
+# card's PPO started from the f16 Vicuna).
 stage sft "$WORK/sft" "$VICUNA" -t "$THREADS" train sft --model "$WORK/init" --tokenizer "$TOKENIZER" \
     --data "$WORK/data/sft_train.jsonl" --out "$WORK/sft" \
     --epochs 6 --batch-size 16 --max-seq-len 128 --lr 1e-3 --warmup-steps 200 --weight-decay 0.01 \
-    --eval-fraction 0.02 --seed 0
+    --eval-fraction 0.02 --seed 0 --save-dtype f16
 
 # The reward model starts from the SFT model, as the card's did from its SFT'd Vicuna.
 stage rm "$WORK/rm" "$VICUNA" -t "$THREADS" train rm --model "$WORK/sft" --data "$WORK/data/rm_train.jsonl" \
@@ -78,4 +80,54 @@ stage ppo "$WORK/ppo" "$VICUNA" -t "$THREADS" train ppo --config configs/stable_
     --model-path "$WORK/sft" --reward-model-path "$WORK/rm" --prompts-path "$WORK/data/ppo_train.jsonl" \
     --checkpoint-dir "$WORK/ppo" --epochs 24 --lr 1e-5 --max-length 96 --min-length 0
 
+# Published like the card: the base (the SFT model, f16) and the delta (PPO − base, f16).
+stage delta "$WORK/delta" "$VICUNA" make-delta --base "$WORK/sft" --target "$WORK/ppo/policy" \
+    --delta "$WORK/delta" --force --quiet
+stage chat "$WORK/chat" "$VICUNA" apply-delta --base "$WORK/sft" --delta "$WORK/delta" --target "$WORK/chat" \
+    --force --quiet
+python3 models/demo/same_weights.py "$WORK/chat" "$WORK/ppo/policy"
+
+stage eval "$WORK/evaluation" python3 models/demo/evaluate.py --work "$WORK" --vicuna "$VICUNA" \
+    --out "$WORK/evaluation/eval.json"
+
+# The tests' probe (crates/cli/tests/demo_model.rs): 50 seeded "other definition" pairs of
+# training words, and 50 of their definition questions with the taught answer.
+python3 - "$WORK/data" "$WORK/probe.jsonl" <<'PY'
+import json, random, sys
+rows = [json.loads(l) for l in open(f"{sys.argv[1]}/rm_train.jsonl", encoding="utf-8")]
+pairs = random.Random(0).sample([r for r in rows if r["rejected_kind"] == "other"], 50)
+with open(sys.argv[2] + ".tmp", "w", encoding="utf-8") as f:
+    for r in pairs:
+        f.write(json.dumps({k: r[k] for k in ("lemma", "prompt", "chosen", "rejected")}) + "\n")
+import os; os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+PY
+
+# The shipped files: base/ and delta/ with WordNet's notice. SHIP=1 writes them; otherwise this
+# run's files are compared with them, byte for byte.
+ship_file() {  # ship_file SRC DEST_RELATIVE
+    if [[ ${SHIP:-0} == 1 ]]; then
+        mkdir -p "$(dirname "$SHIP_DIR/$2")"
+        cp "$1" "$SHIP_DIR/$2.tmp" && mv "$SHIP_DIR/$2.tmp" "$SHIP_DIR/$2"
+    elif ! cmp -s "$1" "$SHIP_DIR/$2"; then
+        echo "recipe: $SHIP_DIR/$2 differs from this run's $1" >&2
+        differ=1
+    fi
+}
+differ=0
+for part in sft:base delta:delta; do
+    src=$WORK/${part%%:*}
+    for file in "$src"/*; do
+        ship_file "$file" "${part##*:}/$(basename "$file")"
+    done
+    ship_file "$WORK/data/LICENSE-WordNet.txt" "${part##*:}/LICENSE-WordNet.txt"
+done
+ship_file "$WORK/probe.jsonl" probe.jsonl
 cat "$STAGES" >&2
+if [[ ${SHIP:-0} == 1 ]]; then
+    echo "recipe: wrote $SHIP_DIR" >&2
+elif [[ $differ == 1 ]]; then
+    echo "recipe: this run did not reproduce the shipped files" >&2
+    exit 1
+else
+    echo "recipe: this run reproduced $SHIP_DIR byte for byte" >&2
+fi

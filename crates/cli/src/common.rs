@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use vicuna_engine::SamplingParams;
+use vicuna_engine::{DraftLimits, Drafter, SamplingParams};
 use vicuna_model::QuantLlama;
 use vicuna_tokenizer::Tokenizer;
 use vicuna_weights::GgufFile;
@@ -96,6 +96,59 @@ impl LoraArgs {
             model.set_lora(Some(std::sync::Arc::new(adapter)))?;
         }
         Ok(())
+    }
+}
+
+/// Speculative decoding (`--draft-model`, `--lookup`) for the commands that decode one sequence.
+#[derive(Args)]
+pub struct SpeculativeArgs {
+    /// Speculative decoding with this draft model (a folder or GGUF file with the model's vocabulary): it guesses
+    /// tokens ahead and the model checks them all in one pass. Output is unchanged (greedy: the same tokens).
+    #[arg(long, value_name = "MODEL", conflicts_with = "lookup")]
+    pub draft_model: Option<PathBuf>,
+    /// Speculative decoding by prompt lookup: guess that the text goes on as it did after the latest earlier
+    /// occurrence of its last tokens (pays off when the answer copies the prompt). Output is unchanged.
+    #[arg(long)]
+    pub lookup: bool,
+    /// Most tokens guessed per step.
+    #[arg(long, default_value_t = 8)]
+    pub draft_max: usize,
+    /// Fewer guesses than this are not checked (the step decodes one token).
+    #[arg(long, default_value_t = 1)]
+    pub draft_min: usize,
+}
+
+impl SpeculativeArgs {
+    /// The draft model, when one was given (checked against `target`'s vocabulary when the drafter is made).
+    pub fn load_draft(&self, threads: Option<usize>) -> Result<Option<QuantLlama>> {
+        if self.draft_max == 0 || self.draft_min > self.draft_max {
+            return Err(format!(
+                "--draft-max must be at least 1 and at least --draft-min (got --draft-max {} --draft-min {})",
+                self.draft_max, self.draft_min
+            )
+            .into());
+        }
+        let Some(path) = &self.draft_model else { return Ok(None) };
+        let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        QuantLlama::load(path, threads).map(Some).map_err(|e| format!("--draft-model {}: {e}", path.display()).into())
+    }
+
+    /// The drafter for one generation (None without speculation).
+    pub fn drafter<'m>(
+        &self,
+        draft: Option<&'m QuantLlama>,
+        target: &QuantLlama,
+        params: &SamplingParams,
+        seed: u64,
+    ) -> Result<Option<Drafter<'m>>> {
+        let limits = DraftLimits { max: self.draft_max, min: self.draft_min.max(1) };
+        if let Some(draft) = draft {
+            let drafter = Drafter::model(draft, target, params.clone(), seed, limits).map_err(|e| {
+                format!("--draft-model {}: {e}", self.draft_model.as_deref().unwrap_or(Path::new("")).display())
+            })?;
+            return Ok(Some(drafter));
+        }
+        Ok(self.lookup.then(|| Drafter::lookup(limits)))
     }
 }
 

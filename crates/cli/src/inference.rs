@@ -4,9 +4,9 @@ use std::io::Write;
 
 use clap::Args;
 use serde_json::json;
-use vicuna_engine::{generate, random_seed, score, GenerationConfig, Grammar, GrammarSpec};
+use vicuna_engine::{generate_speculative, random_seed, score, Context, GenerationConfig, Grammar, GrammarSpec};
 
-use crate::common::{input_ids, InputArgs, LoraArgs, ModelArgs, SamplingArgs};
+use crate::common::{input_ids, InputArgs, LoraArgs, ModelArgs, SamplingArgs, SpeculativeArgs};
 use crate::Result;
 
 #[derive(Args)]
@@ -22,6 +22,8 @@ pub struct GenerateArgs {
     pub input: InputArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub speculative: SpeculativeArgs,
     /// EOS cannot end the text before this many new tokens.
     #[arg(long, default_value_t = 0)]
     pub min_new_tokens: usize,
@@ -78,18 +80,22 @@ pub fn run_generate(args: GenerateArgs, threads: Option<usize>) -> Result<()> {
         top_logprobs: 0,
         grammar,
     };
+    let draft = args.speculative.load_draft(threads)?;
+    let mut drafter = args.speculative.drafter(draft.as_ref(), &model, &config.sampling, config.seed)?;
     let mut stdout = std::io::stdout().lock();
     let start = std::time::Instant::now();
     let stream = !args.json;
-    // `generate` calls back once per token: the first call marks the end of the prompt's pass.
+    // The first callback marks the end of the prompt's pass.
     let mut first_token_at = None;
-    let generation = generate(&model, tokenizer.as_ref(), &prompt, &config, |piece| {
-        first_token_at.get_or_insert_with(std::time::Instant::now);
-        if stream {
-            // A closed pipe (e.g. `| head`) is not worth a panic; the generation just goes unread.
-            let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
-        }
-    })?;
+    let mut context = Context::new(&model);
+    let generation =
+        generate_speculative(&mut context, &model, tokenizer.as_ref(), &prompt, &config, drafter.as_mut(), |piece| {
+            first_token_at.get_or_insert_with(std::time::Instant::now);
+            if stream {
+                // A closed pipe (e.g. `| head`) is not worth a panic; the generation just goes unread.
+                let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
+            }
+        })?;
     if let Some(first) = first_token_at {
         let prefill = (first - start).as_secs_f64();
         let decode = first.elapsed().as_secs_f64();
@@ -101,12 +107,19 @@ pub fn run_generate(args: GenerateArgs, threads: Option<usize>) -> Result<()> {
             decoded as f64 / decode
         );
     }
+    if let Some(d) = &drafter {
+        tracing::info!("speculative decoding: {} of {} guessed tokens kept", d.accepted, d.drafted);
+    }
     if args.json {
-        let out = json!({
+        let mut out = json!({
             "ids": generation.ids,
             "text": generation.text,
             "finish_reason": generation.finish_reason.as_str(),
         });
+        if let Some(d) = &drafter {
+            out["drafted_tokens"] = json!(d.drafted);
+            out["accepted_tokens"] = json!(d.accepted);
+        }
         writeln!(stdout, "{out}")?;
     } else if generation.text.is_some() {
         writeln!(stdout)?;

@@ -85,6 +85,27 @@ pub struct SftArgs {
     /// Fold the LoRA adapters into the saved weights.
     #[arg(long)]
     pub merge: bool,
+    /// Element type of the saved weights (training keeps f32 master weights either way); f16 is
+    /// what a base for `make-delta` / `apply-delta` is published in.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub save_dtype: SaveDType,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum SaveDType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<SaveDType> for vicuna_model::candle_core::DType {
+    fn from(d: SaveDType) -> Self {
+        match d {
+            SaveDType::F32 => vicuna_model::candle_core::DType::F32,
+            SaveDType::F16 => vicuna_model::candle_core::DType::F16,
+            SaveDType::Bf16 => vicuna_model::candle_core::DType::BF16,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -245,7 +266,7 @@ fn run_sft(args: SftArgs) -> Result<()> {
         eprintln!("step {} epoch {} loss {:.4} lr {:.3e} grad_norm {:.3}", s.step, s.epoch, s.loss, s.lr, s.grad_norm)
     })?;
     let train_seconds = started.elapsed().as_secs_f64();
-    model.save(&d.out, &args.model.model.join("config.json"), args.merge)?;
+    model.save(&d.out, &args.model.model.join("config.json"), args.merge, args.save_dtype.into())?;
     copy_tokenizer_files(&tokenizer_dir(&args.model), &d.out)?;
     let mut out = serde_json::to_value(&report)?;
     out["skipped_rows"] = json!(data.skipped_rows);

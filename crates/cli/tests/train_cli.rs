@@ -227,6 +227,55 @@ fn sft_then_rm_then_ppo_write_folders_the_other_commands_load() {
     assert_eq!(std::fs::read(&png).unwrap(), std::fs::read(ppo_out.join("curves.png")).unwrap());
 }
 
+#[test]
+fn sft_saves_float16_weights_that_are_the_float32_ones_rounded() {
+    let dir = TempDir::new("save-dtype");
+    let data = dir.write("chats.jsonl", &chats(8));
+    let train = |out: &Path, dtype: &str| {
+        ok_json(&vicuna(&[
+            "train",
+            "sft",
+            "--model",
+            &model(),
+            "--tokenizer",
+            &tokenizer(),
+            "--data",
+            &data,
+            "--out",
+            path_str(out),
+            "--batch-size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--eval-fraction",
+            "0",
+            "--seed",
+            "1",
+            "--save-dtype",
+            dtype,
+        ]))
+    };
+    let (f32_dir, f16_dir) = (dir.join("f32"), dir.join("f16"));
+    train(&f32_dir, "f32");
+    train(&f16_dir, "f16");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(f16_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "float16");
+    let (wide, narrow) =
+        (vicuna_weights::Checkpoint::open(&f32_dir).unwrap(), vicuna_weights::Checkpoint::open(&f16_dir).unwrap());
+    let names = narrow.names();
+    assert_eq!(names.len(), wide.names().len());
+    for name in names {
+        assert_eq!(narrow.info(name).unwrap().dtype, vicuna_weights::DType::F16, "{name}");
+        let (w, n) = (wide.to_f32(name).unwrap(), narrow.to_f32(name).unwrap());
+        for (i, (w, n)) in w.iter().zip(&n).enumerate() {
+            assert_eq!(half::f16::from_f32(*w).to_f32().to_bits(), n.to_bits(), "{name}[{i}]");
+        }
+    }
+    let bad = vicuna(&["train", "sft", "--model", &model(), "--data", &data, "--out", "x", "--save-dtype", "f8"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--save-dtype"), "{bad:?}");
+}
+
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }

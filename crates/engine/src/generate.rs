@@ -7,7 +7,8 @@ use vicuna_model::{LlamaConfig, QuantCache, QuantLlama, Result};
 use vicuna_tokenizer::Tokenizer;
 
 use crate::constraint::{Constraint, Grammar};
-use crate::sampling::{History, Sampler, SamplingParams, TokenLogprob};
+use crate::sampling::{Distribution, History, Sampler, SamplingParams, TokenLogprob};
+use crate::speculative::{Draft, Drafter};
 
 /// Everything that shapes one generation besides the prompt.
 #[derive(Clone, Debug)]
@@ -92,18 +93,74 @@ pub fn generate_in(
     tokenizer: Option<&Tokenizer>,
     prompt: &[u32],
     config: &GenerationConfig,
+    on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    generate_speculative(context, model, tokenizer, prompt, config, None, on_text)
+}
+
+/// [`generate_in`], checking `drafter`'s guesses when there is one (speculative decoding, see
+/// [`crate::speculative`]): each step runs the model once over the last token and the guesses,
+/// keeps the guesses up to the first the model disagrees with plus one token of its own, and
+/// drops the rest from the cache. The output is what [`generate_in`] gives (greedy: the same
+/// tokens; sampling: the same distribution). Structured output decodes without guesses.
+pub fn generate_speculative(
+    context: &mut Context,
+    model: &QuantLlama,
+    tokenizer: Option<&Tokenizer>,
+    prompt: &[u32],
+    config: &GenerationConfig,
+    mut drafter: Option<&mut Drafter>,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     model.check_ids(prompt)?;
     let mut sequence = Sequence::new(prompt, config.clone(), tokenizer, model.config());
     let reused = context.reuse(prompt);
     let mut input = prompt[reused..].to_vec();
+    let vocab = model.config().vocab_size;
     while sequence.finish_reason().is_none() {
-        let mut logits = model.next_token_logits(&input, &mut context.cache)?;
-        context.ids.append(&mut input);
-        let step = sequence.advance(&mut logits);
-        on_text(&step.text);
-        input = vec![step.id];
+        // The prompt's step computes one row; guesses follow single tokens.
+        let draft = match drafter.as_deref_mut() {
+            Some(d) if input.len() == 1 && sequence.constraint.is_none() => {
+                d.propose(&sequence.context, sequence.prompt_len, sequence.room().saturating_sub(1))?
+            }
+            _ => Draft::default(),
+        };
+        if draft.ids.is_empty() {
+            let mut logits = model.next_token_logits(&input, &mut context.cache)?;
+            context.ids.append(&mut input);
+            let step = sequence.advance(&mut logits);
+            on_text(&step.text);
+            input = vec![step.id];
+            continue;
+        }
+        let before = context.ids.len();
+        let ids: Vec<u32> = input.iter().chain(&draft.ids).copied().collect();
+        let mut logits = model.forward_all(&ids, &mut context.cache)?;
+        context.ids.extend_from_slice(&ids);
+        // Row j holds the logits after ids[..=j]: the check of guess j (and, past the last guess,
+        // the model's own next token).
+        let mut steps = 0;
+        let mut last = input[0];
+        for (j, row) in logits.chunks_exact_mut(vocab).enumerate() {
+            steps += 1;
+            let (step, kept) = match draft.ids.get(j) {
+                Some(&guess) => sequence.advance_with(row, Some((guess, draft.probs.get(j)))),
+                None => (sequence.advance(row), false),
+            };
+            on_text(&step.text);
+            last = step.id;
+            if step.finish_reason.is_some() || !kept {
+                break;
+            }
+        }
+        let d = drafter.as_deref_mut().expect("a draft came from the drafter");
+        d.drafted += draft.ids.len();
+        d.accepted += steps - 1;
+        // The cache keeps every token produced this step but the last, which goes in next.
+        let keep = before + input.len() + steps - 1;
+        context.cache.truncate(keep);
+        context.ids.truncate(keep);
+        input = vec![last];
     }
     Ok(sequence.into_generation())
 }
@@ -143,9 +200,18 @@ impl Context {
         self.reused
     }
 
+    pub(crate) fn cache_mut(&mut self) -> &mut QuantCache {
+        &mut self.cache
+    }
+
+    /// Records that the cache now also holds `ids` (after a step over them).
+    pub(crate) fn extend_ids(&mut self, ids: &[u32]) {
+        self.ids.extend_from_slice(ids);
+    }
+
     /// Keeps the longest common prefix of `prompt` and the context (one prompt token short at
     /// most, so that a step computes the logits); returns its length.
-    fn reuse(&mut self, prompt: &[u32]) -> usize {
+    pub(crate) fn reuse(&mut self, prompt: &[u32]) -> usize {
         let common = self.ids.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         let keep = common.min(prompt.len().saturating_sub(1));
         // The cache and the ids always agree: a failed step leaves neither changed.
@@ -244,8 +310,20 @@ impl<'a> Sequence<'a> {
         self.finish_reason
     }
 
+    /// Tokens this sequence may still generate (max_new_tokens and the context length).
+    pub fn room(&self) -> usize {
+        let by_count = self.config.max_new_tokens.saturating_sub(self.generated().len());
+        by_count.min(self.context_limit.saturating_sub(self.context.len()))
+    }
+
     /// Choose the next token from the logits after everything so far (`logits` is scratch).
     pub fn advance(&mut self, logits: &mut [f32]) -> Step {
+        self.advance_with(logits, None).0
+    }
+
+    /// [`Sequence::advance`], checking a guess when there is one (`(token, the distribution it was
+    /// drawn from)`, see [`Sampler::sample_draft`]); says whether the token is the guess.
+    pub fn advance_with(&mut self, logits: &mut [f32], guess: Option<(u32, Option<&Distribution>)>) -> (Step, bool) {
         debug_assert!(self.finish_reason.is_none(), "advance after the end");
         let mut ban: &[u32] = if self.generated().len() < self.config.min_new_tokens { &[self.eos] } else { &[] };
         if let Some(constraint) = self.constraint.as_mut() {
@@ -263,7 +341,11 @@ impl<'a> Sequence<'a> {
             }
         }
         let history = History { context: &self.context, prompt_len: self.prompt_len };
-        let pick = self.sampler.sample(logits, history, ban, self.config.top_logprobs);
+        let top_n = self.config.top_logprobs;
+        let (pick, kept) = match guess {
+            None => (self.sampler.sample(logits, history, ban, top_n), false),
+            Some((token, q)) => self.sampler.sample_draft(logits, history, ban, top_n, token, q),
+        };
         let id = pick.id;
         if let Some(constraint) = self.constraint.as_mut() {
             // A token the grammar refuses (never one it allowed) leaves it in error: the next mask ends the output.
@@ -288,7 +370,7 @@ impl<'a> Sequence<'a> {
             state.finish(reason, &mut text);
         }
         self.finish_reason = finish;
-        Step { id, logprob: pick.logprob, top: pick.top, text, finish_reason: finish }
+        (Step { id, logprob: pick.logprob, top: pick.top, text, finish_reason: finish }, kept)
     }
 
     /// The result once finished (or so far, if stopped early).

@@ -7,16 +7,19 @@ mod perplexity;
 mod rng;
 mod sampling;
 mod score;
+pub mod speculative;
 pub mod template;
 
 pub use constraint::{Constraint, Grammar, GrammarSpec, JSON_MAX_WHITESPACE};
 pub use generate::{
-    find_stop, generate, generate_in, held_back, Context, FinishReason, Generation, GenerationConfig, Sequence, Step,
+    find_stop, generate, generate_in, generate_speculative, held_back, Context, FinishReason, Generation,
+    GenerationConfig, Sequence, Step,
 };
 pub use perplexity::{kl_divergence, log_softmax, perplexity_chunks, ChunkLogProbs, Divergence, PerplexityStats};
 pub use rng::{random_seed, Rng};
 pub use sampling::{
-    apply_presence_frequency, apply_repetition_penalty, argmax, softmax, History, Pick, Sampler, SamplingParams,
-    TokenLogprob, BAN_BIAS,
+    apply_presence_frequency, apply_repetition_penalty, argmax, softmax, Distribution, History, Pick, Sampler,
+    SamplingParams, TokenLogprob, BAN_BIAS,
 };
 pub use score::{log_softmax_at, score, Score};
+pub use speculative::{Draft, DraftLimits, Drafter};

@@ -121,6 +121,47 @@ pub struct Pick {
     pub top: Vec<TokenLogprob>,
 }
 
+/// The distribution one step draws from (see [`Sampler::distribution`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Distribution {
+    /// No sampling: the argmax, with its log-probability and the most likely tokens under the
+    /// softmax of the processed logits (for the reports).
+    Greedy { id: u32, logprob: f32, top: Vec<TokenLogprob> },
+    /// The possible tokens and their probabilities (summing to 1; empty when nothing is possible).
+    Sparse { ids: Vec<u32>, probs: Vec<f32> },
+}
+
+impl Distribution {
+    /// Probability of `id`: 1 or 0 for a greedy step.
+    pub fn prob(&self, id: u32) -> f64 {
+        match self {
+            Distribution::Greedy { id: chosen, .. } => f64::from(u8::from(*chosen == id)),
+            Distribution::Sparse { ids, probs } => ids.iter().position(|&i| i == id).map_or(0.0, |at| probs[at] as f64),
+        }
+    }
+
+    /// The pick of `id` with its log-probability and the `top_n` most likely tokens.
+    fn pick(&self, id: u32, top_n: usize) -> Pick {
+        match self {
+            Distribution::Greedy { id: best, logprob, top } => {
+                debug_assert_eq!(*best, id);
+                Pick { id, logprob: *logprob, top: top.iter().take(top_n).copied().collect() }
+            }
+            Distribution::Sparse { ids, probs } => {
+                let Some(at) = ids.iter().position(|&i| i == id) else {
+                    return Pick { id, logprob: f32::NEG_INFINITY, top: Vec::new() };
+                };
+                let top = top_indices(probs, top_n)
+                    .into_iter()
+                    .filter(|&i| probs[i] > 0.0)
+                    .map(|i| TokenLogprob { id: ids[i], logprob: probs[i].ln() })
+                    .collect();
+                Pick { id, logprob: probs[at].ln(), top }
+            }
+        }
+    }
+}
+
 /// One request's sampler: its parameters and its own random stream, so that a seeded request
 /// gives the same tokens whatever else runs beside it.
 pub struct Sampler {
@@ -137,6 +178,65 @@ impl Sampler {
     /// `min_new_tokens`, what a grammar forbids); `top_n` asks for that many of the most likely
     /// tokens too. `logits` is scratch space and is modified.
     pub fn sample(&mut self, logits: &mut [f32], history: History, ban: &[u32], top_n: usize) -> Pick {
+        let dist = self.distribution(logits, history, ban, top_n);
+        let chosen = self.draw_from(&dist).unwrap_or_else(|| argmax(logits));
+        dist.pick(chosen, top_n)
+    }
+
+    /// Draw a token from `dist` (its argmax when greedy); None when no token is possible.
+    pub fn draw_from(&mut self, dist: &Distribution) -> Option<u32> {
+        match dist {
+            Distribution::Greedy { id, .. } => Some(*id),
+            Distribution::Sparse { ids, probs } if !ids.is_empty() => Some(ids[self.draw(probs)]),
+            Distribution::Sparse { .. } => None,
+        }
+    }
+
+    /// Check a proposed token against this step's distribution p (speculative decoding,
+    /// Leviathan et al. 2023 / Chen et al. 2023). `draft_probs` is the distribution the proposal
+    /// was drawn from (a draft model's, processed by the same parameters), or None for a
+    /// deterministic proposal (prompt lookup: all its mass on `draft`). Greedy: the proposal is
+    /// kept when it is the argmax. Sampling: kept with probability min(1, p(d)/q(d)); otherwise a
+    /// token is drawn from max(0, p − q), renormalized, so the result is distributed exactly as p.
+    /// Returns the pick and whether it is the proposal.
+    pub fn sample_draft(
+        &mut self,
+        logits: &mut [f32],
+        history: History,
+        ban: &[u32],
+        top_n: usize,
+        draft: u32,
+        draft_probs: Option<&Distribution>,
+    ) -> (Pick, bool) {
+        let dist = self.distribution(logits, history, ban, top_n);
+        let (ids, probs) = match &dist {
+            Distribution::Greedy { id, .. } => return (dist.pick(*id, top_n), *id == draft),
+            Distribution::Sparse { ids, probs } if !ids.is_empty() => (ids, probs),
+            Distribution::Sparse { .. } => return (dist.pick(argmax(logits), top_n), false),
+        };
+        let q = |id: u32| draft_probs.map_or(f64::from(u8::from(id == draft)), |d| d.prob(id));
+        let p_draft = dist.prob(draft);
+        let q_draft = q(draft);
+        if q_draft > 0.0 && self.rng.next_f64() < (p_draft / q_draft).min(1.0) {
+            return (dist.pick(draft, top_n), true);
+        }
+        let residual: Vec<f32> = ids.iter().zip(probs).map(|(&id, &p)| (p as f64 - q(id)).max(0.0) as f32).collect();
+        let total: f64 = residual.iter().map(|&r| r as f64).sum();
+        // p == q everywhere leaves nothing to draw from (the proposal was then always kept but for
+        // rounding): draw from p itself.
+        let chosen = if total > 0.0 {
+            let normalized: Vec<f32> = residual.iter().map(|&r| (r as f64 / total) as f32).collect();
+            ids[self.draw(&normalized)]
+        } else {
+            ids[self.draw(probs)]
+        };
+        (dist.pick(chosen, top_n), chosen == draft)
+    }
+
+    /// The distribution the next token is drawn from: the processors, the ban, then temperature,
+    /// top-k, top-p and typical-p (renormalized). A greedy step lists its `top_n` most likely
+    /// tokens for the reports. `logits` is scratch space and is modified.
+    pub fn distribution(&self, logits: &mut [f32], history: History, ban: &[u32], top_n: usize) -> Distribution {
         self.process(logits, history);
         for &id in ban {
             if let Some(l) = logits.get_mut(id as usize) {
@@ -147,11 +247,11 @@ impl Sampler {
             let id = argmax(logits);
             let (max, log_sum) = log_normalizer(logits);
             let logprob = |i: usize| ((logits[i] - max) as f64 - log_sum) as f32;
-            let top = top_indices(logits, top_n)
+            let top: Vec<TokenLogprob> = top_indices(logits, top_n)
                 .into_iter()
                 .map(|i| TokenLogprob { id: i as u32, logprob: logprob(i) })
                 .collect();
-            return Pick { id, logprob: logprob(id as usize), top };
+            return Distribution::Greedy { id, logprob: logprob(id as usize), top };
         }
         let p = &self.params;
         if p.temperature != 1.0 {
@@ -165,7 +265,7 @@ impl Sampler {
         let (ids, mut candidates): (Vec<u32>, Vec<f32>) =
             logits.iter().enumerate().filter(|(_, l)| **l > f32::NEG_INFINITY).map(|(i, &l)| (i as u32, l)).unzip();
         if ids.is_empty() {
-            return Pick { id: argmax(logits), logprob: f32::NEG_INFINITY, top: Vec::new() };
+            return Distribution::Sparse { ids, probs: Vec::new() };
         }
         if p.top_p < 1.0 {
             top_p_filter(&mut candidates, p.top_p);
@@ -173,14 +273,7 @@ impl Sampler {
         if p.typical_p < 1.0 {
             typical_filter(&mut candidates, p.typical_p);
         }
-        let probs = softmax(&candidates);
-        let chosen = self.draw(&probs);
-        let top = top_indices(&probs, top_n)
-            .into_iter()
-            .filter(|&i| probs[i] > 0.0)
-            .map(|i| TokenLogprob { id: ids[i], logprob: probs[i].ln() })
-            .collect();
-        Pick { id: ids[chosen], logprob: probs[chosen].ln(), top }
+        Distribution::Sparse { probs: softmax(&candidates), ids }
     }
 
     /// The logits processors, in transformers' order (bias first, as OpenAI and vLLM apply it).
@@ -349,6 +442,66 @@ fn typical_filter(logits: &mut [f32], mass: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pearson's chi-square of `counts` against `probs` (cells with probability > 0).
+    fn chi_square(counts: &[usize], probs: &[f64]) -> f64 {
+        let n: usize = counts.iter().sum();
+        counts
+            .iter()
+            .zip(probs)
+            .filter(|(_, &p)| p > 0.0)
+            .map(|(&c, &p)| (c as f64 - n as f64 * p).powi(2) / (n as f64 * p))
+            .sum()
+    }
+
+    /// The speculative check keeps the model's distribution: a draft model's guesses drawn from
+    /// q, and lookup's fixed guess, both give tokens distributed as p (temperature and top-k
+    /// applied), by a chi-square test over 40,000 draws; and a greedy check keeps exactly the argmax.
+    #[test]
+    fn speculative_sampling_keeps_the_target_distribution() {
+        let target = [1.0f32, 2.5, 0.3, 2.0, -1.0, 1.7, 0.0, 2.2];
+        let draft = [2.0f32, 0.5, 1.0, 2.4, 0.2, -0.5, 1.5, 0.0];
+        let params = SamplingParams { do_sample: true, temperature: 0.9, top_k: 6, ..Default::default() };
+        let history = History::generated(&[]);
+        let p = Sampler::new(params.clone(), 0).distribution(&mut target.to_vec(), history, &[], 0);
+        let q = Sampler::new(params.clone(), 0).distribution(&mut draft.to_vec(), history, &[], 0);
+        let p_of: Vec<f64> = (0..8).map(|i| p.prob(i)).collect();
+        let n = 40_000;
+        let mut checker = Sampler::new(params.clone(), 1);
+        let mut guesser = Sampler::new(params.clone(), 2);
+        for proposal in ["draft model", "lookup"] {
+            let mut counts = [0usize; 8];
+            let mut kept = 0;
+            for _ in 0..n {
+                let (guess, q) = match proposal {
+                    "draft model" => (guesser.draw_from(&q).unwrap(), Some(&q)),
+                    _ => (3, None),
+                };
+                let (pick, was_kept) = checker.sample_draft(&mut target.to_vec(), history, &[], 0, guess, q);
+                assert_eq!(was_kept, pick.id == guess);
+                counts[pick.id as usize] += 1;
+                kept += usize::from(was_kept);
+            }
+            // 5 degrees of freedom (6 tokens survive top-k): P(chi2 > 25.7) = 1e-4.
+            let chi2 = chi_square(&counts, &p_of);
+            assert!(chi2 < 25.7, "{proposal}: chi-square {chi2}, counts {counts:?}, p {p_of:?}");
+            assert_eq!(counts[4] + counts[6], 0, "{proposal}: top-k removed tokens 4 and 6");
+            // Guesses are kept as often as the theory says: sum of min(p, q) for a draft, p(3) for lookup.
+            let expect = match proposal {
+                "draft model" => (0..8).map(|i| p.prob(i).min(q.prob(i))).sum::<f64>(),
+                _ => p.prob(3),
+            };
+            let rate = kept as f64 / n as f64;
+            assert!((rate - expect).abs() < 0.015, "{proposal}: kept {rate}, expected {expect}");
+        }
+        let greedy = SamplingParams { do_sample: false, ..Default::default() };
+        let mut s = Sampler::new(greedy, 0);
+        assert_eq!(
+            s.sample_draft(&mut target.to_vec(), history, &[], 0, 1, None),
+            (s.sample(&mut target.to_vec(), history, &[], 0), true)
+        );
+        assert!(!s.sample_draft(&mut target.to_vec(), history, &[], 0, 3, None).1);
+    }
 
     #[test]
     fn top_k_one_is_greedy() {

@@ -34,9 +34,14 @@ pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
 
 /// A safetensors file of f32 tensors (contiguous copies are made as needed).
 pub fn write_safetensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    write_safetensors_as(path, tensors, DType::F32)
+}
+
+/// A safetensors file of `dtype` tensors (f16 / bf16 round to nearest even, as torch's `.half()`).
+pub fn write_safetensors_as(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> Result<()> {
     let mut map = HashMap::new();
     for (name, t) in tensors {
-        map.insert(name.clone(), t.to_dtype(DType::F32)?.contiguous()?);
+        map.insert(name.clone(), t.to_dtype(dtype)?.contiguous()?);
     }
     let tmp = temp_name(path);
     candle_core::safetensors::save(&map, &tmp).map_err(|e| {

@@ -11,7 +11,7 @@ use vicuna_model::Llama;
 use vicuna_weights::{Checkpoint, LlamaConfig};
 
 use crate::error::{bail, Error, Result};
-use crate::io::{write_json_atomic, write_safetensors_atomic};
+use crate::io::{write_json_atomic, write_safetensors_as, write_safetensors_atomic};
 
 /// LoRA (Hu et al. 2021): `W + (alpha/r)·B·A` for the target projections, `A: [r, in]` with
 /// PEFT's Kaiming-uniform start, `B: [out, r]` starting at zero so training starts from `W`.
@@ -186,14 +186,15 @@ impl TrainableLlama {
             .collect()
     }
 
-    /// Write a Hugging Face folder: `config.json` (from `source_config`, dtype float32),
-    /// `model.safetensors`, and for an unmerged LoRA run `adapter_model.safetensors` with PEFT's
-    /// `adapter_config.json`. `merge` folds the adapters into the saved weights.
-    pub fn save(&self, out: &Path, source_config: &Path, merge: bool) -> Result<()> {
+    /// Write a Hugging Face folder: `config.json` (from `source_config`, with `dtype`'s
+    /// `torch_dtype`), `model.safetensors` in `dtype`, and for an unmerged LoRA run
+    /// `adapter_model.safetensors` (f32) with PEFT's `adapter_config.json`. `merge` folds the
+    /// adapters into the saved weights.
+    pub fn save(&self, out: &Path, source_config: &Path, merge: bool, dtype: DType) -> Result<()> {
         std::fs::create_dir_all(out).map_err(|e| Error::new(format!("cannot create {}: {e}", out.display())))?;
-        write_config(source_config, &out.join("config.json"), None)?;
+        write_config_as(source_config, &out.join("config.json"), None, dtype)?;
         let weights = if merge || self.lora.is_none() { self.merged_weights()? } else { self.base_weights() };
-        write_safetensors_atomic(&out.join("model.safetensors"), &weights)?;
+        write_safetensors_as(&out.join("model.safetensors"), &weights, dtype)?;
         if let (Some((spec, _)), false) = (&self.lora, merge) {
             let adapters: Vec<(String, Tensor)> = self
                 .vars()
@@ -237,6 +238,17 @@ fn to_model_error(e: Error) -> vicuna_model::Error {
 
 /// Copy `config.json`, declaring float32 weights and optionally replacing fields.
 pub fn write_config(source: &Path, dest: &Path, overrides: Option<&serde_json::Value>) -> Result<()> {
+    write_config_as(source, dest, overrides, DType::F32)
+}
+
+/// Copy `config.json`, declaring `dtype` weights and optionally replacing fields.
+pub fn write_config_as(source: &Path, dest: &Path, overrides: Option<&serde_json::Value>, dtype: DType) -> Result<()> {
+    let torch_dtype = match dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        DType::F32 => "float32",
+        other => bail!("weights are saved as f32, f16 or bf16, not {other:?}"),
+    };
     let text =
         std::fs::read_to_string(source).map_err(|e| Error::new(format!("cannot read {}: {e}", source.display())))?;
     let mut json: serde_json::Value =
@@ -246,7 +258,7 @@ pub fn write_config(source: &Path, dest: &Path, overrides: Option<&serde_json::V
     };
     for key in ["torch_dtype", "dtype"] {
         if map.contains_key(key) {
-            map.insert(key.to_string(), "float32".into());
+            map.insert(key.to_string(), torch_dtype.into());
         }
     }
     if let Some(serde_json::Value::Object(extra)) = overrides {

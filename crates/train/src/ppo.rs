@@ -571,7 +571,7 @@ impl PpoTrainer {
     /// The trained policy as a model folder `vicuna` loads (LoRA merged), with trlX's value head
     /// beside it in `value_head.safetensors` and the tokenizer files.
     pub fn save_policy(&self, out: &Path) -> Result<()> {
-        self.policy.save(out, &self.config.model_path.join("config.json"), true)?;
+        self.policy.save(out, &self.config.model_path.join("config.json"), true, candle_core::DType::F32)?;
         let head: Vec<(String, Tensor)> =
             self.value_head.vars().into_iter().map(|(n, v)| (n, v.as_detached_tensor())).collect();
         write_safetensors_atomic(&out.join("value_head.safetensors"), &head)?;

@@ -34,7 +34,7 @@ fn prepare(root: &Path) -> PpoConfig {
     // got in 10 cycles was down to the seed (fresh-sample gains 0.2 to 2.7 over seeds 1–8).
     let opts = SftOptions { epochs: 24, lr: 5e-3, batch_size: 8, eval_fraction: 0.0, seed: 1, ..Default::default() };
     train_sft(&policy, &tok, &fruit_chats(40), &opts, |_| {}).unwrap();
-    policy.save(&policy_dir, &model_dir().join("config.json"), false).unwrap();
+    policy.save(&policy_dir, &model_dir().join("config.json"), false, candle_core::DType::F32).unwrap();
     copy_tokenizer_files(&tokenizer_dir, &policy_dir).unwrap();
 
     let rm_dir = root.join("rm");

@@ -1,0 +1,134 @@
+//! Speculative decoding is exact: greedy output equals decoding without guesses token for token
+//! (prompt lookup and a draft model, f16 and f32 KV caches), the cache keeps no position of a
+//! rejected guess (a later turn in the same context equals a fresh run), a seeded run repeats,
+//! and a draft with another vocabulary is refused by name.
+
+use std::path::PathBuf;
+
+use vicuna_engine::{
+    generate, generate_in, generate_speculative, Context, DraftLimits, Drafter, GenerationConfig, SamplingParams,
+};
+use vicuna_model::native::KvType;
+use vicuna_model::{LlamaConfig, QuantLlama};
+use vicuna_weights::Checkpoint;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
+}
+
+fn load(rel: &str, kv: Option<KvType>) -> QuantLlama {
+    let dir = fixtures().join(rel);
+    let config = LlamaConfig::from_dir(&dir).unwrap();
+    let tensors =
+        vicuna_model::native::OwnedTensors::from_checkpoint(&config, &Checkpoint::open(&dir).unwrap()).unwrap();
+    QuantLlama::with_kv_type(config, std::sync::Arc::new(tensors), 2, kv).unwrap()
+}
+
+fn greedy(max_new_tokens: usize) -> GenerationConfig {
+    GenerationConfig {
+        sampling: SamplingParams { do_sample: false, ..Default::default() },
+        max_new_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// Prompts with repeats in them (where lookup finds matches) and without.
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![1, 10, 20, 30, 40, 50, 10, 20, 30],
+        vec![1, 7, 7, 7, 7, 7, 7],
+        vec![1, 100, 200, 300, 400, 500, 100, 200, 300, 400, 500, 100],
+        vec![1, 3, 141, 59, 26, 53, 58, 97],
+    ]
+}
+
+#[test]
+fn greedy_output_is_the_same_with_lookup_and_with_a_draft_model() {
+    for kv in [KvType::F16, KvType::F32] {
+        let model = load("models/tiny-a/safetensors-f32", Some(kv));
+        // The same weights in f16: a draft that agrees often but not always.
+        let draft_model = load("models/tiny-a/safetensors-f16", Some(kv));
+        let config = greedy(48);
+        let (mut drafted, mut accepted) = (0, 0);
+        for prompt in prompts() {
+            let plain = generate(&model, None, &prompt, &config, |_| {}).unwrap();
+            for limits in [DraftLimits { max: 4, min: 1 }, DraftLimits { max: 8, min: 2 }] {
+                let mut lookup = Drafter::lookup(limits);
+                let mut context = Context::new(&model);
+                let fast =
+                    generate_speculative(&mut context, &model, None, &prompt, &config, Some(&mut lookup), |_| {})
+                        .unwrap();
+                assert_eq!(fast.ids, plain.ids, "lookup {limits:?}, kv {kv:?}, prompt {prompt:?}");
+                assert_eq!(context.len(), prompt.len() + plain.ids.len() - 1, "the cache holds what was decided");
+                let mut drafter =
+                    Drafter::model(&draft_model, &model, config.sampling.clone(), config.seed, limits).unwrap();
+                let mut context = Context::new(&model);
+                let fast =
+                    generate_speculative(&mut context, &model, None, &prompt, &config, Some(&mut drafter), |_| {})
+                        .unwrap();
+                assert_eq!(fast.ids, plain.ids, "draft model {limits:?}, kv {kv:?}, prompt {prompt:?}");
+                drafted += lookup.drafted + drafter.drafted;
+                accepted += lookup.accepted + drafter.accepted;
+            }
+        }
+        // Guesses were made and kept (the test would prove nothing otherwise), and some rejected.
+        assert!(accepted > 0 && accepted < drafted, "kv {kv:?}: {accepted} of {drafted} guesses kept");
+    }
+}
+
+/// Rejected guesses leave no K/V behind: the next turn, in the same context, reads the cache of
+/// the first and must equal the whole conversation generated from scratch.
+#[test]
+fn a_turn_after_speculation_equals_a_fresh_run() {
+    let model = load("models/tiny-a/safetensors-f32", None);
+    let draft_model = load("models/tiny-b/safetensors-f32", None);
+    let config = greedy(40);
+    let mut context = Context::new(&model);
+    let mut conversation = prompts()[2].clone();
+    let (mut drafted, mut accepted) = (0, 0);
+    for turn in 0..3 {
+        let mut lookup = Drafter::lookup(DraftLimits { max: 6, min: 1 });
+        let reply = generate_speculative(&mut context, &model, None, &conversation, &config, Some(&mut lookup), |_| {})
+            .unwrap();
+        let fresh = generate(&model, None, &conversation, &config, |_| {}).unwrap();
+        assert_eq!(reply.ids, fresh.ids, "turn {turn}");
+        (drafted, accepted) = (drafted + lookup.drafted, accepted + lookup.accepted);
+        conversation.extend(&reply.ids);
+        conversation.extend([5, 6, 7 + turn]);
+    }
+    assert!(accepted > 0 && accepted < drafted, "guesses kept and rejected: {accepted} of {drafted}");
+    // Plain decoding in the context speculation left behind.
+    let reply = generate_in(&mut context, &model, None, &conversation, &config, |_| {}).unwrap();
+    assert_eq!(reply.ids, generate(&model, None, &conversation, &config, |_| {}).unwrap().ids);
+    // tiny-b has 1000 tokens, tiny-a 512: refused, with both sizes named.
+    let refused = Drafter::model(&draft_model, &model, config.sampling.clone(), 0, DraftLimits::default());
+    let message = refused.err().expect("a draft with another vocabulary is refused").to_string();
+    assert!(message.contains("1000") && message.contains("512"), "{message}");
+}
+
+#[test]
+fn seeded_speculative_sampling_repeats_and_respects_the_limits() {
+    let model = load("models/tiny-a/safetensors-f32", None);
+    let draft_model = load("models/tiny-a/safetensors-f16", None);
+    let config = GenerationConfig {
+        sampling: SamplingParams { do_sample: true, temperature: 0.7, top_k: 40, ..Default::default() },
+        max_new_tokens: 30,
+        seed: 5,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let prompt = prompts()[0].clone();
+    let run = || {
+        let mut drafter =
+            Drafter::model(&draft_model, &model, config.sampling.clone(), config.seed, DraftLimits::default()).unwrap();
+        let mut context = Context::new(&model);
+        let out =
+            generate_speculative(&mut context, &model, None, &prompt, &config, Some(&mut drafter), |_| {}).unwrap();
+        (out.ids, drafter.drafted, drafter.accepted)
+    };
+    let (a, drafted, accepted) = run();
+    assert_eq!(a.len(), 30, "max_new_tokens holds with guesses");
+    assert!(accepted > 0, "{accepted} of {drafted}");
+    assert_eq!(run().0, a, "same seed, same tokens");
+}
