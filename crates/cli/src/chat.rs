@@ -7,11 +7,11 @@ use std::io::{BufRead, IsTerminal, Write};
 use clap::Args;
 use rustyline::error::ReadlineError;
 use vicuna_engine::template::{fit_to_context, ChatMessage, ReplyText, Role, STOP_SEQUENCES};
-use vicuna_engine::{generate_in, random_seed, Context, GenerationConfig};
+use vicuna_engine::{generate_speculative, random_seed, Context, Drafter, GenerationConfig};
 use vicuna_model::QuantLlama;
 use vicuna_tokenizer::Tokenizer;
 
-use crate::common::{LoraArgs, ModelArgs, SamplingArgs};
+use crate::common::{LoraArgs, ModelArgs, SamplingArgs, SpeculativeArgs};
 use crate::Result;
 
 /// Chat samples cooler and answers longer than `generate` by default (FastChat's settings).
@@ -28,6 +28,8 @@ pub struct ChatArgs {
     pub system: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub speculative: SpeculativeArgs,
 }
 
 /// What a line of input asks for.
@@ -56,6 +58,8 @@ struct Conversation<'a> {
     messages: Vec<ChatMessage>,
     /// The KV cache of the conversation so far: a turn computes only what is new.
     context: Context,
+    /// Speculative decoding's guesser, kept across turns (a draft model keeps its own cache).
+    drafter: Option<Drafter<'a>>,
 }
 
 impl Conversation<'_> {
@@ -85,11 +89,13 @@ impl Conversation<'_> {
         let (model, tokenizer) = (self.model, Some(self.tokenizer));
         let start = std::time::Instant::now();
         let mut first_token = None;
-        let generation = generate_in(&mut self.context, model, tokenizer, &prompt, &self.config, |piece| {
-            first_token.get_or_insert_with(|| start.elapsed());
-            // A closed stdout (e.g. `| head`) only means nobody reads the rest.
-            let _ = out.write_all(reply.push(piece).as_bytes()).and_then(|_| out.flush());
-        });
+        let drafter = self.drafter.as_mut();
+        let generation =
+            generate_speculative(&mut self.context, model, tokenizer, &prompt, &self.config, drafter, |piece| {
+                first_token.get_or_insert_with(|| start.elapsed());
+                // A closed stdout (e.g. `| head`) only means nobody reads the rest.
+                let _ = out.write_all(reply.push(piece).as_bytes()).and_then(|_| out.flush());
+            });
         let reused = self.context.reused();
         tracing::info!(
             "turn: {} prompt tokens, {reused} from the cache, {} computed; first token after {:.3} s",
@@ -124,7 +130,11 @@ pub fn run_chat(args: ChatArgs, threads: Option<usize>) -> Result<()> {
         )
         .into());
     }
+    let draft = args.speculative.load_draft(threads)?;
+    let drafter =
+        args.speculative.drafter(draft.as_ref(), &model, &sampling, args.sampling.seed.unwrap_or_else(random_seed))?;
     let mut conversation = Conversation {
+        drafter,
         model: &model,
         tokenizer: &tokenizer,
         config: GenerationConfig {

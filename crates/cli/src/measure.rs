@@ -163,6 +163,10 @@ fn measure(run: impl Fn() -> Result<f64>, reps: usize) -> Result<(f64, f64)> {
 pub struct PerplexityArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// The adapter applies to --model only (the reference runs without it: its KL divergence is the adapter's and
+    /// the quantization's effect together).
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// The text to measure on (UTF-8), e.g. wikitext-2's wiki.test.raw.
     #[arg(long)]
     pub file: PathBuf,
@@ -213,7 +217,8 @@ pub fn run_perplexity(args: PerplexityArgs, threads: Option<usize>) -> Result<()
         }
         None => None,
     };
-    let model = QuantLlama::load(&args.model.model, threads)?;
+    let mut model = QuantLlama::load(&args.model.model, threads)?;
+    args.lora.apply(&mut model)?;
     check_fits(&model, &tokenizer, args.ctx, &args.model.model)?;
     let mut stats = PerplexityStats::default();
     let start = Instant::now();

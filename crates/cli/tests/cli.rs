@@ -48,6 +48,40 @@ fn generate_json_gives_the_greedy_tokens_of_transformers() {
     }
 }
 
+/// `--lookup` and `--draft-model` change how fast, not what: the same greedy tokens as transformers';
+/// a draft with another vocabulary, or impossible limits, are refused with exit code 2.
+#[test]
+fn speculative_generate_gives_the_same_greedy_tokens() {
+    let want = expected("tiny-a", "expected_f16.json");
+    let case = &want["cases"][1];
+    let dir = fixture("models/tiny-a/bin-sharded-f16");
+    let draft = fixture("models/tiny-a/safetensors-f32");
+    let ids = csv(&case["input_ids"]);
+    let base = [
+        "generate",
+        "--model",
+        path_str(&dir),
+        "--ids",
+        &ids,
+        "--greedy",
+        "--ignore-eos",
+        "--max-new-tokens",
+        "20",
+        "--json",
+    ];
+    for extra in [vec!["--lookup"], vec!["--lookup", "--draft-max", "3"], vec!["--draft-model", path_str(&draft)]] {
+        let got = stdout_json(&vicuna(&[&base[..], &extra[..]].concat()));
+        assert_eq!(got["ids"], case["greedy_new_tokens"], "{extra:?}");
+        assert!(got["drafted_tokens"].as_u64().unwrap() >= got["accepted_tokens"].as_u64().unwrap(), "{got}");
+    }
+    let other = fixture("models/tiny-b/safetensors-f32");
+    assert_bad_input(
+        &vicuna(&[&base[..], &["--draft-model", path_str(&other)]].concat()),
+        &["--draft-model", "vocabulary"],
+    );
+    assert_bad_input(&vicuna(&[&base[..], &["--lookup", "--draft-max", "0"]].concat()), &["--draft-max"]);
+}
+
 #[test]
 fn score_json_matches_transformers_logprobs() {
     let want = expected("tiny-a", "expected_f32.json");

@@ -149,6 +149,28 @@ fn an_adapter_gives_what_the_merged_model_gives() {
     ]));
     assert_eq!(bench["lora"], json!(s(&adapter)), "{bench}");
     assert!(bench["tg_tps"].as_f64().unwrap() > 0.0, "{bench}");
+
+    // perplexity with the adapter is the merged model's perplexity.
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "Name a fruit. apple. Pick a fruit. cherry. Say a fruit. grape. Which fruit? lemon. ".repeat(8),
+    )
+    .unwrap();
+    let ppl = |args: &[&str]| {
+        let out = stdout_json(&vicuna(&[&["perplexity", "--ctx", "32", "--json", "--file", s(&text)], args].concat()));
+        out["perplexity"].as_f64().unwrap()
+    };
+    let (with_adapter, merged_ppl) =
+        (ppl(&["--model", &base, "--tokenizer", &tokenizer, "--lora", s(&adapter)]), ppl(&["--model", s(&merged)]));
+    assert!(
+        (with_adapter / merged_ppl - 1.0).abs() < 1e-4,
+        "perplexity {with_adapter} with the adapter, merged {merged_ppl}"
+    );
+    assert!(
+        (ppl(&["--model", &base, "--tokenizer", &tokenizer]) / merged_ppl - 1.0).abs() > 1e-3,
+        "the adapter matters"
+    );
 }
 
 #[test]

@@ -286,6 +286,7 @@ pub fn serve_on(
         "kv_cache_dtype": format!("{:?}", model.block_shape().kv_type).to_lowercase(),
         "prefix_cache": options.prefix_cache,
         "prefix_cache_blocks": options.prefix_cache_blocks,
+        "max_loras": options.max_loras,
         "router": "vicuna",
         "version": env!("CARGO_PKG_VERSION"),
         "sha": null,

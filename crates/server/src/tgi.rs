@@ -190,6 +190,21 @@ fn tokenize_json(tokenizer: &vicuna_tokenizer::Tokenizer, inputs: &str) -> Value
     Value::Array(tokens)
 }
 
+/// TGI's `/info`, plus the LoRA adapters loaded now (`lora_adapters`: name, folder, rank, target modules).
 pub async fn info(State(state): State<SharedState>) -> Response {
-    json_response(StatusCode::OK, &state.info).into_response()
+    let mut info = state.info.clone();
+    info["lora_adapters"] = state
+        .adapters
+        .model_cards()
+        .into_iter()
+        .map(|card| {
+            serde_json::json!({
+                "name": card["id"],
+                "path": card["root"],
+                "rank": card["lora_rank"],
+                "target_modules": card["lora_target_modules"],
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &info).into_response()
 }

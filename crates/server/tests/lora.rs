@@ -175,9 +175,14 @@ fn adapters_load_and_unload_at_run_time_behind_the_api_key() {
     assert_eq!(text(&answer.json()), want);
     let response = request(addr, "GET", "/v1/models", &auth, b"");
     assert_eq!(response.json()["data"].as_array().unwrap().len(), 2);
+    // /info lists what is loaded now.
+    let info = request(addr, "GET", "/info", &auth, b"").json();
+    assert_eq!(info["lora_adapters"][0]["name"], "gamma", "{info}");
+    assert_eq!(info["lora_adapters"][0]["path"], json!(a), "{info}");
 
     let unload = json!({"lora_name": "gamma"});
     assert_eq!(post("/v1/unload_lora_adapter", &unload, &auth).status, 200);
+    assert_eq!(request(addr, "GET", "/info", &auth, b"").json()["lora_adapters"], json!([]));
     assert_eq!(post("/v1/unload_lora_adapter", &unload, &auth).status, 404);
     // With no adapter left, any name is the base model again.
     let answer = post("/v1/completions", &greedy_body("gamma"), &auth);

@@ -256,10 +256,10 @@ pub fn write_config_as(source: &Path, dest: &Path, overrides: Option<&serde_json
     let Some(map) = json.as_object_mut() else {
         bail!("{} must hold a JSON object", source.display());
     };
-    for key in ["torch_dtype", "dtype"] {
-        if map.contains_key(key) {
-            map.insert(key.to_string(), torch_dtype.into());
-        }
+    // transformers reads `torch_dtype` (v4) or `dtype` (v5): always the first, the second where the source has it.
+    map.insert("torch_dtype".to_string(), torch_dtype.into());
+    if map.contains_key("dtype") {
+        map.insert("dtype".to_string(), torch_dtype.into());
     }
     if let Some(serde_json::Value::Object(extra)) = overrides {
         for (k, v) in extra {

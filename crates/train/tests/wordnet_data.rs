@@ -149,6 +149,15 @@ fn builder_is_deterministic_and_seeded() {
     };
     assert_eq!(words(&small).len(), 5);
     assert!(words(&small).is_subset(&words(&a)));
+
+    // --most-frequent keeps the words the sense-tagged corpus uses most: in the fixture's index
+    // files "run" (29 as a verb) and "hour" (3); the next ones have 2.
+    let frequent = out_dir("det-frequent");
+    build(&python, &frequent, &["--seed", "7", "--most-frequent", "2"]).unwrap();
+    assert_eq!(words(&frequent), BTreeSet::from(["hour".to_string(), "run".to_string()]));
+    assert!(build(&python, &frequent, &["--most-frequent", "0"])
+        .unwrap_err()
+        .contains("--most-frequent must be at least 1"));
 }
 
 #[test]
