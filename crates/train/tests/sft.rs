@@ -71,7 +71,7 @@ fn sft_lowers_held_out_loss_and_the_saved_folder_reloads_identically() {
     assert!(after < before - 2.0, "held-out loss {before} -> {after}");
 
     let out = out_dir("full");
-    model.save(&out, &model_dir().join("config.json"), false).unwrap();
+    model.save(&out, &model_dir().join("config.json"), false, candle_core::DType::F32).unwrap();
     let reloaded = Llama::load(&out, &Device::Cpu).unwrap();
     let ids = tokenizer().encode("### Human: What color is the sky?\n### Assistant:", true);
     assert_eq!(logits(&reloaded, &ids), logits(&model.frozen_model().unwrap(), &ids));
@@ -99,7 +99,7 @@ fn lora_trains_only_adapters_and_merge_folds_them_in() {
 
     // Unmerged: the folder's weights are the base, bit for bit; the adapters sit beside them.
     let unmerged = out_dir("lora");
-    model.save(&unmerged, &model_dir().join("config.json"), false).unwrap();
+    model.save(&unmerged, &model_dir().join("config.json"), false, candle_core::DType::F32).unwrap();
     let base = Llama::load(&model_dir(), &Device::Cpu).unwrap();
     let saved = Llama::load(&unmerged, &Device::Cpu).unwrap();
     let ids = tokenizer().encode("### Human: What color is the sea?\n### Assistant:", true);
@@ -111,7 +111,7 @@ fn lora_trains_only_adapters_and_merge_folds_them_in() {
 
     // Merged: the folder alone computes what the adapted model computes.
     let merged = out_dir("merged");
-    model.save(&merged, &model_dir().join("config.json"), true).unwrap();
+    model.save(&merged, &model_dir().join("config.json"), true, candle_core::DType::F32).unwrap();
     let reloaded = Llama::load(&merged, &Device::Cpu).unwrap();
     assert_eq!(logits(&reloaded, &ids), logits(&model.frozen_model().unwrap(), &ids));
     assert_ne!(logits(&reloaded, &ids), logits(&base, &ids));
