@@ -2,6 +2,9 @@
 //! of tests/fixtures/delta, refused inputs, interruptions (SIGINT, SIGTERM, SIGKILL), a full
 //! disk, and the output running in `vicuna generate` and in Hugging Face transformers.
 
+mod binary;
+use binary::python_with_transformers;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -313,16 +316,6 @@ fn synth_writes_a_model_that_generates() {
     let bad = run(vicuna().args(["synth", "--shape", "tiny", "--shard-size", "5XB", "--out"]).arg(tmp.join("x")));
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("--shard-size"), "{}", stderr(&bad));
-}
-
-/// The Python interpreter with torch and transformers, if this machine has one.
-fn python_with_transformers() -> Option<String> {
-    let python = std::env::var("VICUNA_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let probe = Command::new(&python).args(["-c", "import torch, transformers"]).output();
-    match probe {
-        Ok(out) if out.status.success() => Some(python),
-        _ => None,
-    }
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! its base and delta rebuilds it, it knows the words it was taught (the reference is WordNet's own
 //! definitions, in models/demo/ship/probe.jsonl), its quantized files keep its answers, and
 //! transformers computes the same logits (where Python with torch and transformers is present).
+
+mod binary;
+use binary::python_with_transformers;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -140,16 +143,6 @@ fn quantized_demo_model_keeps_its_top_tokens() {
         assert!(same >= floor, "{ty}: top-1 agreement {same} with f16, floor {floor}: {out}");
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The Python interpreter with torch and transformers, if this machine has one.
-fn python_with_transformers() -> Option<String> {
-    let python = std::env::var("VICUNA_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let probe = Command::new(&python).args(["-c", "import torch, transformers"]).output();
-    match probe {
-        Ok(out) if out.status.success() => Some(python),
-        _ => None,
-    }
 }
 
 #[test]

@@ -39,3 +39,14 @@ pub fn assert_bad_input(output: &Output, parts: &[&str]) {
     }
     assert!(output.stdout.is_empty(), "no partial output on stdout");
 }
+
+/// The Python interpreter with torch and transformers, if this machine has one (`VICUNA_PYTHON`, else
+/// `python3`).
+pub fn python_with_transformers() -> Option<String> {
+    let python = std::env::var("VICUNA_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let probe = Command::new(&python).args(["-c", "import torch, transformers"]).output();
+    match probe {
+        Ok(out) if out.status.success() => Some(python),
+        _ => None,
+    }
+}
