@@ -33,10 +33,10 @@ fn json(command: &mut Command) -> Value {
 fn chat_model() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("vicuna-demo-model-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        // Under cargo's temporary folder for integration tests (inside target/), replaced on each run.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-model");
         run(vicuna()
-            .args(["apply-delta", "--quiet", "--base"])
+            .args(["apply-delta", "--quiet", "--force", "--base"])
             .arg(ship("base"))
             .arg("--delta")
             .arg(ship("delta"))

@@ -765,6 +765,9 @@ fn bad_adapters_are_refused_with_the_reason() {
     refused(&dir, &["v_proj", "target_modules"]);
     with("target_modules", serde_json::json!(["lm_head"]));
     refused(&dir, &["\"lm_head\" is not a LLaMA projection"]);
+    // PEFT's "all-linear" is every projection: this adapter has only two of them.
+    with("target_modules", serde_json::json!("all-linear"));
+    refused(&dir, &["k_proj.lora_A.weight is missing"]);
     with("use_dora", true.into());
     refused(&dir, &["DoRA"]);
     std::fs::write(&config_path, good.to_string()).unwrap();

@@ -278,11 +278,13 @@ fn two_replicas_behind_haproxy_one_drained_and_restarted_under_load_fail_no_requ
     // The balancer: least connections (streams are long), a health check on /health every
     // 100 ms that takes a server out at its first failure, and a request refused by a draining
     // replica (503 before it was queued) or a connection it closed tried again on the other.
+    // `option http-buffer-request` makes those retries possible: HAProxy can replay only a request
+    // it holds whole, and without it a body sent after the headers is already on its way.
     let (front, stats) = (free_port(), free_port());
     let config = format!(
         "global\n  maxconn 200\n\
          defaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n\
-         \x20 retries 3\n  option redispatch 1\n  retry-on conn-failure empty-response 503\n\
+         \x20 retries 3\n  option redispatch 1\n  retry-on conn-failure empty-response 503\n  option http-buffer-request\n\
          frontend api\n  bind 127.0.0.1:{front}\n  default_backend replicas\n\
          backend replicas\n  balance leastconn\n  option httpchk GET /health\n  http-check expect status 200\n\
          \x20 default-server check inter 100ms fall 1 rise 1\n\

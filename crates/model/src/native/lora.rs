@@ -311,6 +311,8 @@ impl Spec {
                 .iter()
                 .map(|t| t.as_str().map(str::to_string).ok_or("`target_modules` must hold names"))
                 .collect::<std::result::Result<_, _>>()?,
+            // PEFT's shorthand for every linear layer but the output one.
+            Some(Value::String(one)) if one == "all-linear" => PROJECTIONS.iter().map(|p| p.to_string()).collect(),
             Some(Value::String(one)) => vec![one.clone()],
             _ => {
                 return Err(
