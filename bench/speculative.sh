@@ -54,7 +54,10 @@ for i in "${!prompts[@]}"; do
       exit 1
     fi
     speed=$(sed -n 's/.*generation: .* (\([0-9.]*\) tokens\/s).*/\1/p' /tmp/speculative-bench.log | tail -1)
-    kept=$(python3 -c 'import json,sys; d=json.load(sys.stdin); print(f"{d[\"accepted_tokens\"]/max(d[\"drafted_tokens\"],1):.2f}" if "drafted_tokens" in d else "-")' <<<"$out")
+    kept=$(python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print("%.2f" % (d["accepted_tokens"] / max(d["drafted_tokens"], 1)) if "drafted_tokens" in d else "-")' <<<"$out")
     tokens=$(python3 -c 'import json,sys; print(len(json.load(sys.stdin)["ids"]))' <<<"$out")
     printf '%-10s %-8s %7s %10s %8s\n' "#$i" "$mode" "$tokens" "$speed" "$kept"
     total[$mode]=$(python3 -c "print(${total[$mode]:-0} + $speed)")
