@@ -129,8 +129,9 @@ impl SpeculativeArgs {
             .into());
         }
         let Some(path) = &self.draft_model else { return Ok(None) };
-        let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        QuantLlama::load(path, threads).map(Some).map_err(|e| format!("--draft-model {}: {e}", path.display()).into())
+        QuantLlama::load(path, compute_threads(threads))
+            .map(Some)
+            .map_err(|e| format!("--draft-model {}: {e}", path.display()).into())
     }
 
     /// The drafter for one generation (None without speculation).
@@ -142,10 +143,9 @@ impl SpeculativeArgs {
         seed: u64,
     ) -> Result<Option<Drafter<'m>>> {
         let limits = DraftLimits { max: self.draft_max, min: self.draft_min.max(1) };
-        if let Some(draft) = draft {
-            let drafter = Drafter::model(draft, target, params.clone(), seed, limits).map_err(|e| {
-                format!("--draft-model {}: {e}", self.draft_model.as_deref().unwrap_or(Path::new("")).display())
-            })?;
+        if let (Some(draft), Some(path)) = (draft, &self.draft_model) {
+            let drafter = Drafter::model(draft, target, params.clone(), seed, limits)
+                .map_err(|e| format!("--draft-model {}: {e}", path.display()))?;
             return Ok(Some(drafter));
         }
         Ok(self.lookup.then(|| Drafter::lookup(limits)))

@@ -45,6 +45,27 @@ pub enum DTypeArg {
     Bf16,
 }
 
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// The same element types for tensors written by the trainer (candle's).
+impl From<DTypeArg> for vicuna_model::candle_core::DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F16 => vicuna_model::candle_core::DType::F16,
+            DTypeArg::F32 => vicuna_model::candle_core::DType::F32,
+            DTypeArg::Bf16 => vicuna_model::candle_core::DType::BF16,
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct SynthArgs {
     #[arg(long, value_enum)]
@@ -80,11 +101,7 @@ pub fn run_synth_command(args: SynthArgs, threads_flag: Option<usize>) -> Result
         ShapeArg::SevenB => SynthShape::SevenB,
         ShapeArg::ThirteenB => SynthShape::ThirteenB,
     };
-    let dtype = match args.dtype {
-        DTypeArg::F16 => DType::F16,
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::Bf16 => DType::BF16,
-    };
+    let dtype = DType::from(args.dtype);
     let is_gguf = args.ty.is_some() || args.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     let request = SynthRequest {
         shape,

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::synth::DTypeArg;
 use clap::{Arg, ArgMatches, Args, FromArgMatches, Subcommand};
 use serde_json::json;
 use vicuna_model::candle_core::Device;
@@ -88,24 +89,7 @@ pub struct SftArgs {
     /// Element type of the saved weights (training keeps f32 master weights either way); f16 is
     /// what a base for `make-delta` / `apply-delta` is published in.
     #[arg(long, value_enum, default_value = "f32")]
-    pub save_dtype: SaveDType,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum SaveDType {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<SaveDType> for vicuna_model::candle_core::DType {
-    fn from(d: SaveDType) -> Self {
-        match d {
-            SaveDType::F32 => vicuna_model::candle_core::DType::F32,
-            SaveDType::F16 => vicuna_model::candle_core::DType::F16,
-            SaveDType::Bf16 => vicuna_model::candle_core::DType::BF16,
-        }
-    }
+    pub save_dtype: DTypeArg,
 }
 
 #[derive(Args)]
