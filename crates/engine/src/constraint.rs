@@ -34,9 +34,9 @@
 //! JSON grammars (schemas and [`GrammarSpec::JsonObject`]) allow JSON whitespace before the JSON
 //! text (llguidance's own JSON grammars do not: we put a Lark rule in front) and between its
 //! tokens, so the natural reply `" {\"a\": 1}"` (first token `"▁{"`) is accepted, and dropping a
-//! leading space never matters. Runs of whitespace are capped at
-//! [`JSON_MAX_WHITESPACE`] characters per gap: a model that falls into emitting newlines cannot
-//! then loop forever inside a JSON value. Regular expressions and Lark grammars get no implicit
+//! leading space never matters. Whitespace is bounded by [`JSON_WHITESPACE`]
+//! per gap: a model that falls into emitting newlines cannot then loop forever inside a JSON
+//! value. Regular expressions and Lark grammars get no implicit
 //! whitespace: the whole output must match them, so a reply to `[0-9]+` starts with a digit token
 //! rather than a space-prefixed one.
 
@@ -51,9 +51,12 @@ use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 use vicuna_tokenizer::Tokenizer;
 
-/// The longest run of whitespace JSON grammars allow between two tokens of the JSON text (and
-/// before and after it): enough for pretty-printed JSON nested a dozen levels deep.
-pub const JSON_MAX_WHITESPACE: usize = 32;
+/// The whitespace JSON grammars allow between two tokens of the JSON text (and before it), as a
+/// regex: a space, or one or two newlines and an indent of up to 20 spaces or tabs (llama.cpp's
+/// `space` rule of its JSON-schema grammars). Enough for compact and pretty-printed JSON, yet a
+/// model that likes whitespace (a small trained one does) cannot pad a reply with hundreds of
+/// tokens of it: allowed 32 free characters a gap, the demo model filled 400 tokens.
+pub const JSON_WHITESPACE: &str = r"( |\x0A{1,2}[\x20\x09]{0,20})";
 
 /// What a request constrains its output to.
 #[derive(Clone, Debug, PartialEq)]
@@ -135,13 +138,13 @@ fn json_grammar(schema: Value) -> Result<TopLevelGrammar, String> {
     let schema = serde_json::to_string(&schema).map_err(|e| format!("json_schema: {e}"))?;
     Ok(TopLevelGrammar::from_lark(format!(
         "start: json | LEADING_WS json\n\
-         LEADING_WS: /[\\x20\\x0A\\x0D\\x09]{{1,{JSON_MAX_WHITESPACE}}}/\n\
+         LEADING_WS: /{JSON_WHITESPACE}/\n\
          json: %json {schema}\n"
     )))
 }
 
-/// A JSON schema with our whitespace rule: anything from 0 to [`JSON_MAX_WHITESPACE`] JSON
-/// whitespace characters between tokens (llguidance's default allows unbounded runs). The schema's
+/// A JSON schema with our whitespace rule: [`JSON_WHITESPACE`] or nothing between tokens
+/// (llguidance's default allows unbounded runs). The schema's
 /// own `x-guidance` options are refused: they could change the separators and so give output that
 /// is not JSON.
 fn json_schema(mut schema: Value) -> Result<Value, String> {
@@ -159,7 +162,7 @@ fn json_schema(mut schema: Value) -> Result<Value, String> {
         "x-guidance".to_string(),
         serde_json::json!({
             "whitespace_flexible": true,
-            "whitespace_pattern": format!(r"[\x20\x0A\x0D\x09]{{1,{JSON_MAX_WHITESPACE}}}"),
+            "whitespace_pattern": JSON_WHITESPACE,
         }),
     );
     Ok(schema)
@@ -199,6 +202,15 @@ fn first_line(message: &str) -> String {
     message.lines().next().unwrap_or(message).trim().to_string()
 }
 
+/// What a [`Constraint::mask`] left open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowed {
+    /// Tokens that continue the output (EOS among them when the output so far is complete).
+    Tokens,
+    /// Only EOS: the output is complete and nothing may follow.
+    OnlyEnd,
+}
+
 /// One sequence's position in a [`Grammar`].
 pub struct Constraint {
     matcher: Matcher,
@@ -226,25 +238,27 @@ impl Constraint {
 
     /// Sets the logit of every token the grammar does not allow next to -inf. EOS is allowed
     /// exactly when the output so far is complete; once the grammar can only end, only EOS remains.
-    /// Ids past the tokenizer's vocabulary are always masked. Errs when the parser is in an error
-    /// state (a token that was not allowed was committed) or no token of `logits` is allowed.
-    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+    /// Ids past the tokenizer's vocabulary are always masked. Says whether EOS is the one token
+    /// left (the grammar can only end). Errs when the parser is in an error state (a token that was
+    /// not allowed was committed) or no token of `logits` is allowed.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<Allowed, String> {
         let allowed =
             self.matcher.compute_mask_or_eos().map_err(|e| format!("grammar: {}", first_line(&e.to_string())))?;
         let known = logits.len().min(self.vocab_size).min(allowed.len());
-        let mut any = false;
+        let mut count = 0usize;
         for (id, logit) in logits[..known].iter_mut().enumerate() {
             if allowed.get(id) {
-                any = true;
+                count += 1;
             } else {
                 *logit = f32::NEG_INFINITY;
             }
         }
         logits[known..].fill(f32::NEG_INFINITY);
-        if !any {
-            return Err("grammar: no token of the vocabulary can continue the output".to_string());
+        match count {
+            0 => Err("grammar: no token of the vocabulary can continue the output".to_string()),
+            1 if (self.eos as usize) < known && allowed.get(self.eos as usize) => Ok(Allowed::OnlyEnd),
+            _ => Ok(Allowed::Tokens),
         }
-        Ok(())
     }
 
     /// Advances past the chosen token, which must have been allowed by the last [`mask`](Self::mask).

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use vicuna_model::{LlamaConfig, QuantCache, QuantLlama, Result};
 use vicuna_tokenizer::Tokenizer;
 
-use crate::constraint::{Constraint, Grammar};
+use crate::constraint::{Allowed, Constraint, Grammar};
 use crate::sampling::{Distribution, History, Sampler, SamplingParams, TokenLogprob};
 use crate::speculative::{Draft, Drafter};
 
@@ -327,16 +327,19 @@ impl<'a> Sequence<'a> {
         debug_assert!(self.finish_reason.is_none(), "advance after the end");
         let mut ban: &[u32] = if self.generated().len() < self.config.min_new_tokens { &[self.eos] } else { &[] };
         if let Some(constraint) = self.constraint.as_mut() {
-            if constraint.mask(logits).is_err() {
-                // The grammar cannot go on (it never should): end the output here.
-                self.constraint = None;
-                let eos = logits[self.eos as usize];
-                logits.fill(f32::NEG_INFINITY);
-                logits[self.eos as usize] = if eos.is_finite() { eos } else { 0.0 };
-            }
+            let allowed = match constraint.mask(logits) {
+                Ok(allowed) => allowed,
+                Err(_) => {
+                    // The grammar cannot go on (it never should): end the output here.
+                    self.constraint = None;
+                    let eos = logits[self.eos as usize];
+                    logits.fill(f32::NEG_INFINITY);
+                    logits[self.eos as usize] = if eos.is_finite() { eos } else { 0.0 };
+                    Allowed::OnlyEnd
+                }
+            };
             // When the grammar allows only the end, the end comes whatever `min_new_tokens` says.
-            let only_eos = logits.iter().enumerate().all(|(i, l)| i == self.eos as usize || *l == f32::NEG_INFINITY);
-            if only_eos {
+            if allowed == Allowed::OnlyEnd {
                 ban = &[];
             }
         }

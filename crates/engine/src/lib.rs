@@ -10,7 +10,7 @@ mod score;
 pub mod speculative;
 pub mod template;
 
-pub use constraint::{Constraint, Grammar, GrammarSpec, JSON_MAX_WHITESPACE};
+pub use constraint::{Allowed, Constraint, Grammar, GrammarSpec, JSON_WHITESPACE};
 pub use generate::{
     find_stop, generate, generate_in, generate_speculative, held_back, Context, FinishReason, Generation,
     GenerationConfig, Sequence, Step,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use vicuna_engine::{argmax, softmax, Constraint, Grammar, GrammarSpec, Rng};
+use vicuna_engine::{argmax, softmax, Allowed, Constraint, Grammar, GrammarSpec, Rng};
 use vicuna_model::QuantLlama;
 use vicuna_tokenizer::Tokenizer;
 
@@ -76,8 +76,10 @@ fn decode_loop(
     loop {
         assert!(ids.len() < MAX_TOKENS, "no end after {MAX_TOKENS} tokens: {:?}", tokenizer.decode(&ids));
         let mut logits = next_logits(&ids);
-        constraint.mask(&mut logits).unwrap();
+        let allowed = constraint.mask(&mut logits).unwrap();
         assert_eq!(logits[32000], f32::NEG_INFINITY, "an id past the vocabulary is allowed");
+        let open = (0..logits.len()).filter(|&i| logits[i].is_finite()).count();
+        assert_eq!(allowed == Allowed::OnlyEnd, open == 1 && logits[tokenizer.eos_id() as usize].is_finite());
         let id = pick(&logits);
         assert!(logits[id as usize].is_finite(), "picked a masked token {id}");
         constraint.commit(id).unwrap();
@@ -89,7 +91,7 @@ fn decode_loop(
         if constraint.is_finished() {
             // Nothing may follow but EOS.
             let mut logits = next_logits(&ids);
-            constraint.mask(&mut logits).unwrap();
+            assert_eq!(constraint.mask(&mut logits).unwrap(), Allowed::OnlyEnd);
             let allowed: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
             assert_eq!(allowed, [tokenizer.eos_id() as usize]);
             break;
@@ -145,6 +147,43 @@ fn random_logits_follow_a_json_schema() {
     }
 }
 
+/// A model that prefers whitespace to anything (a small trained one can) still ends a schema reply
+/// soon: each gap takes a space, or one or two newlines and an indent of at most 20.
+#[test]
+fn a_model_that_loves_whitespace_cannot_pad_a_json_reply() {
+    let whitespace = |piece: &str| {
+        matches!(piece, "<0x0A>" | "<0x09>" | "<0x0D>") || (!piece.is_empty() && piece.chars().all(|c| c == '\u{2581}'))
+    };
+    let tokenizer = tokenizer();
+    let schema = pet_schema();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let grammar = Grammar::compile(&tokenizer, &GrammarSpec::JsonSchema(schema)).unwrap();
+    let loved: Vec<usize> =
+        (0..tokenizer.vocab_size()).filter(|&id| tokenizer.id_to_piece(id as u32).is_some_and(whitespace)).collect();
+    assert!(loved.len() > 10, "whitespace pieces: {loved:?}");
+    for seed in 0..5 {
+        let mut rng = Rng::new(seed);
+        let mut draw = Rng::new(seed + 1000);
+        let next_logits = |_: &[u32]| {
+            let mut logits = random_logits(&mut rng);
+            for &id in &loved {
+                logits[id] += 30.0;
+            }
+            logits
+        };
+        let (ids, text) = decode_loop(&tokenizer, &grammar, next_logits, |l| sample(l, &mut draw));
+        let value: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(validator.iter_errors(&value).next().is_none(), "{text:?}");
+        // Whitespace inside strings is the model's own; between JSON tokens it keeps to the rule.
+        let outside_strings: String = text.split('"').step_by(2).collect::<Vec<_>>().join("\"\"");
+        for gap in outside_strings.split(|c: char| !c.is_whitespace()).filter(|g| !g.is_empty()) {
+            let newlines = gap.matches('\n').count();
+            assert!(gap.len() <= 22 && newlines <= 2 && gap != "  ", "seed {seed}: gap {gap:?} in {text:?}");
+        }
+        assert!(ids.len() < 300, "seed {seed}: {} tokens: {text:?}", ids.len());
+    }
+}
+
 #[test]
 fn random_logits_follow_a_regex() {
     let rx = regex::Regex::new("^[0-9]{3}-[a-z]{2}$").unwrap();
@@ -191,7 +230,8 @@ fn space_prefixed_json_reply_is_accepted() {
         constraint.commit(id).unwrap();
     }
     let mut logits = vec![0.0; LOGITS];
-    constraint.mask(&mut logits).unwrap();
+    // The object is complete and nothing may follow it.
+    assert_eq!(constraint.mask(&mut logits).unwrap(), Allowed::OnlyEnd);
     assert!(logits[eos].is_finite(), "EOS after the object");
     constraint.commit(eos as u32).unwrap();
     assert!(constraint.is_finished());

@@ -33,22 +33,36 @@ fn assert_valid(text: &str, validator: &jsonschema::Validator, what: &str) {
     assert!(errors.is_empty(), "{what}: {text:?} breaks the schema: {errors:?}");
 }
 
+fn pet_format() -> Value {
+    json!({"type": "json_schema", "json_schema": {"name": "pet", "schema": pet_schema(), "strict": true}})
+}
+
+/// Chat replies under `response_format` on 20 seeds, sampled at temperature 1: each parses and
+/// validates. Returns the replies.
+fn twenty_seeds_validate(server: &TestServer, what: &str) -> Vec<String> {
+    let validator = jsonschema::validator_for(&pet_schema()).unwrap();
+    (0..20)
+        .map(|seed| {
+            let body = json!({
+                "messages": [{"role": "user", "content": "Describe a pet as JSON."}],
+                "max_tokens": 400, "seed": seed, "temperature": 1.0, "response_format": pet_format(),
+            });
+            let response = post_json(server.addr, "/v1/chat/completions", &body).json();
+            let choice = &response["choices"][0];
+            assert_eq!(choice["finish_reason"], "stop", "{what}, seed {seed}: the grammar ends the reply: {response}");
+            let text = choice["message"]["content"].as_str().unwrap().to_string();
+            assert_valid(&text, &validator, &format!("{what}, seed {seed}"));
+            text
+        })
+        .collect()
+}
+
 #[test]
 fn a_json_schema_reply_always_validates() {
     let server = TestServer::with_defaults();
-    let schema = pet_schema();
-    let validator = jsonschema::validator_for(&schema).unwrap();
-    let format = json!({"type": "json_schema", "json_schema": {"name": "pet", "schema": schema, "strict": true}});
-    for seed in 0..20 {
-        let body = json!({
-            "messages": [{"role": "user", "content": "Describe a pet as JSON."}],
-            "max_tokens": 400, "seed": seed, "temperature": 1.0, "response_format": format,
-        });
-        let response = post_json(server.addr, "/v1/chat/completions", &body).json();
-        let choice = &response["choices"][0];
-        assert_eq!(choice["finish_reason"], "stop", "seed {seed}: the grammar ends the reply: {response}");
-        assert_valid(choice["message"]["content"].as_str().unwrap(), &validator, &format!("seed {seed}"));
-    }
+    let validator = jsonschema::validator_for(&pet_schema()).unwrap();
+    let format = pet_format();
+    twenty_seeds_validate(&server, "random-weight model");
     // Streamed, and several choices at once: each choice's text validates.
     let body = json!({
         "prompt": "### Human: A pet?\n### Assistant:", "max_tokens": 400, "seed": 3, "n": 3,
@@ -68,6 +82,22 @@ fn a_json_schema_reply_always_validates() {
     let body = json!({"prompt": "Pet:", "max_tokens": 400, "temperature": 0, "json_schema": pet_schema()});
     let text = post_json(server.addr, "/v1/completions", &body).json()["choices"][0]["text"].clone();
     assert_valid(text.as_str().unwrap(), &validator, "greedy, llama.cpp's json_schema field");
+}
+
+/// The trained demo model has preferences of its own (English definitions), unlike the
+/// random-weight fixture; under the schema its replies validate all the same.
+#[test]
+fn the_demo_model_replies_by_the_schema_too() {
+    let dir = common::demo_chat_dir();
+    let model = vicuna_model::QuantLlama::load(&dir, 2).expect("load the demo chat model");
+    let tokenizer = vicuna_tokenizer::Tokenizer::from_file(&dir.join("tokenizer.model")).expect("its tokenizer");
+    let options = vicuna_server::ServerOptions { model_id: "vicuna-demo".into(), ..common::test_options() };
+    let server = TestServer::start_with(model, tokenizer, options);
+    let replies = twenty_seeds_validate(&server, "demo model");
+    eprintln!("the demo model under the pet schema, seed 0: {}", replies[0]);
+    // The seeds are honoured: sampled replies differ.
+    let distinct: std::collections::HashSet<&String> = replies.iter().collect();
+    assert!(distinct.len() > 1, "20 seeds gave one reply: {:?}", replies[0]);
 }
 
 #[test]

@@ -37,6 +37,34 @@ pub fn load_tokenizer() -> Tokenizer {
     Tokenizer::from_file(&tokenizer_file()).expect("load the LLaMA tokenizer")
 }
 
+/// The shipped demo chat model (models/demo/ship, trained by models/demo/recipe.sh), rebuilt as
+/// README says: `apply-delta` of its base and delta, once per test binary, under the target folder.
+pub fn demo_chat_dir() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let ship = repo_root().join("models/demo/ship");
+            // One folder per test process: test binaries run at once must not replace each other's.
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-chat-{}", std::process::id()));
+            let request = vicuna_weights::DeltaRequest {
+                op: vicuna_weights::DeltaOp::Apply,
+                base: ship.join("base"),
+                other: ship.join("delta"),
+                out: out.clone(),
+                force: true,
+                verify: false,
+                shard_size: u64::MAX,
+                threads: 2,
+            };
+            let cancel = std::sync::atomic::AtomicBool::new(false);
+            let mut progress = vicuna_weights::NoProgress;
+            let mut control = vicuna_weights::JobControl { cancel: &cancel, progress: &mut progress };
+            vicuna_weights::run_delta(&request, &mut control).expect("apply-delta of the shipped demo model");
+            out
+        })
+        .clone()
+}
+
 /// A server running in this process on 127.0.0.1 with a port of the system's choosing; it shuts
 /// down (gracefully) when dropped.
 pub struct TestServer {
@@ -47,11 +75,14 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(options: ServerOptions) -> TestServer {
+        Self::start_with(load_model(), load_tokenizer(), options)
+    }
+
+    /// A server of this model and tokenizer.
+    pub fn start_with(model: QuantLlama, tokenizer: Tokenizer, options: ServerOptions) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let model = load_model();
-        let tokenizer = load_tokenizer();
         let thread = std::thread::spawn(move || {
             let shutdown = async move {
                 let _ = stopped.await;
