@@ -16,6 +16,11 @@
 # Environment:
 #   ENGINES     in this order (default "vicuna llamacpp"); also vicuna-base (`vicuna serve $VICUNA_ARGS_BASELINE`)
 #   TURNS       default 8;  NEW_TOKENS  tokens per reply, default 100;  THREADS  default 2
+#   WORDS       when N > 0, every reply is made of N whole-word tokens only (`logit_bias` +100 on each, the same
+#               for both engines): a random-weight model then writes text that re-encodes to the ids it produced,
+#               as a trained model's text does, so the reply is reusable by the next turn (without it, the
+#               reply's text re-encodes to other ids from its first token on). The words are the first N pieces
+#               `▁[a-z]{3,}` of the LLaMA vocabulary that `vicuna tokenize` encodes back to themselves.
 #   VICUNA, VICUNA_ARGS (e.g. a flag that turns a prefix cache off), VICUNA_ARGS_BASELINE, VICUNA_MAX_TOTAL
 #   LLAMA_SERVER, LLAMA_ARGS, LLAMA_CTX (llama-server's -c, default 4096)
 #   MODEL, TYPE, WORK: see bench/serve_common.bash
@@ -41,6 +46,8 @@ sys.path.insert(0, sys.argv[1])
 import client
 
 address, engine, turns, new_tokens = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+# WORDS: {"id": 100} for the whole-word tokens every reply is restricted to (the same for both engines).
+bias = json.load(open(sys.argv[6])) if len(sys.argv) > 6 and sys.argv[6] else None
 
 USER = [
     "Hello! I am planning a trip to the mountains of Peru next spring and would like to learn about the animals "
@@ -74,7 +81,8 @@ def user_message(turn):
 conversation = ""
 for turn in range(1, turns + 1):
     prompt = conversation + f"### Human: {user_message(turn)}\n### Assistant:"
-    r = client.stream(address, client.body(prompt, new_tokens))
+    extra = {"logit_bias": bias} if bias else {}
+    r = client.stream(address, client.body(prompt, new_tokens, **extra))
     if r["ttft"] is None:
         sys.exit(f"{engine} turn {turn}: no generated text in the stream")
     usage, timings = r["usage"] or {}, r["timings"] or {}
@@ -96,6 +104,37 @@ for turn in range(1, turns + 1):
     conversation = prompt[: -len("### Assistant:")] + f"### Assistant: {r['text'].strip()}\n"
 PY
 
+BIAS=
+if [ "${WORDS:-0}" -gt 0 ]; then
+  BIAS=$RUN/bias.json
+  python3 - "$WORDS" "$VICUNA" "$(dirname "$TOKENIZER")" "$BIAS" <<'PY'
+import json, re, subprocess, sys
+count, vicuna, tokenizer_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+vocab = json.load(open(f"{tokenizer_dir}/tokenizer.json"))["model"]["vocab"]
+words = sorted((i, p) for p, i in vocab.items() if re.fullmatch("\u2581[a-z]{3,}", p))
+def encode(text):
+    args = [vicuna, "tokenize", "--model", tokenizer_dir, "--no-bos", "--json", "--text", text]
+    return json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)["ids"]
+kept = []
+for start in range(0, len(words), 500):
+    batch = words[start:start + 500]
+    # The batch as a reply: " w1 w2 ...". SentencePiece splits at spaces first, so a word keeps its own piece
+    # exactly when the batch encodes to the batch's ids; a batch that does not is checked word by word.
+    # (SentencePiece's dummy prefix gives the first word its space.)
+    if encode(" ".join(p[1:] for _, p in batch)) == [i for i, _ in batch]:
+        kept += batch
+    else:
+        kept += [(i, p) for i, p in batch if encode(p[1:]) == [i]]
+    if len(kept) >= count:
+        break
+kept = kept[:count]
+if len(kept) < count:
+    sys.exit(f"WORDS={count}: only {len(kept)} whole-word tokens found")
+json.dump({str(i): 100 for i, _ in kept}, open(out, "w"))
+print(f"replies restricted to {len(kept)} whole-word tokens ({', '.join(p[1:] for _, p in kept[:8])}, ...)")
+PY
+fi
+
 echo "model: $MODEL ($FILE, $(( $(stat -c %s "$FILE") / 1048576 )) MiB), $THREADS threads per server, $TURNS turns," \
   "$NEW_TOKENS tokens per reply, engines: $ENGINES, $(nproc) cores, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 : >"$RUN/results.jsonl"
@@ -106,7 +145,7 @@ for ENGINE in $ENGINES; do
   start_server "$ENGINE"
   python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); import client; client.warm_up(sys.argv[2])' \
     "$RUN" "$ADDRESS" || { echo "$ENGINE: the warm-up request failed" >&2; tail -20 "$RUN/$ENGINE.log" >&2; exit 1; }
-  python3 "$RUN/multiturn.py" "$RUN" "$ADDRESS" "$ENGINE" "$TURNS" "$NEW_TOKENS" >>"$RUN/results.jsonl" ||
+  python3 "$RUN/multiturn.py" "$RUN" "$ADDRESS" "$ENGINE" "$TURNS" "$NEW_TOKENS" "$BIAS" >>"$RUN/results.jsonl" ||
     { echo "$ENGINE: the conversation failed" >&2; tail -20 "$RUN/$ENGINE.log" >&2; exit 1; }
   stop_server
 done
