@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use vicuna_engine::{DraftLimits, Drafter, SamplingParams};
+use vicuna_engine::{DraftLimits, DraftSource, Drafter, SamplingParams};
 use vicuna_model::QuantLlama;
 use vicuna_tokenizer::Tokenizer;
 use vicuna_weights::GgufFile;
@@ -99,7 +99,7 @@ impl LoraArgs {
     }
 }
 
-/// Speculative decoding (`--draft-model`, `--lookup`) for the commands that decode one sequence.
+/// Speculative decoding (`--draft-model`, `--lookup`): `generate`, `chat` and `serve`.
 #[derive(Args)]
 pub struct SpeculativeArgs {
     /// Speculative decoding with this draft model (a folder or GGUF file with the model's vocabulary): it guesses
@@ -142,13 +142,20 @@ impl SpeculativeArgs {
         params: &SamplingParams,
         seed: u64,
     ) -> Result<Option<Drafter<'m>>> {
-        let limits = DraftLimits { max: self.draft_max, min: self.draft_min.max(1) };
-        if let (Some(draft), Some(path)) = (draft, &self.draft_model) {
-            let drafter = Drafter::model(draft, target, params.clone(), seed, limits)
-                .map_err(|e| format!("--draft-model {}: {e}", path.display()))?;
-            return Ok(Some(drafter));
-        }
-        Ok(self.lookup.then(|| Drafter::lookup(limits)))
+        let source = match (draft, &self.draft_model) {
+            (Some(draft), Some(_)) => DraftSource::Model(draft),
+            _ if self.lookup => DraftSource::Lookup,
+            _ => return Ok(None),
+        };
+        let drafter = source.drafter(target, params.clone(), seed, self.limits()).map_err(|e| match &self.draft_model {
+            Some(path) => format!("--draft-model {}: {e}", path.display()),
+            None => e.to_string(),
+        })?;
+        Ok(Some(drafter))
+    }
+
+    pub fn limits(&self) -> DraftLimits {
+        DraftLimits { max: self.draft_max, min: self.draft_min.max(1) }
     }
 }
 

@@ -5,13 +5,15 @@ use std::time::Duration;
 use clap::Args;
 use vicuna_server::ServerOptions;
 
-use crate::common::ModelArgs;
+use crate::common::{ModelArgs, SpeculativeArgs};
 use crate::Result;
 
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub speculative: SpeculativeArgs,
     /// Address to listen on (loopback by default: pass 0.0.0.0 to open it to the network).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -104,6 +106,11 @@ fn parse_lora(text: &str) -> std::result::Result<(String, std::path::PathBuf), S
 pub fn run_serve(args: ServeArgs, threads: Option<usize>) -> Result<()> {
     let listener = vicuna_server::bind(&args.host, args.port).map_err(|e| e.to_string())?;
     let (model, tokenizer) = args.model.load_with_tokenizer(threads)?;
+    let draft = args.speculative.load_draft(threads)?;
+    let speculation = (draft.is_some() || args.speculative.lookup).then(|| vicuna_server::Speculation {
+        draft_model: draft.map(std::sync::Arc::new),
+        limits: args.speculative.limits(),
+    });
     let model_id = args.model_id.unwrap_or_else(|| {
         let folder = args.model.model.canonicalize().unwrap_or_else(|_| args.model.model.clone());
         folder.file_name().map_or_else(|| "vicuna".into(), |name| name.to_string_lossy().into_owned())
@@ -128,6 +135,7 @@ pub fn run_serve(args: ServeArgs, threads: Option<usize>) -> Result<()> {
         cors_allow_origins: args.cors_allow_origins,
         loras: args.loras,
         max_loras: args.max_loras,
+        speculation,
     };
     vicuna_server::serve_on(listener, model, tokenizer, options, vicuna_server::shutdown_signal())
         .map_err(|e| e.to_string())?;

@@ -120,9 +120,7 @@ pub fn generate_speculative(
     while sequence.finish_reason().is_none() {
         // The prompt's step computes one row; guesses follow single tokens.
         let draft = match drafter.as_deref_mut() {
-            Some(d) if input.len() == 1 && sequence.constraint.is_none() => {
-                d.propose(&sequence.context, sequence.prompt_len, sequence.room().saturating_sub(1))?
-            }
+            Some(d) if input.len() == 1 => sequence.draft(d)?,
             _ => Draft::default(),
         };
         if draft.ids.is_empty() {
@@ -137,25 +135,12 @@ pub fn generate_speculative(
         let ids: Vec<u32> = input.iter().chain(&draft.ids).copied().collect();
         let mut logits = model.forward_all(&ids, &mut context.cache)?;
         context.ids.extend_from_slice(&ids);
-        // Row j holds the logits after ids[..=j]: the check of guess j (and, past the last guess,
-        // the model's own next token).
-        let mut steps = 0;
         let mut last = input[0];
-        for (j, row) in logits.chunks_exact_mut(vocab).enumerate() {
-            steps += 1;
-            let (step, kept) = match draft.ids.get(j) {
-                Some(&guess) => sequence.advance_with(row, Some((guess, draft.probs.get(j)))),
-                None => (sequence.advance(row), false),
-            };
+        let steps = sequence.check_draft(&mut logits, vocab, &draft, |step| {
             on_text(&step.text);
             last = step.id;
-            if step.finish_reason.is_some() || !kept {
-                break;
-            }
-        }
-        let d = drafter.as_deref_mut().expect("a draft came from the drafter");
-        d.drafted += draft.ids.len();
-        d.accepted += steps - 1;
+        });
+        drafter.as_deref_mut().expect("a draft came from the drafter").record(draft.ids.len(), steps - 1);
         // The cache keeps every token produced this step but the last, which goes in next.
         let keep = before + input.len() + steps - 1;
         context.cache.truncate(keep);
@@ -374,6 +359,42 @@ impl<'a> Sequence<'a> {
         }
         self.finish_reason = finish;
         (Step { id, logprob: pick.logprob, top: pick.top, text, finish_reason: finish }, kept)
+    }
+
+    /// Guesses of what follows, for a step that checks them (see [`crate::speculative`]): none for
+    /// structured output, and never past the room left (one token of the step is the model's own).
+    pub fn draft(&self, drafter: &mut Drafter) -> Result<Draft> {
+        if self.constraint.is_some() || self.finish_reason.is_some() {
+            return Ok(Draft::default());
+        }
+        drafter.propose(&self.context, self.prompt_len, self.room().saturating_sub(1))
+    }
+
+    /// Checks `draft` against the logits of one pass over the last token and the guesses (`rows`:
+    /// `(1 + guesses) × vocab`; row j follows guess j, the last row is past every guess): keeps the
+    /// guesses up to the first the model refuses, then one token of its own (where it refused, or
+    /// after the last guess). `on_step` gets every token produced; returns how many (≥ 1). The
+    /// sequence's cache should then keep all but the last of them.
+    pub fn check_draft(
+        &mut self,
+        rows: &mut [f32],
+        vocab: usize,
+        draft: &Draft,
+        mut on_step: impl FnMut(&Step),
+    ) -> usize {
+        let mut steps = 0;
+        for (j, row) in rows.chunks_exact_mut(vocab).enumerate() {
+            steps += 1;
+            let (step, kept) = match draft.ids.get(j) {
+                Some(&guess) => self.advance_with(row, Some((guess, draft.probs.get(j)))),
+                None => (self.advance(row), false),
+            };
+            on_step(&step);
+            if step.finish_reason.is_some() || !kept {
+                break;
+            }
+        }
+        steps
     }
 
     /// The result once finished (or so far, if stopped early).

@@ -22,4 +22,4 @@ pub use sampling::{
     SamplingParams, TokenLogprob, BAN_BIAS,
 };
 pub use score::{log_softmax_at, score, Score};
-pub use speculative::{Draft, DraftLimits, Drafter};
+pub use speculative::{Draft, DraftLimits, DraftSource, Drafter};

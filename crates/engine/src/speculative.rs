@@ -43,6 +43,31 @@ pub enum Guesser<'m> {
     Model { model: &'m QuantLlama, context: Context, sampler: Sampler },
 }
 
+/// What a command's or server's drafters are made from: prompt lookup, or a draft model (each
+/// drafter then keeps its own cache of it).
+#[derive(Clone, Copy)]
+pub enum DraftSource<'m> {
+    Lookup,
+    Model(&'m QuantLlama),
+}
+
+impl<'m> DraftSource<'m> {
+    /// A drafter for one sequence of `target`, sampling as `params` with `seed` (see
+    /// [`Drafter::model`]; a draft model of another vocabulary is refused).
+    pub fn drafter(
+        self,
+        target: &QuantLlama,
+        params: SamplingParams,
+        seed: u64,
+        limits: DraftLimits,
+    ) -> Result<Drafter<'m>> {
+        match self {
+            DraftSource::Lookup => Ok(Drafter::lookup(limits)),
+            DraftSource::Model(draft) => Drafter::model(draft, target, params, seed, limits),
+        }
+    }
+}
+
 /// A guesser with its limits and what it achieved.
 pub struct Drafter<'m> {
     guesser: Guesser<'m>,
@@ -90,6 +115,12 @@ impl<'m> Drafter<'m> {
             drafted: 0,
             accepted: 0,
         })
+    }
+
+    /// Counts one checked draft of `drafted` guesses, `accepted` of them kept.
+    pub fn record(&mut self, drafted: usize, accepted: usize) {
+        self.drafted += drafted;
+        self.accepted += accepted;
     }
 
     /// Share of the guessed tokens the model kept (None before any guess).

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
+use vicuna_engine::{DraftLimits, DraftSource, SamplingParams};
 use vicuna_model::{QuantLlama, BLOCK_TOKENS};
 use vicuna_tokenizer::Tokenizer;
 
@@ -70,6 +71,38 @@ pub struct ServerOptions {
     pub loras: Vec<(String, std::path::PathBuf)>,
     /// Most distinct adapters in the running batch (vLLM's `--max-loras`).
     pub max_loras: usize,
+    /// Speculative decoding of every sequence (`None`: one token a step).
+    pub speculation: Option<Speculation>,
+}
+
+/// How the server speculates: each decoding sequence guesses up to `limits.max` tokens a step, by
+/// prompt lookup or with a draft model of the same vocabulary (each sequence keeping its own cache
+/// of it), and the batch's pass checks every sequence's guesses at once.
+#[derive(Clone)]
+pub struct Speculation {
+    /// `None`: prompt lookup.
+    pub draft_model: Option<Arc<QuantLlama>>,
+    pub limits: DraftLimits,
+}
+
+impl std::fmt::Debug for Speculation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Speculation")
+            .field("guesser", &self.guesser())
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl Speculation {
+    /// `"draft_model"` or `"lookup"`, as /info says.
+    pub fn guesser(&self) -> &'static str {
+        if self.draft_model.is_some() {
+            "draft_model"
+        } else {
+            "lookup"
+        }
+    }
 }
 
 impl Default for ServerOptions {
@@ -93,6 +126,7 @@ impl Default for ServerOptions {
             cors_allow_origins: Vec::new(),
             loras: Vec::new(),
             max_loras: DEFAULT_MAX_LORAS,
+            speculation: None,
         }
     }
 }
@@ -199,6 +233,20 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
             return Err(format!("{flag} must be at least 1").into());
         }
     }
+    if let Some(speculation) = &options.speculation {
+        let DraftLimits { max, min } = speculation.limits;
+        if max == 0 || min == 0 || min > max {
+            return Err(format!(
+                "--draft-max {max} and --draft-min {min}: both must be at least 1, and --draft-min at most --draft-max"
+            )
+            .into());
+        }
+        if let Some(draft) = &speculation.draft_model {
+            DraftSource::Model(draft)
+                .drafter(model, SamplingParams::default(), 0, speculation.limits)
+                .map_err(|e| format!("--draft-model: {e}"))?;
+        }
+    }
     if tokenizer.vocab_size() > c.vocab_size {
         return Err(format!(
             "the tokenizer has {} tokens but the model only {}: they do not belong together",
@@ -224,6 +272,7 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
             prefix_cache: options.prefix_cache,
             prefix_cache_blocks: options.prefix_cache_blocks,
             max_loras: options.max_loras,
+            speculation: options.speculation.as_ref().map(|s| s.limits),
         },
         kv_tokens,
     })
@@ -287,13 +336,19 @@ pub fn serve_on(
         "prefix_cache": options.prefix_cache,
         "prefix_cache_blocks": options.prefix_cache_blocks,
         "max_loras": options.max_loras,
+        "speculation": options.speculation.as_ref().map(|s| serde_json::json!({
+            "guesser": s.guesser(),
+            "draft_max": s.limits.max,
+            "draft_min": s.limits.min,
+        })),
         "router": "vicuna",
         "version": env!("CARGO_PKG_VERSION"),
         "sha": null,
         "docker_label": null,
     });
     let limits = plan.limits.clone();
-    let (scheduler, scheduler_thread) = Scheduler::spawn(model, tokenizer.clone(), plan.scheduler, metrics.clone())?;
+    let draft = options.speculation.as_ref().and_then(|s| s.draft_model.clone());
+    let (scheduler, scheduler_thread) = Scheduler::spawn(model, draft, tokenizer.clone(), plan.scheduler, metrics.clone())?;
     let state = Arc::new(AppState {
         tokenizer,
         scheduler,

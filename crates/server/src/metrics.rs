@@ -70,6 +70,8 @@ pub struct Metrics {
     prefix_hit_tokens: AtomicU64,
     prefix_blocks: AtomicU64,
     prefix_evictions: AtomicU64,
+    drafted_tokens: AtomicU64,
+    accepted_tokens: AtomicU64,
     /// `--max-loras`, vLLM's `max_lora` label.
     max_loras: usize,
     /// Requests running and waiting per adapter (adapters with none are left out).
@@ -184,6 +186,12 @@ impl Metrics {
         self.prefix_hit_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
     }
 
+    /// A step checked `drafted` guessed tokens of one sequence and kept `accepted`.
+    pub fn speculated(&self, drafted: usize, accepted: usize) {
+        self.drafted_tokens.fetch_add(drafted as u64, Ordering::Relaxed);
+        self.accepted_tokens.fetch_add(accepted as u64, Ordering::Relaxed);
+    }
+
     pub fn prefix_cache_state(&self, blocks: usize, stats: PrefixStats) {
         set(&self.prefix_blocks, blocks);
         self.prefix_evictions.store(stats.evictions, Ordering::Relaxed);
@@ -245,6 +253,18 @@ impl Metrics {
             "counter",
             "Cached blocks dropped to make room.",
             get(&self.prefix_evictions),
+        );
+        scalar(
+            "vicuna_speculative_drafted_tokens_total",
+            "counter",
+            "Guessed tokens checked by the model (speculative decoding).",
+            get(&self.drafted_tokens),
+        );
+        scalar(
+            "vicuna_speculative_accepted_tokens_total",
+            "counter",
+            "Guessed tokens the model kept (speculative decoding).",
+            get(&self.accepted_tokens),
         );
         scalar(
             "vicuna_kv_cache_block_tokens",

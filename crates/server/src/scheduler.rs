@@ -44,7 +44,10 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::OwnedSemaphorePermit;
-use vicuna_engine::{log_softmax_at, FinishReason, GenerationConfig, Sequence, TokenLogprob};
+use vicuna_engine::{
+    log_softmax_at, Draft, DraftLimits, DraftSource, Drafter, FinishReason, GenerationConfig, Sequence, Step,
+    TokenLogprob,
+};
 use vicuna_model::native::{CachedPrefix, LoraAdapter};
 use vicuna_model::{KvPool, PrefixCache, QuantCache, QuantLlama, Reservation, BLOCK_TOKENS};
 use vicuna_tokenizer::Tokenizer;
@@ -66,6 +69,9 @@ pub struct SchedulerConfig {
     pub prefix_cache_blocks: Option<usize>,
     /// Most distinct LoRA adapters in the running batch.
     pub max_loras: usize,
+    /// Speculative decoding: how many tokens a decoding sequence may guess per step (its guesser is
+    /// prompt lookup, or the draft model given to [`Scheduler::spawn`]). `None`: no guesses.
+    pub speculation: Option<DraftLimits>,
 }
 
 /// A validated request on its way to the model.
@@ -144,6 +150,15 @@ pub struct End {
     pub seed: Option<u64>,
     /// Prompt tokens with their log-probabilities, when asked for.
     pub prefill: Vec<PromptToken>,
+    /// Speculative decoding's guesses checked and kept, when the server speculates.
+    pub speculation: Option<Speculated>,
+}
+
+/// Guessed tokens of one sequence: checked by the model, and kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Speculated {
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 /// What a request's client receives, in order.
@@ -178,8 +193,10 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Start the thread. It runs until every `Scheduler` handle is dropped and its work is done.
+    /// With `config.speculation`, sequences guess with `draft` (prompt lookup when it is `None`).
     pub fn spawn(
         model: QuantLlama,
+        draft: Option<Arc<QuantLlama>>,
         tokenizer: Arc<Tokenizer>,
         config: SchedulerConfig,
         metrics: Arc<Metrics>,
@@ -197,7 +214,11 @@ impl Scheduler {
                 }
             }
             let _alive = ClearOnExit(flag);
-            run(&model, &tokenizer, &config, &metrics, receiver);
+            let source = config.speculation.map(|limits| {
+                let source = draft.as_deref().map_or(DraftSource::Lookup, DraftSource::Model);
+                (source, limits)
+            });
+            run(&model, source, &tokenizer, &config, &metrics, receiver);
         })?;
         Ok((Scheduler { inbox, alive }, thread))
     }
@@ -222,6 +243,10 @@ impl Scheduler {
 /// One sequence of a request in the running batch.
 struct Active<'t> {
     sequence: Sequence<'t>,
+    /// Its guesser, when the server speculates.
+    drafter: Option<Drafter<'t>>,
+    /// The guesses this step checks (at the end of `pending`).
+    draft: Draft,
     /// Which of the request's choices this is.
     choice: usize,
     /// The other choices, still to be forked from this one once the prompt is read.
@@ -258,13 +283,15 @@ struct Batch<'m> {
     running: Vec<Active<'m>>,
     pool: KvPool,
     prefix: Option<PrefixCache>,
+    speculation: Option<(DraftSource<'m>, DraftLimits)>,
 }
 
-fn run(
-    model: &QuantLlama,
-    tokenizer: &Tokenizer,
-    config: &SchedulerConfig,
-    metrics: &Metrics,
+fn run<'m>(
+    model: &'m QuantLlama,
+    speculation: Option<(DraftSource<'m>, DraftLimits)>,
+    tokenizer: &'m Tokenizer,
+    config: &'m SchedulerConfig,
+    metrics: &'m Metrics,
     inbox: Receiver<Message>,
 ) {
     let mut batch = Batch {
@@ -276,6 +303,7 @@ fn run(
         running: Vec::new(),
         pool: model.new_pool(Some(config.kv_blocks)),
         prefix: config.prefix_cache.then(|| PrefixCache::new(config.prefix_cache_blocks)),
+        speculation,
     };
     loop {
         if batch.waiting.is_empty() && batch.running.is_empty() {
@@ -413,8 +441,11 @@ impl<'m> Batch<'m> {
                 self.metrics.prefix_lookup();
                 self.metrics.prefix_hit_tokens(read);
             }
+            let drafter = new_drafter(self.speculation, self.model, &job.config, 0);
             self.running.push(Active {
                 sequence,
+                drafter,
+                draft: Draft::default(),
                 choice: 0,
                 forks,
                 cache,
@@ -439,15 +470,17 @@ impl<'m> Batch<'m> {
         }
     }
 
-    /// One forward pass over the batch, then one token for each sequence whose input is all read.
+    /// One forward pass over the batch, then one token (or, checking guesses, several) for each
+    /// sequence whose input is all read.
     fn step(&mut self) {
         let chunks = self.plan_chunks();
         let logits = match self.forward(&chunks) {
             Ok(logits) => logits,
             Err(message) => return self.fail_stepped(&chunks, &message),
         };
-        self.cache_new_blocks(&chunks);
+        let before = self.record_read(&chunks);
         let finished = self.sample(&chunks, logits);
+        self.cache_new_blocks(&before);
         self.finish(finished);
     }
 
@@ -462,9 +495,10 @@ impl<'m> Batch<'m> {
             if !self.running[index].started() {
                 self.take_longer_prefix(index);
             }
+            self.guess(index);
             let chunk = self.next_chunk(index);
-            chunks.push(if chunk == 1 {
-                1
+            chunks.push(if chunk == 1 || !self.running[index].draft.ids.is_empty() {
+                chunk
             } else if chunk <= prefill_budget {
                 prefill_budget -= chunk;
                 chunk
@@ -473,6 +507,25 @@ impl<'m> Batch<'m> {
             });
         }
         chunks
+    }
+
+    /// A decoding sequence with a guesser puts its guesses after its last token, for this step to
+    /// check (at most what one chunk holds).
+    fn guess(&mut self, index: usize) {
+        let max_chunk = self.config.max_prefill_tokens;
+        let a = &mut self.running[index];
+        let decoding = a.started() && a.read == 0 && a.pending.len() == 1;
+        let Some(drafter) = a.drafter.as_mut().filter(|_| decoding) else { return };
+        match a.sequence.draft(drafter) {
+            Ok(mut draft) => {
+                draft.ids.truncate(max_chunk - 1);
+                draft.probs.truncate(draft.ids.len());
+                a.pending.extend_from_slice(&draft.ids);
+                a.draft = draft;
+            }
+            // The draft model failed: this step decodes one token as usual.
+            Err(e) => tracing::warn!("drafting failed: {e}"),
+        }
     }
 
     fn next_chunk(&self, index: usize) -> usize {
@@ -516,7 +569,8 @@ impl<'m> Batch<'m> {
             .filter(|(_, &chunk)| chunk > 0)
             .map(|(a, &chunk)| {
                 let scores = a.job.prompt_logprobs && a.history.len() < a.sequence.prompt().len();
-                ((&a.pending[a.read..a.read + chunk], &mut a.cache), scores)
+                let checks_guesses = !a.draft.ids.is_empty();
+                ((&a.pending[a.read..a.read + chunk], &mut a.cache), scores || checks_guesses)
             })
             .unzip();
         let result = self.model.forward_ragged_rows(&mut inputs, &every_row);
@@ -544,16 +598,22 @@ impl<'m> Batch<'m> {
         }
     }
 
-    /// Records what the step read, and offers every block it filled to the prefix cache.
-    fn cache_new_blocks(&mut self, chunks: &[usize]) {
+    /// Records what the step read; returns each stepped sequence's history length before it.
+    fn record_read(&mut self, chunks: &[usize]) -> Vec<Option<usize>> {
+        let mut before = Vec::with_capacity(chunks.len());
         for (active, &chunk) in self.running.iter_mut().zip(chunks) {
-            if chunk == 0 {
-                continue;
-            }
-            let before = active.history.len();
+            before.push((chunk > 0).then_some(active.history.len()));
             active.history.extend_from_slice(&active.pending[active.read..active.read + chunk]);
             active.read += chunk;
-            if let Some(prefix) = self.prefix.as_mut() {
+        }
+        before
+    }
+
+    /// Offers every block the step filled (of what the sequences kept) to the prefix cache.
+    fn cache_new_blocks(&mut self, before: &[Option<usize>]) {
+        let Some(prefix) = self.prefix.as_mut() else { return };
+        for (active, before) in self.running.iter().zip(before) {
+            if let Some(before) = *before {
                 if active.history.len() / BLOCK_TOKENS > before / BLOCK_TOKENS {
                     prefix.insert(active.cache.lora().map(|a| &**a), &active.history, active.cache.blocks());
                 }
@@ -574,6 +634,10 @@ impl<'m> Batch<'m> {
                 continue;
             }
             let mut row = logits.next().expect("one row per stepped sequence");
+            if !active.draft.ids.is_empty() {
+                finished.extend(check_guesses(active, &mut row, vocab, self.metrics, self.tokenizer, now).map(|t| (index, t)));
+                continue;
+            }
             if row.len() > vocab {
                 // Every row of a prompt chunk: row r predicts the prompt token after position r.
                 let first = active.read - chunk;
@@ -592,8 +656,11 @@ impl<'m> Batch<'m> {
                 let reservation = active.cache.reservation_mut().split(blocks).expect("reserved at admission");
                 let cache = active.cache.fork(reservation).expect("a fork shares the pool");
                 let choice = active.choice + 1 + forked.len();
+                let drafter = new_drafter(self.speculation, self.model, &active.job.config, choice);
                 let fork = Active {
                     sequence,
+                    drafter,
+                    draft: Draft::default(),
                     choice,
                     forks: Vec::new(),
                     cache,
@@ -627,7 +694,7 @@ impl<'m> Batch<'m> {
         let mut ended: Vec<(Arc<Job>, usize, GeneratedToken, End)> = Vec::with_capacity(finished.len());
         finished.sort_by_key(|(index, _)| *index);
         for (index, token) in finished.into_iter().rev() {
-            let Active { sequence, job, prefill, cached_tokens, cache, history, choice, .. } =
+            let Active { sequence, job, prefill, cached_tokens, cache, history, choice, drafter, .. } =
                 self.running.remove(index);
             if let Some(prefix) = self.prefix.as_mut() {
                 prefix.insert_finished(cache.lora().map(|a| &**a), &history, cache.blocks());
@@ -650,6 +717,7 @@ impl<'m> Batch<'m> {
                 cached_tokens,
                 seed: job.config.sampling.do_sample.then_some(seed),
                 prefill,
+                speculation: drafter.map(|d| Speculated { drafted: d.drafted, accepted: d.accepted }),
             };
             ended.push((job, choice, token, end));
         }
@@ -704,6 +772,40 @@ fn advance(
     now: Instant,
 ) -> Option<GeneratedToken> {
     let step = active.sequence.advance(row);
+    deliver(active, step, tokenizer, metrics, now)
+}
+
+/// Checks a sequence's guesses against the rows of its step (one after its last token and each
+/// guess): the tokens it keeps and one of the model's own go to its client as [`advance`] sends
+/// one, and its cache and history drop the refused guesses. Returns the last token if it finished.
+fn check_guesses(
+    active: &mut Active,
+    rows: &mut [f32],
+    vocab: usize,
+    metrics: &Metrics,
+    tokenizer: &Tokenizer,
+    now: Instant,
+) -> Option<GeneratedToken> {
+    let draft = std::mem::take(&mut active.draft);
+    let mut steps: Vec<Step> = Vec::with_capacity(draft.ids.len() + 1);
+    active.sequence.check_draft(rows, vocab, &draft, |step| steps.push(step.clone()));
+    let kept = steps.len() - 1;
+    active.drafter.as_mut().expect("a draft came from the drafter").record(draft.ids.len(), kept);
+    metrics.speculated(draft.ids.len(), kept);
+    // The cache keeps the last token and the kept guesses; the model's own token goes in next.
+    let keep = active.cache.len() - draft.ids.len() + kept;
+    active.cache.truncate(keep);
+    active.history.truncate(keep);
+    let mut last = None;
+    for step in steps {
+        last = deliver(active, step, tokenizer, metrics, now);
+    }
+    last
+}
+
+/// Tells a sequence's client of its new token, unless it finished: then the token is returned for
+/// [`Batch::finish`] to send with the end. The token is what the model reads next.
+fn deliver(active: &mut Active, step: Step, tokenizer: &Tokenizer, metrics: &Metrics, now: Instant) -> Option<GeneratedToken> {
     let token = GeneratedToken {
         id: step.id,
         text: step.text,
@@ -724,6 +826,25 @@ fn advance(
     // A closed channel is noticed before the next step (`drop_cancelled`).
     let _ = active.job.events.send(Event::Token { choice: active.choice, token, end: None });
     None
+}
+
+/// A guesser for choice `choice` of a request (seeded as its sequence is), when the server speculates.
+fn new_drafter<'m>(
+    speculation: Option<(DraftSource<'m>, DraftLimits)>,
+    model: &QuantLlama,
+    config: &GenerationConfig,
+    choice: usize,
+) -> Option<Drafter<'m>> {
+    let (source, limits) = speculation?;
+    let seed = config.seed.wrapping_add(choice as u64);
+    match source.drafter(model, config.sampling.clone(), seed, limits) {
+        Ok(drafter) => Some(drafter),
+        Err(e) => {
+            // The draft model's vocabulary is checked at start, so this does not happen.
+            tracing::warn!("no speculative decoding for this request: {e}");
+            None
+        }
+    }
 }
 
 /// The names of the adapters the running batch uses, each once, sorted.

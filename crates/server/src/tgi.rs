@@ -86,6 +86,7 @@ fn sequence_details(state: &SharedState, valid: &ValidRequest, choice: &Choice) 
         "prefill": end.prefill.iter().map(prompt_token_json).collect::<Vec<_>>(),
         "tokens": choice.tokens.iter().map(token_json).collect::<Vec<_>>(),
     });
+    add_speculation(&mut details, end);
     if valid.config.top_logprobs > 0 {
         details["top_tokens"] = json!(choice.tokens.iter().map(|t| top_tokens_json(state, t)).collect::<Vec<_>>());
     }
@@ -119,12 +120,21 @@ async fn start_stream(state: &SharedState, request: GenerateRequest) -> Result<R
                         "seed": end.seed,
                         "input_length": end.prompt_tokens,
                     });
+                    add_speculation(&mut data["details"], &end);
                 }
             }
             (vec![data.to_string()], done)
         }
         Event::Stopped(stop) => (vec![ApiError::from(stop).body().to_string()], true),
     }))
+}
+
+/// A speculating server's `details` also say how many guessed tokens were checked and kept.
+fn add_speculation(details: &mut Value, end: &End) {
+    if let Some(s) = end.speculation {
+        details["drafted_tokens"] = json!(s.drafted);
+        details["accepted_tokens"] = json!(s.accepted);
+    }
 }
 
 fn full_text(inputs: &str, valid: &ValidRequest, end: &End) -> String {
