@@ -454,7 +454,16 @@ struct Client<'a> {
 
 impl<'a> Client<'a> {
     fn new(hub: &'a Hub) -> Client<'a> {
-        let agent = ureq::Agent::config_builder()
+        // HTTPS_PROXY / HTTP_PROXY / NO_PROXY are honoured (ureq reads them), except for a Hub on this machine.
+        let host = origin(&hub.endpoint).split("://").nth(1).unwrap_or_default();
+        let loopback = ["127.0.0.1", "localhost", "[::1]"]
+            .iter()
+            .any(|name| host == *name || host.strip_prefix(name).is_some_and(|port| port.starts_with(':')));
+        let mut config = ureq::Agent::config_builder();
+        if loopback {
+            config = config.proxy(None);
+        }
+        let agent = config
             .http_status_as_error(false)
             .max_redirects(0)
             .timeout_connect(Some(Duration::from_secs(20)))

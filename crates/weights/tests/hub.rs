@@ -329,6 +329,7 @@ fn python(python: &str, cache: &Path, endpoint: &str, offline: bool, script: &st
         .env("HF_HUB_OFFLINE", if offline { "1" } else { "0" })
         .env("HF_HUB_DISABLE_TELEMETRY", "1")
         .env("HF_HUB_DISABLE_XET", "1")
+        .env("NO_PROXY", "127.0.0.1,localhost")
         .env_remove("HF_TOKEN")
         .output()
         .unwrap();
