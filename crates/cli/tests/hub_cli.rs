@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use binary::{assert_bad_input, assert_ok};
-use mock_hub::{MockHub, MockRepo};
+use mock_hub::{MockFile, MockHub, MockRepo};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -133,4 +133,25 @@ fn bad_ids_and_private_repos_are_one_line_errors_that_say_which() {
         .unwrap();
     assert_ok(&output);
     assert!(server.log().iter().any(|r| r.header("authorization") == Some("Bearer hf_secret")));
+}
+
+#[test]
+fn tokenize_with_a_hub_id_fetches_only_the_tokenizer_files() {
+    let mut repo = MockRepo::from_dir("org/tok", COMMIT, &fixture("tokenizer"));
+    repo.files.push(MockFile::new("model.safetensors", vec![0; 4096]));
+    let server = MockHub::start(vec![repo]);
+    let tmp = test_dir("tokenize");
+    let cache = tmp.join("cache");
+    let text = "Hello world, this is vicuna: ünïcode too.";
+    let local_dir = fixture("tokenizer");
+    let local =
+        vicuna(&cache, &server.url, &["tokenize", "--model", local_dir.to_str().unwrap(), "--text", text, "--json"]);
+    assert_ok(&local);
+    let hub = vicuna(&cache, &server.url, &["tokenize", "--model", "org/tok", "--text", text, "--json"]);
+    assert_ok(&hub);
+    assert_eq!(hub.stdout, local.stdout);
+    let snapshot = cache.join("models--org--tok/snapshots").join(COMMIT);
+    assert!(snapshot.join("tokenizer.model").is_file() && snapshot.join("tokenizer.json").is_file());
+    assert!(!snapshot.join("model.safetensors").exists(), "the weights stay on the Hub");
+    assert!(!snapshot.join("expected_tokenization.json").exists(), "and so do files the tokenizer does not read");
 }
