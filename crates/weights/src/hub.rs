@@ -474,14 +474,14 @@ impl<'a> Client<'a> {
         Client { hub, agent }
     }
 
-    /// A request, with the token when it goes to the endpoint (never to the CDN a download redirects to).
+    /// A request, with the token when it goes to the endpoint's origin (never to the CDN a download redirects to).
     fn request(
         &self,
         method: &str,
         url: &str,
         range_from: u64,
     ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
-        let own = url.starts_with(&format!("{}/", self.hub.endpoint));
+        let own = origin(url) == origin(&self.hub.endpoint);
         let token = self.hub.token.as_deref().filter(|_| own);
         macro_rules! send {
             ($builder:expr) => {{
@@ -542,8 +542,20 @@ impl<'a> Client<'a> {
 
     /// `/api/models/ORG/NAME/revision/REV`: the commit `REV` is at and the repo's file names.
     fn repo_info(&self, id: &HubId) -> Result<(String, Vec<String>)> {
-        let url = format!("{}/api/models/{}/revision/{}", self.hub.endpoint, id.repo, quote(&id.revision, false));
+        let mut url = format!("{}/api/models/{}/revision/{}", self.hub.endpoint, id.repo, quote(&id.revision, false));
         let mut response = self.request("GET", &url, 0).map_err(|e| self.unreachable(&id.at(), &e))?;
+        // A renamed repo answers with a redirect to its new name on the same Hub.
+        for _ in 0..5 {
+            let Some(location) = header(&response, "location").filter(|_| response.status().is_redirection()) else {
+                break;
+            };
+            url =
+                if location.starts_with('/') { format!("{}{location}", origin(&self.hub.endpoint)) } else { location };
+            if origin(&url) != origin(&self.hub.endpoint) {
+                bail!("the Hub's answer for {} redirects to another site ({url}); not followed", id.at());
+            }
+            response = self.request("GET", &url, 0).map_err(|e| self.unreachable(&id.at(), &e))?;
+        }
         if !response.status().is_success() {
             return Err(self.status_error(&response, id, None));
         }

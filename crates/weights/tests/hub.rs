@@ -268,6 +268,19 @@ fn the_token_is_sent_as_a_bearer_and_401_says_set_hf_token() {
 }
 
 #[test]
+fn a_renamed_repo_is_followed_to_its_new_name() {
+    let server = MockHub::start(vec![delta_repo("CarperAI/new-name")]);
+    server.rename("CarperAI/old-name", "CarperAI/new-name");
+    let cache = TempDir::new("hub-renamed");
+    let folder = resolve(&hub(cache.path(), &server.url), "CarperAI/old-name").unwrap();
+    assert_eq!(folder, cache.join("models--CarperAI--old-name/snapshots").join(COMMIT), "cached under the name given");
+    assert_eq!(files(&folder), fixture_files());
+    let log = server.log();
+    assert!(log.iter().any(|r| r.path == "/api/models/CarperAI/new-name/revision/main"), "{log:?}");
+    assert!(log.iter().any(|r| r.method == "HEAD" && r.path.starts_with("/CarperAI/new-name/resolve/")));
+}
+
+#[test]
 fn a_bad_id_a_missing_revision_or_file_is_one_line_saying_which() {
     let mut gguf_one =
         MockRepo { id: "org/one-gguf".into(), commit: COMMIT.into(), branches: vec!["main".into()], files: vec![] };

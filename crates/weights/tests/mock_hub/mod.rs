@@ -92,6 +92,8 @@ struct State {
     token: Option<String>,
     /// Files whose next CDN GET stops halfway (the connection is dropped).
     break_next_get: Vec<String>,
+    /// (old id, new id) of renamed repos: requests for the old name are redirected (307, relative).
+    renamed: Vec<(String, String)>,
 }
 
 pub struct MockHub {
@@ -127,6 +129,11 @@ impl MockHub {
     /// The next GET of `file`'s bytes sends half of them, then drops the connection.
     pub fn break_next_get(&self, file: &str) {
         self.state.lock().unwrap().break_next_get.push(file.to_string());
+    }
+
+    /// `old` (ORG/NAME) is the former name of the repo `new`: the Hub redirects its API and resolve URLs.
+    pub fn rename(&self, old: &str, new: &str) {
+        self.state.lock().unwrap().renamed.push((old.to_string(), new.to_string()));
     }
 
     pub fn log(&self) -> Vec<Logged> {
@@ -209,6 +216,7 @@ fn serve(stream: TcpStream, state: &Mutex<State>, base: &str) {
         200 => "OK",
         206 => "Partial Content",
         302 => "Found",
+        307 => "Temporary Redirect",
         401 => "Unauthorized",
         404 => "Not Found",
         416 => "Range Not Satisfiable",
@@ -252,6 +260,14 @@ fn route(state: &mut State, request: &Logged, base: &str) -> Answer {
     if let Some(token) = &state.token {
         if request.header("authorization") != Some(&format!("Bearer {token}")) {
             return error(401, "RepoNotFound");
+        }
+    }
+    for (old, new) in &state.renamed {
+        for prefix in [format!("/api/models/{old}/"), format!("/{old}/resolve/")] {
+            if let Some(rest) = path.strip_prefix(&prefix) {
+                let moved = format!("{}{rest}", prefix.replace(old.as_str(), new));
+                return answer(307, vec![("Location", moved)], Vec::new());
+            }
         }
     }
     if let Some(rest) = path.strip_prefix("/api/models/") {
