@@ -130,7 +130,8 @@ impl ModelArgs {
 #[derive(Args)]
 pub struct LoraArgs {
     /// A LoRA adapter folder (adapter_config.json and adapter_model.safetensors, as `vicuna train sft
-    /// --lora-rank R` or peft write them), applied to --model without merging; it must fit the base's shapes.
+    /// --lora-rank R` or peft write them) or its Hugging Face Hub id, applied to --model without merging; it must
+    /// fit the base's shapes.
     #[arg(long, value_name = "DIR")]
     pub lora: Option<PathBuf>,
 }
@@ -153,7 +154,7 @@ impl LoraArgs {
 /// Speculative decoding (`--draft-model`, `--lookup`) for the commands that decode one sequence.
 #[derive(Args)]
 pub struct SpeculativeArgs {
-    /// Speculative decoding with this draft model (a folder or GGUF file with the model's vocabulary): it guesses
+    /// Speculative decoding with this draft model (a folder, GGUF file or Hub id with the model's vocabulary): it guesses
     /// tokens ahead and the model checks them all in one pass. Output is unchanged (greedy: the same tokens).
     #[arg(long, value_name = "MODEL", conflicts_with = "lookup")]
     pub draft_model: Option<PathBuf>,
