@@ -6,24 +6,71 @@ use clap::Args;
 use vicuna_engine::{DraftLimits, DraftSource, Drafter, SamplingParams};
 use vicuna_model::QuantLlama;
 use vicuna_tokenizer::Tokenizer;
+use vicuna_weights::hub::{resolve_model, HubKind};
 use vicuna_weights::GgufFile;
 
 use crate::gguf_vocab::tokenizer_from_gguf;
+use crate::output::Display;
 use crate::Result;
+
+/// A model input (`--model`, `--base`, `--lora` …) that may be a Hugging Face id (`ORG/NAME[/FILE][@REV]`): a
+/// local path that exists is kept as it is; an id becomes its folder (or file) in the Hugging Face cache,
+/// downloaded with a progress display when missing (`vicuna_weights::hub`); anything else is kept for the
+/// command's own "no such folder" check.
+pub fn resolve_input(flag: &str, path: &mut PathBuf, kind: HubKind, quiet: bool) -> Result<()> {
+    let mut display = Display::new(quiet);
+    let resolved = resolve_model(path, kind, &mut display);
+    display.done();
+    *path = resolved.map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// [`resolve_input`] for an optional flag.
+pub fn resolve_optional(flag: &str, path: &mut Option<PathBuf>, kind: HubKind) -> Result<()> {
+    match path {
+        Some(path) => resolve_input(flag, path, kind, false),
+        None => Ok(()),
+    }
+}
+
+/// A `--tokenizer FILE` flag: an id fetches the repo's tokenizer files and becomes its tokenizer.model (else
+/// tokenizer.json), the file the flag takes.
+pub fn resolve_tokenizer(flag: &str, path: &mut Option<PathBuf>) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let given = path.clone();
+    resolve_input(flag, path, HubKind::Tokenizer, false)?;
+    if *path != given && path.is_dir() {
+        if let Some(file) =
+            ["tokenizer.model", "tokenizer.json"].iter().map(|name| path.join(name)).find(|f| f.is_file())
+        {
+            *path = file;
+        }
+    }
+    Ok(())
+}
 
 /// Where the model and its tokenizer come from.
 #[derive(Args)]
 pub struct ModelArgs {
     /// A Hugging Face model folder (config.json plus safetensors or PyTorch .bin weights), or a GGUF file
-    /// (f32, f16, q8_0, q4_0, k-quants …, as llama.cpp reads them).
+    /// (f32, f16, q8_0, q4_0, k-quants …, as llama.cpp reads them), or a Hugging Face Hub id
+    /// ORG/NAME[/FILE.gguf][@REV] (from the Hugging Face cache, downloaded into it when missing).
     #[arg(long)]
     pub model: PathBuf,
-    /// A tokenizer file (tokenizer.model or tokenizer.json) to use instead of the model's own.
+    /// A tokenizer file (tokenizer.model or tokenizer.json) to use instead of the model's own, or a Hugging Face
+    /// Hub id whose tokenizer to use.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
 }
 
 impl ModelArgs {
+    /// Hugging Face ids in `--model` and `--tokenizer` become local paths ([`resolve_input`]); `model_kind` is
+    /// what `--model` must provide (a command that only tokenizes fetches only the tokenizer files).
+    pub fn resolve_ids(&mut self, model_kind: HubKind) -> Result<()> {
+        resolve_input("--model", &mut self.model, model_kind, false)?;
+        resolve_tokenizer("--tokenizer", &mut self.tokenizer)
+    }
+
     /// The tokenizer alone: `--tokenizer`, else the model's own (a GGUF file's `tokenizer.ggml.*`, a folder's
     /// tokenizer.model / tokenizer.json); `None` if a folder has none.
     pub fn tokenizer(&self) -> Result<Option<Tokenizer>> {
@@ -83,12 +130,17 @@ impl ModelArgs {
 #[derive(Args)]
 pub struct LoraArgs {
     /// A LoRA adapter folder (adapter_config.json and adapter_model.safetensors, as `vicuna train sft
-    /// --lora-rank R` or peft write them), applied to --model without merging; it must fit the base's shapes.
+    /// --lora-rank R` or peft write them) or its Hugging Face Hub id, applied to --model without merging; it must
+    /// fit the base's shapes.
     #[arg(long, value_name = "DIR")]
     pub lora: Option<PathBuf>,
 }
 
 impl LoraArgs {
+    pub fn resolve_ids(&mut self) -> Result<()> {
+        resolve_optional("--lora", &mut self.lora, HubKind::Model)
+    }
+
     /// Makes `model` run the adapter, if one was given.
     pub fn apply(&self, model: &mut QuantLlama) -> Result<()> {
         if let Some(dir) = &self.lora {
@@ -102,7 +154,7 @@ impl LoraArgs {
 /// Speculative decoding (`--draft-model`, `--lookup`): `generate`, `chat` and `serve`.
 #[derive(Args)]
 pub struct SpeculativeArgs {
-    /// Speculative decoding with this draft model (a folder or GGUF file with the model's vocabulary): it guesses
+    /// Speculative decoding with this draft model (a folder, GGUF file or Hub id with the model's vocabulary): it guesses
     /// tokens ahead and the model checks them all in one pass. Output is unchanged (greedy: the same tokens).
     #[arg(long, value_name = "MODEL", conflicts_with = "lookup")]
     pub draft_model: Option<PathBuf>,
@@ -119,6 +171,10 @@ pub struct SpeculativeArgs {
 }
 
 impl SpeculativeArgs {
+    pub fn resolve_ids(&mut self) -> Result<()> {
+        resolve_optional("--draft-model", &mut self.draft_model, HubKind::Model)
+    }
+
     /// The draft model, when one was given (checked against `target`'s vocabulary when the drafter is made).
     pub fn load_draft(&self, threads: Option<usize>) -> Result<Option<QuantLlama>> {
         if self.draft_max == 0 || self.draft_min > self.draft_max {

@@ -11,10 +11,11 @@ use crate::Result;
 
 #[derive(Args)]
 pub struct ApplyDeltaArgs {
-    /// The base model folder (LLaMA-13B in Hugging Face format: .bin or safetensors, sharded or not).
+    /// The base model folder (LLaMA-13B in Hugging Face format: .bin or safetensors, sharded or not), or a
+    /// Hugging Face Hub id ORG/NAME[@REV] (from the Hugging Face cache, downloaded into it when missing).
     #[arg(long)]
     pub base: PathBuf,
-    /// The delta folder (e.g. CarperAI/stable-vicuna-13b-delta).
+    /// The delta folder, or its Hugging Face Hub id (e.g. CarperAI/stable-vicuna-13b-delta, optionally @REV).
     #[arg(long)]
     pub delta: PathBuf,
     /// The folder to write: sharded float16 safetensors, config and tokenizer files.
@@ -29,10 +30,10 @@ pub struct ApplyDeltaArgs {
 
 #[derive(Args)]
 pub struct MakeDeltaArgs {
-    /// The base model folder the fine-tune started from.
+    /// The base model folder the fine-tune started from (or a Hugging Face Hub id ORG/NAME[@REV]).
     #[arg(long)]
     pub base: PathBuf,
-    /// The fine-tuned model folder.
+    /// The fine-tuned model folder (or a Hugging Face Hub id ORG/NAME[@REV]).
     #[arg(long)]
     pub target: PathBuf,
     /// The folder to write the delta into.

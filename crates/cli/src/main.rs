@@ -70,33 +70,110 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VICUNA_LOG").unwrap_or_else(|_| "warn".into()))
         .init();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     if let Some(n) = cli.threads {
         // candle sizes its CPU thread pool from this variable; set before any tensor work.
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
-    let result = match cli.command {
-        Command::Generate(args) => inference::run_generate(args, cli.threads),
-        Command::Score(args) => inference::run_score(args, cli.threads),
-        Command::Tokenize(args) => tokens::run_tokenize(args),
-        Command::Detokenize(args) => tokens::run_detokenize(args),
-        Command::ApplyDelta(args) => delta::run_apply_delta(args, cli.threads),
-        Command::MakeDelta(args) => delta::run_make_delta(args, cli.threads),
-        Command::Synth(args) => synth::run_synth_command(args, cli.threads),
-        Command::Quantize(args) => quantize::run_quantize_command(args, cli.threads),
-        Command::Bench(args) => measure::run_bench(args, cli.threads),
-        Command::Perplexity(args) => measure::run_perplexity(args, cli.threads),
-        Command::Serve(args) => serve::run_serve(args, cli.threads),
-        Command::Chat(args) => chat::run_chat(args, cli.threads),
-        Command::Train(args) => train::run_train(args),
-        Command::Reward(args) => train::run_reward(args),
-        Command::Plot(args) => train::run_plot(args),
-    };
+    let result = resolve_hub_ids(&mut cli.command).and_then(|()| run(cli.command, cli.threads));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Hugging Face Hub ids among a command's model inputs become local paths (from the Hugging Face cache,
+/// downloaded into it when missing: `common::resolve_input`) before it runs; output paths stay as given. Every
+/// command is listed (no catch-all), so a new one has to say which of its inputs are models.
+fn resolve_hub_ids(command: &mut Command) -> Result<()> {
+    use common::{resolve_input, resolve_optional, resolve_tokenizer};
+    use vicuna_weights::hub::HubKind::{Model, Tokenizer};
+    match command {
+        Command::Generate(a) => {
+            a.model.resolve_ids(Model)?;
+            a.lora.resolve_ids()?;
+            a.speculative.resolve_ids()
+        }
+        Command::Score(a) => {
+            a.model.resolve_ids(Model)?;
+            a.lora.resolve_ids()
+        }
+        // Only the tokenizer is used: only its files are fetched.
+        Command::Tokenize(a) => a.model.resolve_ids(Tokenizer),
+        Command::Detokenize(a) => a.model.resolve_ids(Tokenizer),
+        Command::ApplyDelta(a) => {
+            resolve_input("--base", &mut a.base, Model, a.write.quiet)?;
+            resolve_input("--delta", &mut a.delta, Model, a.write.quiet)
+        }
+        // make-delta's --target is its fine-tuned input; --delta is the output.
+        Command::MakeDelta(a) => {
+            resolve_input("--base", &mut a.base, Model, a.write.quiet)?;
+            resolve_input("--target", &mut a.target, Model, a.write.quiet)
+        }
+        Command::Synth(a) => resolve_tokenizer("--tokenizer", &mut a.tokenizer),
+        Command::Quantize(a) => {
+            resolve_input("--model", &mut a.model, Model, a.quiet)?;
+            resolve_tokenizer("--tokenizer", &mut a.tokenizer)
+        }
+        Command::Bench(a) => {
+            resolve_input("--model", &mut a.model, Model, false)?;
+            a.lora.resolve_ids()
+        }
+        Command::Perplexity(a) => {
+            a.model.resolve_ids(Model)?;
+            a.lora.resolve_ids()?;
+            resolve_optional("--reference-model", &mut a.reference_model, Model)
+        }
+        Command::Serve(a) => {
+            let given = a.model.model.clone();
+            a.model.resolve_ids(Model)?;
+            if a.model_id.is_none() && a.model.model != given {
+                // Served under its Hub id, as TGI and vLLM report it, not its snapshot's commit hash.
+                a.model_id = Some(given.to_string_lossy().into_owned());
+            }
+            for (_, dir) in &mut a.loras {
+                resolve_input("--lora", dir, Model, false)?;
+            }
+            Ok(())
+        }
+        Command::Chat(a) => {
+            a.model.resolve_ids(Model)?;
+            a.lora.resolve_ids()?;
+            a.speculative.resolve_ids()
+        }
+        Command::Train(a) => match &mut a.stage {
+            train::Stage::Sft(a) => a.model.resolve_ids(Model),
+            train::Stage::Rm(a) => a.model.resolve_ids(Model),
+            // Its model paths come from its YAML settings and flags together: resolved in `run_ppo`.
+            train::Stage::Ppo(_) => Ok(()),
+        },
+        Command::Reward(a) => {
+            resolve_input("--model", &mut a.model, Model, false)?;
+            resolve_tokenizer("--tokenizer", &mut a.tokenizer)
+        }
+        Command::Plot(_) => Ok(()),
+    }
+}
+
+fn run(command: Command, threads: Option<usize>) -> Result<()> {
+    match command {
+        Command::Generate(args) => inference::run_generate(args, threads),
+        Command::Score(args) => inference::run_score(args, threads),
+        Command::Tokenize(args) => tokens::run_tokenize(args),
+        Command::Detokenize(args) => tokens::run_detokenize(args),
+        Command::ApplyDelta(args) => delta::run_apply_delta(args, threads),
+        Command::MakeDelta(args) => delta::run_make_delta(args, threads),
+        Command::Synth(args) => synth::run_synth_command(args, threads),
+        Command::Quantize(args) => quantize::run_quantize_command(args, threads),
+        Command::Bench(args) => measure::run_bench(args, threads),
+        Command::Perplexity(args) => measure::run_perplexity(args, threads),
+        Command::Serve(args) => serve::run_serve(args, threads),
+        Command::Chat(args) => chat::run_chat(args, threads),
+        Command::Train(args) => train::run_train(args),
+        Command::Reward(args) => train::run_reward(args),
+        Command::Plot(args) => train::run_plot(args),
     }
 }

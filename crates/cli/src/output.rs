@@ -147,14 +147,14 @@ fn human(bytes: u64) -> String {
 }
 
 /// A bar on a terminal, a line every few seconds otherwise, nothing with --quiet.
-enum Display {
+pub(crate) enum Display {
     Quiet,
     Bar(Option<ProgressBar>),
     Lines { phase: String, total: u64, done: u64, started: Instant, last: Instant },
 }
 
 impl Display {
-    fn new(quiet: bool) -> Display {
+    pub(crate) fn new(quiet: bool) -> Display {
         if quiet {
             Display::Quiet
         } else if std::io::stderr().is_terminal() {
@@ -165,7 +165,7 @@ impl Display {
         }
     }
 
-    fn done(&mut self) {
+    pub(crate) fn done(&mut self) {
         match self {
             Display::Bar(Some(bar)) => bar.finish_and_clear(),
             Display::Lines { phase, total, done, started, .. } if !phase.is_empty() && *done > 0 => {

@@ -83,7 +83,7 @@ pub struct ServeArgs {
     /// The model name the API reports (default: the model folder's name).
     #[arg(long)]
     pub model_id: Option<String>,
-    /// Also serve the LoRA adapter in DIR (a PEFT folder: adapter_config.json and
+    /// Also serve the LoRA adapter in DIR (a PEFT folder, or its Hugging Face Hub id: adapter_config.json and
     /// adapter_model.safetensors, as `vicuna train sft --lora-rank R` writes) under NAME, on the same
     /// base weights: requests pick it by OpenAI's `model` or TGI's `parameters.adapter_id`, and one
     /// batch mixes adapters and the base. Repeatable; more can be loaded at run time with

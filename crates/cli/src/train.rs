@@ -14,8 +14,9 @@ use vicuna_train::ppo_config::{PpoConfig, KEYS};
 use vicuna_train::reward::{reward_input, reward_input_text, train_rm, RewardModel, RmOptions};
 use vicuna_train::sft::{pad_id, train_sft, SftOptions};
 
-use crate::common::ModelArgs;
+use crate::common::{resolve_input, resolve_tokenizer, ModelArgs};
 use crate::Result;
+use vicuna_weights::hub::HubKind;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -306,6 +307,10 @@ fn run_ppo(args: PpoArgs) -> Result<()> {
     for (key, value) in &args.keys.values {
         config.set(key, value).map_err(|e| format!("--{}: {e}", key.replace('_', "-")))?;
     }
+    // The settings may name Hugging Face ids: local paths from here on.
+    resolve_input("model_path", &mut config.model_path, HubKind::Model, false)?;
+    resolve_input("reward_model_path", &mut config.reward_model_path, HubKind::Model, false)?;
+    resolve_tokenizer("tokenizer_path", &mut config.tokenizer_path)?;
     let mut trainer = if args.resume { PpoTrainer::resume(config)? } else { PpoTrainer::new(config)? };
     trainer.run(|m| {
         eprintln!(

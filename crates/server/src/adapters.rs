@@ -15,6 +15,8 @@ use serde::Deserialize;
 use serde_json::json;
 use vicuna_model::native::LoraAdapter;
 use vicuna_model::LlamaConfig;
+use vicuna_weights::hub::{resolve_model, HubKind};
+use vicuna_weights::NoProgress;
 
 use crate::error::ApiError;
 use crate::http::{blocking, json_response, read_json, SharedState};
@@ -135,8 +137,15 @@ pub async fn load(State(state): State<SharedState>, body: Body) -> Result<Respon
     let (name, path) = (request.lora_name.clone(), request.lora_path.clone());
     let now = crate::http::unix_time();
     let task_state = state.clone();
-    blocking(move || task_state.adapters.load(&name, &path, now)).await?.map_err(ApiError::bad_request)?;
-    tracing::info!("loaded LoRA adapter {} from {}", request.lora_name, request.lora_path.display());
+    let loaded = blocking(move || {
+        // A Hugging Face id (`ORG/NAME[@REV]`), as vLLM takes, comes from the Hugging Face cache (downloaded into
+        // it when missing); a local path is used as it is.
+        let dir = resolve_model(&path, HubKind::Model, &mut NoProgress)
+            .map_err(|e| format!("lora_path {}: {e}", path.display()))?;
+        task_state.adapters.load(&name, &dir, now).map(|()| dir)
+    });
+    let dir = loaded.await?.map_err(ApiError::bad_request)?;
+    tracing::info!("loaded LoRA adapter {} from {}", request.lora_name, dir.display());
     Ok(json_response(StatusCode::OK, &json!({ "message": format!("adapter {} loaded", request.lora_name) })))
 }
 

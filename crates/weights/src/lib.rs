@@ -15,6 +15,7 @@ mod delta;
 mod dtype;
 mod error;
 mod gguf;
+pub mod hub;
 mod output;
 mod pickle;
 mod quantize;
