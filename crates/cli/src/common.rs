@@ -203,10 +203,11 @@ impl SpeculativeArgs {
             _ if self.lookup => DraftSource::Lookup,
             _ => return Ok(None),
         };
-        let drafter = source.drafter(target, params.clone(), seed, self.limits()).map_err(|e| match &self.draft_model {
-            Some(path) => format!("--draft-model {}: {e}", path.display()),
-            None => e.to_string(),
-        })?;
+        let drafter =
+            source.drafter(target, params.clone(), seed, self.limits()).map_err(|e| match &self.draft_model {
+                Some(path) => format!("--draft-model {}: {e}", path.display()),
+                None => e.to_string(),
+            })?;
         Ok(Some(drafter))
     }
 

@@ -137,7 +137,7 @@ fn resolve_hub_ids(command: &mut Command) -> Result<()> {
             for (_, dir) in &mut a.loras {
                 resolve_input("--lora", dir, Model, false)?;
             }
-            Ok(())
+            a.speculative.resolve_ids()
         }
         Command::Chat(a) => {
             a.model.resolve_ids(Model)?;

@@ -87,10 +87,7 @@ pub struct Speculation {
 
 impl std::fmt::Debug for Speculation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Speculation")
-            .field("guesser", &self.guesser())
-            .field("limits", &self.limits)
-            .finish()
+        f.debug_struct("Speculation").field("guesser", &self.guesser()).field("limits", &self.limits).finish()
     }
 }
 
@@ -348,7 +345,8 @@ pub fn serve_on(
     });
     let limits = plan.limits.clone();
     let draft = options.speculation.as_ref().and_then(|s| s.draft_model.clone());
-    let (scheduler, scheduler_thread) = Scheduler::spawn(model, draft, tokenizer.clone(), plan.scheduler, metrics.clone())?;
+    let (scheduler, scheduler_thread) =
+        Scheduler::spawn(model, draft, tokenizer.clone(), plan.scheduler, metrics.clone())?;
     let state = Arc::new(AppState {
         tokenizer,
         scheduler,

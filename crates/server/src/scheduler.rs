@@ -635,7 +635,9 @@ impl<'m> Batch<'m> {
             }
             let mut row = logits.next().expect("one row per stepped sequence");
             if !active.draft.ids.is_empty() {
-                finished.extend(check_guesses(active, &mut row, vocab, self.metrics, self.tokenizer, now).map(|t| (index, t)));
+                finished.extend(
+                    check_guesses(active, &mut row, vocab, self.metrics, self.tokenizer, now).map(|t| (index, t)),
+                );
                 continue;
             }
             if row.len() > vocab {
@@ -805,7 +807,13 @@ fn check_guesses(
 
 /// Tells a sequence's client of its new token, unless it finished: then the token is returned for
 /// [`Batch::finish`] to send with the end. The token is what the model reads next.
-fn deliver(active: &mut Active, step: Step, tokenizer: &Tokenizer, metrics: &Metrics, now: Instant) -> Option<GeneratedToken> {
+fn deliver(
+    active: &mut Active,
+    step: Step,
+    tokenizer: &Tokenizer,
+    metrics: &Metrics,
+    now: Instant,
+) -> Option<GeneratedToken> {
     let token = GeneratedToken {
         id: step.id,
         text: step.text,

@@ -126,7 +126,9 @@ fn follow_ups(replies: &Round, prompts: &[String]) -> Vec<String> {
     prompts
         .iter()
         .zip(&replies.greedy)
-        .map(|(p, r)| format!("{p}{}\n### Human: Say that again.\n### Assistant:", r["generated_text"].as_str().unwrap()))
+        .map(|(p, r)| {
+            format!("{p}{}\n### Human: Say that again.\n### Assistant:", r["generated_text"].as_str().unwrap())
+        })
         .collect()
 }
 
@@ -147,7 +149,8 @@ fn compare(fast: &Round, plain: &Round, what: &str) -> (u64, u64) {
     assert_eq!(fast.stopped["generated_text"], plain.stopped["generated_text"], "{what}: with a stop sequence");
     assert_eq!(ids(&fast.grammar), ids(&plain.grammar), "{what}: with a grammar");
     assert_eq!(speculated(&fast.grammar).0, 0, "{what}: structured output decodes without guesses");
-    let texts = |r: &Value| -> Vec<Value> { r["choices"].as_array().unwrap().iter().map(|c| c["text"].clone()).collect() };
+    let texts =
+        |r: &Value| -> Vec<Value> { r["choices"].as_array().unwrap().iter().map(|c| c["text"].clone()).collect() };
     assert_eq!(texts(&fast.two), texts(&plain.two), "{what}: n = 2");
     assert_eq!(texts(&fast.two)[0], texts(&fast.two)[1], "{what}: greedy choices agree");
     (drafted, accepted)
@@ -165,10 +168,7 @@ fn check_speculation(kv: KvType, speculation: Speculation, what: &str) {
     let next = follow_ups(&plain_1, &prompts);
     let (fast_2, plain_2) = (round(&fast, &next), round(&plain, &next));
     let (d2, a2) = compare(&fast_2, &plain_2, &format!("{what}, round 2"));
-    assert!(
-        fast.metric("vicuna_prefix_cache_hit_tokens_total") > 0.0,
-        "{what}: round 2 reads what round 1 cached"
-    );
+    assert!(fast.metric("vicuna_prefix_cache_hit_tokens_total") > 0.0, "{what}: round 2 reads what round 1 cached");
     let (drafted, accepted) = (d1 + d2, a1 + a2);
     assert!(accepted > 0, "{what}: no guess was kept ({drafted} checked): the test would not see a kept guess");
     assert!(accepted < drafted, "{what}: every guess was kept: the test would not see a refused one");
