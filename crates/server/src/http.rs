@@ -242,7 +242,12 @@ async fn read_json_inner<T: DeserializeOwned>(limit: usize, body: Body) -> Resul
     if too_large {
         return Err(ApiError::payload_too_large(limit));
     }
-    let text = std::str::from_utf8(&bytes).map_err(|e| {
+    parse_json(&bytes)
+}
+
+/// A whole request body as JSON of type `T` (422 when it is not UTF-8, not JSON, or not that shape).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
         ApiError::validation(format!("the request body is not valid UTF-8 (bad byte at offset {})", e.valid_up_to()))
     })?;
     let mut deserializer = serde_json::Deserializer::from_str(text);

@@ -7,6 +7,8 @@
 
 pub mod adapters;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod metrics;
 mod openai;

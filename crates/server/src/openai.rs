@@ -9,6 +9,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use vicuna_engine::{random_seed, FinishReason, GrammarSpec};
+use vicuna_tokenizer::Tokenizer;
 
 use crate::error::ApiError;
 use crate::http::{
@@ -20,7 +21,7 @@ use crate::tokens::token_surface;
 use crate::validation::{lark_grammar, DefaultLength, GenerateParameters, ValidRequest, MAX_TOP_LOGPROBS};
 
 /// OpenAI's default `max_tokens` for completions.
-const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+pub(crate) const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -98,7 +99,7 @@ struct Sampling {
 
 #[derive(Default, Deserialize)]
 #[serde(default)]
-struct CompletionRequest {
+pub(crate) struct CompletionRequest {
     prompt: Option<PromptInput>,
     max_tokens: Option<u32>,
     echo: Option<bool>,
@@ -113,7 +114,7 @@ struct CompletionRequest {
 
 #[derive(Default, Deserialize)]
 #[serde(default)]
-struct ChatRequest {
+pub(crate) struct ChatRequest {
     messages: Option<Vec<IncomingMessage>>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
@@ -413,24 +414,34 @@ fn chat_logprobs(content: Vec<Value>) -> Value {
     json!({ "content": content, "refusal": null })
 }
 
-pub async fn completions(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
-    let request: CompletionRequest = read_json(&state, body).await?;
+/// A completions request in TGI's terms, ready for [`validate_request`], and how to shape its answer.
+pub(crate) struct CompletionPlan {
+    pub prompt: String,
+    pub parameters: GenerateParameters,
+    pub stream: bool,
+    echo: bool,
+    logprobs: Option<u32>,
+    include_usage: bool,
+}
+
+/// Translates a completions request (its prompt ids decoded with `tokenizer`, for `echo`); the error is a 422's message.
+pub(crate) fn plan_completion(request: CompletionRequest, tokenizer: &Tokenizer) -> Result<CompletionPlan, String> {
     let Some(prompt) = request.prompt else {
-        return Err(invalid(&state, "`prompt` is required"));
+        return Err("`prompt` is required".into());
     };
-    let prompt = prompt.into_one().map_err(|m| invalid(&state, m))?;
+    let prompt = prompt.into_one()?;
     if request.suffix.is_some() {
-        return Err(invalid(&state, "`suffix` (insertion) is not supported"));
+        return Err("`suffix` (insertion) is not supported".into());
     }
     let stream = request.sampling.stream();
     let echo = request.echo == Some(true);
-    let logprobs = request.logprobs.map(|n| top_count("logprobs", n)).transpose().map_err(|m| invalid(&state, m))?;
-    let mut parameters = request.sampling.parameters(request.max_tokens).map_err(|m| invalid(&state, m))?;
+    let logprobs = request.logprobs.map(|n| top_count("logprobs", n)).transpose()?;
+    let mut parameters = request.sampling.parameters(request.max_tokens)?;
     parameters.return_full_text = Some(echo);
     let prompt = match prompt {
         Prompt::Text(text) => text,
         Prompt::Ids(ids) => {
-            let text = state.tokenizer.decode(&ids);
+            let text = tokenizer.decode(&ids);
             parameters.prompt_ids = Some(ids);
             text
         }
@@ -439,10 +450,18 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
     parameters.best_of = request.best_of;
     if echo && logprobs.is_some() {
         if stream {
-            return Err(invalid(&state, "`echo` with `logprobs` is not supported when streaming"));
+            return Err("`echo` with `logprobs` is not supported when streaming".into());
         }
         parameters.decoder_input_details = Some(true);
     }
+    let include_usage = request.sampling.include_usage();
+    Ok(CompletionPlan { prompt, parameters, stream, echo, logprobs, include_usage })
+}
+
+pub async fn completions(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
+    let request: CompletionRequest = read_json(&state, body).await?;
+    let CompletionPlan { prompt, parameters, stream, echo, logprobs, include_usage } =
+        plan_completion(request, &state.tokenizer).map_err(|m| invalid(&state, m))?;
     let valid = validate_request(
         &state,
         &prompt,
@@ -481,7 +500,7 @@ pub async fn completions(State(state): State<SharedState>, body: Body) -> Result
     }
     let mut echo_prompt: Vec<Option<String>> = (0..valid.n).map(|_| echo.then(|| prompt.clone())).collect();
     let mut lists: Vec<CompletionLogprobs> = (0..valid.n).map(|_| CompletionLogprobs::default()).collect();
-    let mut ends = StreamEnds::new(valid.n, request.sampling.include_usage());
+    let mut ends = StreamEnds::new(valid.n, include_usage);
     Ok(sse_response(receiver, move |event| match event {
         Event::Token { choice, token, end } => {
             let mut text = echo_prompt[choice].take().unwrap_or_default();
@@ -547,19 +566,36 @@ fn chat_messages(messages: Vec<IncomingMessage>) -> Result<Vec<ChatMessage>, Str
         .collect()
 }
 
-pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
-    let request: ChatRequest = read_json(&state, body).await?;
+/// A chat request in TGI's terms (its messages rendered with the template), ready for [`validate_request`].
+pub(crate) struct ChatPlan {
+    pub prompt: String,
+    pub parameters: GenerateParameters,
+    pub stream: bool,
+    logprobs: bool,
+    include_usage: bool,
+}
+
+/// Translates a chat request; the error is a 422's message.
+pub(crate) fn plan_chat(request: ChatRequest) -> Result<ChatPlan, String> {
     let logprobs = request.logprobs == Some(true);
-    let top = request.top_logprobs.map(|n| top_count("top_logprobs", n)).transpose().map_err(|m| invalid(&state, m))?;
+    let top = request.top_logprobs.map(|n| top_count("top_logprobs", n)).transpose()?;
     if top.is_some() && !logprobs {
-        return Err(invalid(&state, "`top_logprobs` needs `logprobs: true`"));
+        return Err("`top_logprobs` needs `logprobs: true`".into());
     }
-    let messages = chat_messages(request.messages.unwrap_or_default()).map_err(|m| invalid(&state, m))?;
+    let messages = chat_messages(request.messages.unwrap_or_default())?;
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
-    let mut parameters = request.sampling.parameters(max_tokens).map_err(|m| invalid(&state, m))?;
+    let mut parameters = request.sampling.parameters(max_tokens)?;
     parameters.top_n_tokens = top;
     let stream = request.sampling.stream();
     let prompt = render_prompt(&messages);
+    let include_usage = request.sampling.include_usage();
+    Ok(ChatPlan { prompt, parameters, stream, logprobs, include_usage })
+}
+
+pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> Result<Response, ApiError> {
+    let request: ChatRequest = read_json(&state, body).await?;
+    let ChatPlan { prompt, parameters, stream, logprobs, include_usage } =
+        plan_chat(request).map_err(|m| invalid(&state, m))?;
     let valid =
         validate_request(&state, &prompt, &parameters, DefaultLength::RestOfContext, &STOP_SEQUENCES, stream).await?;
     let receiver = submit(&state, &valid)?;
@@ -595,7 +631,7 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
     };
     let mut replies: Vec<ReplyText> = (0..valid.n).map(|_| ReplyText::default()).collect();
     let mut started = vec![false; valid.n];
-    let mut ends = StreamEnds::new(valid.n, request.sampling.include_usage());
+    let mut ends = StreamEnds::new(valid.n, include_usage);
     Ok(sse_response(receiver, move |event| match event {
         Event::Token { choice, token, end } => {
             let mut payloads = Vec::new();

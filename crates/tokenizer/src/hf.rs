@@ -37,8 +37,18 @@ impl HfBackend {
     pub(crate) fn from_json(path: &Path, text: &str) -> Result<HfBackend> {
         let tokenizer: tokenizers::Tokenizer =
             text.parse().map_err(|e| Error::in_file(path, format_args!("invalid tokenizer.json ({e})"), FIX))?;
-        if tokenizer.get_vocab_size(true) == 0 {
+        let total = tokenizer.get_vocab_size(true);
+        if total == 0 {
             return Err(Error::in_file(path, "tokenizer.json has an empty vocabulary", FIX));
+        }
+        // Ids are table indices (decoding, the model's embedding rows): a vocabulary with gaps would
+        // encode to ids past the `total` entries the decode table and vocab_size know of.
+        if let Some((piece, id)) = tokenizer.get_vocab(true).into_iter().find(|&(_, id)| id as usize >= total) {
+            return Err(Error::in_file(
+                path,
+                format_args!("tokenizer.json gives {piece:?} id {id}, but it has {total} tokens: ids must run from 0 without gaps"),
+                FIX,
+            ));
         }
         let backend = HfBackend { tokenizer };
         // Fail at load time, not on the first call to encode, if the file's

@@ -113,13 +113,20 @@ impl Tokenizer {
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let side = SideFiles::load(dir)?;
-        let mut tokenizer = if looks_like_json(path, &bytes) {
-            Self::load_json(path, &bytes)?
-        } else {
-            Tokenizer::from_sentencepiece(SentencePieceBpe::from_file_bytes(path, &bytes)?)
-        };
+        let mut tokenizer = Tokenizer::from_bytes(path, &bytes)?;
         tokenizer.apply_side_files(&dir.join("added_tokens.json"), side)?;
         Ok(tokenizer)
+    }
+
+    /// Loads a tokenizer file already in memory, without side files: `tokenizer.model` or
+    /// `tokenizer.json` (told apart by the extension of `path`, which names it in messages, else by
+    /// content). [`Tokenizer::from_file`] is this plus the side files of the file's folder.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
+        if looks_like_json(path, bytes) {
+            Self::load_json(path, bytes)
+        } else {
+            Ok(Tokenizer::from_sentencepiece(SentencePieceBpe::from_file_bytes(path, bytes)?))
+        }
     }
 
     /// Wraps a SentencePiece model (e.g. one built from GGUF metadata). BOS

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{fixture, TempDir};
+use std::path::Path;
 use vicuna_tokenizer::{Error, Tokenizer};
 
 fn load(dir: &TempDir, name: &str, bytes: &[u8]) -> Result<Tokenizer, Error> {
@@ -29,6 +30,33 @@ fn truncated_tokenizer_model_is_an_error() {
             &format!("cut at {cut}"),
         );
     }
+}
+
+#[test]
+fn from_bytes_loads_like_from_file_without_side_files() {
+    for name in ["tokenizer.model", "tokenizer.json"] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        let dir = TempDir::new("from-bytes");
+        let (held, read) = (Tokenizer::from_bytes(Path::new(name), &bytes).unwrap(), load(&dir, name, &bytes).unwrap());
+        let text = "Hello world\n\u{4f60} 42";
+        assert_eq!(held.encode(text, true), read.encode(text, true), "{name}");
+        assert_eq!(held.vocab_size(), read.vocab_size(), "{name}");
+    }
+    assert_error_names_file(Tokenizer::from_bytes(Path::new("held.model"), b"\xff\xff"), "held.model", "bad varint");
+}
+
+/// Found by `fuzz/fuzz_targets/tokenizer_json.rs`: a vocabulary with gaps in its ids loaded, then encoded
+/// text to ids past `vocab_size()` (id 5 of a 3-token vocabulary here), which decode to nothing and are
+/// no row of the model's embedding.
+#[test]
+fn tokenizer_json_with_gaps_in_its_ids_is_an_error() {
+    let json =
+        br#"{"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 1, "b": 5}, "merges": [], "unk_token": "<unk>"}}"#;
+    let err = Tokenizer::from_bytes(Path::new("tokenizer.json"), json).unwrap_err().to_string();
+    assert!(err.contains(r#"gives "b" id 5, but it has 3 tokens: ids must run from 0 without gaps"#), "{err}");
+    let contiguous = String::from_utf8_lossy(json).replace(r#""b": 5"#, r#""b": 2"#);
+    let tokenizer = Tokenizer::from_bytes(Path::new("tokenizer.json"), contiguous.as_bytes()).unwrap();
+    assert_eq!(tokenizer.encode("ab", false), [1, 2]);
 }
 
 #[test]

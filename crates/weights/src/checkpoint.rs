@@ -80,7 +80,7 @@ struct Stored {
     layout: Layout,
 }
 
-enum Layout {
+pub(crate) enum Layout {
     /// Row-major bytes at this range of the file.
     Contiguous(Range<usize>),
     /// A PyTorch view: element `offset + Σ index_i × stride_i` of the storage at `storage`.
@@ -89,7 +89,7 @@ enum Layout {
 
 /// Tensors present in checkpoints that are not weights: the 2023 LLaMA code saved its RoPE
 /// frequency buffer (`rotary_emb.inv_freq`) with the model; it is recomputed from the config.
-fn is_ignored(name: &str) -> bool {
+pub(crate) fn is_ignored(name: &str) -> bool {
     name.ends_with(".rotary_emb.inv_freq")
 }
 
@@ -438,11 +438,11 @@ fn map_file(path: &Path) -> Result<(File, Mmap)> {
     Ok((file, map))
 }
 
-type Found = Vec<(String, DType, Vec<usize>, Layout)>;
+pub(crate) type Found = Vec<(String, DType, Vec<usize>, Layout)>;
 
 /// The tensors of a PyTorch zip checkpoint: unpickle `data.pkl` (restricted) and point
 /// each tensor at its storage entry `<archive>/data/<key>`.
-fn read_pytorch(map: &[u8], path: &Path) -> Result<Found> {
+pub(crate) fn read_pytorch(map: &[u8], path: &Path) -> Result<Found> {
     let f = path.display();
     if map.first() == Some(&0x80) {
         bail!(
@@ -552,7 +552,7 @@ fn is_row_major(shape: &[usize], stride: &[usize]) -> bool {
 
 /// Copies row-major elements `elements` of a strided view into `out` (which holds exactly
 /// those elements). Bounds were checked when the file was opened.
-fn gather(
+pub(crate) fn gather(
     storage: &[u8],
     es: usize,
     offset: usize,

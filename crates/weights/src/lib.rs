@@ -14,6 +14,8 @@ mod config;
 mod delta;
 mod dtype;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gguf;
 pub mod hub;
 mod output;

@@ -82,6 +82,25 @@ fn reads_what_gguf_py_wrote() {
     }
 }
 
+#[test]
+fn from_bytes_reads_what_open_reads() {
+    let path = data("gguf_reference.gguf");
+    let (opened, held) =
+        (GgufFile::open(&path).unwrap(), GgufFile::from_bytes(&path, std::fs::read(&path).unwrap()).unwrap());
+    assert_eq!(held.metadata(), opened.metadata());
+    assert_eq!(
+        (held.version(), held.alignment(), held.data_offset()),
+        (opened.version(), opened.alignment(), opened.data_offset())
+    );
+    for (a, b) in held.tensors().zip(opened.tensors()) {
+        assert_eq!((a.name, a.ty, &a.dims, a.data), (b.name, b.ty, &b.dims, b.data));
+        held.release(a.data).unwrap(); // owned bytes: nothing to release, and the data stays
+        assert_eq!(a.data, b.data);
+    }
+    let short = GgufFile::from_bytes(Path::new("short.gguf"), b"GGUF".to_vec()).unwrap_err();
+    assert_eq!(short.message(), "short.gguf is not a GGUF file: it is only 4 bytes long (a GGUF header alone is 24)");
+}
+
 fn every_metadata_type() -> Vec<(String, GgufValue)> {
     use GgufValue::*;
     vec![

@@ -18,7 +18,7 @@ const MAX_ARRAY_NESTING: usize = 8;
 /// An open GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    map: Mmap,
+    map: Backing,
     version: u32,
     metadata: Vec<(String, GgufValue)>,
     metadata_index: HashMap<String, usize>,
@@ -26,6 +26,22 @@ pub struct GgufFile {
     tensor_index: HashMap<String, usize>,
     alignment: usize,
     data_offset: usize,
+}
+
+/// The bytes of the file: memory-mapped when opened, owned when handed over ([`GgufFile::from_bytes`]).
+enum Backing {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Map(map) => map,
+            Backing::Owned(bytes) => bytes,
+        }
+    }
 }
 
 struct TensorEntry {
@@ -79,17 +95,22 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
         let file = File::open(path).map_err(|e| Error::new(format!("cannot open {}: {e}", path.display())))?;
         let len = file.metadata().map_err(|e| Error::new(format!("cannot stat {}: {e}", path.display())))?.len();
-        if len < 24 {
-            bail!("{} is not a GGUF file: it is only {len} bytes long (a GGUF header alone is 24)", path.display());
-        }
+        check_header_room(path, len)?;
         // SAFETY: the map is read-only; like every reader of model files we rely on nobody truncating
         // the file while it is open (the same assumption llama.cpp and safetensors make).
         let map = unsafe { Mmap::map(&file) }
             .map_err(|e| Error::new(format!("cannot memory-map {}: {e}", path.display())))?;
-        GgufFile::parse(path, map)
+        GgufFile::parse(path, Backing::Map(map))
     }
 
-    fn parse(path: &Path, map: Mmap) -> Result<GgufFile> {
+    /// Reads a GGUF file already in memory (`path` names it in messages), checked exactly as
+    /// [`GgufFile::open`] checks a file.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<GgufFile> {
+        check_header_room(path, bytes.len() as u64)?;
+        GgufFile::parse(path, Backing::Owned(bytes))
+    }
+
+    fn parse(path: &Path, map: Backing) -> Result<GgufFile> {
         let shown = path.display().to_string();
         let mut r = Reader { bytes: &map, pos: 0, file: &shown };
         if r.take(4, "the magic number")? != MAGIC {
@@ -311,13 +332,16 @@ impl GgufFile {
     /// converted), so that streaming through a model does not leave the whole file resident. Only a
     /// hint about memory: the slices stay valid and are read from the file again if touched.
     pub fn release(&self, data: &[u8]) -> Result<()> {
-        let start = (data.as_ptr() as usize).wrapping_sub(self.map.as_ptr() as usize);
-        if data.is_empty() || start >= self.map.len() || data.len() > self.map.len() - start {
+        let Backing::Map(map) = &self.map else {
+            return Ok(()); // owned bytes: nothing to give back to a file
+        };
+        let start = (data.as_ptr() as usize).wrapping_sub(map.as_ptr() as usize);
+        if data.is_empty() || start >= map.len() || data.len() > map.len() - start {
             return Ok(()); // not ours: nothing to release
         }
         // SAFETY: the map is a read-only file mapping that nothing writes through, so its pages only
         // ever hold the file's bytes: dropping them loses nothing, and any later access re-reads them.
-        unsafe { self.map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, data.len()) }
+        unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, data.len()) }
             .map_err(|e| Error::new(format!("cannot release pages of {}: {e}", self.path.display())))
     }
 
@@ -408,6 +432,14 @@ impl GgufFile {
         }
         LlamaConfig::from_json_value(&config, &format!("{shown} (llama.* metadata)"))
     }
+}
+
+/// A GGUF header alone is 24 bytes: anything shorter is refused before it is mapped.
+fn check_header_room(path: &Path, len: u64) -> Result<()> {
+    if len < 24 {
+        bail!("{} is not a GGUF file: it is only {len} bytes long (a GGUF header alone is 24)", path.display());
+    }
+    Ok(())
 }
 
 /// ggml's names for type ids this crate does not handle, for messages.
