@@ -10,6 +10,14 @@
 # kept; then the mean speed-up over plain decoding. Greedy outputs are checked to be identical
 # across modes (the run fails otherwise). Not part of CI.
 #
+# PROJECT=FILE (the 13b-shape q4_0 GGUF, say) adds what the measured acceptance would mean for that model:
+# `vicuna bench --verify` times its k-row passes (k = 1..draft max + 1), and per mode
+#   projected tokens/s = tokens per pass / t(rows per pass)
+# where tokens per pass = tokens / passes, passes = tokens - kept guesses (each pass gives one token of its own
+# plus the guesses it kept), rows per pass = 1 + guesses / passes, and t() interpolates the measured pass times.
+# A PROJECTION, not a measurement: it assumes the big model keeps guesses as often as the demo model did, and it
+# leaves out the draft model's own cost (an upper bound for --draft-model; lookup costs nothing).
+#
 # Example, the demo model with its own q4_0 file as the draft:
 #   target/release/vicuna apply-delta --base models/demo/ship/base --delta models/demo/ship/delta --target /tmp/demo
 #   target/release/vicuna quantize --model /tmp/demo --type q4_0 --out /tmp/demo-q4_0.gguf
@@ -34,7 +42,7 @@ modes=(plain lookup)
 
 echo "model $MODEL, draft ${DRAFT:-none}, $THREADS threads, $(lscpu | sed -n 's/^Model name: *//p')"
 printf '%-10s %-8s %7s %10s %8s\n' prompt mode tokens tokens/s kept
-declare -A total
+declare -A total tokens drafted kept
 for i in "${!prompts[@]}"; do
   prompt="### Human: ${prompts[$i]}
 ### Assistant:"
@@ -58,11 +66,43 @@ for i in "${!prompts[@]}"; do
 import json, sys
 d = json.load(sys.stdin)
 print("%.2f" % (d["accepted_tokens"] / max(d["drafted_tokens"], 1)) if "drafted_tokens" in d else "-")' <<<"$out")
-    tokens=$(python3 -c 'import json,sys; print(len(json.load(sys.stdin)["ids"]))' <<<"$out")
-    printf '%-10s %-8s %7s %10s %8s\n' "#$i" "$mode" "$tokens" "$speed" "$kept"
+    n=$(python3 -c 'import json,sys; print(len(json.load(sys.stdin)["ids"]))' <<<"$out")
+    printf '%-10s %-8s %7s %10s %8s\n' "#$i" "$mode" "$n" "$speed" "$kept"
     total[$mode]=$(python3 -c "print(${total[$mode]:-0} + $speed)")
+    read -r d a < <(python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print(d.get("drafted_tokens", 0), d.get("accepted_tokens", 0))' <<<"$out")
+    tokens[$mode]=$((${tokens[$mode]:-0} + n))
+    drafted[$mode]=$((${drafted[$mode]:-0} + d))
+    kept[$mode]=$((${kept[$mode]:-0} + a))
   done
 done
 for mode in "${modes[@]}"; do
   python3 -c "print(f'$mode: mean {${total[$mode]}/${#prompts[@]}:.1f} tokens/s, {${total[$mode]}/${total[plain]}:.2f}x plain')"
 done
+
+if [[ -n ${PROJECT:-} ]]; then
+  "$VICUNA" -t "$THREADS" bench --model "$PROJECT" -p 0 -n 16 -r 3 --verify 9 --json >/tmp/speculative-verify.json
+  for mode in "${modes[@]}"; do
+    python3 - /tmp/speculative-verify.json "$mode" "${tokens[$mode]}" "${drafted[$mode]}" "${kept[$mode]}" <<'PY'
+import json, sys
+bench = json.load(open(sys.argv[1]))
+mode, tokens, drafted, kept = sys.argv[2], *map(int, sys.argv[3:])
+seconds = {r["k"]: 1 / r["passes_per_s"] for r in bench["verify"]}
+passes = tokens - kept
+rows = 1 + drafted / passes
+lo = min(int(rows), max(seconds))
+hi = min(lo + 1, max(seconds))
+t = seconds[lo] + (seconds[hi] - seconds[lo]) * (rows - lo)
+per_pass = tokens / passes
+print(f"PROJECTION for {bench['model']} ({bench['threads']} threads): {mode}: {per_pass:.2f} tokens a pass, "
+      f"{rows:.2f} rows a pass ({1e3 * t:.0f} ms), {per_pass / t:.2f} tokens/s against plain "
+      f"{bench['tg_tps']:.2f} (tg16), {per_pass / t / bench['tg_tps']:.2f}x")
+PY
+  done
+  python3 -c "
+import json
+b = json.load(open('/tmp/speculative-verify.json'))
+print('verify pass times (ms by rows k):', ', '.join(f\"{r['k']}: {1e3 / r['passes_per_s']:.0f}\" for r in b['verify']))"
+fi

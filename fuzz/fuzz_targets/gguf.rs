@@ -6,7 +6,6 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
-use vicuna_tokenizer::Tokenizer;
 use vicuna_weights::GgufFile;
 
 fuzz_target!(|bytes: &[u8]| {
@@ -32,19 +31,10 @@ fuzz_target!(|bytes: &[u8]| {
     if let Ok(vocab) = file.vocab() {
         let n = vocab.tokens.len();
         assert!(n > 0 && vocab.scores.len() == n && vocab.token_types.len() == n);
-        let ids = [vocab.unk_id.unwrap_or(0), vocab.bos_id.unwrap_or(1), vocab.eos_id.unwrap_or(2)];
-        let built = Tokenizer::from_vocab_parts(
-            vocab.tokens,
-            vocab.scores,
-            &vocab.token_types,
-            ids,
-            vocab.pad_id,
-            vocab.add_space_prefix,
-        );
-        if let Ok(tokenizer) = built {
-            let ids = tokenizer.encode("Hello world\n\u{4f60}", true);
-            assert!(ids.iter().all(|&id| (id as usize) < tokenizer.vocab_size()));
-            let _ = tokenizer.decode(&ids);
-        }
+    }
+    if let Ok(tokenizer) = vicuna_engine::tokenizer_from_gguf(&file) {
+        let ids = tokenizer.encode("Hello world\n\u{4f60}", true);
+        assert!(ids.iter().all(|&id| (id as usize) < tokenizer.vocab_size()));
+        let _ = tokenizer.decode(&ids);
     }
 });

@@ -3,13 +3,12 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use vicuna_engine::{DraftLimits, DraftSource, Drafter, SamplingParams};
+use vicuna_engine::{check_tokenizer_fits, tokenizer_from_gguf, DraftLimits, DraftSource, Drafter, SamplingParams};
 use vicuna_model::QuantLlama;
 use vicuna_tokenizer::Tokenizer;
 use vicuna_weights::hub::{resolve_model, HubKind};
 use vicuna_weights::GgufFile;
 
-use crate::gguf_vocab::tokenizer_from_gguf;
 use crate::output::Display;
 use crate::Result;
 
@@ -102,7 +101,7 @@ impl ModelArgs {
         };
         tracing::info!("loaded {} in {:.2?}", self.model.display(), start.elapsed());
         if let Some(tokenizer) = &tokenizer {
-            check_tokenizer_fits(&model, tokenizer, &self.model)?;
+            check_tokenizer_fits(tokenizer, model.config().vocab_size, &self.model.display().to_string())?;
         }
         Ok((model, tokenizer))
     }
@@ -177,13 +176,7 @@ impl SpeculativeArgs {
 
     /// The draft model, when one was given (checked against `target`'s vocabulary when the drafter is made).
     pub fn load_draft(&self, threads: Option<usize>) -> Result<Option<QuantLlama>> {
-        if self.draft_max == 0 || self.draft_min > self.draft_max {
-            return Err(format!(
-                "--draft-max must be at least 1 and at least --draft-min (got --draft-max {} --draft-min {})",
-                self.draft_max, self.draft_min
-            )
-            .into());
-        }
+        self.limits()?;
         let Some(path) = &self.draft_model else { return Ok(None) };
         QuantLlama::load(path, compute_threads(threads))
             .map(Some)
@@ -204,31 +197,16 @@ impl SpeculativeArgs {
             _ => return Ok(None),
         };
         let drafter =
-            source.drafter(target, params.clone(), seed, self.limits()).map_err(|e| match &self.draft_model {
+            source.drafter(target, params.clone(), seed, self.limits()?).map_err(|e| match &self.draft_model {
                 Some(path) => format!("--draft-model {}: {e}", path.display()),
                 None => e.to_string(),
             })?;
         Ok(Some(drafter))
     }
 
-    pub fn limits(&self) -> DraftLimits {
-        DraftLimits { max: self.draft_max, min: self.draft_min.max(1) }
+    pub fn limits(&self) -> Result<DraftLimits> {
+        Ok(DraftLimits { max: self.draft_max, min: self.draft_min }.check()?)
     }
-}
-
-/// A tokenizer with more tokens than the model has embedding rows would feed it ids it has no row for.
-pub fn check_tokenizer_fits(model: &QuantLlama, tokenizer: &Tokenizer, model_path: &Path) -> Result<()> {
-    let vocab_size = model.config().vocab_size;
-    if tokenizer.vocab_size() > vocab_size {
-        return Err(format!(
-            "the tokenizer has {} tokens but the model {} only {vocab_size}: they do not belong together; use the \
-             model's own tokenizer",
-            tokenizer.vocab_size(),
-            model_path.display()
-        )
-        .into());
-    }
-    Ok(())
 }
 
 /// `--threads`, or every core the process may use.

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 use vicuna_weights::{run_delta, DeltaOp, DeltaRequest};
 
-use crate::output::{require_dir, run_job, threads, WriteArgs};
+use crate::common::compute_threads;
+use crate::output::{require_dir, run_job, WriteArgs};
 use crate::Result;
 
 #[derive(Args)]
@@ -57,7 +58,7 @@ pub fn run_apply_delta(args: ApplyDeltaArgs, threads_flag: Option<usize>) -> Res
         force: args.write.force,
         verify: args.verify,
         shard_size: args.write.shard_size,
-        threads: threads(threads_flag),
+        threads: compute_threads(threads_flag),
     };
     run_job(args.write.quiet, |control| run_delta(&request, control))
 }
@@ -73,7 +74,7 @@ pub fn run_make_delta(args: MakeDeltaArgs, threads_flag: Option<usize>) -> Resul
         force: args.write.force,
         verify: args.verify,
         shard_size: args.write.shard_size,
-        threads: threads(threads_flag),
+        threads: compute_threads(threads_flag),
     };
     run_job(args.write.quiet, |control| run_delta(&request, control))
 }

@@ -5,7 +5,6 @@
 mod chat;
 mod common;
 mod delta;
-mod gguf_vocab;
 mod inference;
 mod measure;
 mod output;

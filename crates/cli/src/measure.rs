@@ -7,10 +7,13 @@ use std::time::Instant;
 
 use clap::Args;
 use serde_json::json;
-use vicuna_engine::{perplexity_chunks, ChunkLogProbs, PerplexityStats, Rng};
+use vicuna_engine::{
+    generate_speculative, perplexity_chunks, ChunkLogProbs, Context, GenerationConfig, PerplexityStats, Rng,
+    SamplingParams,
+};
 use vicuna_model::QuantLlama;
 
-use crate::common::{check_tokenizer_fits, compute_threads, LoraArgs, ModelArgs};
+use crate::common::{compute_threads, LoraArgs, ModelArgs, SpeculativeArgs};
 use crate::Result;
 
 #[derive(Args)]
@@ -29,10 +32,21 @@ pub struct BenchArgs {
     /// Repetitions of each test (after one warm-up run).
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub repetitions: usize,
+    /// Verify test (what checking a speculative guess costs): one pass over k tokens that returns every row's
+    /// logits, after a context of 64 tokens, for k = 1 to this (0 = skip).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub verify: usize,
+    /// With --lookup or --draft-model: a speculative generation test (`sg`), -n tokens decoded greedily after
+    /// BOS and 32 random tokens, with the share of guesses the model kept.
+    #[command(flatten)]
+    pub speculative: SpeculativeArgs,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
 }
+
+/// Verify passes measured after this many tokens of context.
+const VERIFY_CONTEXT: usize = 64;
 
 /// Like llama-bench: random tokens; `pp` evaluates `-p` tokens in one step on an empty cache, `tg` evaluates `-n`
 /// tokens one at a time after BOS; each test first warms up as llama-bench does (a prompt of up to 32 tokens, one
@@ -48,7 +62,14 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
     let load_s = load_start.elapsed().as_secs_f64();
     let config = model.config();
     let context = config.max_position_embeddings;
-    for (flag, tokens) in [("-p", args.n_prompt), ("-n", args.n_gen + 1)] {
+    let speculating = args.speculative.lookup || args.speculative.draft_model.is_some();
+    let draft = args.speculative.load_draft(Some(threads))?;
+    for (flag, tokens) in [
+        ("-p", args.n_prompt),
+        ("-n", args.n_gen + 1),
+        ("--verify", if args.verify > 0 { VERIFY_CONTEXT + args.verify } else { 0 }),
+        ("-n with speculation", if speculating { 33 + args.n_gen + args.speculative.draft_max } else { 0 }),
+    ] {
         if tokens > context {
             return Err(format!("{flag} asks for {tokens} positions but the model's context is {context}").into());
         }
@@ -85,6 +106,56 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
         run(&tokens[..1])?;
         results.push(("tg", args.n_gen, measure(|| run(&tokens), args.repetitions)?));
     }
+    // Passes per second of k rows each (k = 1..=K), from the same context each time.
+    let mut verify = Vec::new();
+    if args.verify > 0 {
+        let mut cache = model.new_cache();
+        let mut context = vec![bos];
+        context.extend(random_tokens(VERIFY_CONTEXT - 1));
+        model.next_token_logits(&context, &mut cache)?;
+        let guesses = random_tokens(args.verify);
+        for k in 1..=args.verify {
+            let mut run = || -> Result<f64> {
+                let start = Instant::now();
+                model.forward_all(&guesses[..k], &mut cache)?;
+                let rate = 1.0 / start.elapsed().as_secs_f64();
+                cache.truncate(VERIFY_CONTEXT);
+                Ok(rate)
+            };
+            run()?;
+            verify.push((k, measure(run, args.repetitions)?));
+        }
+    }
+    // Greedy speculative decoding: tokens per second, and guesses kept / made over all runs.
+    let mut speculative = None;
+    if speculating && args.n_gen > 0 {
+        let mut prompt = vec![bos];
+        prompt.extend(random_tokens(32));
+        let config = GenerationConfig {
+            sampling: SamplingParams { do_sample: false, ..SamplingParams::default() },
+            max_new_tokens: args.n_gen,
+            ignore_eos: true,
+            ..GenerationConfig::default()
+        };
+        let counts = std::cell::Cell::new((0, 0));
+        let run = || -> Result<f64> {
+            let mut drafter = args.speculative.drafter(draft.as_ref(), &model, &config.sampling, 0)?;
+            let mut context = Context::new(&model);
+            let start = Instant::now();
+            let generation =
+                generate_speculative(&mut context, &model, None, &prompt, &config, drafter.as_mut(), |_| ())?;
+            let rate = generation.ids.len() as f64 / start.elapsed().as_secs_f64();
+            let drafter = drafter.expect("speculating");
+            let (drafted, accepted) = counts.get();
+            counts.set((drafted + drafter.drafted, accepted + drafter.accepted));
+            Ok(rate)
+        };
+        run()?;
+        counts.set((0, 0));
+        let rate = measure(run, args.repetitions)?;
+        results.push(("sg", args.n_gen, rate));
+        speculative = Some(counts.get());
+    }
 
     let size = std::fs::metadata(&args.model).map(|m| m.len()).unwrap_or(0);
     let weight_bytes = model.weight_bytes_per_step();
@@ -107,6 +178,19 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
         if let Some((_, _, (tg, _))) = results.iter().find(|r| r.0 == "tg") {
             out["tg_weight_gb_per_s"] = json!(tg * weight_bytes as f64 / 1e9);
         }
+        if !verify.is_empty() {
+            out["verify_context"] = json!(VERIFY_CONTEXT);
+            out["verify"] =
+                verify.iter().map(|(k, (mean, sd))| json!({"k": k, "passes_per_s": mean, "sd": sd})).collect();
+        }
+        if let Some((drafted, accepted)) = speculative {
+            out["speculation"] = json!({
+                "guesser": if draft.is_some() { "draft-model" } else { "lookup" },
+                "draft_max": args.speculative.draft_max,
+                "drafted_tokens": drafted,
+                "accepted_tokens": accepted,
+            });
+        }
         writeln!(stdout, "{out}")?;
         return Ok(());
     }
@@ -120,6 +204,17 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
             "| {name} | {:.2} GiB | {threads} | {test}{tokens} | {mean:.2} ± {sd:.2} | {read} |",
             size as f64 / (1u64 << 30) as f64
         )?;
+    }
+    if let Some((drafted, accepted)) = speculative {
+        let kept = if drafted == 0 { 0.0 } else { 100.0 * accepted as f64 / drafted as f64 };
+        writeln!(stdout, "\nsg: {accepted} of {drafted} guessed tokens kept ({kept:.0}%)")?;
+    }
+    if let Some((_, (one, _))) = verify.first() {
+        writeln!(stdout, "\n| verify rows k | passes/s | ms per pass | cost vs k = 1 |")?;
+        writeln!(stdout, "|---:|---:|---:|---:|")?;
+        for (k, (mean, sd)) in &verify {
+            writeln!(stdout, "| {k} | {mean:.2} ± {sd:.2} | {:.2} | {:.2}× |", 1e3 / mean, one / mean)?;
+        }
     }
     let cpu = cpu_report();
     writeln!(
@@ -152,7 +247,7 @@ fn cpu_report() -> serde_json::Value {
 }
 
 /// `reps` runs of `run` (tokens per second each): mean and sample standard deviation.
-fn measure(run: impl Fn() -> Result<f64>, reps: usize) -> Result<(f64, f64)> {
+fn measure(mut run: impl FnMut() -> Result<f64>, reps: usize) -> Result<(f64, f64)> {
     let rates = (0..reps).map(|_| run()).collect::<Result<Vec<f64>>>()?;
     let mean = rates.iter().sum::<f64>() / reps as f64;
     let var = if reps > 1 { rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (reps - 1) as f64 } else { 0.0 };
@@ -279,5 +374,5 @@ fn check_fits(model: &QuantLlama, tokenizer: &vicuna_tokenizer::Tokenizer, ctx: 
     if ctx > context {
         return Err(format!("--ctx {ctx} is longer than the context of {} ({context})", path.display()).into());
     }
-    check_tokenizer_fits(model, tokenizer, path)
+    Ok(vicuna_engine::check_tokenizer_fits(tokenizer, model.config().vocab_size, &path.display().to_string())?)
 }

@@ -227,11 +227,6 @@ fn plain_line(phase: &str, done: u64, total: u64, elapsed: Duration) -> String {
     format!("{phase}: {} of {} ({percent:.0}%), {}/s, ETA {:.0}s", human(done), human(total), human(rate as u64), eta)
 }
 
-/// The number of threads for a job: --threads, else every core.
-pub fn threads(requested: Option<usize>) -> usize {
-    requested.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
-}
-
 /// Says that `path` is given where a folder is expected, for the commands' checks.
 pub fn require_dir(flag: &str, path: &Path) -> Result<()> {
     if !path.is_dir() {

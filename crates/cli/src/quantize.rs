@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use vicuna_weights::{run_quantize, GgufVocab, LlamaConfig, QuantizeRequest, QuantizeTarget};
 
-use crate::gguf_vocab::vocab_from_tokenizer;
-use crate::output::{run_job, threads};
+use crate::common::compute_threads;
+use crate::output::run_job;
 use crate::Result;
+use vicuna_engine::vocab_from_tokenizer;
 
 /// GGUF tensor types, named as llama.cpp's `llama-quantize` names them.
 #[derive(Clone, Copy, ValueEnum)]
@@ -90,7 +91,7 @@ pub fn run_quantize_command(args: QuantizeArgs, threads_flag: Option<usize>) -> 
         name: args.name,
         out: args.out,
         force: args.force,
-        threads: threads(threads_flag),
+        threads: compute_threads(threads_flag),
     };
     run_job(args.quiet, |control| run_quantize(&request, control))
 }

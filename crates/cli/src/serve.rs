@@ -107,10 +107,9 @@ pub fn run_serve(args: ServeArgs, threads: Option<usize>) -> Result<()> {
     let listener = vicuna_server::bind(&args.host, args.port).map_err(|e| e.to_string())?;
     let (model, tokenizer) = args.model.load_with_tokenizer(threads)?;
     let draft = args.speculative.load_draft(threads)?;
-    let speculation = (draft.is_some() || args.speculative.lookup).then(|| vicuna_server::Speculation {
-        draft_model: draft.map(std::sync::Arc::new),
-        limits: args.speculative.limits(),
-    });
+    let limits = args.speculative.limits()?;
+    let speculation = (draft.is_some() || args.speculative.lookup)
+        .then(|| vicuna_server::Speculation { draft_model: draft.map(std::sync::Arc::new), limits });
     let model_id = args.model_id.unwrap_or_else(|| {
         let folder = args.model.model.canonicalize().unwrap_or_else(|_| args.model.model.clone());
         folder.file_name().map_or_else(|| "vicuna".into(), |name| name.to_string_lossy().into_owned())

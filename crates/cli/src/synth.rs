@@ -12,10 +12,11 @@ use vicuna_weights::{
     run_synth, run_synth_gguf, DType, GgufVocab, LlamaConfig, QuantizeTarget, SynthRequest, SynthShape,
 };
 
-use crate::gguf_vocab::vocab_from_tokenizer;
-use crate::output::{run_job, threads, WriteArgs};
+use crate::common::compute_threads;
+use crate::output::{run_job, WriteArgs};
 use crate::quantize::GgufTypeArg;
 use crate::Result;
+use vicuna_engine::vocab_from_tokenizer;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ShapeArg {
@@ -111,7 +112,7 @@ pub fn run_synth_command(args: SynthArgs, threads_flag: Option<usize>) -> Result
         out: args.out,
         force: args.write.force,
         shard_size: args.write.shard_size,
-        threads: threads(threads_flag),
+        threads: compute_threads(threads_flag),
     };
     if !is_gguf {
         if args.tokenizer.is_some() {

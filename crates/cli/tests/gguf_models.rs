@@ -146,6 +146,33 @@ fn bench_reports_both_tests() {
     assert_eq!((report["p"].as_u64(), report["n"].as_u64(), report["threads"].as_u64()), (Some(16), Some(4), Some(1)));
 }
 
+/// `--verify K` times k-row passes for k = 1..=K; `--lookup` / `--draft-model` add the speculative test `sg`.
+/// The model drafting for itself must have every guess kept (greedy), which checks the counts are real.
+#[test]
+fn bench_times_verify_passes_and_speculation() {
+    let dir = TempDir::new("gguf-bench-spec");
+    let file = quantize(&dir, "models/tiny-a/safetensors-f32", "q8_0", &["--synthetic-vocab"]);
+    let bench = |extra: &[&str]| {
+        let args = [&["-t", "1", "bench", "--model", s(&file), "-p", "0", "-n", "12", "-r", "2", "--json"], extra];
+        stdout_json(&vicuna(&args.concat()))
+    };
+    let report = bench(&["--verify", "3", "--lookup", "--draft-max", "4"]);
+    let verify = report["verify"].as_array().expect("verify rows");
+    assert_eq!(verify.iter().map(|r| r["k"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3], "{report}");
+    assert!(verify.iter().all(|r| r["passes_per_s"].as_f64().unwrap() > 0.0), "{report}");
+    assert!(report["sg_tps"].as_f64().unwrap() > 0.0 && report["tg_tps"].as_f64().unwrap() > 0.0, "{report}");
+    let spec = &report["speculation"];
+    assert_eq!((spec["guesser"].as_str(), spec["draft_max"].as_u64()), (Some("lookup"), Some(4)), "{report}");
+    assert!(spec["drafted_tokens"].as_u64().unwrap() >= spec["accepted_tokens"].as_u64().unwrap(), "{report}");
+
+    let report = bench(&["--draft-model", s(&file)]);
+    let spec = &report["speculation"];
+    assert_eq!(spec["guesser"], "draft-model", "{report}");
+    assert!(spec["drafted_tokens"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(spec["drafted_tokens"], spec["accepted_tokens"], "a model agrees with itself: {report}");
+    assert!(report.get("verify").is_none(), "{report}");
+}
+
 #[test]
 fn bad_gguf_and_bad_flags_are_clear_errors() {
     let dir = TempDir::new("gguf-bad");
@@ -156,6 +183,7 @@ fn bad_gguf_and_bad_flags_are_clear_errors() {
     for args in [
         vec!["generate", "--model", s(&truncated), "--ids", "1,2", "--json"],
         vec!["bench", "--model", s(&whole), "-p", "4096"],
+        vec!["bench", "--model", s(&whole), "--lookup", "--draft-max", "2", "--draft-min", "3"],
         vec!["perplexity", "--model", s(&whole), "--file", s(&dir.join("missing.txt"))],
     ] {
         let output = vicuna(&args);

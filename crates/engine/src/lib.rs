@@ -9,6 +9,7 @@ mod sampling;
 mod score;
 pub mod speculative;
 pub mod template;
+mod vocab;
 
 pub use constraint::{Allowed, Constraint, Grammar, GrammarSpec, JSON_WHITESPACE};
 pub use generate::{
@@ -23,3 +24,4 @@ pub use sampling::{
 };
 pub use score::{log_softmax_at, score, Score};
 pub use speculative::{Draft, DraftLimits, DraftSource, Drafter};
+pub use vocab::{check_tokenizer_fits, tokenizer_from_gguf, vocab_from_tokenizer};

@@ -12,7 +12,7 @@
 //! Both are exact: greedy output is the same token for token as without speculation, and sampled
 //! output keeps the model's distribution (see [`Sampler::sample_draft`]).
 
-use vicuna_model::{QuantLlama, Result};
+use vicuna_model::{Error, QuantLlama, Result};
 
 use crate::generate::Context;
 use crate::sampling::{Distribution, History, Sampler, SamplingParams};
@@ -34,6 +34,21 @@ pub struct DraftLimits {
 impl Default for DraftLimits {
     fn default() -> Self {
         DraftLimits { max: 8, min: 1 }
+    }
+}
+
+impl DraftLimits {
+    /// Limits a drafter can work with, named by their flags in the message: `--draft-max` at least 1,
+    /// `--draft-min` at most `--draft-max` (0 means no minimum, as llama.cpp's default: the same as 1).
+    pub fn check(self) -> Result<Self> {
+        let DraftLimits { max, min } = self;
+        if max == 0 || min > max {
+            return Err(Error::msg(format!(
+                "--draft-max {max} and --draft-min {min}: --draft-max must be at least 1, and --draft-min at most \
+                 --draft-max"
+            )));
+        }
+        Ok(DraftLimits { max, min: min.max(1) })
     }
 }
 

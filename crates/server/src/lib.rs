@@ -232,28 +232,15 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
             return Err(format!("{flag} must be at least 1").into());
         }
     }
-    if let Some(speculation) = &options.speculation {
-        let DraftLimits { max, min } = speculation.limits;
-        if max == 0 || min == 0 || min > max {
-            return Err(format!(
-                "--draft-max {max} and --draft-min {min}: both must be at least 1, and --draft-min at most --draft-max"
-            )
-            .into());
-        }
+    let draft_limits = options.speculation.as_ref().map(|s| s.limits.check()).transpose()?;
+    if let (Some(speculation), Some(limits)) = (&options.speculation, draft_limits) {
         if let Some(draft) = &speculation.draft_model {
             DraftSource::Model(draft)
-                .drafter(model, SamplingParams::default(), 0, speculation.limits)
+                .drafter(model, SamplingParams::default(), 0, limits)
                 .map_err(|e| format!("--draft-model: {e}"))?;
         }
     }
-    if tokenizer.vocab_size() > c.vocab_size {
-        return Err(format!(
-            "the tokenizer has {} tokens but the model only {}: they do not belong together",
-            tokenizer.vocab_size(),
-            c.vocab_size
-        )
-        .into());
-    }
+    vicuna_engine::check_tokenizer_fits(tokenizer, c.vocab_size, &options.model_id)?;
     Ok(Plan {
         limits: Limits {
             max_input_bytes,
@@ -271,7 +258,7 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
             prefix_cache: options.prefix_cache,
             prefix_cache_blocks: options.prefix_cache_blocks,
             max_loras: options.max_loras,
-            speculation: options.speculation.as_ref().map(|s| s.limits),
+            speculation: draft_limits,
         },
         kv_tokens,
     })

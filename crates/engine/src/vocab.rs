@@ -2,14 +2,19 @@
 //! `convert_hf_to_gguf.py` builds it (`_create_vocab_sentencepiece`): the pieces, scores and types
 //! of `tokenizer.model`; added tokens (`added_tokens.json`, e.g. StableVicuna's `[PAD]` = 32000) as
 //! user-defined pieces with score -1000; and `[PAD<i>]` unused pieces up to the model's vocabulary
-//! size. (The tokenizer and weights crates do not know each other; this is where they meet.)
+//! size. The reverse: the tokenizer a GGUF file carries. And the check that a tokenizer belongs to
+//! a model. (The tokenizer and weights crates do not know each other; this is where they meet, for
+//! the command line, the server and the fuzz targets alike.)
 
 use std::path::{Path, PathBuf};
 
+use vicuna_model::{Error, Result};
 use vicuna_tokenizer::{SentencePieceBpe, Tokenizer};
 use vicuna_weights::{GgufFile, GgufVocab, TOKEN_TYPE_USER_DEFINED};
 
-use crate::Result;
+fn tokenizer_error(e: vicuna_tokenizer::Error) -> Error {
+    Error::msg(e.to_string())
+}
 
 /// SentencePiece's type code of unused pieces (the converter's padding).
 const TOKEN_TYPE_UNUSED: i32 = 5;
@@ -21,16 +26,15 @@ const ADDED_SCORE: f32 = -1000.0;
 pub fn vocab_from_tokenizer(path: &Path, vocab_size: usize) -> Result<GgufVocab> {
     let model_file: PathBuf = if path.is_dir() { path.join("tokenizer.model") } else { path.to_path_buf() };
     if !model_file.is_file() {
-        return Err(format!(
+        return Err(Error::msg(format!(
             "{} not found; GGUF needs the SentencePiece tokenizer.model of the model (pass --tokenizer FILE, or --synthetic-vocab for a test model)",
             model_file.display()
-        )
-        .into());
+        )));
     }
     let dir = model_file.parent().unwrap_or(Path::new("."));
-    let bpe = SentencePieceBpe::from_file(&model_file)?;
+    let bpe = SentencePieceBpe::from_file(&model_file).map_err(tokenizer_error)?;
     // Loads the side files too: added tokens and the pad token.
-    let tokenizer = Tokenizer::from_file(&model_file)?;
+    let tokenizer = Tokenizer::from_file(&model_file).map_err(tokenizer_error)?;
     let mut tokens = Vec::with_capacity(tokenizer.vocab_size());
     let mut scores = Vec::with_capacity(tokenizer.vocab_size());
     let mut token_types = Vec::with_capacity(tokenizer.vocab_size());
@@ -49,12 +53,11 @@ pub fn vocab_from_tokenizer(path: &Path, vocab_size: usize) -> Result<GgufVocab>
         token_types.push(TOKEN_TYPE_USER_DEFINED);
     }
     if tokens.len() > vocab_size {
-        return Err(format!(
+        return Err(Error::msg(format!(
             "the tokenizer {} has {} tokens but the model only {vocab_size} embedding rows; use the model's own tokenizer",
             model_file.display(),
             tokens.len()
-        )
-        .into());
+        )));
     }
     for i in 0..vocab_size - tokens.len() {
         tokens.push(format!("[PAD{i}]"));
@@ -82,12 +85,12 @@ fn add_special_tokens(path: &Path) -> Result<(bool, bool)> {
     if !path.is_file() {
         return Ok((true, false));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{} is not valid JSON ({e}); restore it", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::msg(format!("cannot read {}: {e}", path.display())))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::msg(format!("{} is not valid JSON ({e}); restore it", path.display())))?;
     let flag = |key: &str, default: bool| match json.get(key) {
         None | Some(serde_json::Value::Null) => Ok(default),
-        Some(v) => v.as_bool().ok_or_else(|| format!("{}: {key} must be true or false", path.display())),
+        Some(v) => v.as_bool().ok_or_else(|| Error::msg(format!("{}: {key} must be true or false", path.display()))),
     };
     Ok((flag("add_bos_token", true)?, flag("add_eos_token", false)?))
 }
@@ -97,11 +100,10 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer> {
     let vocab = file.vocab()?;
     let source = file.path().display();
     if vocab.model != "llama" {
-        return Err(format!(
+        return Err(Error::msg(format!(
             "{source}: tokenizer.ggml.model is {:?}, but only SentencePiece vocabularies (\"llama\") are supported; pass --tokenizer FILE",
             vocab.model
-        )
-        .into());
+        )));
     }
     let special = |id: Option<u32>, what: &str, default: u32| {
         id.unwrap_or_else(|| {
@@ -118,5 +120,18 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer> {
         vocab.pad_id,
         vocab.add_space_prefix,
     )
-    .map_err(|e| format!("{source}: its tokenizer: {e}").into())
+    .map_err(|e| Error::msg(format!("{source}: its tokenizer: {e}")))
+}
+
+/// A tokenizer with more tokens than the model (`model`, named in the message) has embedding rows
+/// would feed it ids it has no row for.
+pub fn check_tokenizer_fits(tokenizer: &Tokenizer, vocab_size: usize, model: &str) -> Result<()> {
+    if tokenizer.vocab_size() > vocab_size {
+        return Err(Error::msg(format!(
+            "the tokenizer has {} tokens but the model {model} only {vocab_size}: they do not belong together; use the \
+             model's own tokenizer",
+            tokenizer.vocab_size()
+        )));
+    }
+    Ok(())
 }
