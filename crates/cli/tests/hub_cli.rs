@@ -155,3 +155,128 @@ fn tokenize_with_a_hub_id_fetches_only_the_tokenizer_files() {
     assert!(!snapshot.join("model.safetensors").exists(), "the weights stay on the Hub");
     assert!(!snapshot.join("expected_tokenization.json").exists(), "and so do files the tokenizer does not read");
 }
+
+/// One HTTP/1.1 request to the server at `address` (`Connection: close`): status and body.
+fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("the server accepts connections");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("an HTTP status line");
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    (status, body)
+}
+
+/// Stops the server process of a test, whatever happens to the test.
+struct Serving(std::process::Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// vLLM's `POST /v1/load_lora_adapter` takes a Hub id as `lora_path`: a running `vicuna serve` downloads the
+/// adapter from the mock Hub into the cache and serves it by its name, with the same greedy text as
+/// `vicuna generate --lora` of the local adapter folder (and another text than the base model's).
+#[test]
+fn load_lora_adapter_takes_a_hub_id() {
+    let tmp = test_dir("lora");
+    let cache = tmp.join("cache");
+    let base = fixture("models/tiny-v32001/safetensors-f16");
+    let tokenizer = fixture("tokenizer/tokenizer.model");
+    let (base, tokenizer) = (base.to_str().unwrap(), tokenizer.to_str().unwrap());
+    let rows: String = ["an apple", "a cherry", "a grape", "a lemon"]
+        .iter()
+        .cycle()
+        .take(16)
+        .map(|fruit| format!("{{\"prompt\": \"Name a fruit.\", \"response\": \"I like {fruit}.\"}}\n"))
+        .collect();
+    let data = tmp.join("fruit.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    let adapter = tmp.join("adapter");
+    let train = [
+        "train",
+        "sft",
+        "--model",
+        base,
+        "--tokenizer",
+        tokenizer,
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        adapter.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-2",
+        "--seed",
+        "5",
+        "--lora-rank",
+        "2",
+        "--lora-alpha",
+        "16",
+        "--lora-targets",
+        "q_proj,v_proj",
+    ];
+    assert_ok(&vicuna(&cache, "http://127.0.0.1:9", &train));
+    let server = MockHub::start(vec![MockRepo::from_dir("org/fruit-lora", COMMIT, &adapter)]);
+
+    let prompt = "### Human: Name a fruit.\n### Assistant:";
+    let generate = |lora: &[&str]| {
+        let args = [&["generate", "--model", base, "--tokenizer", tokenizer, "--prompt", prompt][..], lora];
+        let args = [&args.concat()[..], &["--greedy", "--max-new-tokens", "8", "--json"]].concat();
+        let output = vicuna(&cache, &server.url, &args);
+        assert_ok(&output);
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        json["text"].as_str().unwrap().to_string()
+    };
+    let want = generate(&["--lora", adapter.to_str().unwrap()]);
+    assert_ne!(want, generate(&[]), "the adapter changes the text");
+    assert!(server.log().is_empty(), "local folders need no Hub");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vicuna"))
+        .args(["-t", "1", "serve", "--model", base, "--tokenizer", tokenizer, "--port", "0"])
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_ENDPOINT", &server.url)
+        .env("HF_HOME", cache.join("hf-home"))
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let serving = Serving(child);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    let address = line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("{line:?}")).to_string();
+
+    let load = r#"{"lora_name": "fruit", "lora_path": "org/fruit-lora"}"#;
+    let (status, body) = http(&address, "POST", "/v1/load_lora_adapter", load);
+    assert_eq!(status, 200, "{body}");
+    assert!(server.log().iter().any(|r| r.path.contains("adapter_model.safetensors")), "fetched from the Hub");
+    let snapshot = cache.join("models--org--fruit-lora/snapshots").join(COMMIT);
+    assert_eq!(files(&snapshot), files(&adapter), "the adapter, file by file, in the cache");
+
+    let request = serde_json::json!({"model": "fruit", "prompt": prompt, "max_tokens": 8, "temperature": 0});
+    let (status, body) = http(&address, "POST", "/v1/completions", &request.to_string());
+    assert_eq!(status, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["choices"][0]["text"], want.as_str(), "{body}");
+
+    let missing = r#"{"lora_name": "other", "lora_path": "org/no-such-lora"}"#;
+    let (status, body) = http(&address, "POST", "/v1/load_lora_adapter", missing);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("org/no-such-lora"), "{body}");
+    drop(serving);
+}

@@ -300,6 +300,11 @@ fn complete(snapshot: &Path, id: &HubId, kind: HubKind) -> Result<Option<PathBuf
         return Ok(has.then(|| snapshot.to_path_buf()));
     }
     if snapshot.join("config.json").is_file() || snapshot.join("adapter_config.json").is_file() {
+        // An adapter's weights come with its config, also where the repo holds model weights too.
+        let adapter = ADAPTER_WEIGHTS.iter().any(|name| snapshot.join(name).is_file());
+        if snapshot.join("adapter_config.json").is_file() && !adapter {
+            return Ok(None);
+        }
         for (name, is_index) in WEIGHT_LAYOUTS {
             let path = snapshot.join(name);
             if !path.is_file() {
@@ -312,7 +317,6 @@ fn complete(snapshot: &Path, id: &HubId, kind: HubKind) -> Result<Option<PathBuf
             let all = shards.iter().all(|shard| snapshot.join(shard).is_file());
             return Ok(all.then(|| snapshot.to_path_buf()));
         }
-        let adapter = ADAPTER_WEIGHTS.iter().any(|name| snapshot.join(name).is_file());
         return Ok(adapter.then(|| snapshot.to_path_buf()));
     }
     let ggufs = top_level_ggufs(fs::read_dir(snapshot).into_iter().flatten().filter_map(|entry| {
@@ -364,15 +368,22 @@ fn select(
         if has("tokenizer.model") {
             files.push("tokenizer.model".into());
         }
+        let adapter = ADAPTER_WEIGHTS.iter().find(|name| has(name));
+        if let (true, Some(name)) = (has("adapter_config.json"), adapter) {
+            // Also beside model weights: `--lora` and `load_lora_adapter` read these.
+            files.push(name.to_string());
+        }
         let index = match layout {
             Some((name, true)) => Some(name.to_string()),
             Some((name, false)) => {
                 files.push(name.to_string());
                 None
             }
-            None => match ADAPTER_WEIGHTS.iter().find(|name| has(name)) {
+            None => match adapter {
                 Some(name) => {
-                    files.push(name.to_string());
+                    if !files.iter().any(|f| f == name) {
+                        files.push(name.to_string());
+                    }
                     None
                 }
                 None => bail!(
