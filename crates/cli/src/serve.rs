@@ -39,8 +39,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2048)]
     pub max_total_tokens: usize,
     /// KV-cache budget in tokens across the batch; a request reserves its prompt plus
-    /// max_new_tokens and waits until that fits (default: 4 GiB of cache, at most
-    /// max-concurrent-requests × max-total-tokens).
+    /// max_new_tokens and waits until that fits (default: 4 GiB of cache, a --draft-model's cache
+    /// included, at most max-concurrent-requests × max-total-tokens).
     #[arg(long)]
     pub max_batch_total_tokens: Option<usize>,
     /// Prompt tokens read per step: longer prompts are read in chunks of this size between the

@@ -380,7 +380,7 @@ impl<'a> Sequence<'a> {
         rows: &mut [f32],
         vocab: usize,
         draft: &Draft,
-        mut on_step: impl FnMut(&Step),
+        mut on_step: impl FnMut(Step),
     ) -> usize {
         let mut steps = 0;
         for (j, row) in rows.chunks_exact_mut(vocab).enumerate() {
@@ -389,8 +389,9 @@ impl<'a> Sequence<'a> {
                 Some(&guess) => self.advance_with(row, Some((guess, draft.probs.get(j)))),
                 None => (self.advance(row), false),
             };
-            on_step(&step);
-            if step.finish_reason.is_some() || !kept {
+            let last = step.finish_reason.is_some() || !kept;
+            on_step(step);
+            if last {
                 break;
             }
         }

@@ -38,7 +38,8 @@ use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::validation::{Limits, MAX_CHOICES};
 
 /// Default KV budget when `--max-batch-total-tokens` is not given: this much cache memory (keys
-/// and values), but no more than `max_concurrent_requests` full-length requests need.
+/// and values, the draft model's included), but no more than `max_concurrent_requests` full-length
+/// requests need.
 const DEFAULT_KV_BUDGET_BYTES: usize = 4 << 30;
 
 /// How to serve, besides where (the listener): what `vicuna serve`'s flags set (see its `--help`).
@@ -208,7 +209,10 @@ fn plan(model: &QuantLlama, tokenizer: &Tokenizer, options: &ServerOptions) -> R
         }
     }
     let c = model.config();
-    let kv_bytes_per_token = model.kv_bytes_per_token();
+    // With a draft model each sequence also keeps the draft's cache, as long as its own: the budget pays for both.
+    let draft_kv_bytes =
+        options.speculation.as_ref().and_then(|s| s.draft_model.as_ref()).map_or(0, |d| d.kv_bytes_per_token());
+    let kv_bytes_per_token = model.kv_bytes_per_token() + draft_kv_bytes;
     let kv_tokens = options.max_batch_total_tokens.unwrap_or_else(|| {
         (DEFAULT_KV_BUDGET_BYTES / kv_bytes_per_token.max(1))
             .min(options.max_concurrent_requests.saturating_mul(max_total))

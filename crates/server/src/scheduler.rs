@@ -790,7 +790,7 @@ fn check_guesses(
 ) -> Option<GeneratedToken> {
     let draft = std::mem::take(&mut active.draft);
     let mut steps: Vec<Step> = Vec::with_capacity(draft.ids.len() + 1);
-    active.sequence.check_draft(rows, vocab, &draft, |step| steps.push(step.clone()));
+    active.sequence.check_draft(rows, vocab, &draft, |step| steps.push(step));
     let kept = steps.len() - 1;
     active.drafter.as_mut().expect("a draft came from the drafter").record(draft.ids.len(), kept);
     metrics.speculated(draft.ids.len(), kept);

@@ -214,3 +214,32 @@ fn a_draft_model_of_another_vocabulary_is_refused_at_start() {
         .to_string();
     assert!(error.contains("--draft-model") && error.contains("512") && error.contains("32001"), "{error}");
 }
+
+/// Each sequence keeps a cache of the draft model as long as its own, so the default KV budget (4 GiB when
+/// `--max-batch-total-tokens` is not given) counts the draft's bytes per token beside the model's.
+#[test]
+fn the_default_kv_budget_pays_for_the_draft_cache_too() {
+    let dir = demo_chat_dir();
+    let budget_tokens = |speculation: Option<Speculation>| {
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap().unwrap();
+        let model = load(&dir, KvType::F32);
+        let draft_bytes =
+            speculation.as_ref().and_then(|s| s.draft_model.as_ref()).map_or(0, |d| d.kv_bytes_per_token());
+        let per_token = model.kv_bytes_per_token() + draft_bytes;
+        // Enough concurrent requests that the byte budget, not the request count, sets the token budget.
+        let options = ServerOptions { speculation, max_concurrent_requests: 1 << 20, ..test_options() };
+        let server = TestServer::start_with(model, tokenizer, options);
+        let info = common::get(server.addr, "/info").json();
+        (info["max_batch_total_tokens"].as_u64().unwrap() as usize, per_token)
+    };
+    let (alone, model_bytes) = budget_tokens(None);
+    assert_eq!(alone, (4usize << 30) / model_bytes);
+    let draft = load(&common::repo_root().join("models/demo/ship/base"), KvType::F32);
+    let speculation = Speculation { draft_model: Some(Arc::new(draft)), limits: LIMITS };
+    let (with_draft, both_bytes) = budget_tokens(Some(speculation));
+    assert!(both_bytes > model_bytes);
+    assert_eq!(with_draft, (4usize << 30) / both_bytes);
+    // Lookup keeps no second cache.
+    let (lookup, _) = budget_tokens(Some(Speculation { draft_model: None, limits: LIMITS }));
+    assert_eq!(lookup, alone);
+}
