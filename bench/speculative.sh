@@ -10,6 +10,10 @@
 # kept; then the mean speed-up over plain decoding. Greedy outputs are checked to be identical
 # across modes (the run fails otherwise). Not part of CI.
 #
+# LLAMA_SPECULATIVE=PATH (llama.cpp's llama-speculative, built from the llama-cpp-python sdist's vendored source)
+# adds llama.cpp on the same pair (MODEL and DRAFT_MODEL as GGUF files), same prompt, threads, greedy, up to 96
+# tokens and --draft-max 8: its own "decoded ... speed" figure, and its share of drafts accepted.
+#
 # PROJECT=FILE (the 13b-shape q4_0 GGUF, say) adds what the measured acceptance would mean for that model:
 # `vicuna bench --verify` times its k-row passes (k = 1..draft max + 1), and per mode
 #   projected tokens/s = tokens per pass / t(rows per pass)
@@ -76,11 +80,23 @@ print(d.get("drafted_tokens", 0), d.get("accepted_tokens", 0))' <<<"$out")
     tokens[$mode]=$((${tokens[$mode]:-0} + n))
     drafted[$mode]=$((${drafted[$mode]:-0} + d))
     kept[$mode]=$((${kept[$mode]:-0} + a))
+    if [[ $mode == draft && -n ${LLAMA_SPECULATIVE:-} ]]; then
+      "$LLAMA_SPECULATIVE" -m "$MODEL" -md "$DRAFT" -p "$prompt" -n 96 --spec-draft-n-max 8 --temp 0 \
+        -t "$THREADS" -td "$THREADS" >/tmp/llama-speculative.log 2>&1
+      read -r ln lspeed < <(sed -n 's/.*decoded *\([0-9]*\) tokens in .* speed: *\([0-9.]*\) t\/s.*/\1 \2/p' \
+        /tmp/llama-speculative.log | tail -1)
+      laccept=$(sed -n 's/.*accept *= *\([0-9.]*\)%.*/\1/p' /tmp/llama-speculative.log | tail -1)
+      printf '%-10s %-8s %7s %10s %8s\n' "#$i" llama.cpp "$ln" "$lspeed" "$(python3 -c "print('%.2f' % ($laccept / 100))")"
+      total[llama.cpp]=$(python3 -c "print(${total[llama.cpp]:-0} + $lspeed)")
+    fi
   done
 done
 for mode in "${modes[@]}"; do
   python3 -c "print(f'$mode: mean {${total[$mode]}/${#prompts[@]}:.1f} tokens/s, {${total[$mode]}/${total[plain]}:.2f}x plain')"
 done
+if [[ -n ${total[llama.cpp]:-} ]]; then
+  python3 -c "print(f'llama.cpp speculative: mean {${total[llama.cpp]}/${#prompts[@]}:.1f} tokens/s; vicuna draft / llama.cpp = {${total[draft]}/${total[llama.cpp]}:.2f}x')"
+fi
 
 if [[ -n ${PROJECT:-} ]]; then
   "$VICUNA" -t "$THREADS" bench --model "$PROJECT" -p 0 -n 16 -r 3 --verify 9 --json >/tmp/speculative-verify.json

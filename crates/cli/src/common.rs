@@ -167,6 +167,10 @@ pub struct SpeculativeArgs {
     /// Fewer guesses than this are not checked (the step decodes one token).
     #[arg(long, default_value_t = 1)]
     pub draft_min: usize,
+    /// The draft model stops guessing at a token it gives less probability than this (llama.cpp's
+    /// --draft-p-min; 0: always --draft-max guesses). Lookup ignores it.
+    #[arg(long, default_value_t = 0.0)]
+    pub draft_p_min: f32,
 }
 
 impl SpeculativeArgs {
@@ -205,7 +209,7 @@ impl SpeculativeArgs {
     }
 
     pub fn limits(&self) -> Result<DraftLimits> {
-        Ok(DraftLimits { max: self.draft_max, min: self.draft_min }.check()?)
+        Ok(DraftLimits { max: self.draft_max, min: self.draft_min, p_min: self.draft_p_min }.check()?)
     }
 }
 

@@ -140,6 +140,15 @@ impl Distribution {
         }
     }
 
+    /// How sure the distribution is of `id`: its probability, the softmax of the processed logits for a
+    /// greedy step (where [`Distribution::prob`] is 1 or 0).
+    pub fn confidence(&self, id: u32) -> f64 {
+        match self {
+            Distribution::Greedy { id: chosen, logprob, .. } if *chosen == id => f64::from(*logprob).exp(),
+            _ => self.prob(id),
+        }
+    }
+
     /// The pick of `id` with its log-probability and the `top_n` most likely tokens.
     fn pick(&self, id: u32, top_n: usize) -> Pick {
         match self {

@@ -22,33 +22,41 @@ use crate::sampling::{Distribution, History, Sampler, SamplingParams};
 pub const LOOKUP_NGRAM_MAX: usize = 3;
 
 /// How many tokens to guess per step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DraftLimits {
     /// At most this many (llama.cpp's `--draft-max`).
     pub max: usize,
     /// Guesses shorter than this are not checked; the step decodes one token as usual
     /// (llama.cpp's `--draft-min`).
     pub min: usize,
+    /// A draft model stops guessing at a token it gives less probability than this (under its own
+    /// processed distribution), as llama.cpp's `--draft-p-min`: an unsure draft is seldom kept, and
+    /// each guess costs a row of the checking pass. 0: always up to `max`. Lookup ignores it.
+    pub p_min: f32,
 }
 
 impl Default for DraftLimits {
     fn default() -> Self {
-        DraftLimits { max: 8, min: 1 }
+        DraftLimits { max: 8, min: 1, p_min: 0.0 }
     }
 }
 
 impl DraftLimits {
     /// Limits a drafter can work with, named by their flags in the message: `--draft-max` at least 1,
-    /// `--draft-min` at most `--draft-max` (0 means no minimum, as llama.cpp's default: the same as 1).
+    /// `--draft-min` at most `--draft-max` (0 means no minimum, as llama.cpp's default: the same as 1),
+    /// `--draft-p-min` in [0, 1).
     pub fn check(self) -> Result<Self> {
-        let DraftLimits { max, min } = self;
+        let DraftLimits { max, min, p_min } = self;
         if max == 0 || min > max {
             return Err(Error::msg(format!(
                 "--draft-max {max} and --draft-min {min}: --draft-max must be at least 1, and --draft-min at most \
                  --draft-max"
             )));
         }
-        Ok(DraftLimits { max, min: min.max(1) })
+        if !(0.0..1.0).contains(&p_min) {
+            return Err(Error::msg(format!("--draft-p-min {p_min}: must be at least 0 and below 1")));
+        }
+        Ok(DraftLimits { max, min: min.max(1), p_min })
     }
 }
 
@@ -153,7 +161,7 @@ impl<'m> Drafter<'m> {
         let draft = match &mut self.guesser {
             Guesser::Lookup => Draft { ids: lookup(context, LOOKUP_NGRAM_MAX, k), probs: Vec::new() },
             Guesser::Model { model, context: cache, sampler } => {
-                draft_tokens(model, cache, sampler, context, prompt_len, k)?
+                draft_tokens(model, cache, sampler, context, prompt_len, k, self.limits.p_min)?
             }
         };
         if draft.ids.len() < self.limits.min {
@@ -180,7 +188,8 @@ pub fn lookup(context: &[u32], ngram_max: usize, k: usize) -> Vec<u32> {
     Vec::new()
 }
 
-/// `k` tokens from the draft model after `context`, its cache reused across steps.
+/// Up to `k` tokens from the draft model after `context`, its cache reused across steps; it stops
+/// before a token it gives less than `p_min`.
 fn draft_tokens(
     model: &QuantLlama,
     cache: &mut Context,
@@ -188,6 +197,7 @@ fn draft_tokens(
     context: &[u32],
     prompt_len: usize,
     k: usize,
+    p_min: f32,
 ) -> Result<Draft> {
     let reused = cache.reuse(context);
     let mut input = context[reused..].to_vec();
@@ -199,6 +209,9 @@ fn draft_tokens(
         let history = History { context: &seen, prompt_len };
         let dist = sampler.distribution(&mut logits, history, &[], 0);
         let Some(id) = sampler.draw_from(&dist) else { break };
+        if dist.confidence(id) < f64::from(p_min) {
+            break;
+        }
         if matches!(dist, Distribution::Sparse { .. }) {
             draft.probs.push(dist);
         }

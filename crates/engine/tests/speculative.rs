@@ -53,7 +53,7 @@ fn greedy_output_is_the_same_with_lookup_and_with_a_draft_model() {
         let (mut drafted, mut accepted) = (0, 0);
         for prompt in prompts() {
             let plain = generate(&model, None, &prompt, &config, |_| {}).unwrap();
-            for limits in [DraftLimits { max: 4, min: 1 }, DraftLimits { max: 8, min: 2 }] {
+            for limits in [DraftLimits { max: 4, min: 1, p_min: 0.0 }, DraftLimits { max: 8, min: 2, p_min: 0.0 }] {
                 let mut lookup = Drafter::lookup(limits);
                 let mut context = Context::new(&model);
                 let fast =
@@ -88,7 +88,7 @@ fn a_turn_after_speculation_equals_a_fresh_run() {
     let mut conversation = prompts()[2].clone();
     let (mut drafted, mut accepted) = (0, 0);
     for turn in 0..3 {
-        let mut lookup = Drafter::lookup(DraftLimits { max: 6, min: 1 });
+        let mut lookup = Drafter::lookup(DraftLimits { max: 6, min: 1, p_min: 0.0 });
         let reply = generate_speculative(&mut context, &model, None, &conversation, &config, Some(&mut lookup), |_| {})
             .unwrap();
         let fresh = generate(&model, None, &conversation, &config, |_| {}).unwrap();
@@ -131,4 +131,38 @@ fn seeded_speculative_sampling_repeats_and_respects_the_limits() {
     assert_eq!(a.len(), 30, "max_new_tokens holds with guesses");
     assert!(accepted > 0, "{accepted} of {drafted}");
     assert_eq!(run().0, a, "same seed, same tokens");
+}
+
+/// `p_min` (llama.cpp's `--draft-p-min`) ends a draft at a token the draft model is unsure of: fewer guesses are
+/// checked, and the greedy tokens stay the same; limits out of range are refused, naming the flag.
+#[test]
+fn an_unsure_draft_stops_guessing_at_p_min() {
+    let model = load("models/tiny-a/safetensors-f32", None);
+    let draft_model = load("models/tiny-a/safetensors-f16", None);
+    let config = greedy(48);
+    let run = |p_min: f32| {
+        let limits = DraftLimits { max: 8, min: 1, p_min }.check().unwrap();
+        let (mut drafted, mut accepted) = (0, 0);
+        let mut outputs = Vec::new();
+        for prompt in prompts() {
+            let mut drafter = Drafter::model(&draft_model, &model, config.sampling.clone(), 0, limits).unwrap();
+            let mut context = Context::new(&model);
+            let out =
+                generate_speculative(&mut context, &model, None, &prompt, &config, Some(&mut drafter), |_| {}).unwrap();
+            outputs.push(out.ids);
+            (drafted, accepted) = (drafted + drafter.drafted, accepted + drafter.accepted);
+        }
+        (outputs, drafted, accepted)
+    };
+    // The random tiny model is unsure of everything: its top tokens have a few % of the mass, so a p_min of 2%
+    // cuts some drafts short and keeps others.
+    let (all, drafted_all, _) = run(0.0);
+    let (sure, drafted_sure, _) = run(0.02);
+    assert_eq!(sure, all, "p_min changes how many guesses are checked, not the tokens");
+    assert!(0 < drafted_sure && drafted_sure < drafted_all, "{drafted_sure} guesses with p_min, {drafted_all} without");
+    assert_eq!(run(0.5).1, 0, "no token is that sure");
+    for bad in [-0.1, 1.0, f32::NAN] {
+        let error = DraftLimits { max: 8, min: 1, p_min: bad }.check().unwrap_err().to_string();
+        assert!(error.contains("--draft-p-min"), "{error}");
+    }
 }

@@ -330,6 +330,7 @@ pub fn serve_on(
             "guesser": s.guesser(),
             "draft_max": s.limits.max,
             "draft_min": s.limits.min,
+            "draft_p_min": s.limits.p_min,
         })),
         "router": "vicuna",
         "version": env!("CARGO_PKG_VERSION"),

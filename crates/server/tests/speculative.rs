@@ -184,7 +184,7 @@ fn check_speculation(kv: KvType, speculation: Speculation, what: &str) {
     assert_eq!(ids(&alone), ids(&fast_1.sampled), "{what}: seeded sampling repeats");
 }
 
-const LIMITS: DraftLimits = DraftLimits { max: 6, min: 1 };
+const LIMITS: DraftLimits = DraftLimits { max: 6, min: 1, p_min: 0.0 };
 
 #[test]
 fn prompt_lookup_keeps_greedy_replies_in_a_mixed_batch() {
