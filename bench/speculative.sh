@@ -10,6 +10,8 @@
 # kept; then the mean speed-up over plain decoding. Greedy outputs are checked to be identical
 # across modes (the run fails otherwise). Not part of CI.
 #
+# DRAFT_P_MIN=P passes --draft-p-min P to the draft mode.
+#
 # LLAMA_SPECULATIVE=PATH (llama.cpp's llama-speculative, built from the llama-cpp-python sdist's vendored source)
 # adds llama.cpp on the same pair (MODEL and DRAFT_MODEL as GGUF files), same prompt, threads, greedy, up to 96
 # tokens and --draft-max 8: its own "decoded ... speed" figure, and its share of drafts accepted.
@@ -55,7 +57,7 @@ for i in "${!prompts[@]}"; do
     flags=()
     case $mode in
       lookup) flags=(--lookup) ;;
-      draft) flags=(--draft-model "$DRAFT") ;;
+      draft) flags=(--draft-model "$DRAFT" ${DRAFT_P_MIN:+--draft-p-min "$DRAFT_P_MIN"}) ;;
     esac
     out=$(VICUNA_LOG=info "$VICUNA" -t "$THREADS" generate --model "$MODEL" --prompt "$prompt" --greedy \
       --max-new-tokens 96 --json "${flags[@]}" 2>/tmp/speculative-bench.log)
