@@ -2,15 +2,18 @@
 # Quantization quality on a *trained* model, by vicuna and (optionally) llama.cpp on the same files. Not part of CI.
 #
 # A random-weight model spreads its probability thinly over 32000 tokens, so its top token leads the next by a
-# hair and any rounding reorders them: top-1 agreement says little there. This script makes a small model that
-# has learned something: `vicuna synth --shape tiny` (hidden 64, 2 layers, vocab 32000, random), then
-# `vicuna train sft` for 3 epochs on English prose from this repository (bench/quant_quality/corpus.py; ~200
-# pieces, ~175k tokens, about a minute). It writes the trained folder as f32, q8_0, q4_k_m and q4_0 GGUF
-# files and compares each with the f32 file on held-out text (tests/fixtures/text/readme_excerpt.txt, chunks of
-# 128 tokens): mean KL divergence, top-1 agreement and perplexity, as `vicuna perplexity --kl-divergence`
-# and llama.cpp's llama-perplexity report them.
+# hair and any rounding reorders them: top-1 agreement says little there. So this runs on a model that has
+# learned something, and writes it as f32, q8_0, q4_k_m and q4_0 GGUF files, comparing each with the f32 file
+# (chunks of 128 tokens): mean KL divergence, top-1 agreement and perplexity, as `vicuna perplexity
+# --kl-divergence` and llama.cpp's llama-perplexity report them. MODEL chooses the model:
+#   demo (default)  the shipped demo chat model (models/demo: apply-delta of ship/base + ship/delta), on text it was
+#                   taught: the 50 conversations of models/demo/ship/probe.jsonl (question and true definition),
+#                   as `### Human: …\n### Assistant: …` turns;
+#   tiny            `vicuna synth --shape tiny` (hidden 64, 2 layers, vocab 32000, random) trained by `vicuna train
+#                   sft` for 3 epochs on English prose from this repository (bench/quant_quality/corpus.py; ~200
+#                   pieces, ~175k tokens, about a minute), on held-out text (tests/fixtures/text/readme_excerpt.txt).
 #
-# Usage: bench/quant_quality.sh [WORKDIR]
+# Usage: [MODEL=demo|tiny] bench/quant_quality.sh [WORKDIR]
 # Environment: VICUNA = the binary (default: $CARGO_TARGET_DIR or target, release build);
 #              PYTHON = a python with llama-cpp-python and numpy, to add llama.cpp's figures (e.g. made with
 #                python3 -m venv /tmp/venv-llamacpp && /tmp/venv-llamacpp/bin/pip install llama-cpp-python numpy);
@@ -30,12 +33,29 @@ fi
 rm -rf "$WORK"
 mkdir -p "$WORK"
 
-python3 bench/quant_quality/corpus.py . >"$WORK/corpus.jsonl"
-echo "training set: $(wc -l <"$WORK/corpus.jsonl") pieces from $(git rev-parse --short HEAD 2>/dev/null || echo this tree)"
-"$VICUNA" synth --shape tiny --dtype f32 --seed 7 --out "$WORK/base" >/dev/null 2>&1
-"$VICUNA" --threads "$THREADS" train sft --model "$WORK/base" --tokenizer "$TOKENIZER" --data "$WORK/corpus.jsonl" \
-  --out "$WORK/trained" --epochs 3 --lr 3e-3 --weight-decay 0.1 --warmup-steps 10 --batch-size 4 --seed 1 \
-  2>/dev/null | tail -1
+case ${MODEL:-demo} in
+  demo)
+    "$VICUNA" apply-delta --base models/demo/ship/base --delta models/demo/ship/delta --target "$WORK/trained" \
+      --quiet >/dev/null
+    TOKENIZER=$WORK/trained/tokenizer.model
+    TEXT=$WORK/probe.txt
+    python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    row = json.loads(line)
+    print("### Human: " + row["prompt"] + "\n### Assistant: " + row["chosen"])' models/demo/ship/probe.jsonl >"$TEXT"
+    echo "the demo chat model (models/demo/ship), on $(wc -l <models/demo/ship/probe.jsonl) taught conversations"
+    ;;
+  tiny)
+    python3 bench/quant_quality/corpus.py . >"$WORK/corpus.jsonl"
+    echo "training set: $(wc -l <"$WORK/corpus.jsonl") pieces from $(git rev-parse --short HEAD 2>/dev/null || echo this tree)"
+    "$VICUNA" synth --shape tiny --dtype f32 --seed 7 --out "$WORK/base" >/dev/null 2>&1
+    "$VICUNA" --threads "$THREADS" train sft --model "$WORK/base" --tokenizer "$TOKENIZER" --data "$WORK/corpus.jsonl" \
+      --out "$WORK/trained" --epochs 3 --lr 3e-3 --weight-decay 0.1 --warmup-steps 10 --batch-size 4 --seed 1 \
+      2>/dev/null | tail -1
+    ;;
+  *) echo "MODEL=${MODEL}: demo or tiny" >&2; exit 2 ;;
+esac
 for ty in f32 q8_0 q4_k_m q4_0; do
   "$VICUNA" quantize --quiet --model "$WORK/trained" --tokenizer "$TOKENIZER" --type $ty --out "$WORK/$ty.gguf" >/dev/null
 done
