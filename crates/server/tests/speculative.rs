@@ -158,10 +158,12 @@ fn compare(fast: &Round, plain: &Round, what: &str) -> (u64, u64) {
 
 fn check_speculation(kv: KvType, speculation: Speculation, what: &str) {
     let prompts: Vec<String> = PROMPTS.iter().map(|p| p.to_string()).collect();
+    let p_min = speculation.limits.p_min;
     let fast = demo_server(kv, Some(speculation));
     let plain = demo_server(kv, None);
     let info = get(fast.addr, "/info").json();
     assert_eq!(info["speculation"]["draft_max"], 6, "{info}");
+    assert_eq!(info["speculation"]["draft_p_min"].as_f64(), Some(f64::from(p_min)), "{info}");
 
     let (fast_1, plain_1) = (round(&fast, &prompts), round(&plain, &prompts));
     let (d1, a1) = compare(&fast_1, &plain_1, &format!("{what}, round 1"));
@@ -196,7 +198,9 @@ fn a_draft_model_keeps_greedy_replies_in_a_mixed_batch() {
     // The demo's base model (before its chat tuning) drafts for the chat model: same vocabulary,
     // related weights, so it agrees often but not always.
     let draft = load(&common::repo_root().join("models/demo/ship/base"), KvType::F32);
-    check_speculation(KvType::F32, Speculation { draft_model: Some(Arc::new(draft)), limits: LIMITS }, "draft model");
+    // With --draft-p-min: the draft stops at tokens it is unsure of; replies are still the plain server's.
+    let limits = DraftLimits { p_min: 0.3, ..LIMITS };
+    check_speculation(KvType::F32, Speculation { draft_model: Some(Arc::new(draft)), limits }, "draft model");
 }
 
 #[test]
