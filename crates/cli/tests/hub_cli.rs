@@ -193,42 +193,8 @@ fn load_lora_adapter_takes_a_hub_id() {
     let base = fixture("models/tiny-v32001/safetensors-f16");
     let tokenizer = fixture("tokenizer/tokenizer.model");
     let (base, tokenizer) = (base.to_str().unwrap(), tokenizer.to_str().unwrap());
-    let rows: String = ["an apple", "a cherry", "a grape", "a lemon"]
-        .iter()
-        .cycle()
-        .take(16)
-        .map(|fruit| format!("{{\"prompt\": \"Name a fruit.\", \"response\": \"I like {fruit}.\"}}\n"))
-        .collect();
-    let data = tmp.join("fruit.jsonl");
-    std::fs::write(&data, rows).unwrap();
     let adapter = tmp.join("adapter");
-    let train = [
-        "train",
-        "sft",
-        "--model",
-        base,
-        "--tokenizer",
-        tokenizer,
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        adapter.to_str().unwrap(),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "4",
-        "--lr",
-        "2e-2",
-        "--seed",
-        "5",
-        "--lora-rank",
-        "2",
-        "--lora-alpha",
-        "16",
-        "--lora-targets",
-        "q_proj,v_proj",
-    ];
-    assert_ok(&vicuna(&cache, "http://127.0.0.1:9", &train));
+    binary::train_fruit_adapter(&tmp, &adapter, "q_proj,v_proj", "2", false);
     let server = MockHub::start(vec![MockRepo::from_dir("org/fruit-lora", COMMIT, &adapter)]);
 
     let prompt = "### Human: Name a fruit.\n### Assistant:";

@@ -24,45 +24,7 @@ fn tokenizer() -> String {
 
 /// `vicuna train sft` with LoRA on a few chats, into `out` (`--merge`: the adapter folded in).
 fn train(dir: &TempDir, out: &Path, targets: &str, rank: &str, merge: bool) {
-    let rows: String = ["an apple", "a cherry", "a grape", "a lemon"]
-        .iter()
-        .cycle()
-        .take(16)
-        .map(|fruit| json!({"prompt": "Name a fruit.", "response": format!("I like {fruit}.")}).to_string() + "\n")
-        .collect();
-    let data = dir.join("fruit.jsonl");
-    std::fs::write(&data, rows).unwrap();
-    let (base, tokenizer) = (base(), tokenizer());
-    let mut args = vec![
-        "train",
-        "sft",
-        "--model",
-        &base,
-        "--tokenizer",
-        &tokenizer,
-        "--data",
-        s(&data),
-        "--out",
-        s(out),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "4",
-        "--lr",
-        "2e-2",
-        "--seed",
-        "5",
-        "--lora-rank",
-        rank,
-        "--lora-alpha",
-        "16",
-        "--lora-targets",
-        targets,
-    ];
-    if merge {
-        args.push("--merge");
-    }
-    assert_ok(&vicuna(&args));
+    binary::train_fruit_adapter(dir.path(), out, targets, rank, merge);
 }
 
 const IDS: &str = "1,835,29871,13,1576,263,15774,29889,13,2277,29937";

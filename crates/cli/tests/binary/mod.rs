@@ -50,3 +50,29 @@ pub fn python_with_transformers() -> Option<String> {
         _ => None,
     }
 }
+
+/// `vicuna train sft` with LoRA (rank `rank` on `targets`, alpha 16) on 16 chats that name fruits, from the
+/// tiny-v32001 fixture with the LLaMA tokenizer: the data written into `dir`, the adapter into `out` (`merge`:
+/// folded into the saved weights as well).
+pub fn train_fruit_adapter(dir: &Path, out: &Path, targets: &str, rank: &str, merge: bool) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let rows: String = ["an apple", "a cherry", "a grape", "a lemon"]
+        .iter()
+        .cycle()
+        .take(16)
+        .map(|fruit| {
+            serde_json::json!({"prompt": "Name a fruit.", "response": format!("I like {fruit}.")}).to_string() + "\n"
+        })
+        .collect();
+    let data = dir.join("fruit.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    let (base, tokenizer) =
+        (fixtures.join("models/tiny-v32001/safetensors-f16"), fixtures.join("tokenizer/tokenizer.model"));
+    let mut args = vec!["train", "sft", "--model", path_str(&base), "--tokenizer", path_str(&tokenizer)];
+    args.extend(["--data", path_str(&data), "--out", path_str(out), "--epochs", "2", "--batch-size", "4"]);
+    args.extend(["--lr", "2e-2", "--seed", "5", "--lora-rank", rank, "--lora-alpha", "16", "--lora-targets", targets]);
+    if merge {
+        args.push("--merge");
+    }
+    assert_ok(&vicuna(&args));
+}
