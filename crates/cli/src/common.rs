@@ -178,6 +178,11 @@ impl SpeculativeArgs {
         resolve_optional("--draft-model", &mut self.draft_model, HubKind::Model)
     }
 
+    /// Whether decoding speculates (`--lookup` or `--draft-model`).
+    pub fn speculates(&self) -> bool {
+        self.lookup || self.draft_model.is_some()
+    }
+
     /// The draft model, when one was given (checked against `target`'s vocabulary when the drafter is made).
     pub fn load_draft(&self, threads: Option<usize>) -> Result<Option<QuantLlama>> {
         self.limits()?;

@@ -62,7 +62,7 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
     let load_s = load_start.elapsed().as_secs_f64();
     let config = model.config();
     let context = config.max_position_embeddings;
-    let speculating = args.speculative.lookup || args.speculative.draft_model.is_some();
+    let speculating = args.speculative.speculates();
     let draft = args.speculative.load_draft(Some(threads))?;
     for (flag, tokens) in [
         ("-p", args.n_prompt),

@@ -108,7 +108,9 @@ pub fn run_serve(args: ServeArgs, threads: Option<usize>) -> Result<()> {
     let (model, tokenizer) = args.model.load_with_tokenizer(threads)?;
     let draft = args.speculative.load_draft(threads)?;
     let limits = args.speculative.limits()?;
-    let speculation = (draft.is_some() || args.speculative.lookup)
+    let speculation = args
+        .speculative
+        .speculates()
         .then(|| vicuna_server::Speculation { draft_model: draft.map(std::sync::Arc::new), limits });
     let model_id = args.model_id.unwrap_or_else(|| {
         let folder = args.model.model.canonicalize().unwrap_or_else(|_| args.model.model.clone());

@@ -368,9 +368,10 @@ fn select(
         if has("tokenizer.model") {
             files.push("tokenizer.model".into());
         }
+        // An adapter's weights: where the repo holds no model weights, and beside them too when it has an
+        // adapter config (`--lora` and `load_lora_adapter` read these).
         let adapter = ADAPTER_WEIGHTS.iter().find(|name| has(name));
-        if let (true, Some(name)) = (has("adapter_config.json"), adapter) {
-            // Also beside model weights: `--lora` and `load_lora_adapter` read these.
+        if let Some(name) = adapter.filter(|_| layout.is_none() || has("adapter_config.json")) {
             files.push(name.to_string());
         }
         let index = match layout {
@@ -379,19 +380,12 @@ fn select(
                 files.push(name.to_string());
                 None
             }
-            None => match adapter {
-                Some(name) => {
-                    if !files.iter().any(|f| f == name) {
-                        files.push(name.to_string());
-                    }
-                    None
-                }
-                None => bail!(
-                    "{} has a config but no weights vicuna reads (model.safetensors, model.safetensors.index.json, \
-                     pytorch_model.bin, pytorch_model.bin.index.json, adapter_model.safetensors)",
-                    id.at()
-                ),
-            },
+            None if adapter.is_some() => None,
+            None => bail!(
+                "{} has a config but no weights vicuna reads (model.safetensors, model.safetensors.index.json, \
+                 pytorch_model.bin, pytorch_model.bin.index.json, adapter_model.safetensors)",
+                id.at()
+            ),
         };
         return Ok((files, index, snapshot.to_path_buf()));
     }
