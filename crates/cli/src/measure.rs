@@ -168,6 +168,7 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
             "reps": args.repetitions,
             "weight_bytes_per_token": weight_bytes,
             "cpu": cpu_report(),
+            "layouts": model.layouts(),
             "load_s": load_s,
         });
         for (test, tokens, (mean, sd)) in &results {
@@ -217,16 +218,20 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
         }
     }
     let cpu = cpu_report();
+    let layouts: Vec<String> = model.layouts().into_iter().map(|(layout, n)| format!("{n} {layout}")).collect();
     writeln!(
         stdout,
-        "\nCPU: {} ({} family {} model {}); kernels: {}, prefetch {} ({}); model loaded in {load_s:.2} s",
+        "\nCPU: {} ({} family {} model {}); kernels: {}, prefetch {} ({}), {} for packed layouts; matrices: {}; \
+         model loaded in {load_s:.2} s",
         cpu["brand"].as_str().unwrap_or_default(),
         cpu["vendor"].as_str().unwrap_or_default(),
         cpu["family"],
         cpu["model"],
         cpu["isa"].as_str().unwrap_or_default(),
         cpu["prefetch"].as_str().unwrap_or_default(),
-        cpu["prefetch_source"].as_str().unwrap_or_default()
+        cpu["prefetch_source"].as_str().unwrap_or_default(),
+        cpu["packed_prefetch"].as_str().unwrap_or_default(),
+        layouts.join(", "),
     )?;
     Ok(())
 }
@@ -243,6 +248,8 @@ fn cpu_report() -> serde_json::Value {
         "isa": format!("{:?}", vicuna_kernels::Isa::detect()).to_lowercase(),
         "prefetch": tuning.prefetch.name(),
         "prefetch_source": tuning.prefetch_source,
+        "packed_prefetch": tuning.packed_prefetch.name(),
+        "pack": tuning.pack,
     })
 }
 

@@ -3,8 +3,11 @@
 //! ```sh
 //! cargo run --release -p vicuna-kernels --example kernel_bench -- [--types q4_0,q8_0,q4_K,q6_K] [--threads 1,2]
 //!     [--shapes 13824x5120,5120x5120|13b] [--batch 512] [--isa avx512|avx2|scalar] [--seconds 2]
-//!     [--hot 1] [--rows 1,2,3,4,6,8,12,16 [--repeat 3]]
+//!     [--hot 1] [--rows 1,2,3,4,6,8,12,16 [--repeat 3]] [--layout best|ggml]
 //! ```
+//!
+//! `--layout best` (the default) multiplies each matrix in the layout a loaded model uses on this CPU
+//! (`Layout::best`: q4_0 interleaved by 16 rows on AVX-512, GGUF's layout otherwise); `--layout ggml` keeps GGUF's.
 //!
 //! `--hot 1` keeps one copy of each matrix, so that a small one is read from cache: the kernels' compute speed.
 //!
@@ -39,7 +42,8 @@
 use std::time::{Duration, Instant};
 
 use vicuna_kernels::{
-    matmul_path, matmul_with, row_size, GgmlType, Half, Isa, MatmulPath, QuantMatrix, ThreadPoolBuilder,
+    matmul_path, matmul_with, row_size, GgmlType, Half, Isa, Layout, MatmulPath, PackedMatrix, QuantMatrix,
+    ThreadPoolBuilder,
 };
 
 /// LLaMA-13B's matrices: rows, columns and how many of them one decode step multiplies.
@@ -58,6 +62,8 @@ struct Options {
     /// Activation-row counts for the per-path table (`--rows`); empty: the matvec/matmat table.
     rows: Vec<usize>,
     repeat: usize,
+    /// Rewrite the matrices in `Layout::best` (what a loaded model does), or keep GGUF's layout.
+    pack: bool,
 }
 
 fn parse() -> Options {
@@ -71,6 +77,7 @@ fn parse() -> Options {
         hot: false,
         rows: Vec::new(),
         repeat: 3,
+        pack: true,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -98,6 +105,13 @@ fn parse() -> Options {
             "--hot" => o.hot = value == "1",
             "--rows" => o.rows = value.split(',').map(|n| n.parse().unwrap()).collect(),
             "--repeat" => o.repeat = value.parse().unwrap(),
+            "--layout" => {
+                o.pack = match value {
+                    "best" => true,
+                    "ggml" => false,
+                    other => panic!("layout {other}: best or ggml"),
+                }
+            }
             "--batch" => o.batch = value.parse().unwrap(),
             "--seconds" => o.seconds = value.parse().unwrap(),
             "--isa" => {
@@ -201,7 +215,7 @@ fn main() {
     if !o.rows.is_empty() {
         return rows_table(&o);
     }
-    println!("isa {:?}, batch {}, {:.1} s per measurement", o.isa, o.batch, o.seconds);
+    println!("isa {:?}, batch {}, {:.1} s per measurement, {}", o.isa, o.batch, o.seconds, layouts(&o));
     println!(
         "{:<6} {:>11} {:>7} {:>12} {:>10} {:>12} {:>10} {:>12}",
         "type", "shape", "threads", "matvec µs", "GB/s", "matmat ms", "GOPS", "CPUs v/m"
@@ -212,8 +226,8 @@ fn main() {
         for &(rows, cols) in &o.shapes {
             let weights = weight_copies(ty, rows, cols, o.hot);
             let matrix_bytes = weights[0].len();
-            let matrices: Vec<QuantMatrix> =
-                weights.iter().map(|d| QuantMatrix::new(ty, rows, cols, d).unwrap()).collect();
+            let packed = packed_copies(&weights, ty, rows, cols, &o);
+            let matrices = matrices(&weights, &packed, ty, rows, cols);
             let x = random_activations(o.batch * cols);
             let mut out = vec![0f32; o.batch * rows];
             for (ti, &threads) in o.threads.iter().enumerate() {
@@ -284,7 +298,13 @@ fn rows_table(o: &Options) {
         ("gemm", Some(MatmulPath::Gemm)),
         ("auto", Some(MatmulPath::Auto)),
     ];
-    println!("isa {:?}; ms per product, best of {} rounds of {:.1} s per path", o.isa, o.repeat, o.seconds);
+    println!(
+        "isa {:?}; ms per product, best of {} rounds of {:.1} s per path; {}",
+        o.isa,
+        o.repeat,
+        o.seconds,
+        layouts(o)
+    );
     print!("{:<6} {:>11} {:>7} {:>4}", "type", "shape", "threads", "n");
     for (name, _) in PATHS {
         print!(" {name:>8}");
@@ -293,8 +313,8 @@ fn rows_table(o: &Options) {
     for &ty in &o.types {
         for &(rows, cols) in &o.shapes {
             let weights = weight_copies(ty, rows, cols, o.hot);
-            let matrices: Vec<QuantMatrix> =
-                weights.iter().map(|d| QuantMatrix::new(ty, rows, cols, d).unwrap()).collect();
+            let packed = packed_copies(&weights, ty, rows, cols, o);
+            let matrices = matrices(&weights, &packed, ty, rows, cols);
             let max_n = o.rows.iter().copied().max().unwrap();
             let x = random_activations(max_n * cols);
             let mut out = vec![0f32; max_n * rows];
@@ -328,6 +348,40 @@ fn rows_table(o: &Options) {
             }
         }
     }
+}
+
+/// Which layout each type is multiplied in.
+fn layouts(o: &Options) -> String {
+    let layout = |ty| if o.pack { Layout::best(ty, o.isa) } else { Layout::Ggml };
+    let each: Vec<String> = o.types.iter().map(|&ty| format!("{ty} {}", layout(ty).name())).collect();
+    format!("layouts: {}", each.join(", "))
+}
+
+/// The copies rewritten in `Layout::best`, where that is not GGUF's layout and `--layout` allows it.
+fn packed_copies(
+    weights: &[Vec<u8>],
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    o: &Options,
+) -> Vec<Option<PackedMatrix>> {
+    let layout = if o.pack { Layout::best(ty, o.isa) } else { Layout::Ggml };
+    weights.iter().map(|d| PackedMatrix::new(&QuantMatrix::new(ty, rows, cols, d).unwrap(), layout)).collect()
+}
+
+/// The matrices to multiply: the packed copy where there is one.
+fn matrices<'a>(
+    weights: &'a [Vec<u8>],
+    packed: &'a [Option<PackedMatrix>],
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+) -> Vec<QuantMatrix<'a>> {
+    weights
+        .iter()
+        .zip(packed)
+        .map(|(d, p)| p.as_ref().map_or_else(|| QuantMatrix::new(ty, rows, cols, d).unwrap(), PackedMatrix::matrix))
+        .collect()
 }
 
 /// Copies of one random `rows × cols` matrix of type `ty`: enough distinct ones to exceed the last-level cache

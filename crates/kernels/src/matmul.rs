@@ -7,6 +7,7 @@ use crate::dequant::dequantize_row;
 use crate::isa::Isa;
 use crate::kernels::{self, ActRow, Activations};
 pub use crate::matrix::QuantMatrix;
+use crate::packed;
 use crate::schedule::{min_chunk_rows, run_rows, Schedule, SharedOut, PARALLEL_MIN_BYTES};
 use crate::types::{check_len, GgmlType, Result};
 
@@ -147,6 +148,7 @@ fn row_kernels(isa: Isa, multi: bool, w: &QuantMatrix, x: &[f32], n: usize, out:
     // Activation rows taken together: all of them, in passes of at most MAX_MULTI_ROWS, on the multi-row path; one
     // at a time otherwise.
     let passes = if multi { n.div_ceil(kernels::MAX_MULTI_ROWS) } else { n };
+    let grouped = packed::grouped_rows(w);
     let pass = |p: usize| (p * n / passes)..((p + 1) * n / passes);
     run_rows(pool, w.rows(), Schedule::Guided { min_rows }, parallel, |rows, _: &mut ()| {
         // A chunk may be larger than L2: with several passes over the activations, take it in L2-sized pieces, each
@@ -156,6 +158,31 @@ fn row_kernels(isa: Isa, multi: bool, w: &QuantMatrix, x: &[f32], n: usize, out:
         let piece_rows = if passes == 1 { rows.len().max(1) } else { min_rows };
         for start in rows.clone().step_by(piece_rows) {
             let piece = start..(start + piece_rows).min(rows.end);
+            // Chunks and pieces start on multiples of 16 rows, so a piece is whole interleaved groups (if the
+            // matrix has them) and then rows in GGUF's layout.
+            let split = piece.end.min(grouped).max(piece.start);
+            if split > piece.start {
+                let data = w.rows_data(piece.start..split);
+                for p in 0..passes {
+                    let cs = pass(p);
+                    let x: [ActRow; kernels::MAX_MULTI_ROWS] =
+                        std::array::from_fn(|i| acts.row((cs.start + i).min(cs.end - 1)));
+                    // SAFETY: chunks cover disjoint row ranges; the columns of one pass are distinct.
+                    let mut outs: [&mut [f32]; kernels::MAX_MULTI_ROWS] = std::array::from_fn(|i| {
+                        if i < cs.len() {
+                            unsafe { out.column(cs.start + i, piece.start..split) }
+                        } else {
+                            &mut [][..]
+                        }
+                    });
+                    let (x, outs) = (&x[..cs.len()], &mut outs[..cs.len()]);
+                    kernels::groups(isa, w.layout(), w.ty(), data, w.row_bytes(), x, outs);
+                }
+            }
+            let piece = split..piece.end;
+            if piece.is_empty() {
+                continue;
+            }
             let data = w.rows_data(piece.clone());
             for p in 0..passes {
                 let cs = pass(p);

@@ -99,7 +99,15 @@ struct Row {
     vendor: &'static str,
     families: std::ops::RangeInclusive<u32>,
     prefetch: Prefetch,
+    /// The hint of the kernels for the kernels' own layouts ([`crate::packed`]), whose weights lie in transparent
+    /// huge pages where the system gives them: the hardware prefetcher then streams past every 4 KiB.
+    packed_prefetch: Prefetch,
 }
+
+/// Whether weights are rewritten at load into the kernels' own layouts ([`crate::packed`]) unless
+/// `VICUNA_KERNELS_PACK=0`. On every CPU measured so far it pays: on Zen 4 (family 25) the one-row q4_0 kernel
+/// went from instruction-bound to the memory roof (the figures are in `crate::kernels::avx512_packed`).
+const PACK: bool = true;
 
 /// What each CPU gets. The first row matching vendor and family wins; CPUs no row names get [`DEFAULT`].
 ///
@@ -109,9 +117,14 @@ struct Row {
 /// * Intel family 6 (Xeon, model 207, 2 vCPUs): `kernel_bench --types q4_0,q8_0 --threads 1 --shapes
 ///   13824x5120,5120x5120`, weights from DRAM, the `cpu` column: q4_0 3.7–4.0 GB/s with `prefetchnta`, 9.2–9.5
 ///   with `prefetcht0`; q8_0 4.3–4.6 against 10.0–10.6.
+///
+/// For the interleaved q4_0 rows (in huge pages), on Zen 4: no software prefetch, 19.8 GB/s on one thread (median
+/// of 6, best 23.2) against 12.2 with `prefetchnta` (best 17.2); two threads 30.5 against 25.0 (`kernel_bench
+/// --types q4_0 --shapes 13824x5120 --threads 1,2`, the layouts and hints alternated, on a shared host whose read
+/// roof was 25.6 / 31.9 GB/s that hour). Intel keeps `prefetcht0`, not yet measured with this layout.
 const TABLE: &[Row] = &[
-    Row { vendor: "AuthenticAMD", families: 0x19..=0x1F, prefetch: Prefetch::Nta },
-    Row { vendor: "GenuineIntel", families: 6..=6, prefetch: Prefetch::T0 },
+    Row { vendor: "AuthenticAMD", families: 0x19..=0x1F, prefetch: Prefetch::Nta, packed_prefetch: Prefetch::Off },
+    Row { vendor: "GenuineIntel", families: 6..=6, prefetch: Prefetch::T0, packed_prefetch: Prefetch::T0 },
 ];
 
 /// For CPUs [`TABLE`] does not name: the ordinary prefetch into every cache level.
@@ -124,6 +137,10 @@ pub struct Tuning {
     pub prefetch: Prefetch,
     /// Where `prefetch` came from: `"table"`, `"default"` (no row for this CPU) or `"VICUNA_KERNELS_PREFETCH"`.
     pub prefetch_source: &'static str,
+    /// The hint of the kernels for the kernels' own layouts (also set by `VICUNA_KERNELS_PREFETCH`).
+    pub packed_prefetch: Prefetch,
+    /// Whether weight matrices are rewritten at load into the kernels' own layouts ([`crate::Layout::best`]).
+    pub pack: bool,
 }
 
 impl Tuning {
@@ -131,22 +148,31 @@ impl Tuning {
     /// (any other value is ignored, with a warning on stderr).
     pub fn get() -> &'static Tuning {
         static TUNING: OnceLock<Tuning> = OnceLock::new();
-        TUNING.get_or_init(|| Tuning::for_cpu(Cpu::detect(), std::env::var("VICUNA_KERNELS_PREFETCH").ok().as_deref()))
+        TUNING.get_or_init(|| {
+            let mut tuning = Tuning::for_cpu(Cpu::detect(), std::env::var("VICUNA_KERNELS_PREFETCH").ok().as_deref());
+            match std::env::var("VICUNA_KERNELS_PACK").ok().as_deref() {
+                None => {}
+                Some("0") => tuning.pack = false,
+                Some("1") => tuning.pack = true,
+                Some(value) => eprintln!("warning: VICUNA_KERNELS_PACK={value:?} is not 0 or 1; ignored"),
+            }
+            tuning
+        })
     }
 
     fn for_cpu(cpu: Cpu, prefetch_override: Option<&str>) -> Tuning {
         let row = TABLE.iter().find(|row| row.vendor == cpu.vendor && row.families.contains(&cpu.family));
-        let (mut prefetch, mut prefetch_source) = match row {
-            Some(row) => (row.prefetch, "table"),
-            None => (DEFAULT, "default"),
+        let (mut prefetch, mut packed_prefetch, mut prefetch_source) = match row {
+            Some(row) => (row.prefetch, row.packed_prefetch, "table"),
+            None => (DEFAULT, DEFAULT, "default"),
         };
         if let Some(value) = prefetch_override {
             match Prefetch::parse(value) {
-                Some(p) => (prefetch, prefetch_source) = (p, "VICUNA_KERNELS_PREFETCH"),
+                Some(p) => (prefetch, packed_prefetch, prefetch_source) = (p, p, "VICUNA_KERNELS_PREFETCH"),
                 None => eprintln!("warning: VICUNA_KERNELS_PREFETCH={value:?} is not one of nta, t0, off; ignored"),
             }
         }
-        Tuning { cpu, prefetch, prefetch_source }
+        Tuning { cpu, prefetch, prefetch_source, packed_prefetch, pack: PACK }
     }
 }
 
@@ -161,13 +187,17 @@ mod tests {
     #[test]
     fn the_table_picks_by_vendor_and_family_and_the_environment_overrides_it() {
         let zen4 = Tuning::for_cpu(cpu("AuthenticAMD", 0x19, 0x11), None);
-        assert_eq!((zen4.prefetch, zen4.prefetch_source), (Prefetch::Nta, "table"));
+        assert_eq!(
+            (zen4.prefetch, zen4.packed_prefetch, zen4.prefetch_source),
+            (Prefetch::Nta, Prefetch::Off, "table")
+        );
         let xeon = Tuning::for_cpu(cpu("GenuineIntel", 6, 207), None);
         assert_eq!((xeon.prefetch, xeon.prefetch_source), (Prefetch::T0, "table"));
         let other = Tuning::for_cpu(cpu("HygonGenuine", 0x18, 0), None);
         assert_eq!((other.prefetch, other.prefetch_source), (DEFAULT, "default"));
         let forced = Tuning::for_cpu(cpu("GenuineIntel", 6, 207), Some("off"));
         assert_eq!((forced.prefetch, forced.prefetch_source), (Prefetch::Off, "VICUNA_KERNELS_PREFETCH"));
+        assert_eq!(forced.packed_prefetch, Prefetch::Off);
         let bad = Tuning::for_cpu(cpu("AuthenticAMD", 0x1A, 0), Some("fast"));
         assert_eq!((bad.prefetch, bad.prefetch_source), (Prefetch::Nta, "table"));
     }

@@ -23,6 +23,7 @@ use crate::kernels::avx512::{load_q4_0_pair, low_then_high_nibbles, prefetch_ahe
 use crate::kernels::x86::half_at;
 use crate::kernels::{traits, ActKind};
 use crate::matrix::QuantMatrix;
+use crate::packed::{self, GROUP_ROWS};
 use crate::schedule::{run_rows, Schedule, Scratch, SharedOut};
 use crate::tuning::{Prefetch, Tuning, PREFETCH_NTA, PREFETCH_OFF, PREFETCH_T0};
 use crate::types::{GgmlType, QK, QK_K};
@@ -161,6 +162,11 @@ pub(crate) struct GemmScratch {
     corr: Vec<i32>,
     /// q4_K only, `CHUNK_ROWS × groups`: `-dmin · min`.
     min: Vec<f32>,
+    /// One weight row in GGUF's layout, for matrices in an interleaved one.
+    row: Vec<u8>,
+    /// Whether `q` holds the chunk quad-major (the four values of quad `u` of row `i` at `4 · (u · CHUNK_ROWS +
+    /// i)`, what interleaved rows unpack to) rather than row-major (at `i · k + 4u`).
+    quad_major: bool,
 }
 
 impl Scratch for GemmScratch {
@@ -193,7 +199,28 @@ pub(crate) unsafe fn gemm(
     if w.ty() == GgmlType::Q4_K {
         scratch.min.resize(CHUNK_ROWS * groups, 0.0);
     }
-    for i in 0..CHUNK_ROWS {
+    let grouped = packed::grouped_rows(w);
+    scratch.row.resize(if grouped > 0 { w.row_bytes() } else { 0 }, 0);
+    // A chunk of interleaved groups only is unpacked straight into the quad-major panel, a whole vector of 16 rows
+    // at a time; a chunk with rows in GGUF's layout (the last, when the rows are not a multiple of 16) row by row.
+    scratch.quad_major = grouped > 0 && rows.end <= grouped;
+    if scratch.quad_major {
+        for (half, start) in rows.clone().step_by(GROUP_ROWS).enumerate() {
+            let group = w.rows_data(start..start + GROUP_ROWS).as_ptr();
+            let panel = (&mut scratch.q[..], &mut scratch.scale[..], &mut scratch.corr[..]);
+            unpack_q4_0_group(group, k / QK, half * GROUP_ROWS, panel);
+        }
+        if rows.len() < CHUNK_ROWS {
+            // Rows past the matrix: zeros, whose outputs are never stored.
+            for quad in 0..k / 4 {
+                scratch.q[4 * (quad * CHUNK_ROWS + GROUP_ROWS)..4 * (quad + 1) * CHUNK_ROWS].fill(0);
+            }
+            scratch.scale[GROUP_ROWS * groups..].fill(0.0);
+            scratch.corr[GROUP_ROWS * groups..].fill(0);
+        }
+    }
+    let row_by_row = if scratch.quad_major { 0 } else { CHUNK_ROWS };
+    for i in 0..row_by_row {
         let (q, scale) = (&mut scratch.q[i * k..(i + 1) * k], &mut scratch.scale[i * groups..(i + 1) * groups]);
         let corr = &mut scratch.corr[i * groups..(i + 1) * groups];
         let r = rows.start + i;
@@ -204,8 +231,13 @@ pub(crate) unsafe fn gemm(
             corr.fill(0);
             continue;
         }
-        let src = w.rows_data(r..r + 1).as_ptr();
-        let end = w.data().as_ptr_range().end;
+        let (src, end) = if r < grouped {
+            // An interleaved row: put back in GGUF's layout first (a copy of one row, in L1).
+            packed::ggml_row(w, r, &mut scratch.row).expect("a row of the matrix");
+            (scratch.row.as_ptr(), scratch.row.as_ptr_range().end)
+        } else {
+            (w.rows_data(r..r + 1).as_ptr(), w.data().as_ptr_range().end)
+        };
         match w.ty() {
             GgmlType::Q4_0 => with_prefetch!(unpack_q4_0[](src, end, k / QK, q, scale, corr)),
             GgmlType::Q8_0 => with_prefetch!(unpack_q8_0[](src, end, k / QK, q, scale, corr)),
@@ -313,7 +345,9 @@ unsafe fn kernel<const T: usize, const QUADS: usize, const GROUPS_PER_SCALE: usi
                 }
             },
         );
-    let wq = panel.q.as_ptr().add(first * k);
+    // Where quad `u` of the panel's row `first + r` is: `rows[r] + u · quad_stride`.
+    let (row_stride, quad_stride) = if panel.quad_major { (4, 4 * CHUNK_ROWS) } else { (k, 4) };
+    let wrows: [*const i8; KERNEL_ROWS] = std::array::from_fn(|r| panel.q.as_ptr().add((first + r) * row_stride));
     let wscale = panel.scale.as_ptr().add(first * groups);
     let wcorr = panel.corr.as_ptr().add(first * groups);
     let wmin = if MINS { panel.min.as_ptr().add(first * groups) } else { std::ptr::null() };
@@ -327,7 +361,7 @@ unsafe fn kernel<const T: usize, const QUADS: usize, const GROUPS_PER_SCALE: usi
                 let quad = g * QUADS + q;
                 let x: [__m512i; T] = std::array::from_fn(|t| _mm512_loadu_si512(xq[t].add(quad * 64).cast()));
                 for r in 0..KERNEL_ROWS {
-                    let four = _mm512_set1_epi32(std::ptr::read_unaligned(wq.add(r * k + 4 * quad).cast::<i32>()));
+                    let four = _mm512_set1_epi32(std::ptr::read_unaligned(wrows[r].add(quad * quad_stride).cast()));
                     for t in 0..T {
                         isum[t][r] = _mm512_dpbusd_epi32(isum[t][r], x[t], four);
                     }
@@ -411,6 +445,41 @@ unsafe fn unpack_q4_0<const PF: u8>(
             let unsigned: u64 = sums[4 * b..4 * b + 4].iter().sum();
             corr[j] = -128 * (unsigned as i32 - 8 * 32);
             scale[j] = half_at(row.add(BLOCK_BYTES * j));
+        }
+    }
+}
+
+/// Interleaved q4_0 rows ([`crate::packed`]): the group at `group` (16 rows of `blocks` blocks) into panel rows
+/// `first..first + 16` of the quad-major panel `(q, scale, corr)`. Each vector of the group is four quants of each
+/// of its rows: its low nibbles are quad `8j + t` of those 16 rows, its high nibbles quad `8j + 4 + t`, and in the
+/// quad-major panel both are 16 consecutive 32-bit lanes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn unpack_q4_0_group(group: *const u8, blocks: usize, first: usize, panel: (&mut [i8], &mut [f32], &mut [i32])) {
+    let (q, scale, corr) = panel;
+    let groups = scale.len() / CHUNK_ROWS;
+    let (low, eight, ones) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8), _mm512_set1_epi8(1));
+    let mut lanes = [0i32; GROUP_ROWS];
+    let mut scales = [0f32; GROUP_ROWS];
+    for j in 0..blocks {
+        let (quants, scale_at) = packed::q4_0_offsets(blocks, j);
+        let mut unsigned_sum = _mm512_setzero_si512();
+        for t in 0..4 {
+            let v = _mm512_loadu_si512(group.add(quants + 64 * t).cast());
+            let lo = _mm512_and_si512(v, low);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+            unsigned_sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(unsigned_sum, lo, ones), hi, ones);
+            for (quad, u) in [(8 * j + t, lo), (8 * j + 4 + t, hi)] {
+                let at = q.as_mut_ptr().add(4 * (quad * CHUNK_ROWS + first));
+                _mm512_storeu_si512(at.cast(), _mm512_sub_epi8(u, eight));
+            }
+        }
+        // -128 · Σ w, with w = u - 8 over the block's 32 values.
+        let c = _mm512_mullo_epi32(_mm512_sub_epi32(unsigned_sum, _mm512_set1_epi32(8 * 32)), _mm512_set1_epi32(-128));
+        _mm512_storeu_si512(lanes.as_mut_ptr().cast(), c);
+        _mm512_storeu_ps(scales.as_mut_ptr(), _mm512_cvtph_ps(_mm256_loadu_si256(group.add(scale_at).cast())));
+        for r in 0..GROUP_ROWS {
+            corr[(first + r) * groups + j] = lanes[r];
+            scale[(first + r) * groups + j] = scales[r];
         }
     }
 }

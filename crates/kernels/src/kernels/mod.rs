@@ -6,6 +6,7 @@
 use crate::acts::{ActsQ8K, ActsQ8_0, Q8_0Row};
 use crate::blocks::BlockQ8K;
 use crate::isa::Isa;
+use crate::packed::Layout;
 #[cfg(target_arch = "x86_64")]
 use crate::tuning::{Prefetch, Tuning, PREFETCH_NTA, PREFETCH_OFF, PREFETCH_T0};
 use crate::types::GgmlType;
@@ -15,7 +16,10 @@ use crate::types::GgmlType;
 #[cfg(target_arch = "x86_64")]
 macro_rules! with_prefetch {
     ($($f:ident)::+ [$($g:tt),*] ($($arg:expr),*)) => {
-        match Tuning::get().prefetch {
+        with_prefetch!(Tuning::get().prefetch; $($f)::+ [$($g),*] ($($arg),*))
+    };
+    ($hint:expr; $($f:ident)::+ [$($g:tt),*] ($($arg:expr),*)) => {
+        match $hint {
             Prefetch::Nta => $($f)::+::<$($g,)* PREFETCH_NTA>($($arg),*),
             Prefetch::T0 => $($f)::+::<$($g,)* PREFETCH_T0>($($arg),*),
             Prefetch::Off => $($f)::+::<$($g,)* PREFETCH_OFF>($($arg),*),
@@ -33,6 +37,8 @@ pub(crate) mod avx512;
 pub(crate) mod avx512_gemm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512_multi;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512_packed;
 pub(crate) mod scalar;
 mod traits;
 #[cfg(target_arch = "x86_64")]
@@ -209,4 +215,53 @@ unsafe fn multi<const R: usize>(
         ActRow::F32(_) => return false,
     }
     true
+}
+
+/// `out[c][i] = dot(row i of w, x[c])` for the whole groups of rows of a matrix in one of the kernels' own layouts
+/// (`w`: those groups' bytes, `row_bytes` per row as in GGUF) and `x.len()` activation rows (at most
+/// [`MAX_MULTI_ROWS`]): each result is bit for bit what the scalar reference gives for that row alone.
+pub(crate) fn groups(
+    isa: Isa,
+    layout: Layout,
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[ActRow],
+    out: &mut [&mut [f32]],
+) {
+    debug_assert!(x.len() <= MAX_MULTI_ROWS && out.len() == x.len());
+    fn q8_0<'x>(x: &ActRow<'x>) -> Q8_0Row<'x> {
+        match *x {
+            ActRow::Q8_0(x) => x,
+            _ => unreachable!("interleaved q4_0 takes q8_0 activations"),
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && layout == Layout::Interleaved16 && ty == GgmlType::Q4_0 {
+        macro_rules! call {
+            ($r:literal) => {{
+                let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
+                // SAFETY: `isa` was checked against the CPU; `w` is whole groups and each `out[c]` one output per row.
+                unsafe { with_prefetch!(Tuning::get().packed_prefetch; avx512_packed::groups_q4_0[$r](w, row_bytes, &x, out)) }
+            }};
+        }
+        return match x.len() {
+            1 => call!(1),
+            2 => call!(2),
+            3 => call!(3),
+            4 => call!(4),
+            5 => call!(5),
+            6 => call!(6),
+            7 => call!(7),
+            8 => call!(8),
+            _ => {}
+        };
+    }
+    let _ = isa;
+    for (x, out) in x.iter().zip(out) {
+        match (layout, ty) {
+            (Layout::Interleaved16, GgmlType::Q4_0) => scalar::groups_q4_0(w, row_bytes, q8_0(x), out),
+            _ => unreachable!("no kernel for {ty} in {layout:?}"),
+        }
+    }
 }

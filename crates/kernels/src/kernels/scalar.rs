@@ -92,3 +92,32 @@ pub(crate) fn rows_bf16(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) 
         *o = row.chunks_exact(2).zip(x).map(|(b, &x)| bf16_to_f32(u16::from_le_bytes([b[0], b[1]])) * x).sum();
     }
 }
+
+/// q4_0 rows interleaved by 16 ([`crate::packed`]): `w` is whole groups, `out` one output per row. Each row's
+/// blocks are summed in order, one fused multiply-add per block of the block's integer sum with the product of the
+/// two scales: the arithmetic of the AVX-512 kernel, which gives these bits exactly.
+pub(crate) fn groups_q4_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
+    use crate::packed::{q4_0_offsets, GROUP_ROWS};
+    let blocks = row_bytes / size_of::<BlockQ4_0>();
+    for (group, out) in w.chunks_exact(GROUP_ROWS * row_bytes).zip(out.chunks_exact_mut(GROUP_ROWS)) {
+        for (r, o) in out.iter_mut().enumerate() {
+            let mut sum = 0.0f32;
+            for j in 0..blocks {
+                let (nibbles, scales) = q4_0_offsets(blocks, j);
+                let mut isum = 0i32;
+                for t in 0..4 {
+                    for i in 0..4 {
+                        let q = group[nibbles + 64 * t + 4 * r + i];
+                        let (lo, hi) = ((q & 0xF) as i32 - 8, (q >> 4) as i32 - 8);
+                        let e = 4 * t + i;
+                        isum += lo * x.qs[interleaved_index(j, e)] as i32
+                            + hi * x.qs[interleaved_index(j, e + QK / 2)] as i32;
+                    }
+                }
+                let d = Half([group[scales + 2 * r], group[scales + 2 * r + 1]]);
+                sum = (isum as f32).mul_add(d.to_f32() * x.d[j], sum);
+            }
+            *o = sum;
+        }
+    }
+}

@@ -14,6 +14,11 @@ impl TensorSource for GgufFile {
     fn tensor(&self, name: &str) -> Option<TensorRef<'_>> {
         GgufFile::tensor(self, name).map(|t| TensorRef { ty: t.ty, dims: t.dims, data: t.data })
     }
+
+    fn release(&self, data: &[u8]) {
+        // A hint: if the pages cannot be given back, they stay mapped and nothing else changes.
+        let _ = GgufFile::release(self, data);
+    }
 }
 
 impl OwnedTensors {

@@ -34,8 +34,8 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 
 use vicuna_kernels::{
-    attention, dequantize_row, matmul, row_size, AttentionSeq, GgmlType, HeadLayout, KvView, QuantMatrix, ThreadPool,
-    ThreadPoolBuilder,
+    attention, dequantize_row, matmul, row_size, AttentionSeq, GgmlType, HeadLayout, KvView, Layout, PackedMatrix,
+    QuantMatrix, ThreadPool, ThreadPoolBuilder,
 };
 use vicuna_weights::LlamaConfig;
 
@@ -69,12 +69,30 @@ pub struct QuantLlama {
 }
 
 /// A weight matrix in the source: its name and the shape checked when the model was built. The bytes are looked
-/// up for each use, so the model borrows them only while it computes.
+/// up for each use, so the model borrows them only while it computes; or, where the kernels have a faster layout
+/// on this CPU, rewritten in it once when the model is built (`packed`), and the source's pages given back.
 struct Matrix {
     name: String,
     ty: GgmlType,
     rows: usize,
     cols: usize,
+    packed: Option<PackedMatrix>,
+}
+
+impl Matrix {
+    /// Rewrites the matrix in the layout this CPU's kernels read fastest ([`Layout::best`]), if that is not GGUF's.
+    fn pack(&mut self, source: &dyn TensorSource) {
+        let Some(tensor) = source.tensor(&self.name) else { return };
+        let Ok(w) = QuantMatrix::new(self.ty, self.rows, self.cols, tensor.data) else { return };
+        self.packed = PackedMatrix::for_this_cpu(&w);
+        if self.packed.is_some() {
+            source.release(tensor.data);
+        }
+    }
+
+    fn layout(&self) -> Layout {
+        self.packed.as_ref().map_or(Layout::Ggml, PackedMatrix::layout)
+    }
 }
 
 /// One decoder layer. The norm weights are tiny (`hidden` values) and are kept widened to f32.
@@ -88,6 +106,13 @@ struct Layer {
     ffn_gate: Matrix,
     ffn_up: Matrix,
     ffn_down: Matrix,
+}
+
+impl Layer {
+    fn matrices_mut(&mut self) -> [&mut Matrix; 7] {
+        let Layer { attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, .. } = self;
+        [attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down]
+    }
 }
 
 /// Activations of one step, `rows × width` each.
@@ -151,11 +176,8 @@ impl QuantLlama {
             })
             .collect();
         let output_norm = checker.vector("output_norm.weight", h);
-        let output = if checker.source.tensor("output.weight").is_some() {
-            checker.matrix("output.weight", vocab, h)
-        } else {
-            checker.matrix("token_embd.weight", vocab, h)
-        };
+        let tied = checker.source.tensor("output.weight").is_none();
+        let mut output = checker.matrix(if tied { "token_embd.weight" } else { "output.weight" }, vocab, h);
         if !problems.is_empty() {
             let count = problems.len();
             return Err(Error::msg(format!("{count} problem(s) with the weights: {}", problems.join("; "))));
@@ -166,6 +188,14 @@ impl QuantLlama {
             .thread_name(|i| format!("vicuna-native-{i}"))
             .build()
             .map_err(|e| Error::msg(format!("cannot start {threads} compute threads: {e}")))?;
+        // The matrices that only ever multiply (not the embedding table, which is read a row at a time in GGUF's
+        // layout, nor the output matrix when it is that table), rewritten on all threads.
+        let mut layers = layers;
+        let mut matrices: Vec<&mut Matrix> = layers.iter_mut().flat_map(Layer::matrices_mut).collect();
+        if !tied {
+            matrices.push(&mut output);
+        }
+        pool.install(|| matrices.into_par_iter().for_each(|m| m.pack(&*source)));
         let float_kv = layers.iter().all(|l| [l.attn_k.ty, l.attn_v.ty].iter().all(|ty| !ty.is_quantized()));
         let kv_type = kv_type.unwrap_or(if float_kv { KvType::F32 } else { KvType::F16 });
         let half = config.head_dim / 2;
@@ -205,6 +235,16 @@ impl QuantLlama {
     /// Weights of the decoder layers' matrices: a row through the stack costs twice as many flops.
     pub fn layer_parameters(&self) -> usize {
         self.layer_matrices().map(|m| m.rows * m.cols).sum()
+    }
+
+    /// How many weight matrices of each type are in each layout (`"q4_0 interleaved16"`, `"q6_K ggml"` …): the
+    /// kernels' layouts chosen for this CPU, as `vicuna bench --json` reports them.
+    pub fn layouts(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for m in self.layer_matrices().chain([&self.output]) {
+            *counts.entry(format!("{} {}", m.ty, m.layout().name())).or_insert(0) += 1;
+        }
+        counts
     }
 
     fn layer_matrices(&self) -> impl Iterator<Item = &Matrix> {
@@ -471,8 +511,12 @@ impl QuantLlama {
         Ok(matmul(&self.borrow(w)?, x, n, out, &self.pool)?)
     }
 
-    /// The bytes of a matrix, looked up again in the source (a map lookup; nothing is copied).
-    fn borrow(&self, m: &Matrix) -> Result<QuantMatrix<'_>> {
+    /// The bytes of a matrix: its own rewritten copy, or looked up again in the source (a map lookup; nothing is
+    /// copied).
+    fn borrow<'m>(&'m self, m: &'m Matrix) -> Result<QuantMatrix<'m>> {
+        if let Some(packed) = &m.packed {
+            return Ok(packed.matrix());
+        }
         let tensor = self
             .source
             .tensor(&m.name)
@@ -561,7 +605,7 @@ struct Checker<'a> {
 impl Checker<'_> {
     /// A `rows × cols` matrix (ggml dims `[cols, rows]`).
     fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Matrix {
-        let mut matrix = Matrix { name: name.to_string(), ty: GgmlType::F32, rows, cols };
+        let mut matrix = Matrix { name: name.to_string(), ty: GgmlType::F32, rows, cols, packed: None };
         let Some(t) = self.source.tensor(name) else {
             self.problems.push(format!("{name} is missing"));
             return matrix;

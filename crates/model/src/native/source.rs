@@ -18,6 +18,11 @@ pub struct TensorRef<'a> {
 /// for the duration of each step and never copies a weight matrix.
 pub trait TensorSource: Send + Sync {
     fn tensor(&self, name: &str) -> Option<TensorRef<'_>>;
+
+    /// Called when the model has made its own copy of tensor bytes `data` (a matrix rewritten in the kernels'
+    /// layout) and will not read them again: a memory-mapped source gives those pages back, so the weights are not
+    /// held twice. Only a hint; the bytes stay readable.
+    fn release(&self, _data: &[u8]) {}
 }
 
 /// Tensors held in memory: synthetic models, tests, and sources built by conversion.

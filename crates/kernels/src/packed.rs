@@ -1,0 +1,244 @@
+//! Weight matrices rewritten once, when a model is loaded, into a layout the kernels read with fewer instructions
+//! per byte than GGUF's (as llama.cpp's `ggml-cpu/repack.cpp` does; the layout here is our own).
+//!
+//! # q4_0, 16 rows interleaved ([`Layout::Interleaved16`])
+//! GGUF stores a q4_0 row as 18-byte blocks (an f16 scale, then 16 bytes holding 32 nibbles), so a kernel that
+//! multiplies one row at a time must gather scales from odd offsets, assemble 16-byte pieces into vectors, and
+//! reduce each row's sums across the lanes at the end. Interleaved, 16 rows share every vector: a 64-byte load
+//! holds four quant bytes (eight values) of each of 16 rows, one row per 32-bit lane, so `vpdpbusd` against a
+//! broadcast of four activation bytes sums each row in its own lane, and the 16 scales of a block are one 32-byte
+//! load. Nothing is reduced across lanes; 16 outputs are stored with one instruction.
+//!
+//! Rows are taken in groups of [`GROUP_ROWS`]; a group takes exactly the bytes its 16 GGUF rows took
+//! (`16 × row_bytes`), so row `r`'s group starts where row `r` started, and rows after the last whole group (the
+//! 32001st of a vocabulary of 32001) stay as they were. Within a group, the blocks go by pairs:
+//!
+//! ```text
+//! pair p (576 bytes):  block 2p:   nibbles, 4 × 64 bytes   vector t, lane r: bytes 4t..4t+4 of row r's quants
+//!                      block 2p+1: nibbles, 4 × 64 bytes
+//!                      block 2p:   16 scales (f16), row 0 first
+//!                      block 2p+1: 16 scales
+//! ```
+//!
+//! so that every vector is 64-byte aligned when the group is. A row with an odd number of blocks ends with a lone
+//! block: 256 bytes of nibbles and 32 of scales. The low nibble of quant byte `i` is value `i` of the block and the
+//! high nibble value `i + 16`, as in GGUF; lane `r` of vector `t` thus holds values `4t..4t+4` (low nibbles) and
+//! `16 + 4t..16 + 4t + 4` (high nibbles) of row `r`.
+
+use crate::blocks::BlockQ4_0;
+use crate::isa::Isa;
+use crate::kernels::traits;
+use crate::matrix::QuantMatrix;
+use crate::tuning::Tuning;
+use crate::types::{GgmlType, Result};
+
+/// Rows interleaved together.
+pub const GROUP_ROWS: usize = 16;
+
+/// How the rows of a weight matrix are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// As in a GGUF file: row after row, each row its blocks in order.
+    Ggml,
+    /// q4_0 rows interleaved by groups of [`GROUP_ROWS`] (see the module documentation); rows after the last whole
+    /// group as in `Ggml`.
+    Interleaved16,
+}
+
+impl Layout {
+    /// The layout whose kernels are fastest for `ty` at `isa` on this CPU: `Interleaved16` for the types the kernel
+    /// table gives it ([`traits`]) on AVX-512, unless this CPU's tuning row or `VICUNA_KERNELS_PACK=0` says
+    /// otherwise ([`Tuning::pack`]); `Ggml` everywhere else.
+    pub fn best(ty: GgmlType, isa: Isa) -> Layout {
+        if isa == Isa::Avx512 && Tuning::get().pack {
+            traits(ty).packed.unwrap_or(Layout::Ggml)
+        } else {
+            Layout::Ggml
+        }
+    }
+
+    /// What `vicuna bench --json` reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Ggml => "ggml",
+            Layout::Interleaved16 => "interleaved16",
+        }
+    }
+}
+
+/// A weight matrix in a layout of its own, owned (the GGUF bytes it was made from can be given back).
+pub struct PackedMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    layout: Layout,
+    data: Pages,
+    len: usize,
+}
+
+/// Bytes in memory of their own: page-aligned (so the interleaved vectors are aligned loads; a large allocation
+/// from the system allocator is only 16-byte aligned, and a 64-byte load across two cache lines costs two), and on
+/// Linux in transparent huge pages where the system allows them. The hardware prefetcher does not cross a page:
+/// with 2 MiB pages it streams on where with 4 KiB pages it stops every 4 KiB (decoding from a memory-mapped file
+/// gets only the latter).
+struct Pages(memmap2::MmapMut);
+
+impl Pages {
+    /// `len` zero bytes, or `None` if the system has no memory for them.
+    fn zeroed(len: usize) -> Option<Pages> {
+        let map = memmap2::MmapMut::map_anon(len.max(1)).ok()?;
+        // Before the first touch, so that the pages are faulted in huge; only a hint (refused where THP is off).
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        Some(Pages(map))
+    }
+}
+
+impl PackedMatrix {
+    /// `w` rewritten in [`Layout::best`] for its type on this CPU's instruction set, or `None` where that is GGUF's
+    /// own layout (or the matrix has fewer rows than one group: there would be nothing to interleave).
+    pub fn for_this_cpu(w: &QuantMatrix) -> Option<PackedMatrix> {
+        PackedMatrix::new(w, Layout::best(w.ty(), Isa::detect()))
+    }
+
+    /// `w` (in GGUF's layout) rewritten in `layout`; `None` for `Layout::Ggml`, for a layout that is not `w`'s
+    /// type's, for fewer rows than one group, or when there is no memory for the copy (GGUF's layout still works).
+    pub fn new(w: &QuantMatrix, layout: Layout) -> Option<PackedMatrix> {
+        if layout == Layout::Ggml || traits(w.ty()).packed != Some(layout) || w.rows() < GROUP_ROWS {
+            return None;
+        }
+        debug_assert_eq!(w.layout(), Layout::Ggml);
+        let mut data = Pages::zeroed(w.data().len())?;
+        let group_bytes = GROUP_ROWS * w.row_bytes();
+        let grouped = w.rows() / GROUP_ROWS * group_bytes;
+        for (src, dst) in w.data().chunks_exact(group_bytes).zip(data.0.chunks_exact_mut(group_bytes)) {
+            interleave_q4_0(src, w.row_bytes(), dst);
+        }
+        data.0[grouped..w.data().len()].copy_from_slice(&w.data()[grouped..]);
+        Some(PackedMatrix { ty: w.ty(), rows: w.rows(), cols: w.cols(), layout, data, len: w.data().len() })
+    }
+
+    /// The matrix to multiply with.
+    pub fn matrix(&self) -> QuantMatrix<'_> {
+        QuantMatrix::with_layout(self.ty, self.rows, self.cols, &self.data.0[..self.len], self.layout)
+            .expect("made from a valid matrix of this shape")
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.len
+    }
+}
+
+/// Rows of `w` that lie in interleaved groups (0 for GGUF's layout): the rows before the first GGUF-laid row.
+pub(crate) fn grouped_rows(w: &QuantMatrix) -> usize {
+    match w.layout() {
+        Layout::Ggml => 0,
+        Layout::Interleaved16 => w.rows() / GROUP_ROWS * GROUP_ROWS,
+    }
+}
+
+/// Bytes of a pair of interleaved q4_0 blocks: 16 rows' quants and scales of two blocks.
+pub(crate) const Q4_0_PAIR_BYTES: usize = 2 * GROUP_ROWS * size_of::<BlockQ4_0>();
+/// Bytes of one block's quants in a group: four vectors of 64.
+pub(crate) const Q4_0_NIBBLE_BYTES: usize = GROUP_ROWS * 16;
+
+/// Where block `j` of a group of rows with `blocks` blocks each keeps its quants and its scales (offsets from the
+/// group's start).
+pub(crate) fn q4_0_offsets(blocks: usize, j: usize) -> (usize, usize) {
+    let (pair, second) = (j / 2, j % 2);
+    let in_pair = (blocks - 2 * pair).min(2);
+    let base = pair * Q4_0_PAIR_BYTES;
+    (base + second * Q4_0_NIBBLE_BYTES, base + in_pair * Q4_0_NIBBLE_BYTES + second * 2 * GROUP_ROWS)
+}
+
+/// Writes the 16 GGUF rows `src` (of `row_bytes` each) interleaved into `dst`.
+fn interleave_q4_0(src: &[u8], row_bytes: usize, dst: &mut [u8]) {
+    const BLOCK: usize = size_of::<BlockQ4_0>();
+    let blocks = row_bytes / BLOCK;
+    // Block by block, all 16 rows: each block's 288 bytes are written together (a model's worth of matrices is
+    // rewritten at every load, so this loop is the load time).
+    for j in 0..blocks {
+        let (nibbles, scales) = q4_0_offsets(blocks, j);
+        // The scales follow the quants of their pair: split there.
+        let (head, tail) = dst.split_at_mut(scales);
+        let (quants, scale) = (&mut head[nibbles..nibbles + 256], &mut tail[..32]);
+        for r in 0..GROUP_ROWS {
+            let b: &[u8; BLOCK] = src[r * row_bytes + j * BLOCK..][..BLOCK].try_into().expect("a whole block");
+            scale[2 * r..2 * r + 2].copy_from_slice(&b[..2]);
+            for t in 0..4 {
+                quants[64 * t + 4 * r..64 * t + 4 * r + 4].copy_from_slice(&b[2 + 4 * t..6 + 4 * t]);
+            }
+        }
+    }
+}
+
+/// Row `r` of `w` in GGUF's layout, whatever `w`'s layout (what a kernel that reads GGUF rows, or a test, needs).
+pub fn ggml_row(w: &QuantMatrix, r: usize, out: &mut [u8]) -> Result<()> {
+    crate::types::check_len("row buffer", w.row_bytes(), out.len())?;
+    if r >= grouped_rows(w) {
+        out.copy_from_slice(w.rows_data(r..r + 1));
+        return Ok(());
+    }
+    const BLOCK: usize = size_of::<BlockQ4_0>();
+    let blocks = w.row_bytes() / BLOCK;
+    let group = w.rows_data(r / GROUP_ROWS * GROUP_ROWS..(r / GROUP_ROWS + 1) * GROUP_ROWS);
+    let lane = r % GROUP_ROWS;
+    for (j, b) in out.chunks_exact_mut(BLOCK).enumerate() {
+        let (nibbles, scales) = q4_0_offsets(blocks, j);
+        b[..2].copy_from_slice(&group[scales + 2 * lane..scales + 2 * lane + 2]);
+        for t in 0..4 {
+            let at = nibbles + 64 * t + 4 * lane;
+            b[2 + 4 * t..2 + 4 * t + 4].copy_from_slice(&group[at..at + 4]);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaving_keeps_every_byte_and_the_offsets_tile_the_group() {
+        for (rows, blocks) in [(16, 2), (33, 3), (32, 1), (17, 160), (48, 5)] {
+            let row_bytes = blocks * 18;
+            let data: Vec<u8> = (0..rows * row_bytes).map(|i| (i * 7 + i / 13) as u8).collect();
+            let w = QuantMatrix::new(GgmlType::Q4_0, rows, blocks * 32, &data).unwrap();
+            let packed = PackedMatrix::new(&w, Layout::Interleaved16).unwrap();
+            let m = packed.matrix();
+            assert_eq!(grouped_rows(&m), rows / 16 * 16);
+            assert_ne!(m.data(), w.data(), "nothing was interleaved");
+            let mut row = vec![0u8; row_bytes];
+            for r in 0..rows {
+                ggml_row(&m, r, &mut row).unwrap();
+                assert_eq!(row, w.rows_data(r..r + 1), "row {r} of {rows}x{blocks} blocks");
+            }
+            // Every byte of a group is some block's quant or scale, exactly once.
+            let mut seen = vec![0u8; 16 * row_bytes];
+            for j in 0..blocks {
+                let (nibbles, scales) = q4_0_offsets(blocks, j);
+                seen[nibbles..nibbles + 256].iter_mut().for_each(|s| *s += 1);
+                seen[scales..scales + 32].iter_mut().for_each(|s| *s += 1);
+                assert_eq!(nibbles % 64, 0, "quants of block {j} unaligned");
+            }
+            assert!(seen.iter().all(|&s| s == 1), "{rows}x{blocks}");
+        }
+    }
+
+    #[test]
+    fn only_q4_0_with_a_whole_group_is_interleaved() {
+        let data = vec![0u8; 15 * 18];
+        let w = QuantMatrix::new(GgmlType::Q4_0, 15, 32, &data).unwrap();
+        assert!(PackedMatrix::new(&w, Layout::Interleaved16).is_none());
+        let data = vec![0u8; 16 * 34];
+        let w = QuantMatrix::new(GgmlType::Q8_0, 16, 32, &data).unwrap();
+        assert!(PackedMatrix::new(&w, Layout::Interleaved16).is_none());
+        assert_eq!(Layout::best(GgmlType::Q8_0, Isa::Avx512), Layout::Ggml);
+        assert_eq!(Layout::best(GgmlType::Q4_0, Isa::Avx2), Layout::Ggml);
+    }
+}
