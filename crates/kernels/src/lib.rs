@@ -28,7 +28,12 @@
 //!   q6_K, where it overtakes the multi-row kernels): chunks of 32 weight rows are unpacked once to bytes, and a
 //!   register-blocked VNNI kernel multiplies them with 16 activation rows at a time.
 //!
-//! On every path each weight byte is read from memory once per call. Which types have which of these kernels, and
+//! On every path each weight byte is read from memory once per call.
+//!
+//! # Layouts of its own
+//! A [`PackedMatrix`] is a matrix rewritten once (a model does it at load) in a layout the kernels read with fewer
+//! instructions per byte: q4_0 rows interleaved by 16 on AVX-512 ([`Layout::best`], the `packed` module), so that
+//! each 32-bit lane sums one weight row. Every path takes it; results are bit for bit the scalar reference's on it. Which types have which of these kernels, and
 //! from how many activation rows the GEMM takes over, is one table of per-type facts (`kernels::traits`), from which
 //! [`matmul_path`] chooses a product's route in one place.
 //!

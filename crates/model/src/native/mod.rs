@@ -1,7 +1,9 @@
 //! The LLaMA forward pass on quantized weights, with this workspace's own CPU kernels (`vicuna-kernels`).
 //!
 //! Weights are GGUF tensors (f32, f16, bf16, q4_0, q8_0, q4_K, q6_K, … any type the kernels know) borrowed from a
-//! [`TensorSource`], typically a memory-mapped GGUF file: the model never copies a weight matrix. As in GGUF, the q
+//! [`TensorSource`], typically a memory-mapped GGUF file, used in place; only where the kernels read another layout
+//! faster on this CPU (q4_0 on AVX-512: rows interleaved by 16, `vicuna_kernels::PackedMatrix`) is a matrix rewritten
+//! once at load, and the source's pages of it given back, so a weight is never held twice. As in GGUF, the q
 //! and k projections have their rows in the interleaved (Meta) RoPE order, so RoPE rotates adjacent pairs.
 //!
 //! One step ([`QuantLlama::forward_ragged`]) takes several sequences, each with its own [`QuantCache`] and any

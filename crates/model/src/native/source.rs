@@ -15,7 +15,8 @@ pub struct TensorRef<'a> {
 }
 
 /// Tensors by GGUF name (`token_embd.weight`, `blk.0.attn_q.weight`, …). The model borrows the bytes it is handed
-/// for the duration of each step and never copies a weight matrix.
+/// for the duration of each step; it copies a weight matrix only to rewrite it in the kernels' own layout, and
+/// then calls [`TensorSource::release`] on the original.
 pub trait TensorSource: Send + Sync {
     fn tensor(&self, name: &str) -> Option<TensorRef<'_>>;
 
