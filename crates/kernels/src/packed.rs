@@ -24,8 +24,12 @@
 //! block: 256 bytes of nibbles and 32 of scales. The low nibble of quant byte `i` is value `i` of the block and the
 //! high nibble value `i + 16`, as in GGUF; lane `r` of vector `t` thus holds values `4t..4t+4` (low nibbles) and
 //! `16 + 4t..16 + 4t + 4` (high nibbles) of row `r`.
+//!
+//! # q8_0, 16 rows interleaved
+//! The same with 34-byte blocks: a block's quants for 16 rows are eight vectors (lane `r` of vector `t`: values
+//! `4t..4t + 4` of row `r`), a pair 1088 bytes. The signed quants are stored as unsigned `q + 128`, the operand
+//! `vpdpbusd` multiplies, so the kernel does not flip them at every product.
 
-use crate::blocks::BlockQ4_0;
 use crate::isa::Isa;
 use crate::kernels::traits;
 use crate::matrix::QuantMatrix;
@@ -40,8 +44,8 @@ pub const GROUP_ROWS: usize = 16;
 pub enum Layout {
     /// As in a GGUF file: row after row, each row its blocks in order.
     Ggml,
-    /// q4_0 rows interleaved by groups of [`GROUP_ROWS`] (see the module documentation); rows after the last whole
-    /// group as in `Ggml`.
+    /// q4_0 or q8_0 rows interleaved by groups of [`GROUP_ROWS`] (see the module documentation); rows after the
+    /// last whole group as in `Ggml`.
     Interleaved16,
 }
 
@@ -112,7 +116,7 @@ impl PackedMatrix {
         let group_bytes = GROUP_ROWS * w.row_bytes();
         let grouped = w.rows() / GROUP_ROWS * group_bytes;
         for (src, dst) in w.data().chunks_exact(group_bytes).zip(data.0.chunks_exact_mut(group_bytes)) {
-            interleave_q4_0(src, w.row_bytes(), dst);
+            interleave(w.ty(), src, w.row_bytes(), dst);
         }
         data.0[grouped..w.data().len()].copy_from_slice(&w.data()[grouped..]);
         Some(PackedMatrix { ty: w.ty(), rows: w.rows(), cols: w.cols(), layout, data, len: w.data().len() })
@@ -142,36 +146,47 @@ pub(crate) fn grouped_rows(w: &QuantMatrix) -> usize {
     }
 }
 
-/// Bytes of a pair of interleaved q4_0 blocks: 16 rows' quants and scales of two blocks.
-pub(crate) const Q4_0_PAIR_BYTES: usize = 2 * GROUP_ROWS * size_of::<BlockQ4_0>();
-/// Bytes of one block's quants in a group: four vectors of 64.
-pub(crate) const Q4_0_NIBBLE_BYTES: usize = GROUP_ROWS * 16;
-
-/// Where block `j` of a group of rows with `blocks` blocks each keeps its quants and its scales (offsets from the
-/// group's start).
-pub(crate) fn q4_0_offsets(blocks: usize, j: usize) -> (usize, usize) {
-    let (pair, second) = (j / 2, j % 2);
-    let in_pair = (blocks - 2 * pair).min(2);
-    let base = pair * Q4_0_PAIR_BYTES;
-    (base + second * Q4_0_NIBBLE_BYTES, base + in_pair * Q4_0_NIBBLE_BYTES + second * 2 * GROUP_ROWS)
+/// Bytes of one block's quants for the 16 rows of a group: q4_0 256 (four vectors), q8_0 512 (eight).
+pub(crate) const fn quant_bytes(ty: GgmlType) -> usize {
+    GROUP_ROWS * (ty.block_bytes() - 2)
 }
 
-/// Writes the 16 GGUF rows `src` (of `row_bytes` each) interleaved into `dst`.
-fn interleave_q4_0(src: &[u8], row_bytes: usize, dst: &mut [u8]) {
-    const BLOCK: usize = size_of::<BlockQ4_0>();
-    let blocks = row_bytes / BLOCK;
-    // Block by block, all 16 rows: each block's 288 bytes are written together (a model's worth of matrices is
+/// Where block `j` of a group of `ty` rows with `blocks` blocks each keeps its quants and its scales (offsets from
+/// the group's start): pairs of blocks, each pair its two blocks' quants and then their scales.
+pub(crate) fn block_offsets(ty: GgmlType, blocks: usize, j: usize) -> (usize, usize) {
+    let (pair, second) = (j / 2, j % 2);
+    let in_pair = (blocks - 2 * pair).min(2);
+    let base = pair * 2 * GROUP_ROWS * ty.block_bytes();
+    (base + second * quant_bytes(ty), base + in_pair * quant_bytes(ty) + second * 2 * GROUP_ROWS)
+}
+
+/// What a stored quant byte is XORed with: q8_0's signed quants are stored as unsigned `q + 128` (what
+/// `vpdpbusd` multiplies, so the kernel does not flip them for every product); q4_0's nibbles are unsigned already.
+pub(crate) const fn stored_xor(ty: GgmlType) -> u8 {
+    match ty {
+        GgmlType::Q8_0 => 0x80,
+        _ => 0,
+    }
+}
+
+/// Writes the 16 GGUF rows `src` (of `row_bytes` each) of type `ty` interleaved into `dst`.
+fn interleave(ty: GgmlType, src: &[u8], row_bytes: usize, dst: &mut [u8]) {
+    let (block, blocks, flip) = (ty.block_bytes(), row_bytes / ty.block_bytes(), stored_xor(ty));
+    // Block by block, all 16 rows: each block's bytes are written together (a model's worth of matrices is
     // rewritten at every load, so this loop is the load time).
     for j in 0..blocks {
-        let (nibbles, scales) = q4_0_offsets(blocks, j);
+        let (quants_at, scales_at) = block_offsets(ty, blocks, j);
         // The scales follow the quants of their pair: split there.
-        let (head, tail) = dst.split_at_mut(scales);
-        let (quants, scale) = (&mut head[nibbles..nibbles + 256], &mut tail[..32]);
+        let (head, tail) = dst.split_at_mut(scales_at);
+        let (quants, scales) = (&mut head[quants_at..quants_at + quant_bytes(ty)], &mut tail[..2 * GROUP_ROWS]);
         for r in 0..GROUP_ROWS {
-            let b: &[u8; BLOCK] = src[r * row_bytes + j * BLOCK..][..BLOCK].try_into().expect("a whole block");
-            scale[2 * r..2 * r + 2].copy_from_slice(&b[..2]);
-            for t in 0..4 {
-                quants[64 * t + 4 * r..64 * t + 4 * r + 4].copy_from_slice(&b[2 + 4 * t..6 + 4 * t]);
+            let b = &src[r * row_bytes + j * block..][..block];
+            scales[2 * r..2 * r + 2].copy_from_slice(&b[..2]);
+            for (t, four) in b[2..].chunks_exact(4).enumerate() {
+                let at = 64 * t + 4 * r;
+                for (d, &q) in quants[at..at + 4].iter_mut().zip(four) {
+                    *d = q ^ flip;
+                }
             }
         }
     }
@@ -184,16 +199,17 @@ pub fn ggml_row(w: &QuantMatrix, r: usize, out: &mut [u8]) -> Result<()> {
         out.copy_from_slice(w.rows_data(r..r + 1));
         return Ok(());
     }
-    const BLOCK: usize = size_of::<BlockQ4_0>();
-    let blocks = w.row_bytes() / BLOCK;
+    let (block, blocks, flip) = (w.ty().block_bytes(), w.row_bytes() / w.ty().block_bytes(), stored_xor(w.ty()));
     let group = w.rows_data(r / GROUP_ROWS * GROUP_ROWS..(r / GROUP_ROWS + 1) * GROUP_ROWS);
     let lane = r % GROUP_ROWS;
-    for (j, b) in out.chunks_exact_mut(BLOCK).enumerate() {
-        let (nibbles, scales) = q4_0_offsets(blocks, j);
+    for (j, b) in out.chunks_exact_mut(block).enumerate() {
+        let (quants, scales) = block_offsets(w.ty(), blocks, j);
         b[..2].copy_from_slice(&group[scales + 2 * lane..scales + 2 * lane + 2]);
-        for t in 0..4 {
-            let at = nibbles + 64 * t + 4 * lane;
-            b[2 + 4 * t..2 + 4 * t + 4].copy_from_slice(&group[at..at + 4]);
+        for (t, four) in b[2..].chunks_exact_mut(4).enumerate() {
+            let at = quants + 64 * t + 4 * lane;
+            for (d, &q) in four.iter_mut().zip(&group[at..at + 4]) {
+                *d = q ^ flip;
+            }
         }
     }
     Ok(())
@@ -205,10 +221,13 @@ mod tests {
 
     #[test]
     fn interleaving_keeps_every_byte_and_the_offsets_tile_the_group() {
-        for (rows, blocks) in [(16, 2), (33, 3), (32, 1), (17, 160), (48, 5)] {
-            let row_bytes = blocks * 18;
+        for (ty, (rows, blocks)) in [GgmlType::Q4_0, GgmlType::Q8_0]
+            .into_iter()
+            .flat_map(|ty| [(16, 2), (33, 3), (32, 1), (17, 160), (48, 5)].map(|shape| (ty, shape)))
+        {
+            let row_bytes = blocks * ty.block_bytes();
             let data: Vec<u8> = (0..rows * row_bytes).map(|i| (i * 7 + i / 13) as u8).collect();
-            let w = QuantMatrix::new(GgmlType::Q4_0, rows, blocks * 32, &data).unwrap();
+            let w = QuantMatrix::new(ty, rows, blocks * 32, &data).unwrap();
             let packed = PackedMatrix::new(&w, Layout::Interleaved16).unwrap();
             let m = packed.matrix();
             assert_eq!(grouped_rows(&m), rows / 16 * 16);
@@ -221,24 +240,24 @@ mod tests {
             // Every byte of a group is some block's quant or scale, exactly once.
             let mut seen = vec![0u8; 16 * row_bytes];
             for j in 0..blocks {
-                let (nibbles, scales) = q4_0_offsets(blocks, j);
-                seen[nibbles..nibbles + 256].iter_mut().for_each(|s| *s += 1);
+                let (quants, scales) = block_offsets(ty, blocks, j);
+                seen[quants..quants + quant_bytes(ty)].iter_mut().for_each(|s| *s += 1);
                 seen[scales..scales + 32].iter_mut().for_each(|s| *s += 1);
-                assert_eq!(nibbles % 64, 0, "quants of block {j} unaligned");
+                assert_eq!(quants % 64, 0, "quants of block {j} unaligned");
             }
-            assert!(seen.iter().all(|&s| s == 1), "{rows}x{blocks}");
+            assert!(seen.iter().all(|&s| s == 1), "{ty} {rows}x{blocks}");
         }
     }
 
     #[test]
-    fn only_q4_0_with_a_whole_group_is_interleaved() {
+    fn only_q4_0_and_q8_0_with_a_whole_group_are_interleaved() {
         let data = vec![0u8; 15 * 18];
         let w = QuantMatrix::new(GgmlType::Q4_0, 15, 32, &data).unwrap();
         assert!(PackedMatrix::new(&w, Layout::Interleaved16).is_none());
-        let data = vec![0u8; 16 * 34];
-        let w = QuantMatrix::new(GgmlType::Q8_0, 16, 32, &data).unwrap();
+        let data = vec![0u8; 16 * 144];
+        let w = QuantMatrix::new(GgmlType::Q4_K, 16, 256, &data).unwrap();
         assert!(PackedMatrix::new(&w, Layout::Interleaved16).is_none());
-        assert_eq!(Layout::best(GgmlType::Q8_0, Isa::Avx512), Layout::Ggml);
+        assert_eq!(Layout::best(GgmlType::Q4_K, Isa::Avx512), Layout::Ggml);
         assert_eq!(Layout::best(GgmlType::Q4_0, Isa::Avx2), Layout::Ggml);
     }
 }

@@ -164,8 +164,9 @@ pub(crate) struct GemmScratch {
     min: Vec<f32>,
     /// One weight row in GGUF's layout, for matrices in an interleaved one.
     row: Vec<u8>,
-    /// Whether `q` holds the chunk quad-major (the four values of quad `u` of row `i` at `4 · (u · CHUNK_ROWS +
-    /// i)`, what interleaved rows unpack to) rather than row-major (at `i · k + 4u`).
+    /// Whether `q` holds the chunk quad-major by eight rows (the four values of quad `u` of row `i` at `(i - i % 8)
+    /// · k + 32u + 4 · (i % 8)`, what interleaved rows unpack to: each micro-kernel call then reads one dense run)
+    /// rather than row-major (at `i · k + 4u`).
     quad_major: bool,
 }
 
@@ -208,13 +209,11 @@ pub(crate) unsafe fn gemm(
         for (half, start) in rows.clone().step_by(GROUP_ROWS).enumerate() {
             let group = w.rows_data(start..start + GROUP_ROWS).as_ptr();
             let panel = (&mut scratch.q[..], &mut scratch.scale[..], &mut scratch.corr[..]);
-            unpack_q4_0_group(group, k / QK, half * GROUP_ROWS, panel);
+            unpack_group(w.ty(), group, k / QK, half * GROUP_ROWS, panel);
         }
         if rows.len() < CHUNK_ROWS {
             // Rows past the matrix: zeros, whose outputs are never stored.
-            for quad in 0..k / 4 {
-                scratch.q[4 * (quad * CHUNK_ROWS + GROUP_ROWS)..4 * (quad + 1) * CHUNK_ROWS].fill(0);
-            }
+            scratch.q[GROUP_ROWS * k..].fill(0);
             scratch.scale[GROUP_ROWS * groups..].fill(0.0);
             scratch.corr[GROUP_ROWS * groups..].fill(0);
         }
@@ -284,9 +283,10 @@ unsafe fn kernel_tiles<const T: usize>(
 ) {
     for first in (0..rows.len()).step_by(KERNEL_ROWS) {
         let acc = match ty {
-            GgmlType::Q6_K => kernel::<T, 4, 16, false>(scratch, first, k, tiles, tile),
-            GgmlType::Q4_K => kernel::<T, 8, 8, true>(scratch, first, k, tiles, tile),
-            _ => kernel::<T, 8, 1, false>(scratch, first, k, tiles, tile),
+            GgmlType::Q6_K => kernel::<T, 4, 16, false, false>(scratch, first, k, tiles, tile),
+            GgmlType::Q4_K => kernel::<T, 8, 8, true, false>(scratch, first, k, tiles, tile),
+            _ if scratch.quad_major => kernel::<T, 8, 1, false, true>(scratch, first, k, tiles, tile),
+            _ => kernel::<T, 8, 1, false, false>(scratch, first, k, tiles, tile),
         };
         for (t, acc) in acc.iter().enumerate() {
             store_tile(acc, tile + t, rows.start + first, rows.end, n, out);
@@ -324,7 +324,13 @@ unsafe fn store_tile(acc: &[__m512; KERNEL_ROWS], tile: usize, first_row: usize,
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
 #[allow(clippy::needless_range_loop)] // `isum[t][r]`: two indices, neither the loop's own array
-unsafe fn kernel<const T: usize, const QUADS: usize, const GROUPS_PER_SCALE: usize, const MINS: bool>(
+unsafe fn kernel<
+    const T: usize,
+    const QUADS: usize,
+    const GROUPS_PER_SCALE: usize,
+    const MINS: bool,
+    const QUAD_MAJOR: bool,
+>(
     panel: &GemmScratch,
     first: usize,
     k: usize,
@@ -346,8 +352,9 @@ unsafe fn kernel<const T: usize, const QUADS: usize, const GROUPS_PER_SCALE: usi
             },
         );
     // Where quad `u` of the panel's row `first + r` is: `rows[r] + u · quad_stride`.
-    let (row_stride, quad_stride) = if panel.quad_major { (4, 4 * CHUNK_ROWS) } else { (k, 4) };
-    let wrows: [*const i8; KERNEL_ROWS] = std::array::from_fn(|r| panel.q.as_ptr().add((first + r) * row_stride));
+    debug_assert_eq!(panel.quad_major, QUAD_MAJOR);
+    let (row_stride, quad_stride) = if QUAD_MAJOR { (4, 4 * KERNEL_ROWS) } else { (k, 4) };
+    let wrows: [*const i8; KERNEL_ROWS] = std::array::from_fn(|r| panel.q.as_ptr().add(first * k + r * row_stride));
     let wscale = panel.scale.as_ptr().add(first * groups);
     let wcorr = panel.corr.as_ptr().add(first * groups);
     let wmin = if MINS { panel.min.as_ptr().add(first * groups) } else { std::ptr::null() };
@@ -449,33 +456,56 @@ unsafe fn unpack_q4_0<const PF: u8>(
     }
 }
 
-/// Interleaved q4_0 rows ([`crate::packed`]): the group at `group` (16 rows of `blocks` blocks) into panel rows
-/// `first..first + 16` of the quad-major panel `(q, scale, corr)`. Each vector of the group is four quants of each
-/// of its rows: its low nibbles are quad `8j + t` of those 16 rows, its high nibbles quad `8j + 4 + t`, and in the
-/// quad-major panel both are 16 consecutive 32-bit lanes.
+/// Interleaved q4_0 or q8_0 rows ([`crate::packed`]): the group at `group` (16 rows of `blocks` blocks) into panel
+/// rows `first..first + 16` of the quad-major panel `(q, scale, corr)`. Each vector of the group is four quants of
+/// each of its rows, and in the quad-major panel a quad of 8 rows is 8 consecutive 32-bit lanes: two stores. For
+/// q4_0 a vector's low nibbles are quad `8j + t` of those rows and its high nibbles quad `8j + 4 + t`; for q8_0
+/// vector `t` is quad `8j + t`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-unsafe fn unpack_q4_0_group(group: *const u8, blocks: usize, first: usize, panel: (&mut [i8], &mut [f32], &mut [i32])) {
+unsafe fn unpack_group(
+    ty: GgmlType,
+    group: *const u8,
+    blocks: usize,
+    first: usize,
+    panel: (&mut [i8], &mut [f32], &mut [i32]),
+) {
     let (q, scale, corr) = panel;
     let groups = scale.len() / CHUNK_ROWS;
-    let (low, eight, ones) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8), _mm512_set1_epi8(1));
+    let (low, eight, ones, flip) =
+        (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8), _mm512_set1_epi8(1), _mm512_set1_epi8(-128));
+    let (panel_q, k) = (q.as_mut_ptr(), blocks * QK);
+    // Quad `quad` of the 16 rows: the first eight rows' lanes to their run, the last eight to theirs.
+    let store = |quad: usize, signed: __m512i| {
+        _mm256_storeu_si256(panel_q.add(first * k + 32 * quad).cast(), _mm512_castsi512_si256(signed));
+        _mm256_storeu_si256(panel_q.add((first + 8) * k + 32 * quad).cast(), _mm512_extracti64x4_epi64::<1>(signed));
+    };
     let mut lanes = [0i32; GROUP_ROWS];
     let mut scales = [0f32; GROUP_ROWS];
     for j in 0..blocks {
-        let (quants, scale_at) = packed::q4_0_offsets(blocks, j);
+        let (quants, scale_at) = packed::block_offsets(ty, blocks, j);
+        // Σ of the stored (unsigned) values of each row's block, and the zero point they carry.
         let mut unsigned_sum = _mm512_setzero_si512();
-        for t in 0..4 {
-            let v = _mm512_loadu_si512(group.add(quants + 64 * t).cast());
-            let lo = _mm512_and_si512(v, low);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-            unsigned_sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(unsigned_sum, lo, ones), hi, ones);
-            for (quad, u) in [(8 * j + t, lo), (8 * j + 4 + t, hi)] {
-                let at = q.as_mut_ptr().add(4 * (quad * CHUNK_ROWS + first));
-                _mm512_storeu_si512(at.cast(), _mm512_sub_epi8(u, eight));
+        let zero_point = if ty == GgmlType::Q4_0 {
+            for t in 0..4 {
+                let v = _mm512_loadu_si512(group.add(quants + 64 * t).cast());
+                let lo = _mm512_and_si512(v, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                unsigned_sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(unsigned_sum, lo, ones), hi, ones);
+                store(8 * j + t, _mm512_sub_epi8(lo, eight));
+                store(8 * j + 4 + t, _mm512_sub_epi8(hi, eight));
             }
-        }
-        // -128 · Σ w, with w = u - 8 over the block's 32 values.
-        let c = _mm512_mullo_epi32(_mm512_sub_epi32(unsigned_sum, _mm512_set1_epi32(8 * 32)), _mm512_set1_epi32(-128));
-        _mm512_storeu_si512(lanes.as_mut_ptr().cast(), c);
+            8
+        } else {
+            for t in 0..8 {
+                let v = _mm512_loadu_si512(group.add(quants + 64 * t).cast());
+                unsigned_sum = _mm512_dpbusd_epi32(unsigned_sum, v, ones);
+                store(8 * j + t, _mm512_xor_si512(v, flip));
+            }
+            128
+        };
+        // -128 · Σ w, with w = stored - zero point over the block's 32 values.
+        let signed_sum = _mm512_sub_epi32(unsigned_sum, _mm512_set1_epi32(zero_point * 32));
+        _mm512_storeu_si512(lanes.as_mut_ptr().cast(), _mm512_mullo_epi32(signed_sum, _mm512_set1_epi32(-128)));
         _mm512_storeu_ps(scales.as_mut_ptr(), _mm512_cvtph_ps(_mm256_loadu_si256(group.add(scale_at).cast())));
         for r in 0..GROUP_ROWS {
             corr[(first + r) * groups + j] = lanes[r];

@@ -20,8 +20,8 @@ use std::arch::x86_64::*;
 
 use crate::acts::Q8_0Row;
 use crate::kernels::avx512::prefetch_ahead;
-use crate::packed::{Q4_0_NIBBLE_BYTES, Q4_0_PAIR_BYTES};
-use crate::types::QK;
+use crate::packed::quant_bytes;
+use crate::types::{GgmlType, QK};
 
 /// Rows per group ([`crate::packed::GROUP_ROWS`]), one per 32-bit lane.
 const LANES: usize = 16;
@@ -39,8 +39,10 @@ pub(crate) unsafe fn groups_q4_0<const R: usize, const PF: u8>(
     x: &[Q8_0Row; R],
     out: &mut [&mut [f32]],
 ) {
+    const QUANTS: usize = quant_bytes(GgmlType::Q4_0);
+    const PAIR: usize = 2 * LANES * GgmlType::Q4_0.block_bytes();
     debug_assert_eq!(out.len(), R);
-    let blocks = row_bytes / (QK / 2 + 2);
+    let blocks = row_bytes / GgmlType::Q4_0.block_bytes();
     let low_nibble = _mm512_set1_epi8(0x0F);
     let high_nibble = _mm512_set1_epi8(0xF0u8 as i8);
     let end = w.as_ptr_range().end;
@@ -48,12 +50,12 @@ pub(crate) unsafe fn groups_q4_0<const R: usize, const PF: u8>(
         let p = group.as_ptr();
         let mut acc = [_mm512_setzero_ps(); R];
         for pair in 0..blocks.div_ceil(2) {
-            let base = p.add(pair * Q4_0_PAIR_BYTES);
+            let base = p.add(pair * PAIR);
             prefetch_ahead::<9, PF>(base, end);
             let in_pair = (blocks - 2 * pair).min(2);
             for second in 0..in_pair {
                 let j = 2 * pair + second;
-                let quants = base.add(second * Q4_0_NIBBLE_BYTES);
+                let quants = base.add(second * QUANTS);
                 // Block j's activations: values 4t..4t + 4 at 8t + 4·second of the pair, 16 + 4t.. 32 bytes on.
                 let xq: [*const u8; R] =
                     std::array::from_fn(|c| x[c].qs.as_ptr().add(pair * 2 * QK + 4 * second).cast());
@@ -79,11 +81,71 @@ pub(crate) unsafe fn groups_q4_0<const R: usize, const PF: u8>(
                 }
                 let isum: [__m512i; R] =
                     std::array::from_fn(|c| _mm512_add_epi32(isum_lo[c], _mm512_srai_epi32::<4>(isum_hi[c])));
-                let scales = base.add(in_pair * Q4_0_NIBBLE_BYTES + second * 2 * LANES);
+                let scales = base.add(in_pair * QUANTS + second * 2 * LANES);
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.cast()));
                 for c in 0..R {
                     let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x[c].d.get_unchecked(j)));
                     acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), scale, acc[c]);
+                }
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(acc) {
+            _mm512_storeu_ps(o.as_mut_ptr().add(LANES * g), acc);
+        }
+    }
+}
+
+/// [`groups_q4_0`] for interleaved q8_0 rows: eight vectors of stored `q + 128` per block, each against a broadcast
+/// of four activation values, in two chains of sums.
+///
+/// # Safety
+/// As [`groups_q4_0`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+pub(crate) unsafe fn groups_q8_0<const R: usize, const PF: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[Q8_0Row; R],
+    out: &mut [&mut [f32]],
+) {
+    const QUANTS: usize = quant_bytes(GgmlType::Q8_0);
+    const PAIR: usize = 2 * LANES * GgmlType::Q8_0.block_bytes();
+    debug_assert_eq!(out.len(), R);
+    let blocks = row_bytes / GgmlType::Q8_0.block_bytes();
+    let end = w.as_ptr_range().end;
+    for (g, group) in w.chunks_exact(LANES * row_bytes).enumerate() {
+        let p = group.as_ptr();
+        let mut acc = [_mm512_setzero_ps(); R];
+        for pair in 0..blocks.div_ceil(2) {
+            let base = p.add(pair * PAIR);
+            prefetch_ahead::<17, PF>(base, end);
+            let in_pair = (blocks - 2 * pair).min(2);
+            for second in 0..in_pair {
+                let j = 2 * pair + second;
+                let quants = base.add(second * QUANTS);
+                // Block j's activations: values 4t..4t + 4 at 8t + 4·second of the pair.
+                let xq: [*const u8; R] =
+                    std::array::from_fn(|c| x[c].qs.as_ptr().add(pair * 2 * QK + 4 * second).cast());
+                // The stored quants are q + 128: each sum starts at the block's -128 Σx.
+                let mut even: [__m512i; R] = std::array::from_fn(|c| _mm512_set1_epi32(*x[c].bias.get_unchecked(j)));
+                let mut odd = [_mm512_setzero_si512(); R];
+                for t in (0..8).step_by(2) {
+                    let (v0, v1) = (
+                        _mm512_loadu_si512(quants.add(64 * t).cast()),
+                        _mm512_loadu_si512(quants.add(64 * t + 64).cast()),
+                    );
+                    for c in 0..R {
+                        let x0 = _mm512_set1_epi32(std::ptr::read_unaligned(xq[c].add(8 * t).cast::<i32>()));
+                        let x1 = _mm512_set1_epi32(std::ptr::read_unaligned(xq[c].add(8 * t + 8).cast::<i32>()));
+                        even[c] = _mm512_dpbusd_epi32(even[c], v0, x0);
+                        odd[c] = _mm512_dpbusd_epi32(odd[c], v1, x1);
+                    }
+                }
+                let scales = base.add(in_pair * QUANTS + second * 2 * LANES);
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.cast()));
+                for c in 0..R {
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x[c].d.get_unchecked(j)));
+                    let isum = _mm512_add_epi32(even[c], odd[c]);
+                    acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[c]);
                 }
             }
         }

@@ -233,16 +233,23 @@ pub(crate) fn groups(
     fn q8_0<'x>(x: &ActRow<'x>) -> Q8_0Row<'x> {
         match *x {
             ActRow::Q8_0(x) => x,
-            _ => unreachable!("interleaved q4_0 takes q8_0 activations"),
+            _ => unreachable!("interleaved q4_0 and q8_0 take q8_0 activations"),
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && layout == Layout::Interleaved16 && ty == GgmlType::Q4_0 {
+    if isa == Isa::Avx512 && layout == Layout::Interleaved16 && matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0) {
+        let hint = Tuning::get().packed_prefetch;
         macro_rules! call {
             ($r:literal) => {{
                 let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
                 // SAFETY: `isa` was checked against the CPU; `w` is whole groups and each `out[c]` one output per row.
-                unsafe { with_prefetch!(Tuning::get().packed_prefetch; avx512_packed::groups_q4_0[$r](w, row_bytes, &x, out)) }
+                unsafe {
+                    if ty == GgmlType::Q4_0 {
+                        with_prefetch!(hint; avx512_packed::groups_q4_0[$r](w, row_bytes, &x, out))
+                    } else {
+                        with_prefetch!(hint; avx512_packed::groups_q8_0[$r](w, row_bytes, &x, out))
+                    }
+                }
             }};
         }
         return match x.len() {
@@ -260,7 +267,7 @@ pub(crate) fn groups(
     let _ = isa;
     for (x, out) in x.iter().zip(out) {
         match (layout, ty) {
-            (Layout::Interleaved16, GgmlType::Q4_0) => scalar::groups_q4_0(w, row_bytes, q8_0(x), out),
+            (Layout::Interleaved16, GgmlType::Q4_0 | GgmlType::Q8_0) => scalar::groups(ty, w, row_bytes, q8_0(x), out),
             _ => unreachable!("no kernel for {ty} in {layout:?}"),
         }
     }

@@ -93,25 +93,31 @@ pub(crate) fn rows_bf16(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) 
     }
 }
 
-/// q4_0 rows interleaved by 16 ([`crate::packed`]): `w` is whole groups, `out` one output per row. Each row's
-/// blocks are summed in order, one fused multiply-add per block of the block's integer sum with the product of the
-/// two scales: the arithmetic of the AVX-512 kernel, which gives these bits exactly.
-pub(crate) fn groups_q4_0(w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
-    use crate::packed::{q4_0_offsets, GROUP_ROWS};
-    let blocks = row_bytes / size_of::<BlockQ4_0>();
+/// q4_0 or q8_0 rows interleaved by 16 ([`crate::packed`]): `w` is whole groups, `out` one output per row. Each
+/// row's blocks are summed in order, one fused multiply-add per block of the block's integer sum with the product of
+/// the two scales: the arithmetic of the AVX-512 kernels, which give these bits exactly.
+pub(crate) fn groups(ty: crate::types::GgmlType, w: &[u8], row_bytes: usize, x: Q8_0Row, out: &mut [f32]) {
+    use crate::packed::{block_offsets, stored_xor, GROUP_ROWS};
+    use crate::types::GgmlType;
+    let blocks = row_bytes / ty.block_bytes();
     for (group, out) in w.chunks_exact(GROUP_ROWS * row_bytes).zip(out.chunks_exact_mut(GROUP_ROWS)) {
         for (r, o) in out.iter_mut().enumerate() {
             let mut sum = 0.0f32;
             for j in 0..blocks {
-                let (nibbles, scales) = q4_0_offsets(blocks, j);
+                let (quants, scales) = block_offsets(ty, blocks, j);
                 let mut isum = 0i32;
-                for t in 0..4 {
+                for t in 0..(ty.block_bytes() - 2) / 4 {
                     for i in 0..4 {
-                        let q = group[nibbles + 64 * t + 4 * r + i];
-                        let (lo, hi) = ((q & 0xF) as i32 - 8, (q >> 4) as i32 - 8);
+                        let stored = group[quants + 64 * t + 4 * r + i];
                         let e = 4 * t + i;
-                        isum += lo * x.qs[interleaved_index(j, e)] as i32
-                            + hi * x.qs[interleaved_index(j, e + QK / 2)] as i32;
+                        isum += match ty {
+                            GgmlType::Q4_0 => {
+                                let (lo, hi) = ((stored & 0xF) as i32 - 8, (stored >> 4) as i32 - 8);
+                                lo * x.qs[interleaved_index(j, e)] as i32
+                                    + hi * x.qs[interleaved_index(j, e + QK / 2)] as i32
+                            }
+                            _ => (stored ^ stored_xor(ty)) as i8 as i32 * x.qs[interleaved_index(j, e)] as i32,
+                        };
                     }
                 }
                 let d = Half([group[scales + 2 * r], group[scales + 2 * r + 1]]);

@@ -71,7 +71,12 @@ pub(crate) fn traits(ty: GgmlType) -> &'static TypeTraits {
             ..QUANTIZED
         },
         // Multi-row 10.1 ms against the GEMM's 10.8 at 9 rows, 11.4 against 10.5 at 10.
-        GgmlType::Q8_0 => &TypeTraits { act: ActKind::Q8_0 { zero_point: 128 }, gemm_min_rows: Some(10), ..QUANTIZED },
+        GgmlType::Q8_0 => &TypeTraits {
+            act: ActKind::Q8_0 { zero_point: 128 },
+            gemm_min_rows: Some(10),
+            packed: Some(Layout::Interleaved16),
+            ..QUANTIZED
+        },
         // Multi-row 8.9 ms against the GEMM's 9.3 at 13 rows, even at 14.
         GgmlType::Q4_K => &TypeTraits { act: ActKind::Q8K, gemm_min_rows: Some(14), ..QUANTIZED },
         // Its GEMM is the slowest: even at 16 rows (and 11.0 ms against 12.5 at 16 on 5120x13824), so from 17,
