@@ -25,6 +25,12 @@
 //! high nibble value `i + 16`, as in GGUF; lane `r` of vector `t` thus holds values `4t..4t+4` (low nibbles) and
 //! `16 + 4t..16 + 4t + 4` (high nibbles) of row `r`.
 //!
+//! # q4_K, 16 rows interleaved
+//! A super-block of 16 rows (256 values each, 2304 bytes) is 32 vectors of quants (vector `8q + t`, lane `r`: bytes
+//! `32q + 4t..32q + 4t + 4` of row `r`'s quants, whose low nibbles are values `64q + 4t..` of sub-block `2q` and whose
+//! high nibbles values `64q + 32 + 4t..` of sub-block `2q + 1`), then three vectors of the 6-bit scales and mins as
+//! GGUF packs them (vector `i`, lane `r`: bytes `4i..4i + 4` of row `r`'s 12), then the 16 `d` and the 16 `dmin`.
+//!
 //! # q8_0, 16 rows interleaved
 //! The same with 34-byte blocks: a block's quants for 16 rows are eight vectors (lane `r` of vector `t`: values
 //! `4t..4t + 4` of row `r`), a pair 1088 bytes. The signed quants are stored as unsigned `q + 128`, the operand
@@ -44,8 +50,8 @@ pub const GROUP_ROWS: usize = 16;
 pub enum Layout {
     /// As in a GGUF file: row after row, each row its blocks in order.
     Ggml,
-    /// q4_0 or q8_0 rows interleaved by groups of [`GROUP_ROWS`] (see the module documentation); rows after the
-    /// last whole group as in `Ggml`.
+    /// q4_0, q8_0 or q4_K rows interleaved by groups of [`GROUP_ROWS`] (see the module documentation); rows after
+    /// the last whole group as in `Ggml`.
     Interleaved16,
 }
 
@@ -116,7 +122,11 @@ impl PackedMatrix {
         let group_bytes = GROUP_ROWS * w.row_bytes();
         let grouped = w.rows() / GROUP_ROWS * group_bytes;
         for (src, dst) in w.data().chunks_exact(group_bytes).zip(data.0.chunks_exact_mut(group_bytes)) {
-            interleave(w.ty(), src, w.row_bytes(), dst);
+            if w.ty() == GgmlType::Q4_K {
+                interleave_q4_k(src, w.row_bytes(), dst);
+            } else {
+                interleave(w.ty(), src, w.row_bytes(), dst);
+            }
         }
         data.0[grouped..w.data().len()].copy_from_slice(&w.data()[grouped..]);
         Some(PackedMatrix { ty: w.ty(), rows: w.rows(), cols: w.cols(), layout, data, len: w.data().len() })
@@ -192,6 +202,37 @@ fn interleave(ty: GgmlType, src: &[u8], row_bytes: usize, dst: &mut [u8]) {
     }
 }
 
+/// Where a q4_K super-block of 16 rows keeps its parts (offsets from its start): the quants, the packed scales
+/// and mins, `d`, `dmin`; and its size (16 × 144 bytes).
+pub(crate) const Q4_K_QUANTS: usize = 0;
+pub(crate) const Q4_K_SCALES: usize = GROUP_ROWS * 128;
+pub(crate) const Q4_K_D: usize = Q4_K_SCALES + GROUP_ROWS * 12;
+pub(crate) const Q4_K_DMIN: usize = Q4_K_D + 2 * GROUP_ROWS;
+pub(crate) const Q4_K_GROUP_BYTES: usize = Q4_K_DMIN + 2 * GROUP_ROWS;
+
+/// Where byte `i` of row `lane`'s q4_K super-block lies in the group's super-block (`i` in GGUF's block order: `d`,
+/// `dmin`, 12 scale bytes, 128 quant bytes).
+fn q4_k_position(lane: usize, i: usize) -> usize {
+    match i {
+        0..2 => Q4_K_D + 2 * lane + i,
+        2..4 => Q4_K_DMIN + 2 * lane + i - 2,
+        4..16 => Q4_K_SCALES + 64 * ((i - 4) / 4) + 4 * lane + (i - 4) % 4,
+        _ => Q4_K_QUANTS + 64 * ((i - 16) / 4) + 4 * lane + (i - 16) % 4,
+    }
+}
+
+/// Writes the 16 GGUF q4_K rows `src` (of `row_bytes` each) interleaved into `dst`.
+fn interleave_q4_k(src: &[u8], row_bytes: usize, dst: &mut [u8]) {
+    const BLOCK: usize = GgmlType::Q4_K.block_bytes();
+    for (b, out) in dst.chunks_exact_mut(Q4_K_GROUP_BYTES).enumerate() {
+        for lane in 0..GROUP_ROWS {
+            for (i, &byte) in src[lane * row_bytes + b * BLOCK..][..BLOCK].iter().enumerate() {
+                out[q4_k_position(lane, i)] = byte;
+            }
+        }
+    }
+}
+
 /// Row `r` of `w` in GGUF's layout, whatever `w`'s layout (what a kernel that reads GGUF rows, or a test, needs).
 pub fn ggml_row(w: &QuantMatrix, r: usize, out: &mut [u8]) -> Result<()> {
     crate::types::check_len("row buffer", w.row_bytes(), out.len())?;
@@ -202,6 +243,14 @@ pub fn ggml_row(w: &QuantMatrix, r: usize, out: &mut [u8]) -> Result<()> {
     let (block, blocks, flip) = (w.ty().block_bytes(), w.row_bytes() / w.ty().block_bytes(), stored_xor(w.ty()));
     let group = w.rows_data(r / GROUP_ROWS * GROUP_ROWS..(r / GROUP_ROWS + 1) * GROUP_ROWS);
     let lane = r % GROUP_ROWS;
+    if w.ty() == GgmlType::Q4_K {
+        for (b, out) in out.chunks_exact_mut(block).enumerate() {
+            for (i, byte) in out.iter_mut().enumerate() {
+                *byte = group[b * Q4_K_GROUP_BYTES + q4_k_position(lane, i)];
+            }
+        }
+        return Ok(());
+    }
     for (j, b) in out.chunks_exact_mut(block).enumerate() {
         let (quants, scales) = block_offsets(w.ty(), blocks, j);
         b[..2].copy_from_slice(&group[scales + 2 * lane..scales + 2 * lane + 2]);
@@ -221,13 +270,13 @@ mod tests {
 
     #[test]
     fn interleaving_keeps_every_byte_and_the_offsets_tile_the_group() {
-        for (ty, (rows, blocks)) in [GgmlType::Q4_0, GgmlType::Q8_0]
+        for (ty, (rows, blocks)) in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K]
             .into_iter()
-            .flat_map(|ty| [(16, 2), (33, 3), (32, 1), (17, 160), (48, 5)].map(|shape| (ty, shape)))
+            .flat_map(|ty| [(16, 2), (33, 3), (32, 1), (17, 20), (48, 5)].map(|shape| (ty, shape)))
         {
             let row_bytes = blocks * ty.block_bytes();
             let data: Vec<u8> = (0..rows * row_bytes).map(|i| (i * 7 + i / 13) as u8).collect();
-            let w = QuantMatrix::new(ty, rows, blocks * 32, &data).unwrap();
+            let w = QuantMatrix::new(ty, rows, blocks * ty.block_size(), &data).unwrap();
             let packed = PackedMatrix::new(&w, Layout::Interleaved16).unwrap();
             let m = packed.matrix();
             assert_eq!(grouped_rows(&m), rows / 16 * 16);
@@ -236,6 +285,12 @@ mod tests {
             for r in 0..rows {
                 ggml_row(&m, r, &mut row).unwrap();
                 assert_eq!(row, w.rows_data(r..r + 1), "row {r} of {rows}x{blocks} blocks");
+            }
+            if ty == GgmlType::Q4_K {
+                let mut seen = vec![0u8; Q4_K_GROUP_BYTES];
+                (0..16).flat_map(|lane| (0..144).map(move |i| q4_k_position(lane, i))).for_each(|at| seen[at] += 1);
+                assert!(seen.iter().all(|&s| s == 1), "q4_K positions tile the super-block");
+                continue;
             }
             // Every byte of a group is some block's quant or scale, exactly once.
             let mut seen = vec![0u8; 16 * row_bytes];
@@ -250,14 +305,14 @@ mod tests {
     }
 
     #[test]
-    fn only_q4_0_and_q8_0_with_a_whole_group_are_interleaved() {
+    fn only_the_types_with_kernels_and_a_whole_group_are_interleaved() {
         let data = vec![0u8; 15 * 18];
         let w = QuantMatrix::new(GgmlType::Q4_0, 15, 32, &data).unwrap();
         assert!(PackedMatrix::new(&w, Layout::Interleaved16).is_none());
-        let data = vec![0u8; 16 * 144];
-        let w = QuantMatrix::new(GgmlType::Q4_K, 16, 256, &data).unwrap();
+        let data = vec![0u8; 16 * 210];
+        let w = QuantMatrix::new(GgmlType::Q6_K, 16, 256, &data).unwrap();
         assert!(PackedMatrix::new(&w, Layout::Interleaved16).is_none());
-        assert_eq!(Layout::best(GgmlType::Q4_K, Isa::Avx512), Layout::Ggml);
+        assert_eq!(Layout::best(GgmlType::Q6_K, Isa::Avx512), Layout::Ggml);
         assert_eq!(Layout::best(GgmlType::Q4_0, Isa::Avx2), Layout::Ggml);
     }
 }

@@ -35,7 +35,12 @@ fn quantized(ty: GgmlType, rows: usize, k: usize, rng: &mut Rng) -> Vec<u8> {
 }
 
 /// The types with an interleaved layout.
-const TYPES: [GgmlType; 2] = [GgmlType::Q4_0, GgmlType::Q8_0];
+const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K];
+
+/// Shapes of `ty` from (rows, values per row): q4_K rows are whole super-blocks of 256.
+fn of_type(ty: GgmlType, (rows, k): (usize, usize)) -> (usize, usize) {
+    (rows, if ty == GgmlType::Q4_K { k.next_multiple_of(256) } else { k })
+}
 
 fn isas() -> Vec<Isa> {
     let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|isa| isa.is_available()).collect();
@@ -63,18 +68,19 @@ const SHAPES: [(usize, usize); 6] = [(16, 32), (17, 96), (33, 160), (48, 64), (4
 fn the_scalar_reference_on_interleaved_rows_is_the_exact_product() {
     let single = pool(1);
     let mut rng = Rng(11);
-    for (ty, (rows, k)) in TYPES.into_iter().flat_map(|ty| SHAPES.map(|shape| (ty, shape))) {
+    for (ty, (rows, k)) in TYPES.into_iter().flat_map(|ty| SHAPES.map(|shape| (ty, of_type(ty, shape)))) {
         let data = quantized(ty, rows, k, &mut rng);
         let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
         let packed = PackedMatrix::new(&w, Layout::Interleaved16).unwrap();
         let n = 3;
         let x = rng.values(n * k, 2.0);
         let out = product(Isa::Scalar, MatmulPath::Auto, &packed.matrix(), &x, n, &single);
-        // The exact product of the weights with the activations as the kernels see them (quantized to q8_0).
-        let (mut wf, mut xq, mut xf) = (vec![0f32; k], vec![0u8; row_size(GgmlType::Q8_0, k).unwrap()], vec![0f32; k]);
+        // The exact product of the weights with the activations as the kernels see them (q8_0, or q8_K for q4_K).
+        let act = if ty == GgmlType::Q4_K { GgmlType::Q8_K } else { GgmlType::Q8_0 };
+        let (mut wf, mut xq, mut xf) = (vec![0f32; k], vec![0u8; row_size(act, k).unwrap()], vec![0f32; k]);
         for c in 0..n {
-            quantize_row(GgmlType::Q8_0, &x[c * k..(c + 1) * k], &mut xq).unwrap();
-            dequantize_row(GgmlType::Q8_0, &xq, &mut xf).unwrap();
+            quantize_row(act, &x[c * k..(c + 1) * k], &mut xq).unwrap();
+            dequantize_row(act, &xq, &mut xf).unwrap();
             for r in 0..rows {
                 dequantize_row(ty, w.rows_data(r..r + 1), &mut wf).unwrap();
                 let exact: f64 = wf.iter().zip(&xf).map(|(&a, &b)| a as f64 * b as f64).sum();
@@ -90,12 +96,13 @@ fn the_scalar_reference_on_interleaved_rows_is_the_exact_product() {
 fn every_level_and_path_gives_the_scalar_bits_on_interleaved_rows() {
     let single = pool(1);
     let mut rng = Rng(12);
-    for (ty, (rows, k)) in TYPES.into_iter().flat_map(|ty| SHAPES.map(|shape| (ty, shape))) {
+    for (ty, (rows, k)) in TYPES.into_iter().flat_map(|ty| SHAPES.map(|shape| (ty, of_type(ty, shape)))) {
         let data = quantized(ty, rows, k, &mut rng);
         let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
         let packed = PackedMatrix::new(&w, Layout::Interleaved16).unwrap();
         let m = packed.matrix();
-        // Fewer activation rows than the GEMM takes (from 10 for q8_0, 11 for q4_0): it sums in another order.
+        // Fewer activation rows than the GEMM takes (from 10 for q8_0, 11 for q4_0, 14 for q4_K): it sums in
+        // another order.
         for n in [1, 2, 3, 5, 8, 9] {
             let x = rng.values(n * k, 2.0);
             // Row by row at the scalar level: the reference, and each activation row alone.
@@ -127,11 +134,13 @@ fn the_gemm_reads_interleaved_rows_as_it_reads_gguf_rows() {
     // The GEMM puts an interleaved row back in GGUF's layout before unpacking it: the same bits as on GGUF rows.
     let single = pool(1);
     let mut rng = Rng(13);
-    for (ty, (rows, k)) in TYPES.into_iter().flat_map(|ty| [(33, 160), (80, 544), (40, 5120)].map(|s| (ty, s))) {
+    for (ty, (rows, k)) in
+        TYPES.into_iter().flat_map(|ty| [(33, 160), (80, 544), (40, 5120)].map(|s| (ty, of_type(ty, s))))
+    {
         let data = quantized(ty, rows, k, &mut rng);
         let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
         let packed = PackedMatrix::new(&w, Layout::Interleaved16).unwrap();
-        for n in [11, 16, 33] {
+        for n in [14, 16, 33] {
             let x = rng.values(n * k, 2.0);
             for isa in isas().into_iter().filter(|&isa| isa == Isa::Avx512) {
                 let expected = product(isa, MatmulPath::Gemm, &w, &x, n, &single);
@@ -146,8 +155,9 @@ fn the_gemm_reads_interleaved_rows_as_it_reads_gguf_rows() {
 fn threads_do_not_change_interleaved_results() {
     let mut rng = Rng(14);
     let (single, two, three) = (pool(1), pool(2), pool(3));
-    for (ty, (rows, k, n)) in
-        TYPES.into_iter().flat_map(|ty| [(1201, 2048, 1), (401, 2048, 3), (150, 1024, 20)].map(|s| (ty, s)))
+    for (ty, (rows, k, n)) in TYPES
+        .into_iter()
+        .flat_map(|ty| [(1201, 2048, 1), (401, 2048, 3), (150, 1024, 20)].map(|(r, k, n)| (ty, (r, k, n))))
     {
         let data = quantized(ty, rows, k, &mut rng);
         let w = QuantMatrix::new(ty, rows, k, &data).unwrap();

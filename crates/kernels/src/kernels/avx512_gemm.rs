@@ -209,13 +209,20 @@ pub(crate) unsafe fn gemm(
         for (half, start) in rows.clone().step_by(GROUP_ROWS).enumerate() {
             let group = w.rows_data(start..start + GROUP_ROWS).as_ptr();
             let panel = (&mut scratch.q[..], &mut scratch.scale[..], &mut scratch.corr[..]);
-            unpack_group(w.ty(), group, k / QK, half * GROUP_ROWS, panel);
+            if w.ty() == GgmlType::Q4_K {
+                unpack_group_q4_k(group, k / QK_K, half * GROUP_ROWS, panel, &mut scratch.min);
+            } else {
+                unpack_group(w.ty(), group, k / QK, half * GROUP_ROWS, panel);
+            }
         }
         if rows.len() < CHUNK_ROWS {
             // Rows past the matrix: zeros, whose outputs are never stored.
             scratch.q[GROUP_ROWS * k..].fill(0);
             scratch.scale[GROUP_ROWS * groups..].fill(0.0);
             scratch.corr[GROUP_ROWS * groups..].fill(0);
+            if w.ty() == GgmlType::Q4_K {
+                scratch.min[GROUP_ROWS * groups..].fill(0.0);
+            }
         }
     }
     let row_by_row = if scratch.quad_major { 0 } else { CHUNK_ROWS };
@@ -284,6 +291,7 @@ unsafe fn kernel_tiles<const T: usize>(
     for first in (0..rows.len()).step_by(KERNEL_ROWS) {
         let acc = match ty {
             GgmlType::Q6_K => kernel::<T, 4, 16, false, false>(scratch, first, k, tiles, tile),
+            GgmlType::Q4_K if scratch.quad_major => kernel::<T, 8, 8, true, true>(scratch, first, k, tiles, tile),
             GgmlType::Q4_K => kernel::<T, 8, 8, true, false>(scratch, first, k, tiles, tile),
             _ if scratch.quad_major => kernel::<T, 8, 1, false, true>(scratch, first, k, tiles, tile),
             _ => kernel::<T, 8, 1, false, false>(scratch, first, k, tiles, tile),
@@ -510,6 +518,66 @@ unsafe fn unpack_group(
         for r in 0..GROUP_ROWS {
             corr[(first + r) * groups + j] = lanes[r];
             scale[(first + r) * groups + j] = scales[r];
+        }
+    }
+}
+
+/// Interleaved q4_K rows ([`crate::packed`]): the group at `group` (16 rows of `blocks` super-blocks) into panel
+/// rows `first..first + 16` of the quad-major panel, as [`unpack_q4_k`] fills a row-major one: the nibbles as
+/// they are, per 32 values `-128 · Σ w`, `d · scale` and `-dmin · min`. Vector `8q + t` of a super-block `b` is
+/// quad `64b + 16q + t` of its rows in its low nibbles and quad `64b + 16q + 8 + t` in its high ones.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn unpack_group_q4_k(
+    group: *const u8,
+    blocks: usize,
+    first: usize,
+    panel: (&mut [i8], &mut [f32], &mut [i32]),
+    min: &mut [f32],
+) {
+    use crate::blocks::unpack_scales_mins_k4;
+    use crate::packed::{Q4_K_D, Q4_K_DMIN, Q4_K_GROUP_BYTES, Q4_K_QUANTS, Q4_K_SCALES};
+    let (q, scale, corr) = panel;
+    let groups = scale.len() / CHUNK_ROWS;
+    let (low, ones) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(1));
+    let (panel_q, k) = (q.as_mut_ptr(), blocks * QK_K);
+    let store = |quad: usize, values: __m512i| {
+        _mm256_storeu_si256(panel_q.add(first * k + 32 * quad).cast(), _mm512_castsi512_si256(values));
+        _mm256_storeu_si256(panel_q.add((first + 8) * k + 32 * quad).cast(), _mm512_extracti64x4_epi64::<1>(values));
+    };
+    let mut lanes = [[0i32; GROUP_ROWS]; 2];
+    let (mut d, mut dmin) = ([0f32; GROUP_ROWS], [0f32; GROUP_ROWS]);
+    for b in 0..blocks {
+        let sb = group.add(b * Q4_K_GROUP_BYTES);
+        for quarter in 0..4 {
+            let (mut lo_sum, mut hi_sum) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for t in 0..8 {
+                let v = _mm512_loadu_si512(sb.add(Q4_K_QUANTS + 64 * (8 * quarter + t)).cast());
+                let lo = _mm512_and_si512(v, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                lo_sum = _mm512_dpbusd_epi32(lo_sum, lo, ones);
+                hi_sum = _mm512_dpbusd_epi32(hi_sum, hi, ones);
+                store(64 * b + 16 * quarter + t, lo);
+                store(64 * b + 16 * quarter + 8 + t, hi);
+            }
+            let minus_128 = _mm512_set1_epi32(-128);
+            _mm512_storeu_si512(lanes[0].as_mut_ptr().cast(), _mm512_mullo_epi32(lo_sum, minus_128));
+            _mm512_storeu_si512(lanes[1].as_mut_ptr().cast(), _mm512_mullo_epi32(hi_sum, minus_128));
+            for r in 0..GROUP_ROWS {
+                for h in 0..2 {
+                    corr[(first + r) * groups + 8 * b + 2 * quarter + h] = lanes[h][r];
+                }
+            }
+        }
+        _mm512_storeu_ps(d.as_mut_ptr(), _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(Q4_K_D).cast())));
+        _mm512_storeu_ps(dmin.as_mut_ptr(), _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(Q4_K_DMIN).cast())));
+        for r in 0..GROUP_ROWS {
+            let packed: [u8; 12] = std::array::from_fn(|i| *sb.add(Q4_K_SCALES + 64 * (i / 4) + 4 * r + i % 4));
+            let (scales, mins) = unpack_scales_mins_k4(&packed);
+            for s in 0..8 {
+                let at = (first + r) * groups + 8 * b + s;
+                scale[at] = d[r] * scales[s] as f32;
+                min[at] = -dmin[r] * mins[s] as f32;
+            }
         }
     }
 }

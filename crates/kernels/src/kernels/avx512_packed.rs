@@ -19,8 +19,9 @@
 use std::arch::x86_64::*;
 
 use crate::acts::Q8_0Row;
+use crate::blocks::BlockQ8K;
 use crate::kernels::avx512::prefetch_ahead;
-use crate::packed::quant_bytes;
+use crate::packed::{quant_bytes, Q4_K_D, Q4_K_DMIN, Q4_K_GROUP_BYTES, Q4_K_QUANTS, Q4_K_SCALES};
 use crate::types::{GgmlType, QK};
 
 /// Rows per group ([`crate::packed::GROUP_ROWS`]), one per 32-bit lane.
@@ -147,6 +148,103 @@ pub(crate) unsafe fn groups_q8_0<const R: usize, const PF: u8>(
                     let isum = _mm512_add_epi32(even[c], odd[c]);
                     acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[c]);
                 }
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(acc) {
+            _mm512_storeu_ps(o.as_mut_ptr().add(LANES * g), acc);
+        }
+    }
+}
+
+/// Interleaved q4_K rows against `R` q8_K activation rows. Per super-block of 16 rows: the 6-bit scales and mins of
+/// all 16 rows unpacked at once from their three vectors (as `blocks::scales_mins_k4_words` does for one row);
+/// per quarter, eight vectors of quants whose low nibbles are sub-block `2q` and whose high nibbles (masked in
+/// place, 16 times their value) are sub-block `2q + 1`, each against broadcasts of four activation values; each
+/// sub-block's sum times its scale (`vpmulld`); the mins against the activations' sub-block sums by `vpdpwssd`
+/// on pairs of 16-bit values; then the two scalings.
+///
+/// # Safety
+/// As [`groups_q4_0`], with q8_K activations of the rows' length.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+pub(crate) unsafe fn groups_q4_k<const R: usize, const PF: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[&[BlockQ8K]; R],
+    out: &mut [&mut [f32]],
+) {
+    debug_assert_eq!(out.len(), R);
+    let blocks = row_bytes / GgmlType::Q4_K.block_bytes();
+    let (low_nibble, high_nibble) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
+    let (low6, low4, top2) =
+        (_mm512_set1_epi32(0x3f3f_3f3f), _mm512_set1_epi32(0x0f0f_0f0f), _mm512_set1_epi32(0x0303_0303));
+    let (byte, words) = (_mm512_set1_epi32(0xFF), _mm512_set1_epi32(0x00FF_00FF));
+    let end = w.as_ptr_range().end;
+    for (g, group) in w.chunks_exact(LANES * row_bytes).enumerate() {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..blocks {
+            let sb = group.as_ptr().add(b * Q4_K_GROUP_BYTES);
+            prefetch_ahead::<36, PF>(sb, end);
+            // Scales and mins of the 16 rows: four bytes a lane in each of four words.
+            let load = |at: usize| _mm512_loadu_si512(sb.add(at).cast());
+            let (a, bw, c) = (load(Q4_K_SCALES), load(Q4_K_SCALES + 64), load(Q4_K_SCALES + 128));
+            let scales_lo = _mm512_and_si512(a, low6);
+            let scales_hi = _mm512_or_si512(
+                _mm512_and_si512(c, low4),
+                _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(a), top2)),
+            );
+            let mins_lo = _mm512_and_si512(bw, low6);
+            let mins_hi = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi32::<4>(c), low4),
+                _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(bw), top2)),
+            );
+            let scale_of = |s: usize| {
+                let word = if s < 4 { scales_lo } else { scales_hi };
+                _mm512_and_si512(_mm512_srl_epi32(word, _mm_cvtsi32_si128(8 * (s % 4) as i32)), byte)
+            };
+            let mut sumi = [_mm512_setzero_si512(); R];
+            for q in 0..4 {
+                let mut lo_sum = [_mm512_setzero_si512(); R];
+                let mut hi_sum = [_mm512_setzero_si512(); R];
+                for t in 0..8 {
+                    let v = load(Q4_K_QUANTS + 64 * (8 * q + t));
+                    let (lo, hi) = (_mm512_and_si512(v, low_nibble), _mm512_and_si512(v, high_nibble));
+                    for c in 0..R {
+                        let xq = x[c].get_unchecked(b).qs.as_ptr().add(64 * q + 4 * t);
+                        let x_lo = _mm512_set1_epi32(std::ptr::read_unaligned(xq.cast::<i32>()));
+                        let x_hi = _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(32).cast::<i32>()));
+                        lo_sum[c] = _mm512_dpbusd_epi32(lo_sum[c], lo, x_lo);
+                        hi_sum[c] = _mm512_dpbusd_epi32(hi_sum[c], hi, x_hi);
+                    }
+                }
+                let (s0, s1) = (scale_of(2 * q), scale_of(2 * q + 1));
+                for c in 0..R {
+                    let scaled = _mm512_add_epi32(
+                        _mm512_mullo_epi32(lo_sum[c], s0),
+                        _mm512_mullo_epi32(_mm512_srai_epi32::<4>(hi_sum[c]), s1),
+                    );
+                    sumi[c] = _mm512_add_epi32(sumi[c], scaled);
+                }
+            }
+            // The mins as pairs of 16-bit values (sub-blocks 0 and 2, 1 and 3, 4 and 6, 5 and 7 of each row).
+            let mins = [
+                _mm512_and_si512(mins_lo, words),
+                _mm512_and_si512(_mm512_srli_epi32::<8>(mins_lo), words),
+                _mm512_and_si512(mins_hi, words),
+                _mm512_and_si512(_mm512_srli_epi32::<8>(mins_hi), words),
+            ];
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(Q4_K_D).cast()));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(Q4_K_DMIN).cast()));
+            for c in 0..R {
+                let y = x[c].get_unchecked(b);
+                let bsum = |s: usize| (y.bsums[2 * s] as i32 + y.bsums[2 * s + 1] as i32) as u16 as u32;
+                let pair = |s: usize, t: usize| _mm512_set1_epi32((bsum(s) | bsum(t) << 16) as i32);
+                let mut summ = _mm512_dpwssd_epi32(_mm512_setzero_si512(), mins[0], pair(0, 2));
+                summ = _mm512_dpwssd_epi32(summ, mins[1], pair(1, 3));
+                summ = _mm512_dpwssd_epi32(summ, mins[2], pair(4, 6));
+                summ = _mm512_dpwssd_epi32(summ, mins[3], pair(5, 7));
+                let dx = _mm512_set1_ps(y.d);
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[c]), _mm512_mul_ps(d, dx), acc[c]);
+                acc[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dmin, dx), acc[c]);
             }
         }
         for (o, acc) in out.iter_mut().zip(acc) {

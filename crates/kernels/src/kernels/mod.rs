@@ -236,18 +236,29 @@ pub(crate) fn groups(
             _ => unreachable!("interleaved q4_0 and q8_0 take q8_0 activations"),
         }
     }
+    fn q8k<'x>(x: &ActRow<'x>) -> &'x [BlockQ8K] {
+        match *x {
+            ActRow::Q8K(x) => x,
+            _ => unreachable!("interleaved q4_K takes q8_K activations"),
+        }
+    }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && layout == Layout::Interleaved16 && matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0) {
+    if isa == Isa::Avx512 && layout == Layout::Interleaved16 {
         let hint = Tuning::get().packed_prefetch;
         macro_rules! call {
             ($r:literal) => {{
-                let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
                 // SAFETY: `isa` was checked against the CPU; `w` is whole groups and each `out[c]` one output per row.
                 unsafe {
-                    if ty == GgmlType::Q4_0 {
-                        with_prefetch!(hint; avx512_packed::groups_q4_0[$r](w, row_bytes, &x, out))
+                    if ty == GgmlType::Q4_K {
+                        let x: [&[BlockQ8K]; $r] = std::array::from_fn(|c| q8k(&x[c]));
+                        with_prefetch!(hint; avx512_packed::groups_q4_k[$r](w, row_bytes, &x, out))
                     } else {
-                        with_prefetch!(hint; avx512_packed::groups_q8_0[$r](w, row_bytes, &x, out))
+                        let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
+                        if ty == GgmlType::Q4_0 {
+                            with_prefetch!(hint; avx512_packed::groups_q4_0[$r](w, row_bytes, &x, out))
+                        } else {
+                            with_prefetch!(hint; avx512_packed::groups_q8_0[$r](w, row_bytes, &x, out))
+                        }
                     }
                 }
             }};
@@ -268,6 +279,7 @@ pub(crate) fn groups(
     for (x, out) in x.iter().zip(out) {
         match (layout, ty) {
             (Layout::Interleaved16, GgmlType::Q4_0 | GgmlType::Q8_0) => scalar::groups(ty, w, row_bytes, q8_0(x), out),
+            (Layout::Interleaved16, GgmlType::Q4_K) => scalar::groups_q4_k(w, row_bytes, q8k(x), out),
             _ => unreachable!("no kernel for {ty} in {layout:?}"),
         }
     }

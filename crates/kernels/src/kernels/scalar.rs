@@ -127,3 +127,41 @@ pub(crate) fn groups(ty: crate::types::GgmlType, w: &[u8], row_bytes: usize, x: 
         }
     }
 }
+
+/// q4_K rows interleaved by 16 ([`crate::packed`]): per row and super-block, the integer sums of the sub-blocks
+/// times their 6-bit scales, and of the activations' sub-block sums times the mins (both exact), then two fused
+/// multiply-adds: the arithmetic of the AVX-512 kernel, which gives these bits exactly.
+pub(crate) fn groups_q4_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
+    use crate::packed::{GROUP_ROWS, Q4_K_D, Q4_K_DMIN, Q4_K_GROUP_BYTES, Q4_K_QUANTS, Q4_K_SCALES};
+    let blocks = row_bytes / size_of::<BlockQ4K>();
+    for (group, out) in w.chunks_exact(GROUP_ROWS * row_bytes).zip(out.chunks_exact_mut(GROUP_ROWS)) {
+        for (r, o) in out.iter_mut().enumerate() {
+            let mut sum = 0.0f32;
+            for (b, y) in x.iter().enumerate().take(blocks) {
+                let sb = &group[b * Q4_K_GROUP_BYTES..(b + 1) * Q4_K_GROUP_BYTES];
+                let packed: [u8; 12] = std::array::from_fn(|i| sb[Q4_K_SCALES + 64 * (i / 4) + 4 * r + i % 4]);
+                let (scales, mins) = unpack_scales_mins_k4(&packed);
+                let (mut sumi, mut summ) = (0i32, 0i32);
+                for q in 0..4 {
+                    let (mut lo, mut hi) = (0i32, 0i32);
+                    for t in 0..8 {
+                        for i in 0..4 {
+                            let byte = sb[Q4_K_QUANTS + 64 * (8 * q + t) + 4 * r + i];
+                            lo += (byte & 0xF) as i32 * y.qs[64 * q + 4 * t + i] as i32;
+                            hi += (byte >> 4) as i32 * y.qs[64 * q + 32 + 4 * t + i] as i32;
+                        }
+                    }
+                    sumi += scales[2 * q] as i32 * lo + scales[2 * q + 1] as i32 * hi;
+                }
+                for (s, &m) in mins.iter().enumerate() {
+                    summ += m as i32 * (y.bsums[2 * s] as i32 + y.bsums[2 * s + 1] as i32);
+                }
+                let d = Half([sb[Q4_K_D + 2 * r], sb[Q4_K_D + 2 * r + 1]]).to_f32();
+                let dmin = Half([sb[Q4_K_DMIN + 2 * r], sb[Q4_K_DMIN + 2 * r + 1]]).to_f32();
+                sum = (sumi as f32).mul_add(d * y.d, sum);
+                sum = (-(summ as f32)).mul_add(dmin * y.d, sum);
+            }
+            *o = sum;
+        }
+    }
+}

@@ -78,7 +78,9 @@ pub(crate) fn traits(ty: GgmlType) -> &'static TypeTraits {
             ..QUANTIZED
         },
         // Multi-row 8.9 ms against the GEMM's 9.3 at 13 rows, even at 14.
-        GgmlType::Q4_K => &TypeTraits { act: ActKind::Q8K, gemm_min_rows: Some(14), ..QUANTIZED },
+        GgmlType::Q4_K => {
+            &TypeTraits { act: ActKind::Q8K, gemm_min_rows: Some(14), packed: Some(Layout::Interleaved16), ..QUANTIZED }
+        }
         // Its GEMM is the slowest: even at 16 rows (and 11.0 ms against 12.5 at 16 on 5120x13824), so from 17,
         // where the multi-row path needs a third pass.
         GgmlType::Q6_K => &TypeTraits { act: ActKind::Q8K, gemm_min_rows: Some(17), group_len: 16, ..QUANTIZED },
