@@ -4,6 +4,8 @@
 
 use std::sync::OnceLock;
 
+use crate::types::GgmlType;
+
 /// How the row kernels prefetch the weights they will need next ([`Tuning::prefetch`]).
 ///
 /// Decoding streams every weight byte once per token; the row kernels issue a software prefetch 32 KiB ahead of
@@ -102,12 +104,17 @@ struct Row {
     /// The hint of the kernels for the kernels' own layouts ([`crate::packed`]), whose weights lie in transparent
     /// huge pages where the system gives them: the hardware prefetcher then streams past every 4 KiB.
     packed_prefetch: Prefetch,
+    /// The weight types rewritten at load into the kernels' own layouts ([`crate::packed`]).
+    pack: &'static [GgmlType],
 }
 
-/// Whether weights are rewritten at load into the kernels' own layouts ([`crate::packed`]) unless
-/// `VICUNA_KERNELS_PACK=0`. On every CPU measured so far it pays: on Zen 4 (family 25) the one-row q4_0 kernel
-/// went from instruction-bound to the memory roof (the figures are in `crate::kernels::avx512_packed`).
-const PACK: bool = true;
+/// What is rewritten where: q4_0 and q8_0, whose interleaved kernels beat GGUF's layout on Zen 4 from memory (q4_0
+/// 19.8 against 14.8 GB/s on one thread, q8_0 28.6–30.5 against 19.1–19.7; `bench/layout_ab.sh`). Not q4_K: its
+/// interleaved kernel computes 59 GB/s against 21 with the weights in cache (`kernel_bench --hot 1 --shapes
+/// 1024x5120`) but streams only 10.8 against 14.2 from memory on Zen 4, for a reason not found yet (no
+/// performance counters in this VM); `VICUNA_KERNELS_PACK=q4_0,q8_0,q4_K` tries it on another CPU. Intel is given
+/// the Zen 4 choice, not yet measured there.
+const PACKED_TYPES: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0];
 
 /// What each CPU gets. The first row matching vendor and family wins; CPUs no row names get [`DEFAULT`].
 ///
@@ -123,8 +130,20 @@ const PACK: bool = true;
 /// --types q4_0 --shapes 13824x5120 --threads 1,2`, the layouts and hints alternated, on a shared host whose read
 /// roof was 25.6 / 31.9 GB/s that hour). Intel keeps `prefetcht0`, not yet measured with this layout.
 const TABLE: &[Row] = &[
-    Row { vendor: "AuthenticAMD", families: 0x19..=0x1F, prefetch: Prefetch::Nta, packed_prefetch: Prefetch::Off },
-    Row { vendor: "GenuineIntel", families: 6..=6, prefetch: Prefetch::T0, packed_prefetch: Prefetch::T0 },
+    Row {
+        vendor: "AuthenticAMD",
+        families: 0x19..=0x1F,
+        prefetch: Prefetch::Nta,
+        packed_prefetch: Prefetch::Off,
+        pack: PACKED_TYPES,
+    },
+    Row {
+        vendor: "GenuineIntel",
+        families: 6..=6,
+        prefetch: Prefetch::T0,
+        packed_prefetch: Prefetch::T0,
+        pack: PACKED_TYPES,
+    },
 ];
 
 /// For CPUs [`TABLE`] does not name: the ordinary prefetch into every cache level.
@@ -139,8 +158,8 @@ pub struct Tuning {
     pub prefetch_source: &'static str,
     /// The hint of the kernels for the kernels' own layouts (also set by `VICUNA_KERNELS_PREFETCH`).
     pub packed_prefetch: Prefetch,
-    /// Whether weight matrices are rewritten at load into the kernels' own layouts ([`crate::Layout::best`]).
-    pub pack: bool,
+    /// The weight types whose matrices are rewritten at load into the kernels' own layouts ([`crate::Layout::best`]).
+    pub pack: Vec<GgmlType>,
 }
 
 impl Tuning {
@@ -150,11 +169,14 @@ impl Tuning {
         static TUNING: OnceLock<Tuning> = OnceLock::new();
         TUNING.get_or_init(|| {
             let mut tuning = Tuning::for_cpu(Cpu::detect(), std::env::var("VICUNA_KERNELS_PREFETCH").ok().as_deref());
-            match std::env::var("VICUNA_KERNELS_PACK").ok().as_deref() {
-                None => {}
-                Some("0") => tuning.pack = false,
-                Some("1") => tuning.pack = true,
-                Some(value) => eprintln!("warning: VICUNA_KERNELS_PACK={value:?} is not 0 or 1; ignored"),
+            if let Ok(value) = std::env::var("VICUNA_KERNELS_PACK") {
+                match parse_pack(&value) {
+                    Some(types) => tuning.pack = types,
+                    None => eprintln!(
+                        "warning: VICUNA_KERNELS_PACK={value:?} is not 0, 1 or a list of types with a layout of \
+                         their own (q4_0,q8_0,q4_K); ignored"
+                    ),
+                }
             }
             tuning
         })
@@ -166,13 +188,25 @@ impl Tuning {
             Some(row) => (row.prefetch, row.packed_prefetch, "table"),
             None => (DEFAULT, DEFAULT, "default"),
         };
+        let pack = row.map_or(PACKED_TYPES, |row| row.pack).to_vec();
         if let Some(value) = prefetch_override {
             match Prefetch::parse(value) {
                 Some(p) => (prefetch, packed_prefetch, prefetch_source) = (p, p, "VICUNA_KERNELS_PREFETCH"),
                 None => eprintln!("warning: VICUNA_KERNELS_PREFETCH={value:?} is not one of nta, t0, off; ignored"),
             }
         }
-        Tuning { cpu, prefetch, prefetch_source, packed_prefetch, pack: PACK }
+        Tuning { cpu, prefetch, prefetch_source, packed_prefetch, pack }
+    }
+}
+
+/// `VICUNA_KERNELS_PACK`: `0` (none), `1` (every type with a layout of its own) or a comma-separated list of such
+/// types by ggml name.
+fn parse_pack(value: &str) -> Option<Vec<GgmlType>> {
+    let packable = || GgmlType::ALL.into_iter().filter(|&ty| crate::kernels::traits(ty).packed.is_some());
+    match value {
+        "0" => Some(Vec::new()),
+        "1" => Some(packable().collect()),
+        list => list.split(',').map(|name| packable().find(|ty| ty.name() == name.trim())).collect(),
     }
 }
 
@@ -200,6 +234,17 @@ mod tests {
         assert_eq!(forced.packed_prefetch, Prefetch::Off);
         let bad = Tuning::for_cpu(cpu("AuthenticAMD", 0x1A, 0), Some("fast"));
         assert_eq!((bad.prefetch, bad.prefetch_source), (Prefetch::Nta, "table"));
+    }
+
+    #[test]
+    fn the_packed_types_parse() {
+        assert_eq!(parse_pack("0"), Some(vec![]));
+        assert_eq!(parse_pack("1"), Some(vec![GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K]));
+        assert_eq!(parse_pack("q4_K, q4_0"), Some(vec![GgmlType::Q4_K, GgmlType::Q4_0]));
+        assert_eq!(parse_pack("q6_K"), None, "no layout of its own");
+        assert_eq!(parse_pack("fast"), None);
+        let zen4 = Tuning::for_cpu(cpu("AuthenticAMD", 0x19, 0x11), None);
+        assert_eq!(zen4.pack, PACKED_TYPES);
     }
 
     #[test]

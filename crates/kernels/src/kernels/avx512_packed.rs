@@ -201,6 +201,8 @@ pub(crate) unsafe fn groups_q4_k<const R: usize, const PF: u8>(
                 let word = if s < 4 { scales_lo } else { scales_hi };
                 _mm512_and_si512(_mm512_srl_epi32(word, _mm_cvtsi32_si128(8 * (s % 4) as i32)), byte)
             };
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(Q4_K_D).cast()));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(Q4_K_DMIN).cast()));
             let mut sumi = [_mm512_setzero_si512(); R];
             for q in 0..4 {
                 let mut lo_sum = [_mm512_setzero_si512(); R];
@@ -232,8 +234,6 @@ pub(crate) unsafe fn groups_q4_k<const R: usize, const PF: u8>(
                 _mm512_and_si512(mins_hi, words),
                 _mm512_and_si512(_mm512_srli_epi32::<8>(mins_hi), words),
             ];
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(Q4_K_D).cast()));
-            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(Q4_K_DMIN).cast()));
             for c in 0..R {
                 let y = x[c].get_unchecked(b);
                 let bsum = |s: usize| (y.bsums[2 * s] as i32 + y.bsums[2 * s + 1] as i32) as u16 as u32;
