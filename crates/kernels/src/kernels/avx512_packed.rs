@@ -1,20 +1,22 @@
 //! AVX-512 VNNI kernels for weights in the kernels' own layouts ([`crate::packed`]).
 //!
 //! q4_0 interleaved by 16 rows: one 64-byte load brings four quant bytes of each of 16 rows (a row per 32-bit
-//! lane); its low and high nibbles meet broadcasts of the matching four activation values in two `vpdpbusd`, so each
-//! lane sums its own row and nothing is reduced across lanes. Per block of 16 rows (288 bytes) that is 4 loads, 4
-//! `vpand`, 4 `vgf2p8affineqb` and 8 `vpdpbusd` (each with a broadcast load of activations), then one load and
-//! conversion of 16 scales and one multiply, convert and fused multiply-add per activation row: about 27
-//! instructions, where the GGUF-layout row kernel (`avx512::rows_q4_0_quads`) needs about 25 for 72 bytes.
+//! lane); its low and high nibbles (each one `vpandq`: the high ones stay in place, 16 times their value, and the
+//! block's sum is divided by 16 once) meet broadcasts of the matching four activation values in two `vpdpbusd`, so
+//! each lane sums its own row and nothing is reduced across lanes. Per block of 16 rows (288 bytes) that is 4
+//! loads, 8 `vpandq` and 8 `vpdpbusd` (each with a broadcast of activations as its memory operand), then one load
+//! and conversion of 16 scales and a handful of instructions per activation row: about 27 instructions, where the
+//! GGUF-layout row kernel (`avx512::rows_q4_0_quads`) needs about 25 for 72 bytes. q8_0 needs no unpacking at all;
+//! q4_K adds the unpacking of its 6-bit scales and mins, for 16 rows at once.
 //!
-//! That matters because one-row decoding on Zen 4 is bound by instructions, not memory: `kernel_bench --types
-//! q4_0 --threads 1,2` (13824x5120, weights from DRAM) measured the GGUF-layout kernel at 12.6–16 GB/s a thread
-//! against a read roof of 24.3 (1 thread) and 45.9 GB/s (2 threads) by `bench/read_bandwidth.c`; figures for this
-//! kernel are in `crates/kernels/README.md`.
+//! That matters because one-row decoding on Zen 4 and on the Xeons is bound by instructions, not memory: on Zen 4
+//! the GGUF-layout q4_0 kernel read 12.6–16 GB/s a thread from memory against a read roof of 24–27 GB/s, and the
+//! interleaved one 20–23 (bench/RESULTS.md, "q4_0 rows interleaved by 16, Zen 4").
 //!
 //! A few activation rows at once (a server's batch, a speculative verify pass) share each unpacked vector: per
 //! row only the `vpdpbusd`s and the per-block scaling are repeated, and each row's result is bit for bit what it
-//! gets alone (the same operations in the same order on its own registers), and what `scalar::groups_q4_0` gives.
+//! gets alone (the same operations in the same order on its own registers), and what the scalar references
+//! (`scalar::groups`, `scalar::groups_q4_k`) give.
 
 use std::arch::x86_64::*;
 
