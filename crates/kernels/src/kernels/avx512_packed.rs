@@ -33,73 +33,18 @@ const LANES: usize = 16;
 /// `row_bytes` in GGUF's layout) and `R` activation rows (pair-interleaved, `Q8_0Row::qs`).
 ///
 /// # Safety
-/// AVX-512 with VNNI and GFNI must be available; `w` is a whole number of groups; each `out[c]` holds 16 outputs
-/// per group.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,gfni,f16c,fma")]
+/// AVX-512 with VNNI must be available; `w` is a whole number of groups; each `out[c]` holds 16 outputs per group.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
 pub(crate) unsafe fn groups_q4_0<const R: usize, const PF: u8>(
     w: &[u8],
     row_bytes: usize,
     x: &[Q8_0Row; R],
     out: &mut [&mut [f32]],
 ) {
-    const QUANTS: usize = quant_bytes(GgmlType::Q4_0);
-    const PAIR: usize = 2 * LANES * GgmlType::Q4_0.block_bytes();
-    debug_assert_eq!(out.len(), R);
-    let blocks = row_bytes / GgmlType::Q4_0.block_bytes();
-    let low_nibble = _mm512_set1_epi8(0x0F);
-    let high_nibble = _mm512_set1_epi8(0xF0u8 as i8);
-    let end = w.as_ptr_range().end;
-    for (g, group) in w.chunks_exact(LANES * row_bytes).enumerate() {
-        let p = group.as_ptr();
-        let mut acc = [_mm512_setzero_ps(); R];
-        for pair in 0..blocks.div_ceil(2) {
-            let base = p.add(pair * PAIR);
-            prefetch_ahead::<9, PF>(base, end);
-            let in_pair = (blocks - 2 * pair).min(2);
-            for second in 0..in_pair {
-                let j = 2 * pair + second;
-                let quants = base.add(second * QUANTS);
-                // Block j's activations: values 4t..4t + 4 at 8t + 4·second of the pair, 16 + 4t.. 32 bytes on.
-                let xq: [*const u8; R] =
-                    std::array::from_fn(|c| x[c].qs.as_ptr().add(pair * 2 * QK + 4 * second).cast());
-                // The stored nibbles are q + 8: each sum starts at the block's -8 Σx.
-                // Two chains of sums per activation row, the low nibbles' and the high nibbles': each `vpdpbusd`
-                // waits for the one before it in its chain, and one chain of eight left one-row decoding bound by
-                // that latency (39 against 50 GB/s with the weights in cache, `kernel_bench --hot 1`, Zen 4).
-                let mut isum_lo: [__m512i; R] = std::array::from_fn(|c| _mm512_set1_epi32(*x[c].bias.get_unchecked(j)));
-                let mut isum_hi = [_mm512_setzero_si512(); R];
-                for t in 0..4 {
-                    let v = _mm512_loadu_si512(quants.add(64 * t).cast());
-                    let lo = _mm512_and_si512(v, low_nibble);
-                    // The high nibbles stay where they are, 16 times their value: a `vpandq` instead of a shift or a
-                    // `vgf2p8affineqb`, which competes with `vpdpbusd` for the same two pipes on Zen 4. The sum is
-                    // divided by 16 again (exactly: it is a multiple of 16) once per block.
-                    let hi = _mm512_and_si512(v, high_nibble);
-                    for c in 0..R {
-                        let x_lo = _mm512_set1_epi32(std::ptr::read_unaligned(xq[c].add(8 * t).cast::<i32>()));
-                        let x_hi = _mm512_set1_epi32(std::ptr::read_unaligned(xq[c].add(QK + 8 * t).cast::<i32>()));
-                        isum_lo[c] = _mm512_dpbusd_epi32(isum_lo[c], lo, x_lo);
-                        isum_hi[c] = _mm512_dpbusd_epi32(isum_hi[c], hi, x_hi);
-                    }
-                }
-                let isum: [__m512i; R] =
-                    std::array::from_fn(|c| _mm512_add_epi32(isum_lo[c], _mm512_srai_epi32::<4>(isum_hi[c])));
-                let scales = base.add(in_pair * QUANTS + second * 2 * LANES);
-                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.cast()));
-                for c in 0..R {
-                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x[c].d.get_unchecked(j)));
-                    acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), scale, acc[c]);
-                }
-            }
-        }
-        for (o, acc) in out.iter_mut().zip(acc) {
-            _mm512_storeu_ps(o.as_mut_ptr().add(LANES * g), acc);
-        }
-    }
+    groups::<R, PF, false>(w, row_bytes, x, out)
 }
 
-/// [`groups_q4_0`] for interleaved q8_0 rows: eight vectors of stored `q + 128` per block, each against a broadcast
-/// of four activation values, in two chains of sums.
+/// [`groups_q4_0`] for interleaved q8_0 rows: eight vectors of stored `q + 128` per block, nothing to unpack.
 ///
 /// # Safety
 /// As [`groups_q4_0`].
@@ -110,44 +55,79 @@ pub(crate) unsafe fn groups_q8_0<const R: usize, const PF: u8>(
     x: &[Q8_0Row; R],
     out: &mut [&mut [f32]],
 ) {
-    const QUANTS: usize = quant_bytes(GgmlType::Q8_0);
-    const PAIR: usize = 2 * LANES * GgmlType::Q8_0.block_bytes();
+    groups::<R, PF, true>(w, row_bytes, x, out)
+}
+
+/// The kernel of [`groups_q4_0`] (`Q8` false) and [`groups_q8_0`] (`Q8` true): they differ only in how a block's
+/// vectors become its integer sums.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+unsafe fn groups<const R: usize, const PF: u8, const Q8: bool>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[Q8_0Row; R],
+    out: &mut [&mut [f32]],
+) {
+    let ty = if Q8 { GgmlType::Q8_0 } else { GgmlType::Q4_0 };
+    let (quant_len, pair_len) = (quant_bytes(ty), 2 * LANES * ty.block_bytes());
     debug_assert_eq!(out.len(), R);
-    let blocks = row_bytes / GgmlType::Q8_0.block_bytes();
+    let blocks = row_bytes / ty.block_bytes();
+    let low_nibble = _mm512_set1_epi8(0x0F);
+    let high_nibble = _mm512_set1_epi8(0xF0u8 as i8);
     let end = w.as_ptr_range().end;
     for (g, group) in w.chunks_exact(LANES * row_bytes).enumerate() {
         let p = group.as_ptr();
         let mut acc = [_mm512_setzero_ps(); R];
         for pair in 0..blocks.div_ceil(2) {
-            let base = p.add(pair * PAIR);
-            prefetch_ahead::<17, PF>(base, end);
+            let base = p.add(pair * pair_len);
+            if Q8 {
+                prefetch_ahead::<17, PF>(base, end);
+            } else {
+                prefetch_ahead::<9, PF>(base, end);
+            }
             let in_pair = (blocks - 2 * pair).min(2);
             for second in 0..in_pair {
                 let j = 2 * pair + second;
-                let quants = base.add(second * QUANTS);
+                let quants = base.add(second * quant_len);
                 // Block j's activations: values 4t..4t + 4 at 8t + 4·second of the pair.
                 let xq: [*const u8; R] =
                     std::array::from_fn(|c| x[c].qs.as_ptr().add(pair * 2 * QK + 4 * second).cast());
-                // The stored quants are q + 128: each sum starts at the block's -128 Σx.
-                let mut even: [__m512i; R] = std::array::from_fn(|c| _mm512_set1_epi32(*x[c].bias.get_unchecked(j)));
-                let mut odd = [_mm512_setzero_si512(); R];
-                for t in (0..8).step_by(2) {
-                    let (v0, v1) = (
-                        _mm512_loadu_si512(quants.add(64 * t).cast()),
-                        _mm512_loadu_si512(quants.add(64 * t + 64).cast()),
-                    );
-                    for c in 0..R {
-                        let x0 = _mm512_set1_epi32(std::ptr::read_unaligned(xq[c].add(8 * t).cast::<i32>()));
-                        let x1 = _mm512_set1_epi32(std::ptr::read_unaligned(xq[c].add(8 * t + 8).cast::<i32>()));
-                        even[c] = _mm512_dpbusd_epi32(even[c], v0, x0);
-                        odd[c] = _mm512_dpbusd_epi32(odd[c], v1, x1);
+                let x4 = |c: usize, at: usize| _mm512_set1_epi32(std::ptr::read_unaligned(xq[c].add(at).cast::<i32>()));
+                // The stored values are q + 8 (q4_0) or q + 128 (q8_0): each sum starts at the block's bias.
+                // Two chains of sums per activation row: each `vpdpbusd` waits for the one before it in its
+                // chain, and one chain of eight left one-row decoding bound by that latency (39 against 50 GB/s
+                // with the weights in cache, `kernel_bench --hot 1`, Zen 4).
+                let mut first: [__m512i; R] = std::array::from_fn(|c| _mm512_set1_epi32(*x[c].bias.get_unchecked(j)));
+                let mut second_chain = [_mm512_setzero_si512(); R];
+                if Q8 {
+                    for t in (0..8).step_by(2) {
+                        let v0 = _mm512_loadu_si512(quants.add(64 * t).cast());
+                        let v1 = _mm512_loadu_si512(quants.add(64 * t + 64).cast());
+                        for c in 0..R {
+                            first[c] = _mm512_dpbusd_epi32(first[c], v0, x4(c, 8 * t));
+                            second_chain[c] = _mm512_dpbusd_epi32(second_chain[c], v1, x4(c, 8 * t + 8));
+                        }
                     }
+                } else {
+                    for t in 0..4 {
+                        let v = _mm512_loadu_si512(quants.add(64 * t).cast());
+                        let lo = _mm512_and_si512(v, low_nibble);
+                        // The high nibbles stay where they are, 16 times their value: a `vpandq` instead of a
+                        // shift or a `vgf2p8affineqb`, which competes with `vpdpbusd` for the same two pipes on
+                        // Zen 4. Their sum is divided by 16 again (exactly: it is a multiple of 16) once per block.
+                        let hi = _mm512_and_si512(v, high_nibble);
+                        for c in 0..R {
+                            first[c] = _mm512_dpbusd_epi32(first[c], lo, x4(c, 8 * t));
+                            second_chain[c] = _mm512_dpbusd_epi32(second_chain[c], hi, x4(c, QK + 8 * t));
+                        }
+                    }
+                    second_chain = second_chain.map(|s| _mm512_srai_epi32::<4>(s));
                 }
-                let scales = base.add(in_pair * QUANTS + second * 2 * LANES);
+                let scales = base.add(in_pair * quant_len + second * 2 * LANES);
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.cast()));
                 for c in 0..R {
+                    let isum = _mm512_add_epi32(first[c], second_chain[c]);
                     let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x[c].d.get_unchecked(j)));
-                    let isum = _mm512_add_epi32(even[c], odd[c]);
                     acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[c]);
                 }
             }
