@@ -161,11 +161,33 @@ pub(crate) unsafe fn groups_q4_k<const R: usize, const PF: u8>(
         (_mm512_set1_epi32(0x3f3f_3f3f), _mm512_set1_epi32(0x0f0f_0f0f), _mm512_set1_epi32(0x0303_0303));
     let (byte, words) = (_mm512_set1_epi32(0xFF), _mm512_set1_epi32(0x00FF_00FF));
     let end = w.as_ptr_range().end;
+    // The activations' sub-block sums as the pairs of 16-bit values `vpdpwssd` takes (sub-blocks 0 and 2, 1 and 3,
+    // 4 and 6, 5 and 7), once per call rather than once per group of rows.
+    let pairs: Vec<[i32; 4]> = (0..R * blocks)
+        .map(|i| {
+            let y = x[i / blocks].get_unchecked(i % blocks);
+            let bsum = |s: usize| (y.bsums[2 * s] as i32 + y.bsums[2 * s + 1] as i32) as u16 as u32;
+            [(0, 2), (1, 3), (4, 6), (5, 7)].map(|(s, t)| (bsum(s) | bsum(t) << 16) as i32)
+        })
+        .collect();
     for (g, group) in w.chunks_exact(LANES * row_bytes).enumerate() {
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..blocks {
             let sb = group.as_ptr().add(b * Q4_K_GROUP_BYTES);
-            prefetch_ahead::<36, PF>(sb, end);
+            // The hardware prefetcher does not follow this kernel's reads: it streamed 10.8 GB/s from memory on one
+            // Zen 4 thread, against 59 in cache and 14–16 for GGUF's layout, and prefetching 32 KiB ahead made it
+            // worse. A `prefetcht0` of the two super-blocks after the next, each line so requested twice, gave
+            // 24.2 GB/s (one thread) and 31.7 (two) against 16.0 and 27.3 for GGUF's layout (`VICUNA_KERNELS_PACK=1
+            // N=3 bench/layout_ab.sh q4_K`; a second run: 11.8 and 19.1 on one thread, 24.7 and 30.6 on two);
+            // requesting each line once, 36 lines two, three, four or eight super-blocks ahead, gave 10–12. Why is
+            // not understood (no performance counters in the VM), so no CPU's row rewrites q4_K yet.
+            let _ = PF;
+            for line in 0..2 * Q4_K_GROUP_BYTES / 64 {
+                let at = sb.wrapping_add(2 * Q4_K_GROUP_BYTES + 64 * line);
+                if at < end {
+                    _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                }
+            }
             // Scales and mins of the 16 rows: four bytes a lane in each of four words.
             let load = |at: usize| _mm512_loadu_si512(sb.add(at).cast());
             let (a, bw, c) = (load(Q4_K_SCALES), load(Q4_K_SCALES + 64), load(Q4_K_SCALES + 128));
@@ -218,12 +240,11 @@ pub(crate) unsafe fn groups_q4_k<const R: usize, const PF: u8>(
             ];
             for c in 0..R {
                 let y = x[c].get_unchecked(b);
-                let bsum = |s: usize| (y.bsums[2 * s] as i32 + y.bsums[2 * s + 1] as i32) as u16 as u32;
-                let pair = |s: usize, t: usize| _mm512_set1_epi32((bsum(s) | bsum(t) << 16) as i32);
-                let mut summ = _mm512_dpwssd_epi32(_mm512_setzero_si512(), mins[0], pair(0, 2));
-                summ = _mm512_dpwssd_epi32(summ, mins[1], pair(1, 3));
-                summ = _mm512_dpwssd_epi32(summ, mins[2], pair(4, 6));
-                summ = _mm512_dpwssd_epi32(summ, mins[3], pair(5, 7));
+                let pair = pairs.get_unchecked(c * blocks + b);
+                let mut summ = _mm512_dpwssd_epi32(_mm512_setzero_si512(), mins[0], _mm512_set1_epi32(pair[0]));
+                summ = _mm512_dpwssd_epi32(summ, mins[1], _mm512_set1_epi32(pair[1]));
+                summ = _mm512_dpwssd_epi32(summ, mins[2], _mm512_set1_epi32(pair[2]));
+                summ = _mm512_dpwssd_epi32(summ, mins[3], _mm512_set1_epi32(pair[3]));
                 let dx = _mm512_set1_ps(y.d);
                 acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[c]), _mm512_mul_ps(d, dx), acc[c]);
                 acc[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dmin, dx), acc[c]);
