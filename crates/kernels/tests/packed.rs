@@ -131,11 +131,13 @@ fn out_of(isa: Isa, m: &QuantMatrix, x: &[f32], n: usize, pool: &ThreadPool) -> 
 
 #[test]
 fn the_gemm_reads_interleaved_rows_as_it_reads_gguf_rows() {
-    // The GEMM puts an interleaved row back in GGUF's layout before unpacking it: the same bits as on GGUF rows.
+    // The GEMM unpacks a chunk of interleaved groups straight into its panel, and a chunk that also holds rows in
+    // GGUF's layout (rows 32..50 of 50) row by row, putting each interleaved row back first: the same bits as on
+    // GGUF rows either way.
     let single = pool(1);
     let mut rng = Rng(13);
     for (ty, (rows, k)) in
-        TYPES.into_iter().flat_map(|ty| [(33, 160), (80, 544), (40, 5120)].map(|s| (ty, of_type(ty, s))))
+        TYPES.into_iter().flat_map(|ty| [(33, 160), (80, 544), (40, 5120), (50, 160)].map(|s| (ty, of_type(ty, s))))
     {
         let data = quantized(ty, rows, k, &mut rng);
         let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
