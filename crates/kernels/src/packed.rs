@@ -57,12 +57,13 @@ pub enum Layout {
 }
 
 impl Layout {
-    /// The layout whose kernels are fastest for `ty` at `isa` on this CPU: `Interleaved16` on AVX-512 for the types
-    /// the kernel table gives it ([`traits`]) and this CPU's tuning row (or `VICUNA_KERNELS_PACK`) names
-    /// ([`Tuning::pack`]); `Ggml` everywhere else.
+    /// The layout whose kernels are fastest for `ty` at `isa` on this CPU: `Interleaved16` for the types the kernel
+    /// table gives it with kernels at `isa` ([`traits`]: q4_0 and q8_0 on AVX2 and AVX-512, q4_K on AVX-512) and
+    /// this CPU's tuning row (or `VICUNA_KERNELS_PACK`) names ([`Tuning::pack`]); `Ggml` everywhere else.
     pub fn best(ty: GgmlType, isa: Isa) -> Layout {
-        if isa == Isa::Avx512 && Tuning::get().pack.contains(&ty) {
-            traits(ty).packed.unwrap_or(Layout::Ggml)
+        let facts = traits(ty);
+        if facts.packed_isas.contains(&isa) && Tuning::get().pack.contains(&ty) {
+            facts.packed.unwrap_or(Layout::Ggml)
         } else {
             Layout::Ggml
         }
@@ -317,6 +318,7 @@ mod tests {
         let w = QuantMatrix::new(GgmlType::Q6_K, 16, 256, &data).unwrap();
         assert!(PackedMatrix::new(&w, Layout::Interleaved16).is_none());
         assert_eq!(Layout::best(GgmlType::Q6_K, Isa::Avx512), Layout::Ggml);
-        assert_eq!(Layout::best(GgmlType::Q4_0, Isa::Avx2), Layout::Ggml);
+        assert_eq!(Layout::best(GgmlType::Q4_0, Isa::Scalar), Layout::Ggml);
+        assert_eq!(Layout::best(GgmlType::Q4_K, Isa::Avx2), Layout::Ggml, "no AVX2 kernel for interleaved q4_K");
     }
 }

@@ -114,6 +114,10 @@ struct Row {
 /// 1024x5120`) but streams only 10.8 against 14.2 from memory on Zen 4, for a reason not found yet (no
 /// performance counters in this VM); `VICUNA_KERNELS_PACK=q4_0,q8_0,q4_K` tries it on another CPU. Intel is given
 /// the Zen 4 choice, not yet measured there.
+///
+/// The same two types on AVX2 (a Zen 4 VM that hides AVX-512, same `bench/layout_ab.sh`, medians of 4 alternated
+/// rounds): q4_0 17.5 against 13.2 GB/s on one thread, 28.8 against 20.8 on two; q8_0 24.5 against 17.1 and 30.5
+/// against 27.2; with the weights in cache (1024x5120) q4_0 30.0 against 13.4 and q8_0 36.9 against 23.7.
 const PACKED_TYPES: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0];
 
 /// What each CPU gets. The first row matching vendor and family wins; CPUs no row names get [`DEFAULT`].

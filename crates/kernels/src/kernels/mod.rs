@@ -32,6 +32,8 @@ pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2_multi;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2_packed;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512_gemm;
@@ -243,27 +245,45 @@ pub(crate) fn groups(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && layout == Layout::Interleaved16 {
+    if layout == Layout::Interleaved16 && matches!(isa, Isa::Avx2 | Isa::Avx512) {
         let hint = Tuning::get().packed_prefetch;
         macro_rules! call {
             ($r:literal) => {{
                 // SAFETY: `isa` was checked against the CPU; `w` is whole groups and each `out[c]` one output per row.
                 unsafe {
-                    if ty == GgmlType::Q4_K {
-                        let x: [&[BlockQ8K]; $r] = std::array::from_fn(|c| q8k(&x[c]));
-                        with_prefetch!(hint; avx512_packed::groups_q4_k[$r](w, row_bytes, &x, out))
-                    } else {
-                        let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
-                        if ty == GgmlType::Q4_0 {
-                            with_prefetch!(hint; avx512_packed::groups_q4_0[$r](w, row_bytes, &x, out))
-                        } else {
-                            with_prefetch!(hint; avx512_packed::groups_q8_0[$r](w, row_bytes, &x, out))
+                    match (isa, ty) {
+                        (Isa::Avx512, GgmlType::Q4_K) => {
+                            let x: [&[BlockQ8K]; $r] = std::array::from_fn(|c| q8k(&x[c]));
+                            with_prefetch!(hint; avx512_packed::groups_q4_k[$r](w, row_bytes, &x, out));
+                            true
                         }
+                        (Isa::Avx512, GgmlType::Q4_0) => {
+                            let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
+                            with_prefetch!(hint; avx512_packed::groups_q4_0[$r](w, row_bytes, &x, out));
+                            true
+                        }
+                        (Isa::Avx512, GgmlType::Q8_0) => {
+                            let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
+                            with_prefetch!(hint; avx512_packed::groups_q8_0[$r](w, row_bytes, &x, out));
+                            true
+                        }
+                        (Isa::Avx2, GgmlType::Q4_0) => {
+                            let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
+                            with_prefetch!(hint; avx2_packed::groups_q4_0[$r](w, row_bytes, &x, out));
+                            true
+                        }
+                        (Isa::Avx2, GgmlType::Q8_0) => {
+                            let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
+                            with_prefetch!(hint; avx2_packed::groups_q8_0[$r](w, row_bytes, &x, out));
+                            true
+                        }
+                        // No AVX2 kernel for this type's interleaved rows: the reference below.
+                        _ => false,
                     }
                 }
             }};
         }
-        return match x.len() {
+        let done = match x.len() {
             1 => call!(1),
             2 => call!(2),
             3 => call!(3),
@@ -272,8 +292,11 @@ pub(crate) fn groups(
             6 => call!(6),
             7 => call!(7),
             8 => call!(8),
-            _ => {}
+            _ => false,
         };
+        if done {
+            return;
+        }
     }
     let _ = isa;
     for (x, out) in x.iter().zip(out) {

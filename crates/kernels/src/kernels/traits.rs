@@ -3,6 +3,7 @@
 //! dispatch (`matmul_path`, [`super::rows`], [`super::rows_multi`]) asks it; nothing else decides which types have
 //! fast paths.
 
+use crate::isa::Isa;
 use crate::packed::Layout;
 use crate::types::{GgmlType, QK_K};
 
@@ -37,6 +38,9 @@ pub(crate) struct TypeTraits {
     /// The layout of its own that the type's rows are rewritten in at load on AVX-512, where its kernels read it
     /// with fewer instructions per byte ([`crate::packed`]); `None`: GGUF's.
     pub packed: Option<Layout>,
+    /// The instruction sets with kernels for that layout (elsewhere the scalar reference would multiply it, so
+    /// the rows stay in GGUF's layout: [`Layout::best`]).
+    pub packed_isas: &'static [Isa],
 }
 
 /// A type whose rows are dequantized to f32 first, with a weight scale per 32 values.
@@ -47,6 +51,7 @@ const DEQUANTIZED: TypeTraits = TypeTraits {
     gemm_min_rows: None,
     group_len: 32,
     packed: None,
+    packed_isas: &[],
 };
 
 /// A float type: row kernels on the f32 activations as given, nothing more.
@@ -68,6 +73,7 @@ pub(crate) fn traits(ty: GgmlType) -> &'static TypeTraits {
             act: ActKind::Q8_0 { zero_point: 8 },
             gemm_min_rows: Some(11),
             packed: Some(Layout::Interleaved16),
+            packed_isas: &[Isa::Avx2, Isa::Avx512],
             ..QUANTIZED
         },
         // Multi-row 10.1 ms against the GEMM's 10.8 at 9 rows, 11.4 against 10.5 at 10.
@@ -75,12 +81,17 @@ pub(crate) fn traits(ty: GgmlType) -> &'static TypeTraits {
             act: ActKind::Q8_0 { zero_point: 128 },
             gemm_min_rows: Some(10),
             packed: Some(Layout::Interleaved16),
+            packed_isas: &[Isa::Avx2, Isa::Avx512],
             ..QUANTIZED
         },
         // Multi-row 8.9 ms against the GEMM's 9.3 at 13 rows, even at 14.
-        GgmlType::Q4_K => {
-            &TypeTraits { act: ActKind::Q8K, gemm_min_rows: Some(14), packed: Some(Layout::Interleaved16), ..QUANTIZED }
-        }
+        GgmlType::Q4_K => &TypeTraits {
+            act: ActKind::Q8K,
+            gemm_min_rows: Some(14),
+            packed: Some(Layout::Interleaved16),
+            packed_isas: &[Isa::Avx512],
+            ..QUANTIZED
+        },
         // Its GEMM is the slowest: even at 16 rows (and 11.0 ms against 12.5 at 16 on 5120x13824), so from 17,
         // where the multi-row path needs a third pass.
         GgmlType::Q6_K => &TypeTraits { act: ActKind::Q8K, gemm_min_rows: Some(17), group_len: 16, ..QUANTIZED },
