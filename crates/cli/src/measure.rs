@@ -249,7 +249,7 @@ fn cpu_report() -> serde_json::Value {
         "prefetch": tuning.prefetch.name(),
         "prefetch_source": tuning.prefetch_source,
         "packed_prefetch": tuning.packed_prefetch.name(),
-        "pack": tuning.pack.iter().map(|ty| ty.name()).collect::<Vec<_>>(),
+        "pack": tuning.pack.types(vicuna_kernels::Isa::detect()).iter().map(|ty| ty.name()).collect::<Vec<_>>(),
     })
 }
 

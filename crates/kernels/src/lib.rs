@@ -73,5 +73,5 @@ pub use packed::{Layout, PackedMatrix};
 pub use quant::quantize_row;
 pub use rayon::{ThreadPool, ThreadPoolBuilder};
 pub use sgemm::{sgemm, sgemm_serial, sgemm_with, MatRef};
-pub use tuning::{Cpu, Prefetch, Tuning};
+pub use tuning::{Cpu, Pack, Prefetch, Tuning};
 pub use types::{row_size, Error, GgmlType, Result, QK, QK_K};

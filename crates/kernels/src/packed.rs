@@ -58,11 +58,11 @@ pub enum Layout {
 
 impl Layout {
     /// The layout whose kernels are fastest for `ty` at `isa` on this CPU: `Interleaved16` for the types the kernel
-    /// table gives it with kernels at `isa` ([`traits`]: q4_0 and q8_0 on AVX2 and AVX-512, q4_K on AVX-512) and
+    /// table gives it with kernels at `isa` ([`traits`]: q4_0, q8_0 and q4_K on AVX2 and AVX-512) and
     /// this CPU's tuning row (or `VICUNA_KERNELS_PACK`) names ([`Tuning::pack`]); `Ggml` everywhere else.
     pub fn best(ty: GgmlType, isa: Isa) -> Layout {
         let facts = traits(ty);
-        if facts.packed_isas.contains(&isa) && Tuning::get().pack.contains(&ty) {
+        if facts.packed_isas.contains(&isa) && Tuning::get().pack.types(isa).contains(&ty) {
             facts.packed.unwrap_or(Layout::Ggml)
         } else {
             Layout::Ggml
@@ -182,23 +182,25 @@ pub(crate) const fn stored_xor(ty: GgmlType) -> u8 {
 }
 
 /// Writes the 16 GGUF rows `src` (of `row_bytes` each) of type `ty` interleaved into `dst`.
+///
+/// A model's worth of matrices is rewritten at every load, so this loop is the load time: it moves 4-byte words (one
+/// row's four quant bytes, flipped as stored, go to one lane of a vector), block by block for all 16 rows, so that
+/// each block's vectors are written together while the 16 rows are read as 16 forward streams.
 fn interleave(ty: GgmlType, src: &[u8], row_bytes: usize, dst: &mut [u8]) {
-    let (block, blocks, flip) = (ty.block_bytes(), row_bytes / ty.block_bytes(), stored_xor(ty));
-    // Block by block, all 16 rows: each block's bytes are written together (a model's worth of matrices is
-    // rewritten at every load, so this loop is the load time).
+    let (block, blocks) = (ty.block_bytes(), row_bytes / ty.block_bytes());
+    let flip = u32::from_ne_bytes([stored_xor(ty); 4]);
+    let words = (block - 2) / 4;
+    let rows: [&[u8]; GROUP_ROWS] = std::array::from_fn(|r| &src[r * row_bytes..(r + 1) * row_bytes]);
     for j in 0..blocks {
         let (quants_at, scales_at) = block_offsets(ty, blocks, j);
-        // The scales follow the quants of their pair: split there.
         let (head, tail) = dst.split_at_mut(scales_at);
         let (quants, scales) = (&mut head[quants_at..quants_at + quant_bytes(ty)], &mut tail[..2 * GROUP_ROWS]);
-        for r in 0..GROUP_ROWS {
-            let b = &src[r * row_bytes + j * block..][..block];
-            scales[2 * r..2 * r + 2].copy_from_slice(&b[..2]);
-            for (t, four) in b[2..].chunks_exact(4).enumerate() {
-                let at = 64 * t + 4 * r;
-                for (d, &q) in quants[at..at + 4].iter_mut().zip(four) {
-                    *d = q ^ flip;
-                }
+        for (r, (row, scale)) in rows.iter().zip(scales.chunks_exact_mut(2)).enumerate() {
+            let b = &row[j * block..(j + 1) * block];
+            scale.copy_from_slice(&b[..2]);
+            for (t, four) in b[2..].chunks_exact(4).take(words).enumerate() {
+                let word = u32::from_ne_bytes([four[0], four[1], four[2], four[3]]) ^ flip;
+                quants[64 * t + 4 * r..64 * t + 4 * r + 4].copy_from_slice(&word.to_ne_bytes());
             }
         }
     }
@@ -319,6 +321,6 @@ mod tests {
         assert!(PackedMatrix::new(&w, Layout::Interleaved16).is_none());
         assert_eq!(Layout::best(GgmlType::Q6_K, Isa::Avx512), Layout::Ggml);
         assert_eq!(Layout::best(GgmlType::Q4_0, Isa::Scalar), Layout::Ggml);
-        assert_eq!(Layout::best(GgmlType::Q4_K, Isa::Avx2), Layout::Ggml, "no AVX2 kernel for interleaved q4_K");
+        assert_eq!(Layout::best(GgmlType::Q6_K, Isa::Avx2), Layout::Ggml);
     }
 }

@@ -4,6 +4,7 @@
 
 use std::sync::OnceLock;
 
+use crate::isa::Isa;
 use crate::types::GgmlType;
 
 /// How the row kernels prefetch the weights they will need next ([`Tuning::prefetch`]).
@@ -104,8 +105,11 @@ struct Row {
     /// The hint of the kernels for the kernels' own layouts ([`crate::packed`]), whose weights lie in transparent
     /// huge pages where the system gives them: the hardware prefetcher then streams past every 4 KiB.
     packed_prefetch: Prefetch,
-    /// The weight types rewritten at load into the kernels' own layouts ([`crate::packed`]).
-    pack: &'static [GgmlType],
+    /// The weight types rewritten at load into the kernels' own layouts ([`crate::packed`]) where the kernels are
+    /// AVX-512's,
+    pack_avx512: &'static [GgmlType],
+    /// and where they are AVX2's.
+    pack_avx2: &'static [GgmlType],
 }
 
 /// What is rewritten where: q4_0 and q8_0, whose interleaved kernels beat GGUF's layout on Zen 4 from memory (q4_0
@@ -115,10 +119,15 @@ struct Row {
 /// performance counters in this VM); `VICUNA_KERNELS_PACK=q4_0,q8_0,q4_K` tries it on another CPU. Intel is given
 /// the Zen 4 choice, not yet measured there.
 ///
-/// The same two types on AVX2 (a Zen 4 VM that hides AVX-512, same `bench/layout_ab.sh`, medians of 4 alternated
-/// rounds): q4_0 17.5 against 13.2 GB/s on one thread, 28.8 against 20.8 on two; q8_0 24.5 against 17.1 and 30.5
-/// against 27.2; with the weights in cache (1024x5120) q4_0 30.0 against 13.4 and q8_0 36.9 against 23.7.
 const PACKED_TYPES: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0];
+
+/// On AVX2 all three types with a layout of their own, q4_K too: measured on a Zen 4 VM that hides AVX-512
+/// (`bench/layout_ab.sh TYPE`, medians of 4 alternated rounds, weights from DRAM; GB/s interleaved against GGUF's
+/// layout): q4_0 17.5 against 13.2 on one thread, 28.8 against 20.8 on two; q8_0 24.5 against 17.1 and 30.5
+/// against 27.2; q4_K 24.3 against 16.4 and 35.4 against 31.4. With the weights in cache (`kernel_bench --hot 1
+/// --shapes 1024x5120`): q4_0 30.0 against 13.4, q8_0 36.9 against 23.7, q4_K 28.7 against 16.8. Unlike the
+/// AVX-512 q4_K kernel, this one streams from memory as fast as it computes.
+const PACKED_TYPES_AVX2: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K];
 
 /// What each CPU gets. The first row matching vendor and family wins; CPUs no row names get [`DEFAULT`].
 ///
@@ -139,14 +148,16 @@ const TABLE: &[Row] = &[
         families: 0x19..=0x1F,
         prefetch: Prefetch::Nta,
         packed_prefetch: Prefetch::Off,
-        pack: PACKED_TYPES,
+        pack_avx512: PACKED_TYPES,
+        pack_avx2: PACKED_TYPES_AVX2,
     },
     Row {
         vendor: "GenuineIntel",
         families: 6..=6,
         prefetch: Prefetch::T0,
         packed_prefetch: Prefetch::T0,
-        pack: PACKED_TYPES,
+        pack_avx512: PACKED_TYPES,
+        pack_avx2: PACKED_TYPES_AVX2,
     },
 ];
 
@@ -163,7 +174,25 @@ pub struct Tuning {
     /// The hint of the kernels for the kernels' own layouts (also set by `VICUNA_KERNELS_PREFETCH`).
     pub packed_prefetch: Prefetch,
     /// The weight types whose matrices are rewritten at load into the kernels' own layouts ([`crate::Layout::best`]).
-    pub pack: Vec<GgmlType>,
+    pub pack: Pack,
+}
+
+/// The weight types rewritten at load, by the instruction set of the kernels that will read them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pack {
+    pub avx512: Vec<GgmlType>,
+    pub avx2: Vec<GgmlType>,
+}
+
+impl Pack {
+    /// The types rewritten for kernels at `isa` (none for the scalar reference).
+    pub fn types(&self, isa: Isa) -> &[GgmlType] {
+        match isa {
+            Isa::Avx512 => &self.avx512,
+            Isa::Avx2 => &self.avx2,
+            Isa::Scalar => &[],
+        }
+    }
 }
 
 impl Tuning {
@@ -175,7 +204,7 @@ impl Tuning {
             let mut tuning = Tuning::for_cpu(Cpu::detect(), std::env::var("VICUNA_KERNELS_PREFETCH").ok().as_deref());
             if let Ok(value) = std::env::var("VICUNA_KERNELS_PACK") {
                 match parse_pack(&value) {
-                    Some(types) => tuning.pack = types,
+                    Some(types) => tuning.pack = Pack { avx512: types.clone(), avx2: types },
                     None => eprintln!(
                         "warning: VICUNA_KERNELS_PACK={value:?} is not 0, 1 or a list of types with a layout of \
                          their own (q4_0,q8_0,q4_K); ignored"
@@ -192,7 +221,10 @@ impl Tuning {
             Some(row) => (row.prefetch, row.packed_prefetch, "table"),
             None => (DEFAULT, DEFAULT, "default"),
         };
-        let pack = row.map_or(PACKED_TYPES, |row| row.pack).to_vec();
+        let pack = Pack {
+            avx512: row.map_or(PACKED_TYPES, |row| row.pack_avx512).to_vec(),
+            avx2: row.map_or(PACKED_TYPES_AVX2, |row| row.pack_avx2).to_vec(),
+        };
         if let Some(value) = prefetch_override {
             match Prefetch::parse(value) {
                 Some(p) => (prefetch, packed_prefetch, prefetch_source) = (p, p, "VICUNA_KERNELS_PREFETCH"),
@@ -248,7 +280,9 @@ mod tests {
         assert_eq!(parse_pack("q6_K"), None, "no layout of its own");
         assert_eq!(parse_pack("fast"), None);
         let zen4 = Tuning::for_cpu(cpu("AuthenticAMD", 0x19, 0x11), None);
-        assert_eq!(zen4.pack, PACKED_TYPES);
+        assert_eq!(zen4.pack.types(Isa::Avx512), PACKED_TYPES);
+        assert_eq!(zen4.pack.types(Isa::Avx2), PACKED_TYPES_AVX2);
+        assert!(zen4.pack.types(Isa::Scalar).is_empty());
     }
 
     #[test]

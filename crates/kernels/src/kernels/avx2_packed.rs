@@ -1,4 +1,4 @@
-//! AVX2 kernels for q4_0 and q8_0 weights interleaved by 16 rows ([`crate::packed`]), for CPUs (or VMs) without
+//! AVX2 kernels for q4_0, q8_0 and q4_K weights interleaved by 16 rows ([`crate::packed`]), for CPUs (or VMs) without
 //! AVX-512.
 //!
 //! The layout is the one the AVX-512 kernels read: each 64-byte vector holds four quant bytes of each of 16 rows, a
@@ -21,8 +21,9 @@
 use std::arch::x86_64::*;
 
 use crate::acts::Q8_0Row;
+use crate::blocks::BlockQ8K;
 use crate::kernels::avx512::prefetch_ahead;
-use crate::packed::quant_bytes;
+use crate::packed::{quant_bytes, Q4_K_D, Q4_K_DMIN, Q4_K_GROUP_BYTES, Q4_K_QUANTS, Q4_K_SCALES};
 use crate::types::{GgmlType, QK};
 
 /// Rows per group ([`crate::packed::GROUP_ROWS`]), one per 32-bit lane of a 512-bit vector: two 256-bit halves.
@@ -144,6 +145,116 @@ unsafe fn groups<const R: usize, const PF: u8, const Q8: bool>(
                         let scale = _mm256_mul_ps(dw[h], dx);
                         acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[c][h]), scale, acc[c][h]);
                     }
+                }
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(acc) {
+            for (h, acc) in acc.into_iter().enumerate() {
+                _mm256_storeu_ps(o.as_mut_ptr().add(LANES * g + 8 * h), acc);
+            }
+        }
+    }
+}
+
+/// Interleaved q4_K rows against `R` q8_K activation rows, half a group (8 rows) at a time. Per super-block and
+/// half: the 6-bit scales and mins of its 8 rows unpacked at once (as `blocks::scales_mins_k4_words` does for one
+/// row); per quarter, eight vectors of quants whose low nibbles are sub-block `2q` and whose high nibbles are
+/// sub-block `2q + 1`, against broadcasts of four activation values, summed in 16 bits (at most 8 · 2 · 15 · 128
+/// = 30720); `vpmaddwd` with the sub-block's scale in both 16-bit halves of each lane widens and scales in one;
+/// the mins meet the activations' sub-block sums, as pairs of 16-bit values, in `vpmaddwd` too; then the two
+/// scalings, as the scalar reference (`scalar::groups_q4_k`) does them.
+///
+/// # Safety
+/// As [`groups_q4_0`], with q8_K activations of the rows' length.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)]
+pub(crate) unsafe fn groups_q4_k<const R: usize, const PF: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[&[BlockQ8K]; R],
+    out: &mut [&mut [f32]],
+) {
+    debug_assert_eq!(out.len(), R);
+    let blocks = row_bytes / GgmlType::Q4_K.block_bytes();
+    let low_nibble = _mm256_set1_epi8(0x0F);
+    let (low6, low4, top2) =
+        (_mm256_set1_epi32(0x3f3f_3f3f), _mm256_set1_epi32(0x0f0f_0f0f), _mm256_set1_epi32(0x0303_0303));
+    let (byte, words) = (_mm256_set1_epi32(0xFF), _mm256_set1_epi32(0x00FF_00FF));
+    let end = w.as_ptr_range().end;
+    // The activations' sub-block sums as the pairs of 16-bit values `vpmaddwd` takes (sub-blocks 0 and 2, 1 and 3,
+    // 4 and 6, 5 and 7), once per call rather than once per group of rows.
+    let pairs: Vec<[i32; 4]> = (0..R * blocks)
+        .map(|i| {
+            let y = x[i / blocks].get_unchecked(i % blocks);
+            let bsum = |s: usize| (y.bsums[2 * s] as i32 + y.bsums[2 * s + 1] as i32) as u16 as u32;
+            [(0, 2), (1, 3), (4, 6), (5, 7)].map(|(s, t)| (bsum(s) | bsum(t) << 16) as i32)
+        })
+        .collect();
+    for (g, group) in w.chunks_exact(LANES * row_bytes).enumerate() {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..blocks {
+            let sb = group.as_ptr().add(b * Q4_K_GROUP_BYTES);
+            prefetch_ahead::<{ Q4_K_GROUP_BYTES / 64 }, PF>(sb, end);
+            for h in 0..2 {
+                // Scales and mins of the half's 8 rows: four bytes a lane in each of four words.
+                let load = |at: usize| _mm256_loadu_si256(sb.add(at + 32 * h).cast());
+                let (a, bw, c) = (load(Q4_K_SCALES), load(Q4_K_SCALES + 64), load(Q4_K_SCALES + 128));
+                let scales_lo = _mm256_and_si256(a, low6);
+                let scales_hi = _mm256_or_si256(
+                    _mm256_and_si256(c, low4),
+                    _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srli_epi32::<6>(a), top2)),
+                );
+                let mins_lo = _mm256_and_si256(bw, low6);
+                let mins_hi = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi32::<4>(c), low4),
+                    _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srli_epi32::<6>(bw), top2)),
+                );
+                // Sub-block s's scale in both 16-bit halves of each lane.
+                let scale_of = |s: usize| {
+                    let word = if s < 4 { scales_lo } else { scales_hi };
+                    let scale = _mm256_and_si256(_mm256_srl_epi32(word, _mm_cvtsi32_si128(8 * (s % 4) as i32)), byte);
+                    _mm256_or_si256(scale, _mm256_slli_epi32::<16>(scale))
+                };
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(sb.add(Q4_K_D + 16 * h).cast()));
+                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(sb.add(Q4_K_DMIN + 16 * h).cast()));
+                let mut sumi = [_mm256_setzero_si256(); R];
+                for q in 0..4 {
+                    let mut lo_sum = [_mm256_setzero_si256(); R];
+                    let mut hi_sum = [_mm256_setzero_si256(); R];
+                    for t in 0..8 {
+                        let v = load(Q4_K_QUANTS + 64 * (8 * q + t));
+                        let lo = _mm256_and_si256(v, low_nibble);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low_nibble);
+                        for c in 0..R {
+                            let xq = x[c].get_unchecked(b).qs.as_ptr().add(64 * q + 4 * t);
+                            lo_sum[c] = _mm256_add_epi16(lo_sum[c], _mm256_maddubs_epi16(lo, broadcast4(xq)));
+                            hi_sum[c] = _mm256_add_epi16(hi_sum[c], _mm256_maddubs_epi16(hi, broadcast4(xq.add(32))));
+                        }
+                    }
+                    let (s0, s1) = (scale_of(2 * q), scale_of(2 * q + 1));
+                    for c in 0..R {
+                        let scaled =
+                            _mm256_add_epi32(_mm256_madd_epi16(lo_sum[c], s0), _mm256_madd_epi16(hi_sum[c], s1));
+                        sumi[c] = _mm256_add_epi32(sumi[c], scaled);
+                    }
+                }
+                // The mins as pairs of 16-bit values (sub-blocks 0 and 2, 1 and 3, 4 and 6, 5 and 7 of each row).
+                let mins = [
+                    _mm256_and_si256(mins_lo, words),
+                    _mm256_and_si256(_mm256_srli_epi32::<8>(mins_lo), words),
+                    _mm256_and_si256(mins_hi, words),
+                    _mm256_and_si256(_mm256_srli_epi32::<8>(mins_hi), words),
+                ];
+                for c in 0..R {
+                    let y = x[c].get_unchecked(b);
+                    let pair = pairs.get_unchecked(c * blocks + b);
+                    let mut summ = _mm256_madd_epi16(mins[0], _mm256_set1_epi32(pair[0]));
+                    for i in 1..4 {
+                        summ = _mm256_add_epi32(summ, _mm256_madd_epi16(mins[i], _mm256_set1_epi32(pair[i])));
+                    }
+                    let dx = _mm256_set1_ps(y.d);
+                    acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[c]), _mm256_mul_ps(d, dx), acc[c][h]);
+                    acc[c][h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(dmin, dx), acc[c][h]);
                 }
             }
         }

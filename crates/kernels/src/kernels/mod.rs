@@ -267,6 +267,11 @@ pub(crate) fn groups(
                             with_prefetch!(hint; avx512_packed::groups_q8_0[$r](w, row_bytes, &x, out));
                             true
                         }
+                        (Isa::Avx2, GgmlType::Q4_K) => {
+                            let x: [&[BlockQ8K]; $r] = std::array::from_fn(|c| q8k(&x[c]));
+                            with_prefetch!(hint; avx2_packed::groups_q4_k[$r](w, row_bytes, &x, out));
+                            true
+                        }
                         (Isa::Avx2, GgmlType::Q4_0) => {
                             let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
                             with_prefetch!(hint; avx2_packed::groups_q4_0[$r](w, row_bytes, &x, out));
@@ -277,7 +282,6 @@ pub(crate) fn groups(
                             with_prefetch!(hint; avx2_packed::groups_q8_0[$r](w, row_bytes, &x, out));
                             true
                         }
-                        // No AVX2 kernel for this type's interleaved rows: the reference below.
                         _ => false,
                     }
                 }

@@ -89,7 +89,7 @@ pub(crate) fn traits(ty: GgmlType) -> &'static TypeTraits {
             act: ActKind::Q8K,
             gemm_min_rows: Some(14),
             packed: Some(Layout::Interleaved16),
-            packed_isas: &[Isa::Avx512],
+            packed_isas: &[Isa::Avx2, Isa::Avx512],
             ..QUANTIZED
         },
         // Its GEMM is the slowest: even at 16 rows (and 11.0 ms against 12.5 at 16 on 5120x13824), so from 17,
