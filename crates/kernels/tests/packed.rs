@@ -43,9 +43,9 @@ fn of_type(ty: GgmlType, (rows, k): (usize, usize)) -> (usize, usize) {
 }
 
 fn isas() -> Vec<Isa> {
-    let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|isa| isa.is_available()).collect();
-    if !isas.contains(&Isa::Avx512) {
-        eprintln!("AVX-512 is not available here: its interleaved kernels are not tested on this machine");
+    let (isas, skipped): (Vec<Isa>, Vec<Isa>) = Isa::ALL.into_iter().partition(|isa| isa.is_available());
+    if !skipped.is_empty() {
+        eprintln!("{skipped:?} not available here: those interleaved kernels are not tested on this machine");
     }
     isas
 }
