@@ -229,12 +229,19 @@ fn q4_k_position(lane: usize, i: usize) -> usize {
 }
 
 /// Writes the 16 GGUF q4_K rows `src` (of `row_bytes` each) interleaved into `dst`.
+///
+/// As [`interleave`], by 4-byte words (the load time): after `d` and `dmin`, a row's super-block is 35 words (3 of
+/// scales and mins, 32 of quants), each of which goes whole to its lane of one vector ([`q4_k_position`]).
 fn interleave_q4_k(src: &[u8], row_bytes: usize, dst: &mut [u8]) {
     const BLOCK: usize = GgmlType::Q4_K.block_bytes();
     for (b, out) in dst.chunks_exact_mut(Q4_K_GROUP_BYTES).enumerate() {
         for lane in 0..GROUP_ROWS {
-            for (i, &byte) in src[lane * row_bytes + b * BLOCK..][..BLOCK].iter().enumerate() {
-                out[q4_k_position(lane, i)] = byte;
+            let block = &src[lane * row_bytes + b * BLOCK..][..BLOCK];
+            out[Q4_K_D + 2 * lane..Q4_K_D + 2 * lane + 2].copy_from_slice(&block[..2]);
+            out[Q4_K_DMIN + 2 * lane..Q4_K_DMIN + 2 * lane + 2].copy_from_slice(&block[2..4]);
+            for (word, four) in block[4..].chunks_exact(4).enumerate() {
+                let at = q4_k_position(lane, 4 + 4 * word);
+                out[at..at + 4].copy_from_slice(four);
             }
         }
     }
