@@ -114,12 +114,13 @@ impl PackedMatrix {
     }
 
     /// `w` (in GGUF's layout) rewritten in `layout`; `None` for `Layout::Ggml`, for a layout that is not `w`'s
-    /// type's, for fewer rows than one group, or when there is no memory for the copy (GGUF's layout still works).
+    /// type's, for fewer rows than one group, for a matrix that is not in GGUF's layout (already rewritten: its
+    /// bytes would be scrambled twice), or when there is no memory for the copy (GGUF's layout still works).
     pub fn new(w: &QuantMatrix, layout: Layout) -> Option<PackedMatrix> {
-        if layout == Layout::Ggml || traits(w.ty()).packed != Some(layout) || w.rows() < GROUP_ROWS {
+        let usable = traits(w.ty()).packed == Some(layout) && w.layout() == Layout::Ggml && w.rows() >= GROUP_ROWS;
+        if layout == Layout::Ggml || !usable {
             return None;
         }
-        debug_assert_eq!(w.layout(), Layout::Ggml);
         let mut data = Pages::zeroed(w.data().len())?;
         let group_bytes = GROUP_ROWS * w.row_bytes();
         let grouped = w.rows() / GROUP_ROWS * group_bytes;
@@ -326,6 +327,10 @@ mod tests {
         let data = vec![0u8; 16 * 210];
         let w = QuantMatrix::new(GgmlType::Q6_K, 16, 256, &data).unwrap();
         assert!(PackedMatrix::new(&w, Layout::Interleaved16).is_none());
+        let data = vec![0u8; 16 * 18];
+        let w = QuantMatrix::new(GgmlType::Q4_0, 16, 32, &data).unwrap();
+        let packed = PackedMatrix::new(&w, Layout::Interleaved16).unwrap();
+        assert!(PackedMatrix::new(&packed.matrix(), Layout::Interleaved16).is_none(), "never rewritten twice");
         assert_eq!(Layout::best(GgmlType::Q6_K, Isa::Avx512), Layout::Ggml);
         assert_eq!(Layout::best(GgmlType::Q4_0, Isa::Scalar), Layout::Ggml);
         assert_eq!(Layout::best(GgmlType::Q6_K, Isa::Avx2), Layout::Ggml);
