@@ -37,6 +37,7 @@
 //! `4t..4t + 4` of row `r`), a pair 1088 bytes. The signed quants are stored as unsigned `q + 128`, the operand
 //! `vpdpbusd` multiplies, so the kernel does not flip them at every product.
 
+use crate::blocks::BlockQ8K;
 use crate::isa::Isa;
 use crate::kernels::traits;
 use crate::matrix::QuantMatrix;
@@ -227,6 +228,19 @@ fn q4_k_position(lane: usize, i: usize) -> usize {
         4..16 => Q4_K_SCALES + 64 * ((i - 4) / 4) + 4 * lane + (i - 4) % 4,
         _ => Q4_K_QUANTS + 64 * ((i - 16) / 4) + 4 * lane + (i - 16) % 4,
     }
+}
+
+/// For the interleaved q4_K kernels' mins: per activation row and super-block, its sub-block sums (each the sum of
+/// two of q8_K's 16-value `bsums`) as the pairs of 16-bit values that `vpdpwssd` / `vpmaddwd` multiply with the
+/// 16 rows' pairs of mins: sub-blocks 0 and 2, 1 and 3, 4 and 6, 5 and 7. `R * blocks` entries, row-major.
+pub(crate) fn q4_k_min_pairs<const R: usize>(x: &[&[BlockQ8K]; R], blocks: usize) -> Vec<[i32; 4]> {
+    (0..R * blocks)
+        .map(|i| {
+            let y = &x[i / blocks][i % blocks];
+            let bsum = |s: usize| (y.bsums[2 * s] as i32 + y.bsums[2 * s + 1] as i32) as u16 as u32;
+            [(0, 2), (1, 3), (4, 6), (5, 7)].map(|(s, t)| (bsum(s) | bsum(t) << 16) as i32)
+        })
+        .collect()
 }
 
 /// Writes the 16 GGUF q4_K rows `src` (of `row_bytes` each) interleaved into `dst`.

@@ -23,7 +23,7 @@ use std::arch::x86_64::*;
 use crate::acts::Q8_0Row;
 use crate::blocks::BlockQ8K;
 use crate::kernels::avx512::prefetch_ahead;
-use crate::packed::{quant_bytes, Q4_K_D, Q4_K_DMIN, Q4_K_GROUP_BYTES, Q4_K_QUANTS, Q4_K_SCALES};
+use crate::packed::{q4_k_min_pairs, quant_bytes, Q4_K_D, Q4_K_DMIN, Q4_K_GROUP_BYTES, Q4_K_QUANTS, Q4_K_SCALES};
 use crate::types::{GgmlType, QK};
 
 /// Rows per group ([`crate::packed::GROUP_ROWS`]), one per 32-bit lane.
@@ -161,15 +161,8 @@ pub(crate) unsafe fn groups_q4_k<const R: usize, const PF: u8>(
         (_mm512_set1_epi32(0x3f3f_3f3f), _mm512_set1_epi32(0x0f0f_0f0f), _mm512_set1_epi32(0x0303_0303));
     let (byte, words) = (_mm512_set1_epi32(0xFF), _mm512_set1_epi32(0x00FF_00FF));
     let end = w.as_ptr_range().end;
-    // The activations' sub-block sums as the pairs of 16-bit values `vpdpwssd` takes (sub-blocks 0 and 2, 1 and 3,
-    // 4 and 6, 5 and 7), once per call rather than once per group of rows.
-    let pairs: Vec<[i32; 4]> = (0..R * blocks)
-        .map(|i| {
-            let y = x[i / blocks].get_unchecked(i % blocks);
-            let bsum = |s: usize| (y.bsums[2 * s] as i32 + y.bsums[2 * s + 1] as i32) as u16 as u32;
-            [(0, 2), (1, 3), (4, 6), (5, 7)].map(|(s, t)| (bsum(s) | bsum(t) << 16) as i32)
-        })
-        .collect();
+    // The activations' sub-block sums as pairs of 16-bit values, once per call rather than once per group of rows.
+    let pairs = q4_k_min_pairs(x, blocks);
     for (g, group) in w.chunks_exact(LANES * row_bytes).enumerate() {
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..blocks {
