@@ -191,7 +191,6 @@ pub(crate) const fn stored_xor(ty: GgmlType) -> u8 {
 fn interleave(ty: GgmlType, src: &[u8], row_bytes: usize, dst: &mut [u8]) {
     let (block, blocks) = (ty.block_bytes(), row_bytes / ty.block_bytes());
     let flip = u32::from_ne_bytes([stored_xor(ty); 4]);
-    let words = (block - 2) / 4;
     let rows: [&[u8]; GROUP_ROWS] = std::array::from_fn(|r| &src[r * row_bytes..(r + 1) * row_bytes]);
     for j in 0..blocks {
         let (quants_at, scales_at) = block_offsets(ty, blocks, j);
@@ -200,7 +199,7 @@ fn interleave(ty: GgmlType, src: &[u8], row_bytes: usize, dst: &mut [u8]) {
         for (r, (row, scale)) in rows.iter().zip(scales.chunks_exact_mut(2)).enumerate() {
             let b = &row[j * block..(j + 1) * block];
             scale.copy_from_slice(&b[..2]);
-            for (t, four) in b[2..].chunks_exact(4).take(words).enumerate() {
+            for (t, four) in b[2..].chunks_exact(4).enumerate() {
                 let word = u32::from_ne_bytes([four[0], four[1], four[2], four[3]]) ^ flip;
                 quants[64 * t + 4 * r..64 * t + 4 * r + 4].copy_from_slice(&word.to_ne_bytes());
             }

@@ -118,7 +118,6 @@ struct Row {
 /// 1024x5120`) but streams only 10.8 against 14.2 from memory on Zen 4, for a reason not found yet (no
 /// performance counters in this VM); `VICUNA_KERNELS_PACK=q4_0,q8_0,q4_K` tries it on another CPU. Intel is given
 /// the Zen 4 choice, not yet measured there.
-///
 const PACKED_TYPES: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0];
 
 /// On AVX2 all three types with a layout of their own, q4_K too: measured on a Zen 4 VM that hides AVX-512

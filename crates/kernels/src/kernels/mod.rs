@@ -251,43 +251,34 @@ pub(crate) fn groups(
             ($r:literal) => {{
                 // SAFETY: `isa` was checked against the CPU; `w` is whole groups and each `out[c]` one output per row.
                 unsafe {
-                    match (isa, ty) {
-                        (Isa::Avx512, GgmlType::Q4_K) => {
-                            let x: [&[BlockQ8K]; $r] = std::array::from_fn(|c| q8k(&x[c]));
-                            with_prefetch!(hint; avx512_packed::groups_q4_k[$r](w, row_bytes, &x, out));
-                            true
+                    if ty == GgmlType::Q4_K {
+                        let x: [&[BlockQ8K]; $r] = std::array::from_fn(|c| q8k(&x[c]));
+                        match isa {
+                            Isa::Avx512 => with_prefetch!(hint; avx512_packed::groups_q4_k[$r](w, row_bytes, &x, out)),
+                            _ => with_prefetch!(hint; avx2_packed::groups_q4_k[$r](w, row_bytes, &x, out)),
                         }
-                        (Isa::Avx512, GgmlType::Q4_0) => {
-                            let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
-                            with_prefetch!(hint; avx512_packed::groups_q4_0[$r](w, row_bytes, &x, out));
-                            true
+                    } else {
+                        let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
+                        match (isa, ty) {
+                            (Isa::Avx512, GgmlType::Q4_0) => {
+                                with_prefetch!(hint; avx512_packed::groups_q4_0[$r](w, row_bytes, &x, out))
+                            }
+                            (Isa::Avx512, GgmlType::Q8_0) => {
+                                with_prefetch!(hint; avx512_packed::groups_q8_0[$r](w, row_bytes, &x, out))
+                            }
+                            (_, GgmlType::Q4_0) => {
+                                with_prefetch!(hint; avx2_packed::groups_q4_0[$r](w, row_bytes, &x, out))
+                            }
+                            (_, GgmlType::Q8_0) => {
+                                with_prefetch!(hint; avx2_packed::groups_q8_0[$r](w, row_bytes, &x, out))
+                            }
+                            _ => unreachable!("no kernel for {ty} in {layout:?}"),
                         }
-                        (Isa::Avx512, GgmlType::Q8_0) => {
-                            let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
-                            with_prefetch!(hint; avx512_packed::groups_q8_0[$r](w, row_bytes, &x, out));
-                            true
-                        }
-                        (Isa::Avx2, GgmlType::Q4_K) => {
-                            let x: [&[BlockQ8K]; $r] = std::array::from_fn(|c| q8k(&x[c]));
-                            with_prefetch!(hint; avx2_packed::groups_q4_k[$r](w, row_bytes, &x, out));
-                            true
-                        }
-                        (Isa::Avx2, GgmlType::Q4_0) => {
-                            let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
-                            with_prefetch!(hint; avx2_packed::groups_q4_0[$r](w, row_bytes, &x, out));
-                            true
-                        }
-                        (Isa::Avx2, GgmlType::Q8_0) => {
-                            let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
-                            with_prefetch!(hint; avx2_packed::groups_q8_0[$r](w, row_bytes, &x, out));
-                            true
-                        }
-                        _ => false,
                     }
                 }
             }};
         }
-        let done = match x.len() {
+        return match x.len() {
             1 => call!(1),
             2 => call!(2),
             3 => call!(3),
@@ -296,11 +287,8 @@ pub(crate) fn groups(
             6 => call!(6),
             7 => call!(7),
             8 => call!(8),
-            _ => false,
+            _ => {}
         };
-        if done {
-            return;
-        }
     }
     let _ = isa;
     for (x, out) in x.iter().zip(out) {

@@ -35,8 +35,8 @@ pub(crate) struct TypeTraits {
     /// Values per scale group: the unit whose integer sum gets one weight scale (and, in the GEMM's tiles, one
     /// activation scale); 1 for the float types.
     pub group_len: usize,
-    /// The layout of its own that the type's rows are rewritten in at load on AVX-512, where its kernels read it
-    /// with fewer instructions per byte ([`crate::packed`]); `None`: GGUF's.
+    /// The layout of its own that the type's rows are rewritten in at load, where its kernels read it with fewer
+    /// instructions per byte ([`crate::packed`]); `None`: GGUF's.
     pub packed: Option<Layout>,
     /// The instruction sets with kernels for that layout (elsewhere the scalar reference would multiply it, so
     /// the rows stay in GGUF's layout: [`Layout::best`]).
