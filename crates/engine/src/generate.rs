@@ -8,7 +8,7 @@ use vicuna_tokenizer::Tokenizer;
 
 use crate::constraint::{Allowed, Constraint, Grammar};
 use crate::sampling::{Distribution, History, Sampler, SamplingParams, TokenLogprob};
-use crate::speculative::{Draft, Drafter};
+use crate::speculative::{Draft, DraftRequest, Drafter};
 
 /// Everything that shapes one generation besides the prompt.
 #[derive(Clone, Debug)]
@@ -364,10 +364,24 @@ impl<'a> Sequence<'a> {
     /// Guesses of what follows, for a step that checks them (see [`crate::speculative`]): none for
     /// structured output, and never past the room left (one token of the step is the model's own).
     pub fn draft(&self, drafter: &mut Drafter) -> Result<Draft> {
-        if self.constraint.is_some() || self.finish_reason.is_some() {
-            return Ok(Draft::default());
+        match self.draft_request(drafter) {
+            Some(request) => request.drafter.propose(request.context, request.prompt_len, request.room),
+            None => Ok(Draft::default()),
         }
-        drafter.propose(&self.context, self.prompt_len, self.room().saturating_sub(1))
+    }
+
+    /// What [`Sequence::draft`] asks `drafter` for, to be answered with other sequences' requests
+    /// by [`crate::propose_all`]; `None` where it guesses nothing.
+    pub fn draft_request<'s, 'm>(&'s self, drafter: &'s mut Drafter<'m>) -> Option<DraftRequest<'s, 'm>> {
+        if self.constraint.is_some() || self.finish_reason.is_some() {
+            return None;
+        }
+        Some(DraftRequest {
+            drafter,
+            context: &self.context,
+            prompt_len: self.prompt_len,
+            room: self.room().saturating_sub(1),
+        })
     }
 
     /// Checks `draft` against the logits of one pass over the last token and the guesses (`rows`:

@@ -23,5 +23,5 @@ pub use sampling::{
     SamplingParams, TokenLogprob, BAN_BIAS,
 };
 pub use score::{log_softmax_at, score, Score};
-pub use speculative::{Draft, DraftLimits, DraftSource, Drafter};
+pub use speculative::{propose_all, Draft, DraftLimits, DraftRequest, DraftSource, Drafter};
 pub use vocab::{check_tokenizer_fits, tokenizer_from_gguf, vocab_from_tokenizer};

@@ -154,21 +154,69 @@ impl<'m> Drafter<'m> {
     /// Up to `room` (and the limits) guesses of what follows `context`, whose first `prompt_len`
     /// ids are the prompt; empty when fewer than the minimum.
     pub fn propose(&mut self, context: &[u32], prompt_len: usize, room: usize) -> Result<Draft> {
-        let k = self.limits.max.min(room);
-        if k == 0 || k < self.limits.min {
-            return Ok(Draft::default());
-        }
-        let draft = match &mut self.guesser {
-            Guesser::Lookup => Draft { ids: lookup(context, LOOKUP_NGRAM_MAX, k), probs: Vec::new() },
-            Guesser::Model { model, context: cache, sampler } => {
-                draft_tokens(model, cache, sampler, context, prompt_len, k, self.limits.p_min)?
-            }
-        };
-        if draft.ids.len() < self.limits.min {
-            return Ok(Draft::default());
-        }
-        Ok(draft)
+        let mut request = [DraftRequest { drafter: self, context, prompt_len, room }];
+        propose_all(&mut request).pop().expect("one request, one draft")
     }
+}
+
+/// One sequence's call for guesses, for [`propose_all`]: its drafter, its context (the first
+/// `prompt_len` ids the prompt) and the room left for guesses.
+pub struct DraftRequest<'a, 'm> {
+    pub drafter: &'a mut Drafter<'m>,
+    pub context: &'a [u32],
+    pub prompt_len: usize,
+    pub room: usize,
+}
+
+/// [`Drafter::propose`] for several sequences at once (a server's batch), with the same guesses
+/// each would make alone: lookup drafters guess on their own; drafters of one draft model take
+/// each of their rounds together, one ragged pass of it over every sequence still guessing, so
+/// the draft model's weights are read once a round for all of them instead of once per sequence.
+/// (A row's logits do not depend on the rows beside it, except where a quantized draft model is
+/// run by the AVX-512 GEMM: from 10–17 rows in one pass, see `vicuna_kernels`' kernel table.) A
+/// failed pass fails the drafts of every sequence in it.
+pub fn propose_all(requests: &mut [DraftRequest<'_, '_>]) -> Vec<Result<Draft>> {
+    let mut results: Vec<Option<Result<Draft>>> = requests.iter().map(|_| None).collect();
+    let mut pending: Vec<(usize, &QuantLlama, Guessing)> = Vec::new();
+    for (i, request) in requests.iter_mut().enumerate() {
+        let limits = request.drafter.limits;
+        let k = limits.max.min(request.room);
+        if k == 0 || k < limits.min {
+            results[i] = Some(Ok(Draft::default()));
+            continue;
+        }
+        match &mut request.drafter.guesser {
+            Guesser::Lookup => {
+                let ids = lookup(request.context, LOOKUP_NGRAM_MAX, k);
+                results[i] = Some(Ok(Draft { ids, probs: Vec::new() }));
+            }
+            Guesser::Model { model, context: cache, sampler } => {
+                let guessing = Guessing::new(cache, sampler, request.context, request.prompt_len, k, limits.p_min);
+                pending.push((i, *model, guessing));
+            }
+        }
+    }
+    // One batch per draft model (a server has one).
+    while let Some(&(_, model, _)) = pending.first() {
+        let (same, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, m, _)| std::ptr::eq(*m, model));
+        pending = rest;
+        let (indices, mut batch): (Vec<usize>, Vec<Guessing>) = same.into_iter().map(|(i, _, g)| (i, g)).unzip();
+        let outcome = draft_rounds(model, &mut batch);
+        for (i, guessing) in indices.into_iter().zip(batch) {
+            results[i] = Some(match &outcome {
+                Ok(()) => Ok(guessing.draft),
+                Err(e) => Err(Error::msg(e.to_string())),
+            });
+        }
+    }
+    results
+        .into_iter()
+        .zip(requests.iter())
+        .map(|(result, request)| {
+            let draft = result.expect("every request answered")?;
+            Ok(if draft.ids.len() < request.drafter.limits.min { Draft::default() } else { draft })
+        })
+        .collect()
 }
 
 /// Prompt lookup: the continuation (at most `k` tokens) of the latest earlier occurrence of the
@@ -188,36 +236,83 @@ pub fn lookup(context: &[u32], ngram_max: usize, k: usize) -> Vec<u32> {
     Vec::new()
 }
 
-/// Up to `k` tokens from the draft model after `context`, its cache reused across steps; it stops
-/// before a token it gives less than `p_min`.
-fn draft_tokens(
-    model: &QuantLlama,
-    cache: &mut Context,
-    sampler: &mut Sampler,
-    context: &[u32],
+/// One sequence's draft in the making: up to `k` tokens from the draft model after its context,
+/// its cache reused across steps; it stops before a token it gives less than `p_min`.
+struct Guessing<'a> {
+    cache: &'a mut Context,
+    sampler: &'a mut Sampler,
+    /// The ids the next round feeds the draft model: the context past what its cache holds, then
+    /// each guess.
+    input: Vec<u32>,
+    /// The context and the guesses so far (for the sampler's penalties).
+    seen: Vec<u32>,
     prompt_len: usize,
     k: usize,
     p_min: f32,
-) -> Result<Draft> {
-    let reused = cache.reuse(context);
-    let mut input = context[reused..].to_vec();
-    let mut seen = context.to_vec();
-    let mut draft = Draft::default();
-    for _ in 0..k {
-        let mut logits = model.next_token_logits(&input, cache.cache_mut())?;
-        cache.extend_ids(&input);
-        let history = History { context: &seen, prompt_len };
-        let dist = sampler.distribution(&mut logits, history, &[], 0);
-        let Some(id) = sampler.draw_from(&dist) else { break };
-        if dist.confidence(id) < f64::from(p_min) {
-            break;
+    draft: Draft,
+    stopped: bool,
+}
+
+impl<'a> Guessing<'a> {
+    fn new(
+        cache: &'a mut Context,
+        sampler: &'a mut Sampler,
+        context: &[u32],
+        prompt_len: usize,
+        k: usize,
+        p_min: f32,
+    ) -> Self {
+        let reused = cache.reuse(context);
+        let input = context[reused..].to_vec();
+        Guessing {
+            cache,
+            sampler,
+            input,
+            seen: context.to_vec(),
+            prompt_len,
+            k,
+            p_min,
+            draft: Draft::default(),
+            stopped: false,
         }
-        if matches!(dist, Distribution::Sparse { .. }) {
-            draft.probs.push(dist);
-        }
-        draft.ids.push(id);
-        seen.push(id);
-        input = vec![id];
     }
-    Ok(draft)
+}
+
+/// Rounds of the draft model over every sequence of `batch` still guessing, one ragged pass each,
+/// until each has its `k` guesses or stopped.
+fn draft_rounds(model: &QuantLlama, batch: &mut [Guessing]) -> Result<()> {
+    loop {
+        let mut active: Vec<&mut Guessing> =
+            batch.iter_mut().filter(|g| !g.stopped && g.draft.ids.len() < g.k).collect();
+        if active.is_empty() {
+            return Ok(());
+        }
+        let mut inputs: Vec<(&[u32], &mut vicuna_model::QuantCache)> = active
+            .iter_mut()
+            .map(|g| {
+                let Guessing { input, cache, .. } = &mut **g;
+                (&input[..], cache.cache_mut())
+            })
+            .collect();
+        let logits = model.forward_ragged(&mut inputs)?;
+        drop(inputs);
+        for (g, mut logits) in active.into_iter().zip(logits) {
+            g.cache.extend_ids(&g.input);
+            let history = History { context: &g.seen, prompt_len: g.prompt_len };
+            let dist = g.sampler.distribution(&mut logits, history, &[], 0);
+            let id = match g.sampler.draw_from(&dist) {
+                Some(id) if dist.confidence(id) >= f64::from(g.p_min) => id,
+                _ => {
+                    g.stopped = true;
+                    continue;
+                }
+            };
+            if matches!(dist, Distribution::Sparse { .. }) {
+                g.draft.probs.push(dist);
+            }
+            g.draft.ids.push(id);
+            g.seen.push(id);
+            g.input = vec![id];
+        }
+    }
 }

@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use vicuna_engine::{
-    generate, generate_in, generate_speculative, Context, DraftLimits, Drafter, GenerationConfig, SamplingParams,
+    generate, generate_in, generate_speculative, propose_all, Context, Draft, DraftLimits, DraftRequest, Drafter,
+    GenerationConfig, SamplingParams,
 };
 use vicuna_model::native::KvType;
 use vicuna_model::{LlamaConfig, QuantLlama};
@@ -165,4 +166,80 @@ fn an_unsure_draft_stops_guessing_at_p_min() {
         let error = DraftLimits { max: 8, min: 1, p_min: bad }.check().unwrap_err().to_string();
         assert!(error.contains("--draft-p-min"), "{error}");
     }
+}
+
+/// A server drafts for all its sequences at once (`propose_all`: one ragged pass of the draft model a round):
+/// every sequence gets the guesses, and for a sampling draft the distributions, it gets drafting alone, round
+/// after round as the contexts grow (the draft caches reused), with lookup drafters and sequences without room
+/// mixed in.
+#[test]
+fn drafting_for_many_sequences_at_once_equals_drafting_for_each_alone() {
+    let model = load("models/tiny-a/safetensors-f32", None);
+    let draft_model = load("models/tiny-a/safetensors-f16", None);
+    let sampled = SamplingParams { do_sample: true, temperature: 0.8, top_k: 20, ..Default::default() };
+    let greedy_params = SamplingParams { do_sample: false, ..Default::default() };
+    let limits = [
+        DraftLimits { max: 4, min: 1, p_min: 0.0 },
+        DraftLimits { max: 6, min: 2, p_min: 0.0 },
+        DraftLimits { max: 8, min: 1, p_min: 0.02 },
+    ];
+    // Per sequence: prompt, sampling, limits, whether a lookup drafter, seed.
+    let specs: Vec<(Vec<u32>, SamplingParams, DraftLimits, bool, u64)> = prompts()
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, prompt)| {
+            let (sampled, greedy_params) = (sampled.clone(), greedy_params.clone());
+            [
+                (prompt.clone(), greedy_params, limits[i % 3], false, i as u64),
+                (prompt.clone(), sampled, limits[(i + 1) % 3], false, 10 + i as u64),
+                (prompt, SamplingParams::default(), limits[0], true, 0),
+            ]
+        })
+        .collect();
+    let drafters = || -> Vec<Drafter> {
+        specs
+            .iter()
+            .map(|(_, params, limits, lookup, seed)| {
+                if *lookup {
+                    Drafter::lookup(*limits)
+                } else {
+                    Drafter::model(&draft_model, &model, params.clone(), *seed, *limits).unwrap()
+                }
+            })
+            .collect()
+    };
+    let (mut alone, mut together) = (drafters(), drafters());
+    let mut contexts: Vec<Vec<u32>> = specs.iter().map(|s| s.0.clone()).collect();
+    let mut guesses = 0;
+    for round in 0..4 {
+        // One sequence has no room left this round: it is asked for nothing, alone or together.
+        let room = |i: usize| if (i + round).is_multiple_of(5) { 0 } else { 16 };
+        let one_by_one: Vec<Draft> = alone
+            .iter_mut()
+            .enumerate()
+            .map(|(i, d)| d.propose(&contexts[i], specs[i].0.len(), room(i)).unwrap())
+            .collect();
+        let mut requests: Vec<DraftRequest> = together
+            .iter_mut()
+            .enumerate()
+            .map(|(i, drafter)| DraftRequest {
+                drafter,
+                context: &contexts[i],
+                prompt_len: specs[i].0.len(),
+                room: room(i),
+            })
+            .collect();
+        let batched: Vec<Draft> = propose_all(&mut requests).into_iter().map(Result::unwrap).collect();
+        for (i, (a, b)) in one_by_one.iter().zip(&batched).enumerate() {
+            assert_eq!(a.ids, b.ids, "round {round}, sequence {i}");
+            assert_eq!(a.probs, b.probs, "round {round}, sequence {i}");
+            guesses += a.ids.len();
+        }
+        // The contexts grow as a checking pass would leave them: the first guess kept (or a token of its own).
+        for (i, draft) in one_by_one.iter().enumerate() {
+            let next = draft.ids.first().copied().unwrap_or(17 + i as u32);
+            contexts[i].extend([next, 5 + round as u32]);
+        }
+    }
+    assert!(guesses > 40, "the drafters guessed ({guesses} guesses)");
 }

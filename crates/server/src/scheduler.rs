@@ -45,8 +45,8 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::OwnedSemaphorePermit;
 use vicuna_engine::{
-    log_softmax_at, Draft, DraftLimits, DraftSource, Drafter, FinishReason, GenerationConfig, Sequence, Step,
-    TokenLogprob,
+    log_softmax_at, propose_all, Draft, DraftLimits, DraftSource, Drafter, FinishReason, GenerationConfig, Sequence,
+    Step, TokenLogprob,
 };
 use vicuna_model::native::{CachedPrefix, LoraAdapter};
 use vicuna_model::{KvPool, PrefixCache, QuantCache, QuantLlama, Reservation, BLOCK_TOKENS};
@@ -495,7 +495,9 @@ impl<'m> Batch<'m> {
             if !self.running[index].started() {
                 self.take_longer_prefix(index);
             }
-            self.guess(index);
+        }
+        self.guess();
+        for index in 0..self.running.len() {
             let chunk = self.next_chunk(index);
             chunks.push(if chunk == 1 || !self.running[index].draft.ids.is_empty() {
                 chunk
@@ -509,22 +511,35 @@ impl<'m> Batch<'m> {
         chunks
     }
 
-    /// A decoding sequence with a guesser puts its guesses after its last token, for this step to
-    /// check (at most what one chunk holds).
-    fn guess(&mut self, index: usize) {
+    /// Each decoding sequence with a guesser puts its guesses after its last token, for this step to
+    /// check (at most what one chunk holds). The draft model guesses for all of them together, one
+    /// ragged pass a round ([`propose_all`]), rather than one sequence after another.
+    fn guess(&mut self) {
         let max_chunk = self.config.max_prefill_tokens;
-        let a = &mut self.running[index];
-        let decoding = a.started() && a.read == 0 && a.pending.len() == 1;
-        let Some(drafter) = a.drafter.as_mut().filter(|_| decoding) else { return };
-        match a.sequence.draft(drafter) {
-            Ok(mut draft) => {
-                draft.ids.truncate(max_chunk - 1);
-                draft.probs.truncate(draft.ids.len());
-                a.pending.extend_from_slice(&draft.ids);
-                a.draft = draft;
+        let mut guessing = Vec::new();
+        let mut requests = Vec::new();
+        for (index, a) in self.running.iter_mut().enumerate() {
+            let decoding = a.started() && a.read == 0 && a.pending.len() == 1;
+            let Some(drafter) = a.drafter.as_mut().filter(|_| decoding) else { continue };
+            if let Some(request) = a.sequence.draft_request(drafter) {
+                guessing.push(index);
+                requests.push(request);
             }
-            // The draft model failed: this step decodes one token as usual.
-            Err(e) => tracing::warn!("drafting failed: {e}"),
+        }
+        let drafts = propose_all(&mut requests);
+        drop(requests);
+        for (index, draft) in guessing.into_iter().zip(drafts) {
+            let a = &mut self.running[index];
+            match draft {
+                Ok(mut draft) => {
+                    draft.ids.truncate(max_chunk - 1);
+                    draft.probs.truncate(draft.ids.len());
+                    a.pending.extend_from_slice(&draft.ids);
+                    a.draft = draft;
+                }
+                // The draft model failed: this step decodes one token as usual.
+                Err(e) => tracing::warn!("drafting failed: {e}"),
+            }
         }
     }
 
