@@ -221,8 +221,8 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
     let layouts: Vec<String> = model.layouts().into_iter().map(|(layout, n)| format!("{n} {layout}")).collect();
     writeln!(
         stdout,
-        "\nCPU: {} ({} family {} model {}); kernels: {}, prefetch {} ({}), {} for packed layouts; matrices: {}; \
-         model loaded in {load_s:.2} s",
+        "\nCPU: {} ({} family {} model {}); kernels: {}, prefetch {} ({}), {} for packed layouts, AMX tiles {}; \
+         matrices: {}; model loaded in {load_s:.2} s",
         cpu["brand"].as_str().unwrap_or_default(),
         cpu["vendor"].as_str().unwrap_or_default(),
         cpu["family"],
@@ -231,6 +231,7 @@ pub fn run_bench(args: BenchArgs, threads: Option<usize>) -> Result<()> {
         cpu["prefetch"].as_str().unwrap_or_default(),
         cpu["prefetch_source"].as_str().unwrap_or_default(),
         cpu["packed_prefetch"].as_str().unwrap_or_default(),
+        if cpu["amx"] == true { "on" } else { "off" },
         layouts.join(", "),
     )?;
     Ok(())
@@ -250,6 +251,7 @@ fn cpu_report() -> serde_json::Value {
         "prefetch_source": tuning.prefetch_source,
         "packed_prefetch": tuning.packed_prefetch.name(),
         "pack": tuning.pack.types(vicuna_kernels::Isa::detect()).iter().map(|ty| ty.name()).collect::<Vec<_>>(),
+        "amx": tuning.amx,
     })
 }
 

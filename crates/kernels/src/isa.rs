@@ -62,3 +62,13 @@ impl Isa {
         }
     }
 }
+
+/// Whether this process may use AMX int8 tiles (Intel Sapphire Rapids and later, where Linux grants them): asks
+/// Linux for the permission on the first call. The GEMM uses them for q4_0 and q8_0 with `VICUNA_KERNELS_AMX=1`
+/// ([`crate::Tuning::amx`]).
+pub fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::kernels::amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}

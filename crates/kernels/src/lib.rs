@@ -67,7 +67,7 @@ pub mod types;
 pub use attention::{attention, attention_with, f32_to_f16, AttentionSeq, HeadLayout, KvSlice, KvView};
 pub use blocks::*;
 pub use dequant::dequantize_row;
-pub use isa::Isa;
+pub use isa::{amx_available, Isa};
 pub use matmul::{matmul, matmul_path, matmul_with, MatmulPath, QuantMatrix};
 pub use packed::{Layout, PackedMatrix};
 pub use quant::quantize_row;

@@ -59,8 +59,12 @@ pub enum MatmulPath {
     /// The multi-row kernels, in passes of at most `kernels::MAX_MULTI_ROWS` activation rows (row by row where the
     /// type has none).
     MultiRow,
-    /// The AVX-512 GEMM (the multi-row path where the type or the instruction set has none).
+    /// The AVX-512 GEMM with its integer products on `vpdpbusd` (the multi-row path where the type or the
+    /// instruction set has none).
     Gemm,
+    /// The AVX-512 GEMM with its integer products on AMX tiles where the type has them and this process may use
+    /// them (`Gemm` otherwise): the same bits as `Gemm`.
+    Amx,
 }
 
 /// [`matmul_with`] taking the given [`MatmulPath`]. Every path computes the same products; all but the GEMM give
@@ -84,7 +88,7 @@ pub fn matmul_path(
     let out = SharedOut::new(out, w.rows());
     match Route::choose(isa, path, w.ty(), n) {
         #[cfg(target_arch = "x86_64")]
-        Route::Gemm => gemm(w, x, n, out, pool),
+        Route::Gemm { amx } => gemm(w, x, n, out, pool, amx),
         Route::RowKernels { multi } => row_kernels(isa, multi, w, x, n, out, pool),
         Route::Dequantized => dequantized(isa, w, x, n, out, pool),
     }
@@ -94,9 +98,9 @@ pub fn matmul_path(
 /// The kernels that one product runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {
-    /// The AVX-512 GEMM.
+    /// The AVX-512 GEMM, with AMX tiles for the integer products where `amx`.
     #[cfg(target_arch = "x86_64")]
-    Gemm,
+    Gemm { amx: bool },
     /// The row kernels: with `multi`, the multi-row kernels take the activation rows in passes of at most
     /// `kernels::MAX_MULTI_ROWS`; without, the one-row kernel takes them one at a time.
     RowKernels { multi: bool },
@@ -111,12 +115,18 @@ impl Route {
         let traits = kernels::traits(ty);
         let gemm = match path {
             MatmulPath::Auto => traits.gemm_min_rows.is_some_and(|min_rows| n >= min_rows),
-            MatmulPath::Gemm => traits.gemm_min_rows.is_some(),
+            MatmulPath::Gemm | MatmulPath::Amx => traits.gemm_min_rows.is_some(),
             MatmulPath::RowByRow | MatmulPath::MultiRow => false,
         };
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 && gemm {
-            return Route::Gemm;
+            let amx = traits.amx
+                && match path {
+                    MatmulPath::Auto => crate::tuning::Tuning::get().amx,
+                    MatmulPath::Amx => kernels::amx::available(),
+                    _ => false,
+                };
+            return Route::Gemm { amx };
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (isa, gemm);
@@ -130,13 +140,14 @@ impl Route {
 /// [`Route::Gemm`]: the activations laid out in tiles once, then chunks of weight rows unpacked and multiplied
 /// with all of them.
 #[cfg(target_arch = "x86_64")]
-fn gemm(w: &QuantMatrix, x: &[f32], n: usize, out: SharedOut, pool: &ThreadPool) {
+fn gemm(w: &QuantMatrix, x: &[f32], n: usize, out: SharedOut, pool: &ThreadPool, amx: bool) {
     use kernels::avx512_gemm::{self, GemmScratch};
     let tiles = avx512_gemm::ActTiles::new(w.ty(), x, n, w.cols(), pool);
     let schedule = Schedule::Fixed(avx512_gemm::CHUNK_ROWS);
     run_rows(pool, w.rows(), schedule, true, |rows, scratch: &mut GemmScratch| {
-        // SAFETY: AVX-512 is available (asserted in `matmul_path`); chunks cover disjoint row ranges of `out`.
-        unsafe { avx512_gemm::gemm(w, rows, &tiles, n, out, scratch) };
+        // SAFETY: AVX-512 is available (asserted in `matmul_path`), and AMX where `amx` (`Route::choose`); chunks
+        // cover disjoint row ranges of `out`.
+        unsafe { avx512_gemm::gemm(w, rows, &tiles, n, out, scratch, amx) };
     });
 }
 

@@ -174,6 +174,13 @@ pub struct Tuning {
     pub packed_prefetch: Prefetch,
     /// The weight types whose matrices are rewritten at load into the kernels' own layouts ([`crate::Layout::best`]).
     pub pack: Pack,
+    /// Whether the GEMM takes the integer products of the types that can (q4_0, q8_0) to AMX int8 tiles: only with
+    /// `VICUNA_KERNELS_AMX=1`, where the CPU has them and Linux grants their use to this process. Off by default:
+    /// on the one AMX machine measured (Intel Xeon, family 6 model 167, 2 vCPUs) the tiles gave the same bits but
+    /// not more speed where it counts (`kernel_bench --types q4_0 --shapes 11008x4096 --batch 64 --threads 1`, on-CPU
+    /// GOPS, VNNI against AMX: GGUF rows 299–310 against 340–352, interleaved rows 319–333 against 228–264, the
+    /// interleaved vectors being scattered to row-major panel rows for the tiles).
+    pub amx: bool,
 }
 
 /// The weight types rewritten at load, by the instruction set of the kernels that will read them.
@@ -210,6 +217,12 @@ impl Tuning {
                     ),
                 }
             }
+            #[cfg(target_arch = "x86_64")]
+            {
+                tuning.amx = std::env::var("VICUNA_KERNELS_AMX").is_ok_and(|v| v == "1")
+                    && crate::isa::Isa::Avx512.is_available()
+                    && crate::kernels::amx::available();
+            }
             tuning
         })
     }
@@ -230,7 +243,7 @@ impl Tuning {
                 None => eprintln!("warning: VICUNA_KERNELS_PREFETCH={value:?} is not one of nta, t0, off; ignored"),
             }
         }
-        Tuning { cpu, prefetch, prefetch_source, packed_prefetch, pack }
+        Tuning { cpu, prefetch, prefetch_source, packed_prefetch, pack, amx: false }
     }
 }
 

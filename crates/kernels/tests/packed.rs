@@ -3,8 +3,8 @@
 //! against the GGUF-layout kernels, and threads against one thread.
 
 use vicuna_kernels::{
-    dequantize_row, matmul_path, matmul_with, quantize_row, row_size, GgmlType, Isa, Layout, MatmulPath, PackedMatrix,
-    QuantMatrix, ThreadPool, ThreadPoolBuilder,
+    amx_available, dequantize_row, matmul_path, matmul_with, quantize_row, row_size, GgmlType, Isa, Layout, MatmulPath,
+    PackedMatrix, QuantMatrix, ThreadPool, ThreadPoolBuilder,
 };
 
 /// A small deterministic generator (64-bit LCG, top bits), so failures reproduce.
@@ -148,6 +148,37 @@ fn the_gemm_reads_interleaved_rows_as_it_reads_gguf_rows() {
                 let expected = product(isa, MatmulPath::Gemm, &w, &x, n, &single);
                 let out = product(isa, MatmulPath::Gemm, &packed.matrix(), &x, n, &single);
                 assert!(same_bits(&out, &expected), "{ty} {isa:?} {rows}x{k} n={n}");
+            }
+        }
+    }
+}
+
+#[test]
+fn amx_tiles_give_the_vnni_gemm_bits() {
+    // The GEMM with its integer products on AMX tiles against the same GEMM on `vpdpbusd`, on GGUF and interleaved
+    // rows, ragged row counts (not multiples of the 16 rows of a tile or the 32 of a chunk), activation rows from
+    // one to three tiles and a part, one group per row and many, one thread and two (each configures its tiles).
+    if !(Isa::Avx512.is_available() && amx_available()) {
+        eprintln!("skipped: no AMX tiles for this process (CPU without AMX-INT8, or Linux refused XTILEDATA)");
+        return;
+    }
+    let (single, two) = (pool(1), pool(2));
+    let mut rng = Rng(15);
+    for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+        for (rows, k) in [(33, 32), (45, 160), (80, 544), (40, 5120), (50, 160), (301, 1024)] {
+            let data = quantized(ty, rows, k, &mut rng);
+            let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
+            let packed = PackedMatrix::new(&w, Layout::Interleaved16).unwrap();
+            for n in [1, 15, 16, 17, 33, 40] {
+                let x = rng.values(n * k, 2.0);
+                for (layout, m) in [("GGUF", w), ("interleaved", packed.matrix())] {
+                    let expected = product(Isa::Avx512, MatmulPath::Gemm, &m, &x, n, &single);
+                    for threads in [&single, &two] {
+                        let out = product(Isa::Avx512, MatmulPath::Amx, &m, &x, n, threads);
+                        let what = format!("{ty} {layout} {rows}x{k} n={n}, {} threads", threads.current_num_threads());
+                        assert!(same_bits(&out, &expected), "{what}");
+                    }
+                }
             }
         }
     }

@@ -166,8 +166,11 @@ pub(crate) struct GemmScratch {
     row: Vec<u8>,
     /// Whether `q` holds the chunk quad-major by eight rows (the four values of quad `u` of row `i` at `(i - i % 8)
     /// · k + 32u + 4 · (i % 8)`, what interleaved rows unpack to: each micro-kernel call then reads one dense run)
-    /// rather than row-major (at `i · k + 4u`).
+    /// rather than row-major (at `i · stride + 4u`).
     quad_major: bool,
+    /// The distance of the row-major panel's rows: `k`, or for the AMX tiles `k + 64`, so that the 16 rows of a
+    /// tile do not all fall into the same L1 set when `k` is a multiple of 4096.
+    stride: usize,
 }
 
 impl Scratch for GemmScratch {
@@ -179,10 +182,13 @@ impl Scratch for GemmScratch {
     }
 }
 
-/// Computes the outputs of weight rows `rows` (at most [`CHUNK_ROWS`]) for all `n` activation rows.
+/// Computes the outputs of weight rows `rows` (at most [`CHUNK_ROWS`]) for all `n` activation rows, with the
+/// integer products on AMX tiles where `amx` (q4_0 and q8_0: [`super::traits`]'s `amx`), on `vpdpbusd` otherwise;
+/// the same bits either way.
 ///
 /// # Safety
-/// AVX-512 (the `Isa::Avx512` set) must be available; `out` must be exclusively this chunk's for `rows`.
+/// AVX-512 (the `Isa::Avx512` set) must be available, and with `amx` also [`super::amx::available`]; `out` must be
+/// exclusively this chunk's for `rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")]
 pub(crate) unsafe fn gemm(
     w: &QuantMatrix,
@@ -191,10 +197,13 @@ pub(crate) unsafe fn gemm(
     n: usize,
     out: SharedOut,
     scratch: &mut GemmScratch,
+    amx: bool,
 ) {
     let k = w.cols();
     let groups = tiles.groups;
-    scratch.q.resize(CHUNK_ROWS * k, 0);
+    scratch.stride = if amx { k + 64 } else { k };
+    let stride = scratch.stride;
+    scratch.q.resize(CHUNK_ROWS * stride, 0);
     scratch.scale.resize(CHUNK_ROWS * groups, 0.0);
     scratch.corr.resize(CHUNK_ROWS * groups, 0);
     if w.ty() == GgmlType::Q4_K {
@@ -203,21 +212,23 @@ pub(crate) unsafe fn gemm(
     let grouped = packed::grouped_rows(w);
     scratch.row.resize(if grouped > 0 { w.row_bytes() } else { 0 }, 0);
     // A chunk of interleaved groups only is unpacked straight into the quad-major panel, a whole vector of 16 rows
-    // at a time; a chunk with rows in GGUF's layout (the last, when the rows are not a multiple of 16) row by row.
-    scratch.quad_major = grouped > 0 && rows.end <= grouped;
-    if scratch.quad_major {
+    // at a time (for the AMX tiles, which take the weight rows row-major, each vector scattered to its 16 rows); a
+    // chunk with rows in GGUF's layout (the last, when the rows are not a multiple of 16) row by row.
+    let whole_groups = grouped > 0 && rows.end <= grouped;
+    scratch.quad_major = !amx && whole_groups;
+    if whole_groups && (!amx || w.ty() != GgmlType::Q4_K) {
         for (half, start) in rows.clone().step_by(GROUP_ROWS).enumerate() {
             let group = w.rows_data(start..start + GROUP_ROWS).as_ptr();
             let panel = (&mut scratch.q[..], &mut scratch.scale[..], &mut scratch.corr[..]);
             if w.ty() == GgmlType::Q4_K {
                 unpack_group_q4_k(group, k / QK_K, half * GROUP_ROWS, panel, &mut scratch.min);
             } else {
-                unpack_group(w.ty(), group, k / QK, half * GROUP_ROWS, panel);
+                unpack_group(w.ty(), group, k / QK, half * GROUP_ROWS, panel, amx.then_some(stride));
             }
         }
         if rows.len() < CHUNK_ROWS {
             // Rows past the matrix: zeros, whose outputs are never stored.
-            scratch.q[GROUP_ROWS * k..].fill(0);
+            scratch.q[GROUP_ROWS * stride..].fill(0);
             scratch.scale[GROUP_ROWS * groups..].fill(0.0);
             scratch.corr[GROUP_ROWS * groups..].fill(0);
             if w.ty() == GgmlType::Q4_K {
@@ -225,9 +236,9 @@ pub(crate) unsafe fn gemm(
             }
         }
     }
-    let row_by_row = if scratch.quad_major { 0 } else { CHUNK_ROWS };
+    let row_by_row = if whole_groups && (!amx || w.ty() != GgmlType::Q4_K) { 0 } else { CHUNK_ROWS };
     for i in 0..row_by_row {
-        let (q, scale) = (&mut scratch.q[i * k..(i + 1) * k], &mut scratch.scale[i * groups..(i + 1) * groups]);
+        let (q, scale) = (&mut scratch.q[i * stride..i * stride + k], &mut scratch.scale[i * groups..(i + 1) * groups]);
         let corr = &mut scratch.corr[i * groups..(i + 1) * groups];
         let r = rows.start + i;
         if r >= rows.end {
@@ -254,6 +265,11 @@ pub(crate) unsafe fn gemm(
             GgmlType::Q6_K => with_prefetch!(unpack_q6_k[](src, end, k / QK_K, q, scale, corr)),
             ty => unreachable!("no GEMM unpacking for {ty}"),
         }
+    }
+    if amx {
+        let panel = super::amx::Panel { q: &scratch.q, stride, corr: &scratch.corr, scale: &scratch.scale };
+        super::amx::gemm_q8_0_groups(panel, CHUNK_ROWS, k, &tiles.xq, &tiles.scale, n, rows.start, rows.end, out);
+        return;
     }
     let tile_count = n.div_ceil(TILE);
     let mut tile = 0;
@@ -468,7 +484,8 @@ unsafe fn unpack_q4_0<const PF: u8>(
 /// rows `first..first + 16` of the quad-major panel `(q, scale, corr)`. Each vector of the group is four quants of
 /// each of its rows, and in the quad-major panel a quad of 8 rows is 8 consecutive 32-bit lanes: two stores. For
 /// q4_0 a vector's low nibbles are quad `8j + t` of those rows and its high nibbles quad `8j + 4 + t`; for q8_0
-/// vector `t` is quad `8j + t`.
+/// vector `t` is quad `8j + t`. With `row_major: Some(stride)`, the panel is row-major instead (quad `u` of row `i`
+/// at `i · stride + 4u`, for the AMX tiles): each vector is scattered to its 16 rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 unsafe fn unpack_group(
     ty: GgmlType,
@@ -476,14 +493,25 @@ unsafe fn unpack_group(
     blocks: usize,
     first: usize,
     panel: (&mut [i8], &mut [f32], &mut [i32]),
+    row_major: Option<usize>,
 ) {
     let (q, scale, corr) = panel;
     let groups = scale.len() / CHUNK_ROWS;
     let (low, eight, ones, flip) =
         (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8), _mm512_set1_epi8(1), _mm512_set1_epi8(-128));
     let (panel_q, k) = (q.as_mut_ptr(), blocks * QK);
-    // Quad `quad` of the 16 rows: the first eight rows' lanes to their run, the last eight to theirs.
+    // Quad `quad` of the 16 rows: the first eight rows' lanes to their run, the last eight to theirs; or, row-major,
+    // lane `r` to row `r`.
+    let stride = row_major.unwrap_or(k);
+    let rows_apart = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(stride as i32),
+    );
     let store = |quad: usize, signed: __m512i| {
+        if row_major.is_some() {
+            _mm512_i32scatter_epi32::<1>(panel_q.add(first * stride + 4 * quad).cast(), rows_apart, signed);
+            return;
+        }
         _mm256_storeu_si256(panel_q.add(first * k + 32 * quad).cast(), _mm512_castsi512_si256(signed));
         _mm256_storeu_si256(panel_q.add((first + 8) * k + 32 * quad).cast(), _mm512_extracti64x4_epi64::<1>(signed));
     };

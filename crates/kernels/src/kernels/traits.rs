@@ -32,6 +32,9 @@ pub(crate) struct TypeTraits {
     /// From how many activation rows the AVX-512 GEMM multiplies this type rather than the multi-row kernels;
     /// `None`: there is no GEMM for it.
     pub gemm_min_rows: Option<usize>,
+    /// Whether the GEMM can take the type's integer products to AMX int8 tiles ([`super::amx`]): the types with
+    /// q8_0 activations, whose groups of 32 values each have both scales.
+    pub amx: bool,
     /// Values per scale group: the unit whose integer sum gets one weight scale (and, in the GEMM's tiles, one
     /// activation scale); 1 for the float types.
     pub group_len: usize,
@@ -49,6 +52,7 @@ const DEQUANTIZED: TypeTraits = TypeTraits {
     row_kernel: false,
     multi_row_kernel: false,
     gemm_min_rows: None,
+    amx: false,
     group_len: 32,
     packed: None,
     packed_isas: &[],
@@ -72,6 +76,7 @@ pub(crate) fn traits(ty: GgmlType) -> &'static TypeTraits {
         GgmlType::Q4_0 => &TypeTraits {
             act: ActKind::Q8_0 { zero_point: 8 },
             gemm_min_rows: Some(11),
+            amx: true,
             packed: Some(Layout::Interleaved16),
             packed_isas: &[Isa::Avx2, Isa::Avx512],
             ..QUANTIZED
@@ -80,6 +85,7 @@ pub(crate) fn traits(ty: GgmlType) -> &'static TypeTraits {
         GgmlType::Q8_0 => &TypeTraits {
             act: ActKind::Q8_0 { zero_point: 128 },
             gemm_min_rows: Some(10),
+            amx: true,
             packed: Some(Layout::Interleaved16),
             packed_isas: &[Isa::Avx2, Isa::Avx512],
             ..QUANTIZED
@@ -118,6 +124,7 @@ mod tests {
             assert_eq!(t.gemm_min_rows.is_some(), quantized_kernels, "{ty}");
             assert_eq!(t.row_kernel, quantized_kernels || !ty.is_quantized(), "{ty}");
             assert_eq!(t.act == ActKind::F32, !quantized_kernels, "{ty}");
+            assert_eq!(t.amx, matches!(t.act, ActKind::Q8_0 { .. }), "{ty}");
         }
         assert_eq!(traits(GgmlType::Q4_0).act, ActKind::Q8_0 { zero_point: 8 });
         assert_eq!(traits(GgmlType::Q8_0).act, ActKind::Q8_0 { zero_point: 128 });
