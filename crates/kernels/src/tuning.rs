@@ -116,8 +116,8 @@ struct Row {
 /// 19.8 against 14.8 GB/s on one thread, q8_0 28.6–30.5 against 19.1–19.7; `bench/layout_ab.sh`). Not q4_K: its
 /// interleaved kernel computes 59 GB/s against 21 with the weights in cache (`kernel_bench --hot 1 --shapes
 /// 1024x5120`) but streams only 10.8 against 14.2 from memory on Zen 4, for a reason not found yet (no
-/// performance counters in this VM); `VICUNA_KERNELS_PACK=q4_0,q8_0,q4_K` tries it on another CPU. Intel is given
-/// the Zen 4 choice, not yet measured there.
+/// performance counters in this VM); `VICUNA_KERNELS_PACK=q4_0,q8_0,q4_K` tries it on another CPU. Intel has its
+/// own list ([`PACKED_TYPES_XEON`]).
 const PACKED_TYPES: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0];
 
 /// On AVX2 all three types with a layout of their own, q4_K too: measured on a Zen 4 VM that hides AVX-512
@@ -127,6 +127,13 @@ const PACKED_TYPES: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0];
 /// --shapes 1024x5120`): q4_0 30.0 against 13.4, q8_0 36.9 against 23.7, q4_K 28.7 against 16.8. Unlike the
 /// AVX-512 q4_K kernel, this one streams from memory as fast as it computes.
 const PACKED_TYPES_AVX2: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K];
+
+/// On Intel all three, q4_K too: measured on a Xeon (family 6 model 167, 2 vCPUs, AVX-512 and AMX), `N=3
+/// bench/layout_ab.sh TYPE` (weights from DRAM, medians of 3 alternated rounds, GB/s interleaved against GGUF's
+/// layout; `VICUNA_KERNELS_PACK=1` for q4_K): q4_0 10.7 against 9.3 on one thread; q8_0 12.5 against 9.8; q4_K
+/// 12.7 against 8.9 on one thread and 22.3 against 16.1 on two (every round apart). Unlike Zen 4's, this CPU
+/// streams the interleaved q4_K rows as fast as the others.
+const PACKED_TYPES_XEON: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K];
 
 /// What each CPU gets. The first row matching vendor and family wins; CPUs no row names get [`DEFAULT`].
 ///
@@ -155,7 +162,7 @@ const TABLE: &[Row] = &[
         families: 6..=6,
         prefetch: Prefetch::T0,
         packed_prefetch: Prefetch::T0,
-        pack_avx512: PACKED_TYPES,
+        pack_avx512: PACKED_TYPES_XEON,
         pack_avx2: PACKED_TYPES_AVX2,
     },
 ];
@@ -295,6 +302,8 @@ mod tests {
         assert_eq!(zen4.pack.types(Isa::Avx512), PACKED_TYPES);
         assert_eq!(zen4.pack.types(Isa::Avx2), PACKED_TYPES_AVX2);
         assert!(zen4.pack.types(Isa::Scalar).is_empty());
+        let xeon = Tuning::for_cpu(cpu("GenuineIntel", 6, 167), None);
+        assert_eq!(xeon.pack.types(Isa::Avx512), PACKED_TYPES_XEON);
     }
 
     #[test]
