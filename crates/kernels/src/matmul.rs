@@ -164,7 +164,7 @@ fn row_kernels(isa: Isa, multi: bool, w: &QuantMatrix, x: &[f32], n: usize, out:
     run_rows(pool, w.rows(), Schedule::Guided { min_rows }, parallel, |rows, _: &mut ()| {
         // A chunk may be larger than L2: with several passes over the activations, take it in L2-sized pieces, each
         // for every pass, so that the weights come from memory once. A single pass takes the chunk whole: the
-        // kernels prefetch ahead within the rows they are given, and a piece's last 32 KiB would otherwise go
+        // kernels prefetch ahead within the rows they are given, and a piece's last 16 KiB would otherwise go
         // unprefetched.
         let piece_rows = if passes == 1 { rows.len().max(1) } else { min_rows };
         for start in rows.clone().step_by(piece_rows) {

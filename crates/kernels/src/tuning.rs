@@ -9,7 +9,7 @@ use crate::types::GgmlType;
 
 /// How the row kernels prefetch the weights they will need next ([`Tuning::prefetch`]).
 ///
-/// Decoding streams every weight byte once per token; the row kernels issue a software prefetch 32 KiB ahead of
+/// Decoding streams every weight byte once per token; the row kernels issue a software prefetch 16 KiB ahead of
 /// the weights they are multiplying. The hint that helps on one CPU hurts on another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prefetch {

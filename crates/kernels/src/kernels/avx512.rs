@@ -147,8 +147,12 @@ pub(crate) unsafe fn rows_q4_0<const PF: u8>(w: &[u8], row_bytes: usize, x: Q8_0
 /// One core streaming weights with only the hardware prefetcher got ~21 GB/s on q8_0 rows of 13824 values and
 /// ~29 GB/s on rows of 5120; prefetching 32 KiB ahead, 27–37 and 33–38 GB/s, and q4_0, q4_K and q6_K gained as
 /// much (kernel_bench, one thread, the `cpu` column, Zen 4). 16 and 64 KiB did about as well, 2–4 KiB little, and
-/// `prefetcht0` 0.25–4 KiB ahead made things slower. Which hint is per CPU: [`crate::tuning::Prefetch`].
-const PREFETCH_DISTANCE: usize = 32 << 10;
+/// `prefetcht0` 0.25–4 KiB ahead made things slower. Which hint is per CPU: [`crate::tuning::Prefetch`]. 16 KiB
+/// since a Xeon with AMX (family 6 model 167, `prefetcht0`; kernel_bench --threads 1 --shapes 13824x5120, weights
+/// from DRAM, two alternated rounds): q4_0 11.4–11.6 GB/s against 10.9 at 32 KiB, q8_0 13.7–13.8 against
+/// 12.8–13.1, q6_K 10.1–10.6 against 9.3–9.5, q4_K 12.5–12.7 against 12.5–13.0; the GEMM's unpacking (same
+/// distance) 1–3% slower, within the noise. Not remeasured on Zen 4.
+const PREFETCH_DISTANCE: usize = 16 << 10;
 
 /// Prefetches `LINES` cache lines from `PREFETCH_DISTANCE` bytes past `p`, if that is before `end` (the end of the
 /// weights the call was given: past it lie rows another thread may be multiplying, or nothing), with the hint
