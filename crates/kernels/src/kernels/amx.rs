@@ -4,7 +4,7 @@
 //!
 //! One `tdpbsud` multiplies 16 weight rows by 16 activation rows over one group of 32 values:
 //!
-//! * tile A: the 16 weight rows of the panel, signed bytes, 32 per row (the panel is row-major, stride `k`);
+//! * tile A: the 16 weight rows of the panel, signed bytes, 32 per row (the panel is row-major, rows `k + 64` apart);
 //! * tile B: the group's eight runs of four values of the 16 activation rows, unsigned `x + 128`: exactly the
 //!   activation tiles' layout (64 bytes per run), so they are loaded as they are;
 //! * tile C: the 16 × 16 integer sums, stored and taken through the same AVX-512 scaling as the VNNI kernel's

@@ -166,11 +166,8 @@ pub(crate) struct GemmScratch {
     row: Vec<u8>,
     /// Whether `q` holds the chunk quad-major by eight rows (the four values of quad `u` of row `i` at `(i - i % 8)
     /// · k + 32u + 4 · (i % 8)`, what interleaved rows unpack to: each micro-kernel call then reads one dense run)
-    /// rather than row-major (at `i · stride + 4u`).
+    /// rather than row-major (at `i · stride + 4u`: `stride` is `k`, or `k + 64` for the AMX tiles, see [`gemm`]).
     quad_major: bool,
-    /// The distance of the row-major panel's rows: `k`, or for the AMX tiles `k + 64`, so that the 16 rows of a
-    /// tile do not all fall into the same L1 set when `k` is a multiple of 4096.
-    stride: usize,
 }
 
 impl Scratch for GemmScratch {
@@ -201,8 +198,10 @@ pub(crate) unsafe fn gemm(
 ) {
     let k = w.cols();
     let groups = tiles.groups;
-    scratch.stride = if amx { k + 64 } else { k };
-    let stride = scratch.stride;
+    debug_assert!(!amx || super::traits(w.ty()).amx, "no AMX tiles for {}", w.ty());
+    // The distance of the row-major panel's rows: for the AMX tiles `k + 64`, so that the 16 rows of a tile do not
+    // all fall into the same L1 set when `k` is a multiple of 4096.
+    let stride = if amx { k + 64 } else { k };
     scratch.q.resize(CHUNK_ROWS * stride, 0);
     scratch.scale.resize(CHUNK_ROWS * groups, 0.0);
     scratch.corr.resize(CHUNK_ROWS * groups, 0);
@@ -216,7 +215,7 @@ pub(crate) unsafe fn gemm(
     // chunk with rows in GGUF's layout (the last, when the rows are not a multiple of 16) row by row.
     let whole_groups = grouped > 0 && rows.end <= grouped;
     scratch.quad_major = !amx && whole_groups;
-    if whole_groups && (!amx || w.ty() != GgmlType::Q4_K) {
+    if whole_groups {
         for (half, start) in rows.clone().step_by(GROUP_ROWS).enumerate() {
             let group = w.rows_data(start..start + GROUP_ROWS).as_ptr();
             let panel = (&mut scratch.q[..], &mut scratch.scale[..], &mut scratch.corr[..]);
@@ -236,7 +235,7 @@ pub(crate) unsafe fn gemm(
             }
         }
     }
-    let row_by_row = if whole_groups && (!amx || w.ty() != GgmlType::Q4_K) { 0 } else { CHUNK_ROWS };
+    let row_by_row = if whole_groups { 0 } else { CHUNK_ROWS };
     for i in 0..row_by_row {
         let (q, scale) = (&mut scratch.q[i * stride..i * stride + k], &mut scratch.scale[i * groups..(i + 1) * groups]);
         let corr = &mut scratch.corr[i * groups..(i + 1) * groups];
