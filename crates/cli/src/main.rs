@@ -171,9 +171,7 @@ fn run(command: Command, threads: Option<usize>) -> Result<()> {
         Command::Perplexity(args) => measure::run_perplexity(args, threads),
         Command::Serve(args) => serve::run_serve(args, threads),
         Command::Chat(args) => chat::run_chat(args, threads),
-        // Training runs on a worker of the rayon pool its parallel loops use, so a loop does not hand its work to
-        // another thread and wait for it (58M shape, 1 thread, Intel Xeon: 281-291 -> 340 tokens/s).
-        Command::Train(args) => rayon::scope(|_| train::run_train(args).map_err(|e| e.to_string())).map_err(Into::into),
+        Command::Train(args) => train::run_train(args),
         Command::Reward(args) => train::run_reward(args),
         Command::Plot(args) => train::run_plot(args),
     }
