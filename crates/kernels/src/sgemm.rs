@@ -105,10 +105,10 @@ pub fn sgemm_with(isa: Isa, parallel: bool, a: MatRef, b: MatRef, c: &mut [f32],
     let isa = if isa.is_available() { isa } else { Isa::detect() };
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => product::<12, 32>(parallel, a, b, c, accumulate, avx512_tile),
+        Isa::Avx512 => product::<12, 32>(parallel, a, b, c, accumulate, avx512_tile, Some(avx512_transpose)),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => product::<6, 16>(parallel, a, b, c, accumulate, avx2_tile),
-        _ => product::<4, 4>(parallel, a, b, c, accumulate, scalar_tile::<4, 4>),
+        Isa::Avx2 => product::<6, 16>(parallel, a, b, c, accumulate, avx2_tile, None),
+        _ => product::<4, 4>(parallel, a, b, c, accumulate, scalar_tile::<4, 4>, None),
     }
     Ok(())
 }
@@ -120,6 +120,16 @@ pub fn sgemm_with(isa: Isa, parallel: bool, a: MatRef, b: MatRef, c: &mut [f32],
 /// `a` holds `kc · MR` floats, `b` `kc · NR`, and `c` an `MR × NR` tile at row stride `ldc`; the CPU has the
 /// kernel's instruction set.
 type Tile = unsafe fn(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool);
+
+/// A 16 × 16 transposing copy for the packing: the 16 runs of 16 floats at `src + i · src_stride` (`i < rows`; the
+/// rest read as zeros) become the runs at `dst + j · dst_stride` (`j < 16`), of which the first `cols` floats are
+/// written: run `j` holds element `j` of every source run.
+///
+/// # Safety
+/// Every source run and destination prefix lies in memory the caller may read / write; the CPU has the function's
+/// instruction set.
+type Transpose =
+    unsafe fn(src: *const f32, src_stride: usize, rows: usize, dst: *mut f32, dst_stride: usize, cols: usize);
 
 /// The output pointer, shared by the threads; each writes only the rows of its own blocks.
 #[derive(Clone, Copy)]
@@ -158,6 +168,7 @@ fn product<const MR: usize, const NR: usize>(
     c: &mut [f32],
     accumulate: bool,
     tile: Tile,
+    transpose: Option<Transpose>,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     // Row blocks: enough for every thread, each at most MC_MAX rows, in whole strips.
@@ -170,13 +181,13 @@ fn product<const MR: usize, const NR: usize>(
             let nc = NC.min(n - jc);
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
-                pack_b::<NR>(b, pc, kc, jc, nc, packed_b);
+                pack_b::<NR>(b, pc, kc, jc, nc, packed_b, transpose);
                 let packed_b = &packed_b[..];
                 let add = accumulate || pc > 0;
                 let run = |ic: usize| {
                     with_buffer(|packed_a| {
                         let rows = mc.min(m - ic);
-                        pack_a::<MR>(a, ic, rows, pc, kc, packed_a);
+                        pack_a::<MR>(a, ic, rows, pc, kc, packed_a, transpose);
                         // SAFETY: this block writes rows ic..ic + rows of C only; the packed buffers hold whole
                         // strips of kc steps.
                         unsafe { block::<MR, NR>(kc, packed_a, packed_b, rows, nc, out.at(ic * n + jc), n, add, tile) };
@@ -233,7 +244,15 @@ unsafe fn block<const MR: usize, const NR: usize>(
 }
 
 /// Rows `ic..ic + rows`, columns `pc..pc + kc` of `a`, as strips of `MR` rows: `[strip][k][MR]`, zero-padded.
-fn pack_a<const MR: usize>(a: MatRef, ic: usize, rows: usize, pc: usize, kc: usize, out: &mut Vec<f32>) {
+fn pack_a<const MR: usize>(
+    a: MatRef,
+    ic: usize,
+    rows: usize,
+    pc: usize,
+    kc: usize,
+    out: &mut Vec<f32>,
+    transpose: Option<Transpose>,
+) {
     let strips = rows.div_ceil(MR);
     out.clear();
     out.resize(strips * kc * MR, 0.0);
@@ -248,11 +267,27 @@ fn pack_a<const MR: usize>(a: MatRef, ic: usize, rows: usize, pc: usize, kc: usi
             }
             continue;
         }
+        // Row-major rows: 16 steps of k at a time through the transposing copy, the rest one by one.
+        let mut done = 0;
+        if let (Some(transpose), 1, true) = (transpose, a.col_stride, MR <= 16) {
+            let first = &a.data[(ic + s * MR) * a.row_stride + pc..];
+            done = kc / 16 * 16;
+            for p in (0..done).step_by(16) {
+                // SAFETY: the strip's rows hold kc floats from pc (the view was checked), p + 16 <= kc, and
+                // strip[p * MR..] has room for 16 runs of MR floats.
+                unsafe {
+                    transpose(first[p..].as_ptr(), a.row_stride, strip_rows, strip[p * MR..].as_mut_ptr(), MR, MR)
+                };
+            }
+        }
         for i in 0..strip_rows {
             let row = ic + s * MR + i;
             if a.col_stride == 1 {
+                if done == kc {
+                    continue;
+                }
                 let src = &a.data[row * a.row_stride + pc..][..kc];
-                for (p, &v) in src.iter().enumerate() {
+                for (p, &v) in src.iter().enumerate().skip(done) {
                     strip[p * MR + i] = v;
                 }
             } else {
@@ -265,7 +300,15 @@ fn pack_a<const MR: usize>(a: MatRef, ic: usize, rows: usize, pc: usize, kc: usi
 }
 
 /// Rows `pc..pc + kc`, columns `jc..jc + nc` of `b`, as strips of `NR` columns: `[strip][k][NR]`, zero-padded.
-fn pack_b<const NR: usize>(b: MatRef, pc: usize, kc: usize, jc: usize, nc: usize, out: &mut Vec<f32>) {
+fn pack_b<const NR: usize>(
+    b: MatRef,
+    pc: usize,
+    kc: usize,
+    jc: usize,
+    nc: usize,
+    out: &mut Vec<f32>,
+    transpose: Option<Transpose>,
+) {
     let strips = nc.div_ceil(NR);
     out.clear();
     out.resize(strips * kc * NR, 0.0);
@@ -278,14 +321,34 @@ fn pack_b<const NR: usize>(b: MatRef, pc: usize, kc: usize, jc: usize, nc: usize
                 strip[p * NR..p * NR + cols].copy_from_slice(src);
             }
         } else {
+            // Columns that are runs of memory (a transposed view): 16 columns × 16 steps of k at a time through the
+            // transposing copy, the rest one by one.
+            let mut done = 0;
+            if let (Some(transpose), 1) = (transpose, b.row_stride) {
+                done = kc / 16 * 16;
+                for j in (0..cols).step_by(16) {
+                    let first = &b.data[(jc + s * NR + j) * b.col_stride + pc..];
+                    for p in (0..done).step_by(16) {
+                        // SAFETY: the view's columns hold kc floats from pc, p + 16 <= kc, and strip[p * NR + j..]
+                        // has room for 16 runs of NR floats from column j (NR is a multiple of 16 here).
+                        unsafe {
+                            let dst = strip[p * NR + j..].as_mut_ptr();
+                            transpose(first[p..].as_ptr(), b.col_stride, 16.min(cols - j), dst, NR, 16.min(NR - j));
+                        }
+                    }
+                }
+            }
             for j in 0..cols {
                 let col = jc + s * NR + j;
+                if b.row_stride == 1 && done == kc {
+                    continue;
+                }
                 if b.row_stride == 1 {
                     // A transposed view (the weight of `x · wᵀ`): each column is a run of memory, read while a
                     // later one is fetched (without the prefetch this loop waits on memory for every line).
                     prefetch(&b.data[(col + PREFETCH_AHEAD).min(b.cols - 1) * b.col_stride + pc..][..kc]);
                     let src = &b.data[col * b.col_stride + pc..][..kc];
-                    for (p, &v) in src.iter().enumerate() {
+                    for (p, &v) in src.iter().enumerate().skip(done) {
                         strip[p * NR + j] = v;
                     }
                 } else {
@@ -365,6 +428,60 @@ unsafe fn avx512_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc:
             let p = c.add(i * ldc + h * 16);
             let v = if accumulate { _mm512_add_ps(_mm512_loadu_ps(p), v) } else { v };
             _mm512_storeu_ps(p, v);
+        }
+    }
+}
+
+/// [`Transpose`] with AVX-512: 16 loads, four rounds of 16 shuffles (pairs of floats, pairs of pairs, then
+/// 128-bit lanes twice), 16 stores.
+///
+/// # Safety
+/// As [`Transpose`], on a CPU with AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512_transpose(
+    src: *const f32,
+    src_stride: usize,
+    rows: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (i, v) in r.iter_mut().enumerate().take(rows) {
+        *v = _mm512_loadu_ps(src.add(i * src_stride));
+    }
+    // Rows 2i and 2i + 1 interleaved: lane L of a[2i] holds (2i, 4L), (2i+1, 4L), (2i, 4L+1), (2i+1, 4L+1); a[2i + 1]
+    // the same for columns 4L+2 and 4L+3.
+    let mut a = [_mm512_setzero_pd(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_castps_pd(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]));
+        a[2 * i + 1] = _mm512_castps_pd(_mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+    }
+    // Lane L of b[4g + q] holds column 4L + q of rows 4g..4g + 4.
+    let mut b = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        b[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a[4 * g], a[4 * g + 2]));
+        b[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a[4 * g], a[4 * g + 2]));
+        b[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a[4 * g + 1], a[4 * g + 3]));
+        b[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a[4 * g + 1], a[4 * g + 3]));
+    }
+    // Column 4L + q gathers lane L of b[q], b[4 + q], b[8 + q], b[12 + q]: a 4 × 4 transpose of 128-bit lanes.
+    let mask: __mmask16 = if cols >= 16 { 0xffff } else { (1 << cols) - 1 };
+    for q in 0..4 {
+        let c0 = _mm512_shuffle_f32x4::<0x44>(b[q], b[4 + q]);
+        let c1 = _mm512_shuffle_f32x4::<0xee>(b[q], b[4 + q]);
+        let c2 = _mm512_shuffle_f32x4::<0x44>(b[8 + q], b[12 + q]);
+        let c3 = _mm512_shuffle_f32x4::<0xee>(b[8 + q], b[12 + q]);
+        let columns = [
+            (q, _mm512_shuffle_f32x4::<0x88>(c0, c2)),
+            (4 + q, _mm512_shuffle_f32x4::<0xdd>(c0, c2)),
+            (8 + q, _mm512_shuffle_f32x4::<0x88>(c1, c3)),
+            (12 + q, _mm512_shuffle_f32x4::<0xdd>(c1, c3)),
+        ];
+        for (j, v) in columns {
+            _mm512_mask_storeu_ps(dst.add(j * dst_stride), mask, v);
         }
     }
 }
