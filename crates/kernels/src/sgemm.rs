@@ -179,25 +179,41 @@ fn product<const MR: usize, const NR: usize>(
     with_buffer(|packed_b| {
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
-                pack_b::<NR>(b, pc, kc, jc, nc, packed_b, transpose);
-                let packed_b = &packed_b[..];
-                let add = accumulate || pc > 0;
-                let run = |ic: usize| {
-                    with_buffer(|packed_a| {
-                        let rows = mc.min(m - ic);
+            // One parallel pass packs every KC slice of this B block, another multiplies: each row block walks
+            // the slices itself, so the threads meet twice per NC block, not twice per slice.
+            let parallel = blocks > 1 && m * nc * k >= 1 << 18;
+            pack_b::<NR>(b, jc, nc, packed_b, transpose, parallel);
+            let packed_b = &packed_b[..];
+            let strips = nc.div_ceil(NR);
+            let run = |ic: usize| {
+                with_buffer(|packed_a| {
+                    let rows = mc.min(m - ic);
+                    for pc in (0..k).step_by(KC) {
+                        let kc = KC.min(k - pc);
                         pack_a::<MR>(a, ic, rows, pc, kc, packed_a, transpose);
+                        let slice = &packed_b[pc * strips * NR..][..kc * strips * NR];
                         // SAFETY: this block writes rows ic..ic + rows of C only; the packed buffers hold whole
                         // strips of kc steps.
-                        unsafe { block::<MR, NR>(kc, packed_a, packed_b, rows, nc, out.at(ic * n + jc), n, add, tile) };
-                    })
-                };
-                if blocks > 1 && m * nc * kc >= 1 << 18 {
-                    (0..m).step_by(mc).collect::<Vec<_>>().into_par_iter().for_each(run);
-                } else {
-                    (0..m).step_by(mc).for_each(run);
-                }
+                        unsafe {
+                            block::<MR, NR>(
+                                kc,
+                                packed_a,
+                                slice,
+                                rows,
+                                nc,
+                                out.at(ic * n + jc),
+                                n,
+                                accumulate || pc > 0,
+                                tile,
+                            )
+                        };
+                    }
+                })
+            };
+            if parallel {
+                (0..m).step_by(mc).collect::<Vec<_>>().into_par_iter().for_each(run);
+            } else {
+                (0..m).step_by(mc).for_each(run);
             }
         }
     });
@@ -299,62 +315,88 @@ fn pack_a<const MR: usize>(
     }
 }
 
-/// Rows `pc..pc + kc`, columns `jc..jc + nc` of `b`, as strips of `NR` columns: `[strip][k][NR]`, zero-padded.
+/// Columns `jc..jc + nc` of `b`, every row, as one packed block per `KC` slice of rows, one after the other: the
+/// slice at row `pc` starts at `pc · strips · NR` and holds strips of `NR` columns, `[strip][k][NR]`, zero-padded.
 fn pack_b<const NR: usize>(
     b: MatRef,
-    pc: usize,
-    kc: usize,
     jc: usize,
     nc: usize,
     out: &mut Vec<f32>,
     transpose: Option<Transpose>,
+    parallel: bool,
 ) {
-    let strips = nc.div_ceil(NR);
+    let (k, strips) = (b.rows, nc.div_ceil(NR));
     out.clear();
-    out.resize(strips * kc * NR, 0.0);
-    for s in 0..strips {
-        let cols = NR.min(nc - s * NR);
-        let strip = &mut out[s * kc * NR..(s + 1) * kc * NR];
-        if b.col_stride == 1 {
-            for p in 0..kc {
-                let src = &b.data[(pc + p) * b.row_stride + jc + s * NR..][..cols];
-                strip[p * NR..p * NR + cols].copy_from_slice(src);
-            }
-        } else {
-            // Columns that are runs of memory (a transposed view): 16 columns × 16 steps of k at a time through the
-            // transposing copy, the rest one by one.
-            let mut done = 0;
-            if let (Some(transpose), 1) = (transpose, b.row_stride) {
-                done = kc / 16 * 16;
-                for j in (0..cols).step_by(16) {
-                    let first = &b.data[(jc + s * NR + j) * b.col_stride + pc..];
-                    for p in (0..done).step_by(16) {
-                        // SAFETY: the view's columns hold kc floats from pc, p + 16 <= kc, and strip[p * NR + j..]
-                        // has room for 16 runs of NR floats from column j (NR is a multiple of 16 here).
-                        unsafe {
-                            let dst = strip[p * NR + j..].as_mut_ptr();
-                            transpose(first[p..].as_ptr(), b.col_stride, 16.min(cols - j), dst, NR, 16.min(NR - j));
-                        }
+    out.resize(strips * k * NR, 0.0);
+    let mut work = Vec::with_capacity(k.div_ceil(KC) * strips);
+    let mut rest = &mut out[..];
+    for pc in (0..k).step_by(KC) {
+        let kc = KC.min(k - pc);
+        for s in 0..strips {
+            let (strip, tail) = rest.split_at_mut(kc * NR);
+            work.push((pc, kc, s, strip));
+            rest = tail;
+        }
+    }
+    let pack = |(pc, kc, s, strip): (usize, usize, usize, &mut [f32])| {
+        pack_b_strip::<NR>(b, pc, kc, jc + s * NR, NR.min(nc - s * NR), strip, transpose)
+    };
+    if parallel {
+        work.into_par_iter().for_each(pack);
+    } else {
+        work.into_iter().for_each(pack);
+    }
+}
+
+/// Columns `col0..col0 + cols` (at most `NR`) of rows `pc..pc + kc` of `b` into one zeroed strip: `[k][NR]`.
+fn pack_b_strip<const NR: usize>(
+    b: MatRef,
+    pc: usize,
+    kc: usize,
+    col0: usize,
+    cols: usize,
+    strip: &mut [f32],
+    transpose: Option<Transpose>,
+) {
+    if b.col_stride == 1 {
+        for p in 0..kc {
+            let src = &b.data[(pc + p) * b.row_stride + col0..][..cols];
+            strip[p * NR..p * NR + cols].copy_from_slice(src);
+        }
+    } else {
+        // Columns that are runs of memory (a transposed view): 16 columns × 16 steps of k at a time through the
+        // transposing copy, the rest one by one.
+        let mut done = 0;
+        if let (Some(transpose), 1) = (transpose, b.row_stride) {
+            done = kc / 16 * 16;
+            for j in (0..cols).step_by(16) {
+                let first = &b.data[(col0 + j) * b.col_stride + pc..];
+                for p in (0..done).step_by(16) {
+                    // SAFETY: the view's columns hold kc floats from pc, p + 16 <= kc, and strip[p * NR + j..]
+                    // has room for 16 runs of NR floats from column j (NR is a multiple of 16 here).
+                    unsafe {
+                        let dst = strip[p * NR + j..].as_mut_ptr();
+                        transpose(first[p..].as_ptr(), b.col_stride, 16.min(cols - j), dst, NR, 16.min(NR - j));
                     }
                 }
             }
-            for j in 0..cols {
-                let col = jc + s * NR + j;
-                if b.row_stride == 1 && done == kc {
-                    continue;
+        }
+        for j in 0..cols {
+            let col = col0 + j;
+            if b.row_stride == 1 && done == kc {
+                continue;
+            }
+            if b.row_stride == 1 {
+                // A transposed view (the weight of `x · wᵀ`): each column is a run of memory, read while a
+                // later one is fetched (without the prefetch this loop waits on memory for every line).
+                prefetch(&b.data[(col + PREFETCH_AHEAD).min(b.cols - 1) * b.col_stride + pc..][..kc]);
+                let src = &b.data[col * b.col_stride + pc..][..kc];
+                for (p, &v) in src.iter().enumerate().skip(done) {
+                    strip[p * NR + j] = v;
                 }
-                if b.row_stride == 1 {
-                    // A transposed view (the weight of `x · wᵀ`): each column is a run of memory, read while a
-                    // later one is fetched (without the prefetch this loop waits on memory for every line).
-                    prefetch(&b.data[(col + PREFETCH_AHEAD).min(b.cols - 1) * b.col_stride + pc..][..kc]);
-                    let src = &b.data[col * b.col_stride + pc..][..kc];
-                    for (p, &v) in src.iter().enumerate().skip(done) {
-                        strip[p * NR + j] = v;
-                    }
-                } else {
-                    for p in 0..kc {
-                        strip[p * NR + j] = b.at(pc + p, col);
-                    }
+            } else {
+                for p in 0..kc {
+                    strip[p * NR + j] = b.at(pc + p, col);
                 }
             }
         }
