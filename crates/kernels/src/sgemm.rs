@@ -1,10 +1,12 @@
 //! Dense f32 matrix products for training: `C = A·B` or `C += A·B`, with `A` and `B` strided views (a transpose is
 //! a view, never a copy), `C` row-major.
 //!
-//! The shape is BLIS's: for each `KC`-deep slice of the shared dimension and `NC`-wide block of `B`, `B` is packed
-//! into strips of `NR` columns; the rows of `A` are cut into blocks that the threads take, each packed into strips of
-//! `MR` rows; a register-blocked micro-kernel multiplies one `A` strip by one `B` strip into an `MR × NR` tile.
-//! AVX-512 uses 12 × 32 tiles (24 accumulators), AVX2 6 × 16, the scalar reference 4 × 4.
+//! The shape is BLIS's: each `NC`-wide block of `B` is packed, for every `KC`-deep slice of the shared dimension,
+//! into strips of `NR` columns (the threads share that work); the rows of `A` are cut into blocks that the threads
+//! take, and each block walks the slices: its rows of the slice packed into strips of `MR` rows, then a
+//! register-blocked micro-kernel multiplies one `A` strip by one `B` strip into an `MR × NR` tile. AVX-512 uses
+//! 12 × 32 tiles (24 accumulators), AVX2 6 × 16, the scalar reference 4 × 4. Packing that transposes (row-major
+//! `A`, a transposed `B`) goes 16 × 16 at a time through shuffles where AVX-512 is there.
 //!
 //! Every level computes each element the same way: one fused multiply-add per `k`, in order, from zero, for each
 //! `KC` slice, then the slice's sum is added to `C` (or stored into it for the first slice of a fresh product). So
