@@ -11,6 +11,8 @@
 # fuzz/corpus, the committed seeds: `cargo fuzz cmin` them before committing), crashes into
 # fuzz/artifacts/<target>, one log per target into $LOGS. Exits 1 if any target crashed, timed out or
 # ran out of memory (the log's tail is printed).
+# Do not pause a running target (SIGSTOP, to quiet the machine for a benchmark): libFuzzer's timer keeps
+# counting, and on SIGCONT the input it was on is reported as a timeout (every such artifact ran in < 10 ms).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${SECONDS_PER_TARGET:-300}
