@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 
 use crate::acts::Q8_0Row;
 use crate::blocks::BlockQ8K;
-use crate::kernels::avx512::prefetch_ahead;
+use crate::kernels::avx512::{prefetch_ahead_by, PACKED_PREFETCH_DISTANCE};
 use crate::packed::{q4_k_min_pairs, quant_bytes, Q4_K_D, Q4_K_DMIN, Q4_K_GROUP_BYTES, Q4_K_QUANTS, Q4_K_SCALES};
 use crate::types::{GgmlType, QK};
 
@@ -92,9 +92,9 @@ unsafe fn groups<const R: usize, const PF: u8, const Q8: bool>(
         for pair in 0..blocks.div_ceil(2) {
             let base = p.add(pair * pair_len);
             if Q8 {
-                prefetch_ahead::<17, PF>(base, end);
+                prefetch_ahead_by::<17, PF, PACKED_PREFETCH_DISTANCE>(base, end);
             } else {
-                prefetch_ahead::<9, PF>(base, end);
+                prefetch_ahead_by::<9, PF, PACKED_PREFETCH_DISTANCE>(base, end);
             }
             let in_pair = (blocks - 2 * pair).min(2);
             for second in 0..in_pair {
@@ -187,7 +187,7 @@ pub(crate) unsafe fn groups_q4_k<const R: usize, const PF: u8>(
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for b in 0..blocks {
             let sb = group.as_ptr().add(b * Q4_K_GROUP_BYTES);
-            prefetch_ahead::<{ Q4_K_GROUP_BYTES / 64 }, PF>(sb, end);
+            prefetch_ahead_by::<{ Q4_K_GROUP_BYTES / 64 }, PF, PACKED_PREFETCH_DISTANCE>(sb, end);
             for h in 0..2 {
                 // Scales and mins of the half's 8 rows: four bytes a lane in each of four words.
                 let load = |at: usize| _mm256_loadu_si256(sb.add(at + 32 * h).cast());

@@ -154,13 +154,35 @@ pub(crate) unsafe fn rows_q4_0<const PF: u8>(w: &[u8], row_bytes: usize, x: Q8_0
 /// distance) 1–3% slower, within the noise. Not remeasured on Zen 4.
 const PREFETCH_DISTANCE: usize = 16 << 10;
 
-/// Prefetches `LINES` cache lines from `PREFETCH_DISTANCE` bytes past `p`, if that is before `end` (the end of the
-/// weights the call was given: past it lie rows another thread may be multiplying, or nothing), with the hint
-/// whose [`Prefetch::tag`](crate::tuning::Prefetch) is `PF` (none for `Off`).
+/// How far ahead the kernels for the kernels' own layouts ([`crate::packed`]) prefetch: much nearer. Their weights
+/// lie in huge pages, where the hardware prefetcher streams on past every 4 KiB, and a software prefetch 16 KiB
+/// ahead only competes with it. On a Xeon with AMX (family 6 model 167, `prefetcht0`, the only hint any CPU's row
+/// gives these kernels; `kernel_bench --types q4_0,q8_0 --threads 1,2 --shapes 13824x5120 --batch 1`, weights from
+/// DRAM, two rounds, GB/s at 1 / 2 / 3 / 4 / 6 / 16 KiB): q4_0 one thread 13.5 / 14.0 / 13.8 / 13.0 / 12.0 / 11.9,
+/// two threads 26.2 / 27.3 / 26.7 / 24.3 / 24.0 / 19–23; q8_0 one thread 16.2 / 16.0 / 15.1 / 14.3 / 14.6 / 14.1,
+/// two 30.4 / 30.4 / 25.3 / 23 / 28.4 / 28.6. The AVX2 kernels (`--isa avx2`, one thread, 2 against 16 KiB): q4_0
+/// 14.6–15.2 against 10.2–10.5, q8_0 15.5–16.5 against 11.3–11.8, q4_K 12.2–12.6 against 9.3–10.0. The whole 7b
+/// q4_0 model (`vicuna bench -n 32`): tg 3.24–3.42 against 2.85–3.03 tokens/s on one thread.
+pub(crate) const PACKED_PREFETCH_DISTANCE: usize = 2 << 10;
+
+/// Prefetches `LINES` cache lines from [`PREFETCH_DISTANCE`] bytes past `p`: [`prefetch_ahead_by`] for the row
+/// kernels of GGUF's layout.
 #[inline]
 #[target_feature(enable = "sse")]
 pub(crate) unsafe fn prefetch_ahead<const LINES: usize, const PF: u8>(p: *const u8, end: *const u8) {
-    let ahead = p.wrapping_add(PREFETCH_DISTANCE);
+    prefetch_ahead_by::<LINES, PF, PREFETCH_DISTANCE>(p, end)
+}
+
+/// Prefetches `LINES` cache lines from `AHEAD` bytes past `p`, if that is before `end` (the end of the weights the
+/// call was given: past it lie rows another thread may be multiplying, or nothing), with the hint whose
+/// [`Prefetch::tag`](crate::tuning::Prefetch) is `PF` (none for `Off`).
+#[inline]
+#[target_feature(enable = "sse")]
+pub(crate) unsafe fn prefetch_ahead_by<const LINES: usize, const PF: u8, const AHEAD: usize>(
+    p: *const u8,
+    end: *const u8,
+) {
+    let ahead = p.wrapping_add(AHEAD);
     if ahead < end {
         for line in 0..LINES {
             let at = ahead.wrapping_add(64 * line).cast();

@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 
 use crate::acts::Q8_0Row;
 use crate::blocks::BlockQ8K;
-use crate::kernels::avx512::prefetch_ahead;
+use crate::kernels::avx512::{prefetch_ahead_by, PACKED_PREFETCH_DISTANCE};
 use crate::packed::{q4_k_min_pairs, quant_bytes, Q4_K_D, Q4_K_DMIN, Q4_K_GROUP_BYTES, Q4_K_QUANTS, Q4_K_SCALES};
 use crate::types::{GgmlType, QK};
 
@@ -81,9 +81,9 @@ unsafe fn groups<const R: usize, const PF: u8, const Q8: bool>(
         for pair in 0..blocks.div_ceil(2) {
             let base = p.add(pair * pair_len);
             if Q8 {
-                prefetch_ahead::<17, PF>(base, end);
+                prefetch_ahead_by::<17, PF, PACKED_PREFETCH_DISTANCE>(base, end);
             } else {
-                prefetch_ahead::<9, PF>(base, end);
+                prefetch_ahead_by::<9, PF, PACKED_PREFETCH_DISTANCE>(base, end);
             }
             let in_pair = (blocks - 2 * pair).min(2);
             for second in 0..in_pair {
