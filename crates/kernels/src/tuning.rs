@@ -10,7 +10,8 @@ use crate::types::GgmlType;
 /// How the row kernels prefetch the weights they will need next ([`Tuning::prefetch`]).
 ///
 /// Decoding streams every weight byte once per token; the row kernels issue a software prefetch 16 KiB ahead of
-/// the weights they are multiplying. The hint that helps on one CPU hurts on another.
+/// the weights they are multiplying (the kernels of the interleaved layouts, in huge pages, 2 KiB ahead). The hint
+/// that helps on one CPU hurts on another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prefetch {
     /// `prefetchnta`. On AMD Zen 4/5 the weights come through without pushing the activations out of L1.

@@ -173,7 +173,8 @@ pub(crate) unsafe fn groups_q4_k<const R: usize, const PF: u8>(
             // 24.2 GB/s (one thread) and 31.7 (two) against 16.0 and 27.3 for GGUF's layout (`VICUNA_KERNELS_PACK=1
             // N=3 bench/layout_ab.sh q4_K`; a second run: 11.8 and 19.1 on one thread, 24.7 and 30.6 on two);
             // requesting each line once, 36 lines two, three, four or eight super-blocks ahead, gave 10–12. Why is
-            // not understood (no performance counters in the VM), so no CPU's row rewrites q4_K yet.
+            // not understood (no performance counters in the VM), so Zen 4's row does not rewrite q4_K; Intel's does
+            // (`tuning::PACKED_TYPES_XEON`).
             let _ = PF;
             for line in 0..2 * Q4_K_GROUP_BYTES / 64 {
                 let at = sb.wrapping_add(2 * Q4_K_GROUP_BYTES + 64 * line);
