@@ -298,12 +298,12 @@ fn pack_a<const MR: usize>(
                 };
             }
         }
+        if done == kc {
+            continue;
+        }
         for i in 0..strip_rows {
             let row = ic + s * MR + i;
             if a.col_stride == 1 {
-                if done == kc {
-                    continue;
-                }
                 let src = &a.data[row * a.row_stride + pc..][..kc];
                 for (p, &v) in src.iter().enumerate().skip(done) {
                     strip[p * MR + i] = v;
@@ -383,11 +383,11 @@ fn pack_b_strip<const NR: usize>(
                 }
             }
         }
+        if done == kc {
+            return;
+        }
         for j in 0..cols {
             let col = col0 + j;
-            if b.row_stride == 1 && done == kc {
-                continue;
-            }
             if b.row_stride == 1 {
                 // A transposed view (the weight of `x · wᵀ`): each column is a run of memory, read while a
                 // later one is fetched (without the prefetch this loop waits on memory for every line).
