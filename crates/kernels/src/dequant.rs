@@ -209,6 +209,19 @@ pub(crate) fn q6k_values(b: &BlockQ6K) -> [u8; QK_K] {
     q
 }
 
+/// The inverse of [`q6k_values`]: `values` (six bits each) written into `b`'s `ql` and `qh`.
+pub(crate) fn q6k_pack_values(values: &[u8; QK_K], b: &mut BlockQ6K) {
+    for half in 0..2 {
+        let v = &values[128 * half..128 * half + 128];
+        let (ql, qh) = (&mut b.ql[64 * half..64 * half + 64], &mut b.qh[32 * half..32 * half + 32]);
+        for l in 0..32 {
+            ql[l] = (v[l] & 0xF) | (v[l + 64] & 0xF) << 4;
+            ql[l + 32] = (v[l + 32] & 0xF) | (v[l + 96] & 0xF) << 4;
+            qh[l] = v[l] >> 4 | (v[l + 32] >> 4) << 2 | (v[l + 64] >> 4) << 4 | (v[l + 96] >> 4) << 6;
+        }
+    }
+}
+
 pub(crate) fn dequantize_q6_k(blocks: &[BlockQ6K], dst: &mut [f32]) {
     for (b, out) in blocks.iter().zip(dst.chunks_exact_mut(QK_K)) {
         let d = b.d.to_f32();

@@ -32,17 +32,30 @@
 //! nibbles are values `64q + 4t..` of sub-block `2q` and whose high nibbles values `64q + 32 + 4t..` of sub-block
 //! `2q + 1`).
 //!
+//! # q6_K, 16 rows interleaved
+//! GGUF splits each 6-bit value into a nibble (`ql`) and two bits (`qh`) whose positions the kernel must shift
+//! together for every value. Interleaved, the bits are placed at load so that three of every four values need one
+//! `vpandq`: a super-block of 16 rows is its 16 `d` (together with the next super-block's, see below), then 256
+//! bytes of scales (byte `16g + r`: scale `g` of row `r`, so a group's 16 scales are one 16-byte load to widen),
+//! then for each scale group `g` (16 values) three vectors `S0, S1, S2`: lane `r` of `Sk` holds, in the low six bits
+//! of its byte `i`, value `16g + 4k + i` of row `r`, and in its top two bits two bits of value `16g + 12 + i` (bits
+//! `2k, 2k + 1`). So values `16g + 4k + i` are `Sk & 63`, and four times values `16g + 12 + i` are
+//! `(S0 >> 4 & 12) | (S1 >> 2 & 48) | (S2 & 192)` (at most 252: still a byte for `vpdpbusd`; the kernel divides
+//! that sum by 4). Super-blocks go by pairs, `d, d, body, body` (`16 · 210` bytes each, so every vector is 64-byte
+//! aligned when the group is); a lone last super-block is `body, d` ([`q6_k_offsets`]).
+//!
 //! # q8_0, 16 rows interleaved
 //! The same with 34-byte blocks: a block's quants for 16 rows are eight vectors (lane `r` of vector `t`: values
 //! `4t..4t + 4` of row `r`), a pair 1088 bytes. The signed quants are stored as unsigned `q + 128`, the operand
 //! `vpdpbusd` multiplies, so the kernel does not flip them at every product.
 
-use crate::blocks::BlockQ8K;
+use crate::blocks::{as_blocks, as_blocks_mut, BlockQ6K, BlockQ8K, Half};
+use crate::dequant::{q6k_pack_values, q6k_values};
 use crate::isa::Isa;
 use crate::kernels::traits;
 use crate::matrix::QuantMatrix;
 use crate::tuning::Tuning;
-use crate::types::{GgmlType, Result};
+use crate::types::{GgmlType, Result, QK_K};
 
 /// Rows interleaved together.
 pub const GROUP_ROWS: usize = 16;
@@ -52,7 +65,7 @@ pub const GROUP_ROWS: usize = 16;
 pub enum Layout {
     /// As in a GGUF file: row after row, each row its blocks in order.
     Ggml,
-    /// q4_0, q8_0 or q4_K rows interleaved by groups of [`GROUP_ROWS`] (see the module documentation); rows after
+    /// q4_0, q8_0, q4_K or q6_K rows interleaved by groups of [`GROUP_ROWS`] (see the module documentation); rows after
     /// the last whole group as in `Ggml`.
     Interleaved16,
 }
@@ -126,10 +139,10 @@ impl PackedMatrix {
         let group_bytes = GROUP_ROWS * w.row_bytes();
         let grouped = w.rows() / GROUP_ROWS * group_bytes;
         for (src, dst) in w.data().chunks_exact(group_bytes).zip(data.0.chunks_exact_mut(group_bytes)) {
-            if w.ty() == GgmlType::Q4_K {
-                interleave_q4_k(src, w.row_bytes(), dst);
-            } else {
-                interleave(w.ty(), src, w.row_bytes(), dst);
+            match w.ty() {
+                GgmlType::Q4_K => interleave_q4_k(src, w.row_bytes(), dst),
+                GgmlType::Q6_K => interleave_q6_k(src, w.row_bytes(), dst),
+                ty => interleave(ty, src, w.row_bytes(), dst),
             }
         }
         data.0[grouped..w.data().len()].copy_from_slice(&w.data()[grouped..]);
@@ -261,6 +274,81 @@ fn interleave_q4_k(src: &[u8], row_bytes: usize, dst: &mut [u8]) {
     }
 }
 
+/// A q6_K super-block of 16 rows without its `d`: the scales, then the quants of its 16 scale groups.
+pub(crate) const Q6_K_SCALES: usize = 0;
+pub(crate) const Q6_K_QUANTS: usize = Q6_K_SCALES + GROUP_ROWS * 16;
+/// Bytes of one scale group's three vectors.
+pub(crate) const Q6_K_GROUP_QUANTS: usize = 3 * 64;
+pub(crate) const Q6_K_BODY_BYTES: usize = Q6_K_QUANTS + 16 * Q6_K_GROUP_QUANTS;
+
+/// Where super-block `b` of a group of q6_K rows with `blocks` super-blocks each keeps its body (scales and quants)
+/// and its 16 `d` (offsets from the group's start): a pair is both `d`s, then both bodies; a lone last super-block
+/// its body, then its `d`.
+pub(crate) fn q6_k_offsets(blocks: usize, b: usize) -> (usize, usize) {
+    let (pair, second) = (b / 2, b % 2);
+    let base = pair * 2 * GROUP_ROWS * GgmlType::Q6_K.block_bytes();
+    if 2 * pair + 1 < blocks {
+        (base + 4 * GROUP_ROWS + second * Q6_K_BODY_BYTES, base + second * 2 * GROUP_ROWS)
+    } else {
+        (base, base + Q6_K_BODY_BYTES)
+    }
+}
+
+/// The three stored bytes (`S0, S1, S2` of the module documentation) of values `v[4k + i]` (k = 0, 1, 2) and
+/// `v[12 + i]` of one scale group `v` (16 six-bit values).
+fn q6_k_stored(v: &[u8; 16], i: usize) -> [u8; 3] {
+    std::array::from_fn(|k| v[4 * k + i] | (v[12 + i] >> (2 * k) & 3) << 6)
+}
+
+/// Writes the 16 GGUF q6_K rows `src` (of `row_bytes` each) interleaved into `dst`.
+fn interleave_q6_k(src: &[u8], row_bytes: usize, dst: &mut [u8]) {
+    const BLOCK: usize = GgmlType::Q6_K.block_bytes();
+    let blocks = row_bytes / BLOCK;
+    for b in 0..blocks {
+        let (body, d_at) = q6_k_offsets(blocks, b);
+        for lane in 0..GROUP_ROWS {
+            let block: &BlockQ6K = &as_blocks(&src[lane * row_bytes + b * BLOCK..][..BLOCK]).expect("one block")[0];
+            dst[d_at + 2 * lane..d_at + 2 * lane + 2].copy_from_slice(&block.d.0);
+            let values = q6k_values(block);
+            for g in 0..16 {
+                dst[body + Q6_K_SCALES + 16 * g + lane] = block.scales[g] as u8;
+                let v: &[u8; 16] = values[16 * g..16 * g + 16].try_into().expect("16 values");
+                let at = body + Q6_K_QUANTS + g * Q6_K_GROUP_QUANTS + 4 * lane;
+                for i in 0..4 {
+                    for (k, byte) in q6_k_stored(v, i).into_iter().enumerate() {
+                        dst[at + 64 * k + i] = byte;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Lane `lane`'s q6_K super-block `b` of an interleaved group, put back in GGUF's layout.
+pub(crate) fn q6_k_block(group: &[u8], blocks: usize, b: usize, lane: usize) -> BlockQ6K {
+    let (body, d_at) = q6_k_offsets(blocks, b);
+    let mut values = [0u8; QK_K];
+    for (g, v) in values.chunks_exact_mut(16).enumerate() {
+        let at = body + Q6_K_QUANTS + g * Q6_K_GROUP_QUANTS + 4 * lane;
+        for i in 0..4 {
+            let s: [u8; 3] = std::array::from_fn(|k| group[at + 64 * k + i]);
+            for k in 0..3 {
+                v[4 * k + i] = s[k] & 63;
+            }
+            v[12 + i] = s[0] >> 6 | (s[1] >> 6) << 2 | (s[2] >> 6) << 4;
+        }
+    }
+    let scales = std::array::from_fn(|g| group[body + Q6_K_SCALES + 16 * g + lane] as i8);
+    let mut block = BlockQ6K {
+        ql: [0; QK_K / 2],
+        qh: [0; QK_K / 4],
+        scales,
+        d: Half([group[d_at + 2 * lane], group[d_at + 2 * lane + 1]]),
+    };
+    q6k_pack_values(&values, &mut block);
+    block
+}
+
 /// Row `r` of `w` in GGUF's layout, whatever `w`'s layout (what a kernel that reads GGUF rows, or a test, needs).
 pub fn ggml_row(w: &QuantMatrix, r: usize, out: &mut [u8]) -> Result<()> {
     crate::types::check_len("row buffer", w.row_bytes(), out.len())?;
@@ -271,6 +359,12 @@ pub fn ggml_row(w: &QuantMatrix, r: usize, out: &mut [u8]) -> Result<()> {
     let (block, blocks, flip) = (w.ty().block_bytes(), w.row_bytes() / w.ty().block_bytes(), stored_xor(w.ty()));
     let group = w.rows_data(r / GROUP_ROWS * GROUP_ROWS..(r / GROUP_ROWS + 1) * GROUP_ROWS);
     let lane = r % GROUP_ROWS;
+    if w.ty() == GgmlType::Q6_K {
+        for (b, out) in as_blocks_mut::<BlockQ6K>(out)?.iter_mut().enumerate() {
+            *out = q6_k_block(group, blocks, b, lane);
+        }
+        return Ok(());
+    }
     if w.ty() == GgmlType::Q4_K {
         for (b, out) in out.chunks_exact_mut(block).enumerate() {
             for (i, byte) in out.iter_mut().enumerate() {
@@ -298,7 +392,7 @@ mod tests {
 
     #[test]
     fn interleaving_keeps_every_byte_and_the_offsets_tile_the_group() {
-        for (ty, (rows, blocks)) in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K]
+        for (ty, (rows, blocks)) in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K]
             .into_iter()
             .flat_map(|ty| [(16, 2), (33, 3), (32, 1), (17, 20), (48, 5)].map(|shape| (ty, shape)))
         {
@@ -320,6 +414,18 @@ mod tests {
                 assert!(seen.iter().all(|&s| s == 1), "q4_K positions tile the super-block");
                 continue;
             }
+            if ty == GgmlType::Q6_K {
+                // Every byte of a group is some super-block's body or `d`, exactly once, and the bodies aligned.
+                let mut seen = vec![0u8; 16 * row_bytes];
+                for b in 0..blocks {
+                    let (body, d) = q6_k_offsets(blocks, b);
+                    seen[body..body + Q6_K_BODY_BYTES].iter_mut().for_each(|s| *s += 1);
+                    seen[d..d + 32].iter_mut().for_each(|s| *s += 1);
+                    assert!(body % 64 == 0 || b + 1 == blocks, "body of super-block {b} of {blocks} unaligned");
+                }
+                assert!(seen.iter().all(|&s| s == 1), "q6_K {rows}x{blocks}");
+                continue;
+            }
             // Every byte of a group is some block's quant or scale, exactly once.
             let mut seen = vec![0u8; 16 * row_bytes];
             for j in 0..blocks {
@@ -337,15 +443,15 @@ mod tests {
         let data = vec![0u8; 15 * 18];
         let w = QuantMatrix::new(GgmlType::Q4_0, 15, 32, &data).unwrap();
         assert!(PackedMatrix::new(&w, Layout::Interleaved16).is_none());
-        let data = vec![0u8; 16 * 210];
-        let w = QuantMatrix::new(GgmlType::Q6_K, 16, 256, &data).unwrap();
+        let data = vec![0u8; 16 * 176];
+        let w = QuantMatrix::new(GgmlType::Q5_K, 16, 256, &data).unwrap();
         assert!(PackedMatrix::new(&w, Layout::Interleaved16).is_none());
         let data = vec![0u8; 16 * 18];
         let w = QuantMatrix::new(GgmlType::Q4_0, 16, 32, &data).unwrap();
         let packed = PackedMatrix::new(&w, Layout::Interleaved16).unwrap();
         assert!(PackedMatrix::new(&packed.matrix(), Layout::Interleaved16).is_none(), "never rewritten twice");
-        assert_eq!(Layout::best(GgmlType::Q6_K, Isa::Avx512), Layout::Ggml);
+        assert_eq!(Layout::best(GgmlType::Q5_K, Isa::Avx512), Layout::Ggml);
         assert_eq!(Layout::best(GgmlType::Q4_0, Isa::Scalar), Layout::Ggml);
-        assert_eq!(Layout::best(GgmlType::Q6_K, Isa::Avx2), Layout::Ggml);
+        assert_eq!(Layout::best(GgmlType::Q6_K, Isa::Avx2), Layout::Ggml, "no AVX2 kernel for interleaved q6_K");
     }
 }

@@ -612,15 +612,6 @@ pub(crate) fn quantize_q6_k(src: &[f32], dst: &mut [BlockQ6K]) {
                 levels[i] = (nearest_int(x[i] / d).clamp(-32, 31) + 32) as i8;
             }
         }
-        for half in 0..2 {
-            let l = &levels[128 * half..128 * half + 128];
-            let ql = &mut y.ql[64 * half..64 * half + 64];
-            for i in 0..32 {
-                let q = |k: usize| l[i + 32 * k] as u8;
-                ql[i] = (q(0) & 0xF) | ((q(2) & 0xF) << 4);
-                ql[i + 32] = (q(1) & 0xF) | ((q(3) & 0xF) << 4);
-                y.qh[32 * half + i] = (q(0) >> 4) | ((q(1) >> 4) << 2) | ((q(2) >> 4) << 4) | ((q(3) >> 4) << 6);
-            }
-        }
+        crate::dequant::q6k_pack_values(&levels.map(|l| l as u8), y);
     }
 }

@@ -295,9 +295,10 @@ mod tests {
     #[test]
     fn the_packed_types_parse() {
         assert_eq!(parse_pack("0"), Some(vec![]));
-        assert_eq!(parse_pack("1"), Some(vec![GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K]));
+        assert_eq!(parse_pack("1"), Some(vec![GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K]));
         assert_eq!(parse_pack("q4_K, q4_0"), Some(vec![GgmlType::Q4_K, GgmlType::Q4_0]));
-        assert_eq!(parse_pack("q6_K"), None, "no layout of its own");
+        assert_eq!(parse_pack("q6_K"), Some(vec![GgmlType::Q6_K]));
+        assert_eq!(parse_pack("q5_K"), None, "no layout of its own");
         assert_eq!(parse_pack("fast"), None);
         let zen4 = Tuning::for_cpu(cpu("AuthenticAMD", 0x19, 0x11), None);
         assert_eq!(zen4.pack.types(Isa::Avx512), PACKED_TYPES);

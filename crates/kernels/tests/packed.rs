@@ -35,11 +35,15 @@ fn quantized(ty: GgmlType, rows: usize, k: usize, rng: &mut Rng) -> Vec<u8> {
 }
 
 /// The types with an interleaved layout.
-const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K];
+const TYPES: [GgmlType; 4] = [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K];
 
-/// Shapes of `ty` from (rows, values per row): q4_K rows are whole super-blocks of 256.
+/// Shapes of `ty` from (rows, values per row): k-quant rows are whole super-blocks of 256.
 fn of_type(ty: GgmlType, (rows, k): (usize, usize)) -> (usize, usize) {
-    (rows, if ty == GgmlType::Q4_K { k.next_multiple_of(256) } else { k })
+    (rows, if k_quant(ty) { k.next_multiple_of(256) } else { k })
+}
+
+fn k_quant(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
 }
 
 fn isas() -> Vec<Isa> {
@@ -75,8 +79,9 @@ fn the_scalar_reference_on_interleaved_rows_is_the_exact_product() {
         let n = 3;
         let x = rng.values(n * k, 2.0);
         let out = product(Isa::Scalar, MatmulPath::Auto, &packed.matrix(), &x, n, &single);
-        // The exact product of the weights with the activations as the kernels see them (q8_0, or q8_K for q4_K).
-        let act = if ty == GgmlType::Q4_K { GgmlType::Q8_K } else { GgmlType::Q8_0 };
+        // The exact product of the weights with the activations as the kernels see them (q8_0, or q8_K for the
+        // k-quants).
+        let act = if k_quant(ty) { GgmlType::Q8_K } else { GgmlType::Q8_0 };
         let (mut wf, mut xq, mut xf) = (vec![0f32; k], vec![0u8; row_size(act, k).unwrap()], vec![0f32; k]);
         for c in 0..n {
             quantize_row(act, &x[c * k..(c + 1) * k], &mut xq).unwrap();
@@ -101,8 +106,8 @@ fn every_level_and_path_gives_the_scalar_bits_on_interleaved_rows() {
         let w = QuantMatrix::new(ty, rows, k, &data).unwrap();
         let packed = PackedMatrix::new(&w, Layout::Interleaved16).unwrap();
         let m = packed.matrix();
-        // Fewer activation rows than the GEMM takes (from 10 for q8_0, 11 for q4_0, 14 for q4_K): it sums in
-        // another order.
+        // Fewer activation rows than the GEMM takes (from 10 for q8_0, 11 for q4_0, 14 for q4_K, 17 for q6_K): it
+        // sums in another order.
         for n in [1, 2, 3, 5, 8, 9] {
             let x = rng.values(n * k, 2.0);
             // Row by row at the scalar level: the reference, and each activation row alone.

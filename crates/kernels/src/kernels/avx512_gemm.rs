@@ -221,6 +221,8 @@ pub(crate) unsafe fn gemm(
             let panel = (&mut scratch.q[..], &mut scratch.scale[..], &mut scratch.corr[..]);
             if w.ty() == GgmlType::Q4_K {
                 unpack_group_q4_k(group, k / QK_K, half * GROUP_ROWS, panel, &mut scratch.min);
+            } else if w.ty() == GgmlType::Q6_K {
+                unpack_group_q6_k(group, k / QK_K, half * GROUP_ROWS, panel);
             } else {
                 unpack_group(w.ty(), group, k / QK, half * GROUP_ROWS, panel, amx.then_some(stride));
             }
@@ -305,6 +307,7 @@ unsafe fn kernel_tiles<const T: usize>(
 ) {
     for first in (0..rows.len()).step_by(KERNEL_ROWS) {
         let acc = match ty {
+            GgmlType::Q6_K if scratch.quad_major => kernel::<T, 4, 16, false, true>(scratch, first, k, tiles, tile),
             GgmlType::Q6_K => kernel::<T, 4, 16, false, false>(scratch, first, k, tiles, tile),
             GgmlType::Q4_K if scratch.quad_major => kernel::<T, 8, 8, true, true>(scratch, first, k, tiles, tile),
             GgmlType::Q4_K => kernel::<T, 8, 8, true, false>(scratch, first, k, tiles, tile),
@@ -604,6 +607,48 @@ unsafe fn unpack_group_q4_k(
                 let at = (first + r) * groups + 8 * b + s;
                 scale[at] = d[r] * scales[s] as f32;
                 min[at] = -dmin[r] * mins[s] as f32;
+            }
+        }
+    }
+}
+
+/// Interleaved q6_K rows ([`crate::packed`]): the group at `group` (16 rows of `blocks` super-blocks) into panel
+/// rows `first..first + 16` of the quad-major panel, as [`unpack_q6_k`] fills a row-major one: the values less 32,
+/// per 16 values `-128 · Σ w` and `d · scale`. The vectors of scale group `s` of super-block `b` are quads
+/// `64b + 4s..64b + 4s + 4` of its rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn unpack_group_q6_k(group: *const u8, blocks: usize, first: usize, panel: (&mut [i8], &mut [f32], &mut [i32])) {
+    use crate::packed::{q6_k_offsets, Q6_K_GROUP_QUANTS, Q6_K_QUANTS, Q6_K_SCALES};
+    let (q, scale, corr) = panel;
+    let groups = scale.len() / CHUNK_ROWS;
+    let (ones, low6, thirty_two) = (_mm512_set1_epi8(1), _mm512_set1_epi8(0x3F), _mm512_set1_epi8(32));
+    let (panel_q, k) = (q.as_mut_ptr(), blocks * QK_K);
+    let store = |quad: usize, values: __m512i| {
+        _mm256_storeu_si256(panel_q.add(first * k + 32 * quad).cast(), _mm512_castsi512_si256(values));
+        _mm256_storeu_si256(panel_q.add((first + 8) * k + 32 * quad).cast(), _mm512_extracti64x4_epi64::<1>(values));
+    };
+    let (mut lanes, mut scales) = ([0i32; GROUP_ROWS], [0f32; GROUP_ROWS]);
+    for b in 0..blocks {
+        let (body_at, d_at) = q6_k_offsets(blocks, b);
+        let body = group.add(body_at);
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(group.add(d_at).cast()));
+        for s in 0..16 {
+            let [v0, v1, v2, v3x4] =
+                super::avx512_packed::q6_k_group_values(body.add(Q6_K_QUANTS + s * Q6_K_GROUP_QUANTS));
+            let v3 = _mm512_and_si512(_mm512_srli_epi16::<2>(v3x4), low6);
+            let mut unsigned_sum = _mm512_setzero_si512();
+            for (t, v) in [v0, v1, v2, v3].into_iter().enumerate() {
+                unsigned_sum = _mm512_dpbusd_epi32(unsigned_sum, v, ones);
+                store(64 * b + 4 * s + t, _mm512_sub_epi8(v, thirty_two));
+            }
+            // -128 · Σ w, with w = stored - 32 over the group's 16 values.
+            let signed_sum = _mm512_sub_epi32(unsigned_sum, _mm512_set1_epi32(32 * 16));
+            _mm512_storeu_si512(lanes.as_mut_ptr().cast(), _mm512_mullo_epi32(signed_sum, _mm512_set1_epi32(-128)));
+            let group_scales = _mm512_cvtepi8_epi32(_mm_loadu_si128(body.add(Q6_K_SCALES + 16 * s).cast()));
+            _mm512_storeu_ps(scales.as_mut_ptr(), _mm512_mul_ps(d, _mm512_cvtepi32_ps(group_scales)));
+            for r in 0..GROUP_ROWS {
+                corr[(first + r) * groups + 16 * b + s] = lanes[r];
+                scale[(first + r) * groups + 16 * b + s] = scales[r];
             }
         }
     }

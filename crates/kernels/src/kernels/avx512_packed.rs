@@ -22,8 +22,11 @@ use std::arch::x86_64::*;
 
 use crate::acts::Q8_0Row;
 use crate::blocks::BlockQ8K;
-use crate::kernels::avx512::{prefetch_ahead_by, PACKED_PREFETCH_DISTANCE};
-use crate::packed::{q4_k_min_pairs, quant_bytes, Q4_K_D, Q4_K_DMIN, Q4_K_GROUP_BYTES, Q4_K_QUANTS, Q4_K_SCALES};
+use crate::kernels::avx512::{prefetch_ahead_by, A_AND_C_OR_B, PACKED_PREFETCH_DISTANCE};
+use crate::packed::{
+    q4_k_min_pairs, q6_k_offsets, quant_bytes, Q4_K_D, Q4_K_DMIN, Q4_K_GROUP_BYTES, Q4_K_QUANTS, Q4_K_SCALES,
+    Q6_K_GROUP_QUANTS, Q6_K_QUANTS, Q6_K_SCALES,
+};
 use crate::types::{GgmlType, QK};
 
 /// Rows per group ([`crate::packed::GROUP_ROWS`]), one per 32-bit lane.
@@ -242,6 +245,82 @@ pub(crate) unsafe fn groups_q4_k<const R: usize, const PF: u8>(
                 let dx = _mm512_set1_ps(y.d);
                 acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[c]), _mm512_mul_ps(d, dx), acc[c]);
                 acc[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dmin, dx), acc[c]);
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(acc) {
+            _mm512_storeu_ps(o.as_mut_ptr().add(LANES * g), acc);
+        }
+    }
+}
+
+/// The three values of a q6_K scale group's three vectors that need only a mask (`Sk & 63`: values `4k + i` of
+/// each lane's group), and four times the fourth (values `12 + i`, its two-bit pieces from the top of each: see
+/// [`crate::packed`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn q6_k_group_values(quants: *const u8) -> [__m512i; 4] {
+    let (s0, s1, s2) = (
+        _mm512_loadu_si512(quants.cast()),
+        _mm512_loadu_si512(quants.add(64).cast()),
+        _mm512_loadu_si512(quants.add(128).cast()),
+    );
+    let low6 = _mm512_set1_epi8(0x3F);
+    // (S0 >> 4 & 12) | (S1 >> 2 & 48) | (S2 & 192): the shifts cross bytes, the masks keep each byte's own bits.
+    let a = _mm512_and_si512(_mm512_srli_epi16::<4>(s0), _mm512_set1_epi8(0x0C));
+    let ab = _mm512_ternarylogic_epi32::<{ A_AND_C_OR_B }>(_mm512_srli_epi16::<2>(s1), a, _mm512_set1_epi8(0x30));
+    let four_times = _mm512_ternarylogic_epi32::<{ A_AND_C_OR_B }>(s2, ab, _mm512_set1_epi8(0xC0u8 as i8));
+    [_mm512_and_si512(s0, low6), _mm512_and_si512(s1, low6), _mm512_and_si512(s2, low6), four_times]
+}
+
+/// Interleaved q6_K rows against `R` q8_K activation rows. Per scale group of 16 rows: three values of four from
+/// a mask each and four times the fourth from two shifts and three masks ([`q6_k_group_values`]); that fourth
+/// meets its activations first, in a sum started at four times `-32 · Σ x` (the stored values are `q + 32`), which
+/// is then divided by 4 and continued with the other three; the group's sum times its scales (widened from one
+/// 16-byte load); per super-block one scaling by `d`.
+///
+/// # Safety
+/// As [`groups_q4_0`], with q8_K activations of the rows' length.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+pub(crate) unsafe fn groups_q6_k<const R: usize, const PF: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[&[BlockQ8K]; R],
+    out: &mut [&mut [f32]],
+) {
+    debug_assert_eq!(out.len(), R);
+    let blocks = row_bytes / GgmlType::Q6_K.block_bytes();
+    let end = w.as_ptr_range().end;
+    // Each group's starting sum, `4 · -32 · Σ x`, per activation row, super-block and group: once per call.
+    let starts: Vec<i32> =
+        (0..R * blocks * 16).map(|i| -128 * x[i / (16 * blocks)][i / 16 % blocks].bsums[i % 16] as i32).collect();
+    for (g, group) in w.chunks_exact(LANES * row_bytes).enumerate() {
+        let p = group.as_ptr();
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..blocks {
+            let (body_at, d_at) = q6_k_offsets(blocks, b);
+            let body = p.add(body_at);
+            prefetch_ahead_by::<4, PF, PACKED_PREFETCH_DISTANCE>(body, end);
+            let mut sumi = [_mm512_setzero_si512(); R];
+            for s in 0..16 {
+                let quants = body.add(Q6_K_QUANTS + s * Q6_K_GROUP_QUANTS);
+                prefetch_ahead_by::<3, PF, PACKED_PREFETCH_DISTANCE>(quants, end);
+                let [v0, v1, v2, v3x4] = q6_k_group_values(quants);
+                let scales = _mm512_cvtepi8_epi32(_mm_loadu_si128(body.add(Q6_K_SCALES + 16 * s).cast()));
+                for c in 0..R {
+                    let y = x[c].get_unchecked(b).qs.as_ptr().add(16 * s);
+                    let x4 = |i: usize| _mm512_set1_epi32(std::ptr::read_unaligned(y.add(4 * i).cast::<i32>()));
+                    let start = _mm512_set1_epi32(*starts.get_unchecked((c * blocks + b) * 16 + s));
+                    let mut sum = _mm512_srai_epi32::<2>(_mm512_dpbusd_epi32(start, v3x4, x4(3)));
+                    sum = _mm512_dpbusd_epi32(sum, v0, x4(0));
+                    sum = _mm512_dpbusd_epi32(sum, v1, x4(1));
+                    sum = _mm512_dpbusd_epi32(sum, v2, x4(2));
+                    sumi[c] = _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(sum, scales));
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(d_at).cast()));
+            for c in 0..R {
+                let dx = _mm512_set1_ps(x[c].get_unchecked(b).d);
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[c]), _mm512_mul_ps(d, dx), acc[c]);
             }
         }
         for (o, acc) in out.iter_mut().zip(acc) {

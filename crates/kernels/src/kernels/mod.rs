@@ -243,21 +243,29 @@ pub(crate) fn groups(
     fn q8k<'x>(x: &ActRow<'x>) -> &'x [BlockQ8K] {
         match *x {
             ActRow::Q8K(x) => x,
-            _ => unreachable!("interleaved q4_K takes q8_K activations"),
+            _ => unreachable!("interleaved q4_K and q6_K take q8_K activations"),
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if layout == Layout::Interleaved16 && matches!(isa, Isa::Avx2 | Isa::Avx512) {
+    if layout == Layout::Interleaved16 && traits(ty).packed_isas.contains(&isa) {
         let hint = Tuning::get().packed_prefetch;
         macro_rules! call {
             ($r:literal) => {{
                 // SAFETY: `isa` was checked against the CPU; `w` is whole groups and each `out[c]` one output per row.
                 unsafe {
-                    if ty == GgmlType::Q4_K {
+                    if matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) {
                         let x: [&[BlockQ8K]; $r] = std::array::from_fn(|c| q8k(&x[c]));
-                        match isa {
-                            Isa::Avx512 => with_prefetch!(hint; avx512_packed::groups_q4_k[$r](w, row_bytes, &x, out)),
-                            _ => with_prefetch!(hint; avx2_packed::groups_q4_k[$r](w, row_bytes, &x, out)),
+                        match (isa, ty) {
+                            (Isa::Avx512, GgmlType::Q4_K) => {
+                                with_prefetch!(hint; avx512_packed::groups_q4_k[$r](w, row_bytes, &x, out))
+                            }
+                            (Isa::Avx512, _) => {
+                                with_prefetch!(hint; avx512_packed::groups_q6_k[$r](w, row_bytes, &x, out))
+                            }
+                            (_, GgmlType::Q4_K) => {
+                                with_prefetch!(hint; avx2_packed::groups_q4_k[$r](w, row_bytes, &x, out))
+                            }
+                            _ => unreachable!("no kernel for {ty} in {layout:?} at {isa:?}"),
                         }
                     } else {
                         let x: [Q8_0Row; $r] = std::array::from_fn(|c| q8_0(&x[c]));
@@ -297,6 +305,7 @@ pub(crate) fn groups(
         match (layout, ty) {
             (Layout::Interleaved16, GgmlType::Q4_0 | GgmlType::Q8_0) => scalar::groups(ty, w, row_bytes, q8_0(x), out),
             (Layout::Interleaved16, GgmlType::Q4_K) => scalar::groups_q4_k(w, row_bytes, q8k(x), out),
+            (Layout::Interleaved16, GgmlType::Q6_K) => scalar::groups_q6_k(w, row_bytes, q8k(x), out),
             _ => unreachable!("no kernel for {ty} in {layout:?}"),
         }
     }

@@ -165,3 +165,28 @@ pub(crate) fn groups_q4_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut 
         }
     }
 }
+
+/// q6_K rows interleaved by 16 ([`crate::packed`]): per row and super-block, each scale group's integer sum of
+/// (stored value - 32) times activation, times the group's scale (all exact), then one fused multiply-add: the
+/// arithmetic of the AVX-512 kernel, which gives these bits exactly.
+pub(crate) fn groups_q6_k(w: &[u8], row_bytes: usize, x: &[BlockQ8K], out: &mut [f32]) {
+    use crate::packed::{q6_k_block, GROUP_ROWS};
+    let blocks = row_bytes / size_of::<BlockQ6K>();
+    for (group, out) in w.chunks_exact(GROUP_ROWS * row_bytes).zip(out.chunks_exact_mut(GROUP_ROWS)) {
+        for (r, o) in out.iter_mut().enumerate() {
+            let mut sum = 0.0f32;
+            for (b, y) in x.iter().enumerate().take(blocks) {
+                let block = q6_k_block(group, blocks, b, r);
+                let q = q6k_values(&block);
+                let sumi: i32 = (0..QK_K / 16)
+                    .map(|g| {
+                        let dot: i32 = (16 * g..16 * g + 16).map(|i| q[i] as i32 * y.qs[i] as i32).sum();
+                        block.scales[g] as i32 * (dot - 32 * y.bsums[g] as i32)
+                    })
+                    .sum();
+                sum = (sumi as f32).mul_add(block.d.to_f32() * y.d, sum);
+            }
+            *o = sum;
+        }
+    }
+}

@@ -100,7 +100,14 @@ pub(crate) fn traits(ty: GgmlType) -> &'static TypeTraits {
         },
         // Its GEMM is the slowest: even at 16 rows (and 11.0 ms against 12.5 at 16 on 5120x13824), so from 17,
         // where the multi-row path needs a third pass.
-        GgmlType::Q6_K => &TypeTraits { act: ActKind::Q8K, gemm_min_rows: Some(17), group_len: 16, ..QUANTIZED },
+        GgmlType::Q6_K => &TypeTraits {
+            act: ActKind::Q8K,
+            gemm_min_rows: Some(17),
+            group_len: 16,
+            packed: Some(Layout::Interleaved16),
+            packed_isas: &[Isa::Avx512],
+            ..QUANTIZED
+        },
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => &FLOAT,
         GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => &DEQUANTIZED,
         GgmlType::Q2_K | GgmlType::Q3_K => &TypeTraits { group_len: 16, ..DEQUANTIZED },
