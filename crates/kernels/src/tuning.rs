@@ -133,8 +133,12 @@ const PACKED_TYPES_AVX2: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0, GgmlTyp
 /// bench/layout_ab.sh TYPE` (weights from DRAM, medians of 3 alternated rounds, GB/s interleaved against GGUF's
 /// layout; `VICUNA_KERNELS_PACK=1` for q4_K): q4_0 10.7 against 9.3 on one thread; q8_0 12.5 against 9.8; q4_K
 /// 12.7 against 8.9 on one thread and 22.3 against 16.1 on two (every round apart). Unlike Zen 4's, this CPU
-/// streams the interleaved q4_K rows as fast as the others.
-const PACKED_TYPES_XEON: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K];
+/// streams the interleaved q4_K rows as fast as the others. And q6_K (AVX-512 only), stop 32, the same Xeon, `N=3
+/// VICUNA_KERNELS_PACK=1 bench/layout_ab.sh q6_K`: 11.1 against 6.7 GB/s on one thread, 21.1 against 13.9 on two,
+/// every round apart, with `bench/read_bandwidth.c` reading 11.4 and 20.8 in that hour (its GGUF-layout kernel is
+/// bound by unpacking: 27 GB/s with the weights in L2, against 43 interleaved; `kernel_bench --hot 1 --shapes
+/// 256x5120`). Zen 4 has not measured it, so its row keeps q6_K in GGUF's layout.
+const PACKED_TYPES_XEON: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K];
 
 /// What each CPU gets. The first row matching vendor and family wins; CPUs no row names get [`DEFAULT`].
 ///

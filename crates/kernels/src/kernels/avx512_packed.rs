@@ -7,7 +7,8 @@
 //! loads, 8 `vpandq` and 8 `vpdpbusd` (each with a broadcast of activations as its memory operand), then one load
 //! and conversion of 16 scales and a handful of instructions per activation row: about 27 instructions, where the
 //! GGUF-layout row kernel (`avx512::rows_q4_0_quads`) needs about 25 for 72 bytes. q8_0 needs no unpacking at all;
-//! q4_K adds the unpacking of its 6-bit scales and mins, for 16 rows at once.
+//! q4_K adds the unpacking of its 6-bit scales and mins, for 16 rows at once; q6_K's values are laid out so that
+//! three of four are one mask each ([`q6_k_group_values`]).
 //!
 //! That matters because one-row decoding on Zen 4 and on the Xeons is bound by instructions, not memory: on Zen 4
 //! the GGUF-layout q4_0 kernel read 12.6–16 GB/s a thread from memory against a read roof of 24–27 GB/s, and the
@@ -27,7 +28,12 @@ use crate::packed::{
     q4_k_min_pairs, q6_k_offsets, quant_bytes, Q4_K_D, Q4_K_DMIN, Q4_K_GROUP_BYTES, Q4_K_QUANTS, Q4_K_SCALES,
     Q6_K_GROUP_QUANTS, Q6_K_QUANTS, Q6_K_SCALES,
 };
+use crate::tuning::PREFETCH_OFF;
 use crate::types::{GgmlType, QK};
+
+/// How far ahead the interleaved q4_K kernel prefetches where the tuning row gives it a hint (see
+/// [`groups_q4_k`]).
+const Q4_K_PREFETCH_DISTANCE: usize = 1 << 10;
 
 /// Rows per group ([`crate::packed::GROUP_ROWS`]), one per 32-bit lane.
 const LANES: usize = 16;
@@ -177,13 +183,18 @@ pub(crate) unsafe fn groups_q4_k<const R: usize, const PF: u8>(
             // N=3 bench/layout_ab.sh q4_K`; a second run: 11.8 and 19.1 on one thread, 24.7 and 30.6 on two);
             // requesting each line once, 36 lines two, three, four or eight super-blocks ahead, gave 10–12. Why is
             // not understood (no performance counters in the VM), so Zen 4's row does not rewrite q4_K; Intel's does
-            // (`tuning::PACKED_TYPES_XEON`).
-            let _ = PF;
-            for line in 0..2 * Q4_K_GROUP_BYTES / 64 {
-                let at = sb.wrapping_add(2 * Q4_K_GROUP_BYTES + 64 * line);
-                if at < end {
-                    _mm_prefetch::<_MM_HINT_T0>(at.cast());
+            // (`tuning::PACKED_TYPES_XEON`). That scheme is kept where the tuning row gives the interleaved kernels no
+            // hint of their own (Zen 4's, `PREFETCH_OFF`); with one (the Xeon's), each line is requested once,
+            // `Q4_K_PREFETCH_DISTANCE` ahead, with that hint.
+            if PF == PREFETCH_OFF {
+                for line in 0..2 * Q4_K_GROUP_BYTES / 64 {
+                    let at = sb.wrapping_add(2 * Q4_K_GROUP_BYTES + 64 * line);
+                    if at < end {
+                        _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                    }
                 }
+            } else {
+                prefetch_ahead_by::<{ Q4_K_GROUP_BYTES / 64 }, PF, Q4_K_PREFETCH_DISTANCE>(sb, end);
             }
             // Scales and mins of the 16 rows: four bytes a lane in each of four words.
             let load = |at: usize| _mm512_loadu_si512(sb.add(at).cast());
