@@ -18,7 +18,7 @@
 //! the output matrix (needed for the last token only) left out.
 //!
 //! * matvec (one activation row, the decode step): GB/s of weights streamed. Several copies of the matrix, together
-//!   well beyond the last-level cache, are used in turn so that every call reads its weights from DRAM, as a decode
+//!   twice the last-level cache (and at least 256 MiB), are used in turn so that every call reads its weights from DRAM, as a decode
 //!   step over a whole model does. Compare with the STREAM roof of the machine.
 //! * matmat (`--batch` activation rows, prompt processing): GOPS, counting a multiply-add as two operations. The
 //!   copies are used in turn here too (a prompt pass over a whole model reads every matrix from DRAM once).
@@ -385,11 +385,33 @@ fn matrices<'a>(
 }
 
 /// Copies of one random `rows × cols` matrix of type `ty`: enough distinct ones to exceed the last-level cache
-/// several times over (one when `hot`), so that products read their weights from memory.
+/// twice over, and at least 256 MiB (one when `hot`), so that products read their weights from memory. (A Xeon
+/// here reports 480 MiB of L3: 256 MiB of copies measured q4_0 above the machine's read roof.)
 fn weight_copies(ty: GgmlType, rows: usize, cols: usize, hot: bool) -> Vec<Vec<u8>> {
     let matrix_bytes = rows * row_size(ty, cols).unwrap();
-    let copies = if hot { 1 } else { (256usize << 20).div_ceil(matrix_bytes).max(2) };
+    let total = (256usize << 20).max(2 * last_level_cache_bytes());
+    let copies = if hot { 1 } else { total.div_ceil(matrix_bytes).max(2) };
     (0..copies).map(|i| random_weights(ty, rows, cols, 0x9E37 + i as u64)).collect()
+}
+
+/// The largest cache of CPU 0 that Linux describes (`/sys/devices/system/cpu/cpu0/cache/index*/size`, e.g.
+/// `491520K`); 0 where it describes none.
+fn last_level_cache_bytes() -> usize {
+    let sizes =
+        std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").into_iter().flatten().flatten().filter_map(|e| {
+            let text = std::fs::read_to_string(e.path().join("size")).ok()?;
+            let text = text.trim();
+            let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+            let shift = match unit {
+                "" => 0,
+                "K" => 10,
+                "M" => 20,
+                "G" => 30,
+                _ => return None,
+            };
+            Some(digits.parse::<usize>().ok()? << shift)
+        });
+    sizes.max().unwrap_or(0)
 }
 
 /// `len` activations in [-0.5, 0.5), the same for every run.
