@@ -18,8 +18,8 @@
 //! the output matrix (needed for the last token only) left out.
 //!
 //! * matvec (one activation row, the decode step): GB/s of weights streamed. Several copies of the matrix, together
-//!   twice the last-level cache (and at least 256 MiB), are used in turn so that every call reads its weights from DRAM, as a decode
-//!   step over a whole model does. Compare with the STREAM roof of the machine.
+//!   twice the last-level cache (and at least 256 MiB), are used in turn so that every call reads its weights from
+//!   DRAM, as a decode step over a whole model does. Compare with the STREAM roof of the machine.
 //! * matmat (`--batch` activation rows, prompt processing): GOPS, counting a multiply-add as two operations. The
 //!   copies are used in turn here too (a prompt pass over a whole model reads every matrix from DRAM once).
 //!

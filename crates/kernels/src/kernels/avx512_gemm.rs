@@ -482,6 +482,18 @@ unsafe fn unpack_q4_0<const PF: u8>(
     }
 }
 
+/// Stores `values`, quad `quad` of the 16 panel rows from `first` (one lane a row), into the quad-major panel
+/// `panel_q` of `k` values a row: the first eight rows' lanes to their dense run, the last eight to theirs.
+///
+/// # Safety
+/// `panel_q` must hold rows `first..first + 16` of `k` values, and `quad` be below `k / 4`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_quad_major(panel_q: *mut i8, first: usize, k: usize, quad: usize, values: __m512i) {
+    _mm256_storeu_si256(panel_q.add(first * k + 32 * quad).cast(), _mm512_castsi512_si256(values));
+    _mm256_storeu_si256(panel_q.add((first + 8) * k + 32 * quad).cast(), _mm512_extracti64x4_epi64::<1>(values));
+}
+
 /// Interleaved q4_0 or q8_0 rows ([`crate::packed`]): the group at `group` (16 rows of `blocks` blocks) into panel
 /// rows `first..first + 16` of the quad-major panel `(q, scale, corr)`. Each vector of the group is four quants of
 /// each of its rows, and in the quad-major panel a quad of 8 rows is 8 consecutive 32-bit lanes: two stores. For
@@ -514,8 +526,7 @@ unsafe fn unpack_group(
             _mm512_i32scatter_epi32::<1>(panel_q.add(first * stride + 4 * quad).cast(), rows_apart, signed);
             return;
         }
-        _mm256_storeu_si256(panel_q.add(first * k + 32 * quad).cast(), _mm512_castsi512_si256(signed));
-        _mm256_storeu_si256(panel_q.add((first + 8) * k + 32 * quad).cast(), _mm512_extracti64x4_epi64::<1>(signed));
+        store_quad_major(panel_q, first, k, quad, signed);
     };
     let mut lanes = [0i32; GROUP_ROWS];
     let mut scales = [0f32; GROUP_ROWS];
@@ -570,10 +581,7 @@ unsafe fn unpack_group_q4_k(
     let groups = scale.len() / CHUNK_ROWS;
     let (low, ones) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(1));
     let (panel_q, k) = (q.as_mut_ptr(), blocks * QK_K);
-    let store = |quad: usize, values: __m512i| {
-        _mm256_storeu_si256(panel_q.add(first * k + 32 * quad).cast(), _mm512_castsi512_si256(values));
-        _mm256_storeu_si256(panel_q.add((first + 8) * k + 32 * quad).cast(), _mm512_extracti64x4_epi64::<1>(values));
-    };
+    let store = |quad: usize, values: __m512i| store_quad_major(panel_q, first, k, quad, values);
     let mut lanes = [[0i32; GROUP_ROWS]; 2];
     let (mut d, mut dmin) = ([0f32; GROUP_ROWS], [0f32; GROUP_ROWS]);
     for b in 0..blocks {
@@ -623,10 +631,7 @@ unsafe fn unpack_group_q6_k(group: *const u8, blocks: usize, first: usize, panel
     let groups = scale.len() / CHUNK_ROWS;
     let (ones, low6, thirty_two) = (_mm512_set1_epi8(1), _mm512_set1_epi8(0x3F), _mm512_set1_epi8(32));
     let (panel_q, k) = (q.as_mut_ptr(), blocks * QK_K);
-    let store = |quad: usize, values: __m512i| {
-        _mm256_storeu_si256(panel_q.add(first * k + 32 * quad).cast(), _mm512_castsi512_si256(values));
-        _mm256_storeu_si256(panel_q.add((first + 8) * k + 32 * quad).cast(), _mm512_extracti64x4_epi64::<1>(values));
-    };
+    let store = |quad: usize, values: __m512i| store_quad_major(panel_q, first, k, quad, values);
     let (mut lanes, mut scales) = ([0i32; GROUP_ROWS], [0f32; GROUP_ROWS]);
     for b in 0..blocks {
         let (body_at, d_at) = q6_k_offsets(blocks, b);

@@ -259,7 +259,7 @@ pub(crate) fn groups(
                             (Isa::Avx512, GgmlType::Q4_K) => {
                                 with_prefetch!(hint; avx512_packed::groups_q4_k[$r](w, row_bytes, &x, out))
                             }
-                            (Isa::Avx512, _) => {
+                            (Isa::Avx512, GgmlType::Q6_K) => {
                                 with_prefetch!(hint; avx512_packed::groups_q6_k[$r](w, row_bytes, &x, out))
                             }
                             (_, GgmlType::Q4_K) => {
